@@ -1,0 +1,1 @@
+"""Command-line entry points: ``moqe-compile`` and ``moqe-run``."""

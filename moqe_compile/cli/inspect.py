@@ -1,0 +1,48 @@
+"""Human-readable rendering of a bundle manifest."""
+
+from __future__ import annotations
+
+from ..bundle import read_bundle
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render(path: str, verify: bool = True) -> str:
+    b = read_bundle(path, verify=verify)
+    m = b.manifest
+    L = [f"bundle      {b.root}",
+         f"schema      v{m['schema_version']}  built {m['created_at']} with moqe-compile {m['created_with']['moqe_compile']}"
+         f" (onnxruntime {m['created_with']['onnxruntime']}, torch {m['created_with']['torch']})",
+         f"model       {m['model']['source']}:{m['model']['arch'] if m['model']['source'] != 'onnx' else m['model']['origin']}"
+         f"  task {m['task']['kind']} ({m['task']['num_classes']} classes)",
+         f"input       {m['io']['input']['name']} {m['io']['input']['shape']} {m['io']['input']['dtype']};"
+         f" resize {m['preprocessing']['resize']}, crop {m['preprocessing']['crop']}",
+         f"backends    {', '.join(m['backends'])}",
+         f"routing     {'on' if m['routing']['enabled'] else 'OFF'} ({m['routing']['granularity']});"
+         f" default/best-on-val expert: {m['routing']['default_expert']}",
+         "splits      " + ", ".join(f"{k}={v['samples']} ({v['source_images']} images)"
+                                    for k, v in m["splits"].items() if isinstance(v, dict)),
+         "", "experts (metrics on the test split, vs FP):"]
+    for e in m["experts"]:
+        r = e["recipe"]
+        t = e["metrics"]["test"]
+        L.append(f"  {e['name']:<14} calibration={r['calibration']}"
+                 + (f" p={r['percentile']}" if r["calibration"] == "percentile" else "")
+                 + (f" bins={r['num_bins']}" if r["calibration"] in ("percentile", "entropy") else "")
+                 + f" per_channel={r['per_channel']}")
+        L.append("  " + " " * 15 + "  ".join(f"{k}={_fmt(v)}" for k, v in t.items()))
+        for bname, v in e["variants"].items():
+            L.append(f"  {'':<15}{bname}: {v['format']} reduce_range={v['reduce_range']} kernels={v['kernels']['integer']}"
+                     + (f" float={v['kernels']['float']}" if v["kernels"]["float"] else ""))
+    rc = m["router"]["config"]
+    L += ["", f"router      {rc['arch']} input {rc['input_size']}px channels {rc['channels']} "
+              f"heads {rc['heads']}x{rc['head_dim']} epochs {rc['epochs']} (best {m['router']['best_epoch']})"]
+    rep = m.get("report", {})
+    if rep.get("build_seconds"):
+        L.append("build time  " + ", ".join(f"{k} {v:.1f}s" for k, v in rep["build_seconds"].items()))
+    L += ["", "files:"]
+    for rel, meta in sorted(m["files"].items()):
+        L.append(f"  {rel:<48} {meta['size']:>11,d} B  sha256 {meta['sha256'][:16]}…")
+    return "\n".join(L)

@@ -1,0 +1,79 @@
+"""Per-sample loss matrix of every expert, the oracle, and each expert's metrics vs FP.
+
+L[i, k] is the cross-entropy of the label (targets = "labels") or KL(p_fp || p_k) to the
+FP model's output (targets = "fp"; deployment data rarely has labels). The oracle picks
+argmin_k L[i, k]; its metrics bound what any router can reach.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def sample_losses(logits: np.ndarray, fp_logits: np.ndarray, labels: np.ndarray | None, targets: str) -> np.ndarray:
+    lp = log_softmax(logits)
+    if targets == "labels":
+        return -lp[np.arange(len(lp)), labels]
+    lq = log_softmax(fp_logits)
+    return (np.exp(lq) * (lq - lp)).sum(axis=-1)
+
+
+def expert_metrics(logits: np.ndarray, fp_logits: np.ndarray, labels: np.ndarray | None) -> dict:
+    a, b = logits.astype(np.float64), fp_logits.astype(np.float64)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    m = {
+        "n": int(len(a)),
+        "fp_top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+        "output_cosine": float(cos.mean()),
+        "kl_to_fp": float(sample_losses(a, b, None, "fp").mean()),
+    }
+    if labels is not None:
+        m["top1"] = float((a.argmax(-1) == labels).mean())
+    return m
+
+
+@dataclass
+class Scores:
+    fp_logits: np.ndarray  # (N, C)
+    expert_logits: np.ndarray  # (K, N, C)
+    loss: np.ndarray  # (N, K)
+
+    @property
+    def oracle(self) -> np.ndarray:
+        return self.loss.argmin(axis=1)
+
+
+def run_batched(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """``session`` is a backend Session (``run(x) -> y``)."""
+    return np.concatenate([session.run(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def score(fp_session, expert_sessions: list, x: np.ndarray, labels: np.ndarray | None,
+          targets: str, progress=None) -> Scores:
+    fp = run_batched(fp_session, x)
+    if progress:
+        progress.update(1)
+    outs = []
+    for s in expert_sessions:
+        outs.append(run_batched(s, x))
+        if progress:
+            progress.update(1)
+    ex = np.stack(outs)
+    loss = np.stack([sample_losses(e, fp, labels, targets) for e in ex], axis=1)
+    return Scores(fp, ex, loss)
+
+
+def routed_metrics(scores: Scores, route: np.ndarray, labels: np.ndarray | None) -> dict:
+    """Metrics of the path that sends sample i to expert route[i]."""
+    idx = np.arange(len(route))
+    m = expert_metrics(scores.expert_logits[route, idx], scores.fp_logits, labels)
+    m["mean_loss"] = float(scores.loss[idx, route].mean())
+    return m
