@@ -28,6 +28,10 @@ class BundleWriter:
     def __enter__(self) -> "BundleWriter":
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.partial-", dir=self.dest.parent))
+        # mkdtemp makes the directory 0700; a bundle should get the user's normal permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

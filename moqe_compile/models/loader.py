@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +173,10 @@ def load_fp_model(cfg: ModelConfig, pre: PreprocessConfig, out: Path) -> FPModel
         src = Path(cfg.path)
         if not src.is_file():
             raise ConfigError(f"[model] path = {cfg.path!r}: no such ONNX file.")
-        shutil.copyfile(src, out)
+        try:
+            save_inline(src, out)  # also pulls in any external-data side file
+        except Exception as e:  # noqa: BLE001 - onnx raises several types for bad files
+            raise ConfigError(f"[model] path = {cfg.path!r} is not a readable ONNX model: {e}") from e
     else:
         with tempfile.TemporaryDirectory(prefix="moqe-export-") as tmp:
             raw = Path(tmp) / "model.onnx"

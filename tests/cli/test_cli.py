@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moqe_compile.cli import compile as compile_cli
+from moqe_compile.cli import run as run_cli
+
+from ..conftest import CROP
+
+
+def _run(capsys, argv):
+    code = run_cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_json_on_image_dir_and_npy(tiny_bundle, tiny_images, tmp_path, capsys):
+    img = sorted((tiny_images / "0").iterdir())[0]
+    code, out, _ = _run(capsys, [str(tiny_bundle), "--input", str(img), "--json"])
+    assert code == 0
+    d = json.loads(out)
+    assert set(d) == {"predictions", "timing_ms"} and set(d["timing_ms"]) == {"router", "experts", "total"}
+    p = d["predictions"][0]
+    assert p["input"] == str(img) and p["expert"] in {"minmax", "pct", "entropy"}
+    assert 0 < p["router_confidence"] <= 1
+    assert len(p["top5"]) == 4 and p["top5"][0][0].startswith("class_")  # 4 classes < 5
+    probs = [pr for _, pr in p["top5"]]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+
+    code, out, _ = _run(capsys, [str(tiny_bundle), "--input", str(tiny_images / "1"), "--json"])
+    assert code == 0 and len(json.loads(out)["predictions"]) == 4
+
+    raw = np.random.default_rng(0).integers(0, 255, (3, 50, 40, 3), dtype=np.uint8)
+    np.save(tmp_path / "raw.npy", raw)
+    code, out, _ = _run(capsys, [str(tiny_bundle), "--input", str(tmp_path / "raw.npy"), "--json"])
+    names = [p["input"] for p in json.loads(out)["predictions"]]
+    assert code == 0 and names == [f"{tmp_path / 'raw.npy'}[{i}]" for i in range(3)]
+
+
+def test_npy_preprocessed_matches_image(tiny_bundle, tiny_images, tmp_path, capsys):
+    from moqe_compile import Runtime
+
+    img = sorted((tiny_images / "2").iterdir())[0]
+    with Runtime.load(tiny_bundle) as rt:
+        _, x = rt.load_inputs(img)
+    np.save(tmp_path / "x.npy", x)
+    _, a, _ = _run(capsys, [str(tiny_bundle), "--input", str(img), "--json"])
+    _, b, _ = _run(capsys, [str(tiny_bundle), "--input", str(tmp_path / "x.npy"), "--json"])
+    pa, pb = json.loads(a)["predictions"][0], json.loads(b)["predictions"][0]
+    assert pa["expert"] == pb["expert"] and pa["top5"] == pb["top5"]
+
+
+def test_text_output(tiny_bundle, tiny_images, capsys):
+    img = sorted((tiny_images / "3").iterdir())[0]
+    code, out, _ = _run(capsys, [str(tiny_bundle), "--input", str(img)])
+    assert code == 0 and "router confidence" in out and "class_" in out
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: p.write_text("not an image"), "is not a readable image"),
+    (lambda p: np.save(p, np.zeros((2, 3, 7, 7), np.float32)), r"shape \(2, 3, 7, 7\) and dtype float32"),
+    (lambda p: p.mkdir(), "holds no images"),
+])
+def test_bad_inputs_exit_nonzero(tiny_bundle, tmp_path, capsys, make, match):
+    suffix = ".npy" if "shape" in match else (".jpg" if "readable" in match else "")
+    p = tmp_path / f"bad{suffix}"
+    make(p)
+    code, out, err = _run(capsys, [str(tiny_bundle), "--input", str(p)])
+    assert code == 3 and out == ""
+    assert "moqe-run: error:" in err and str(p) in err
+    import re
+    assert re.search(match, err)
+
+
+def test_missing_bundle_exit_code(tmp_path, capsys):
+    code, _, err = _run(capsys, [str(tmp_path), "--input", "x.jpg"])
+    assert code == 4 and "not a moqe bundle" in err
+
+
+def test_inspect(tiny_bundle, capsys):
+    assert compile_cli.main(["inspect", str(tiny_bundle)]) == 0
+    out = capsys.readouterr().out
+    for s in ("schema      v1", "minmax", "calibration=percentile p=99.9", "QLinearConv", "router/router.onnx",
+              "fp_top1_agreement", "default/best-on-val expert"):
+        assert s in out, s
+
+
+def test_build_bad_recipe_key(tmp_path, capsys):
+    p = tmp_path / "r.toml"
+    p.write_text("[router]\nlayers = 3\n")
+    assert compile_cli.main(["build", str(p), "-o", str(tmp_path / "o")]) == 2
+    assert "unknown key(s) ['layers']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_scripts_installed():
+    out = subprocess.run([sys.executable, "-m", "moqe_compile.cli.run", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--input" in out.stdout
