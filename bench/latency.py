@@ -3,35 +3,28 @@ whole MoQE path (route + grouped dispatch), at several batch sizes, measured sid
 
     python bench/latency.py bundles/mobilenetv2-demo --batches 1 32 --repeats 30 [--json out.json]
 
-All variants run interleaved in one process on the same inputs (real images from the
-bundle's data source when available, otherwise the demo photos); medians and IQR over
-``--repeats`` rounds. Ratios (INT8/FP32, MoQE/expert) are taken from these medians.
+All variants run interleaved in one process on the same inputs (the demo photos shipped in
+the foolbox package); medians and IQR over ``--repeats`` rounds. Ratios (INT8/FP32,
+MoQE/expert) are taken from these medians. The measuring code lives in
+``moqe_compile.evaluate.latency`` (``moqe-compile eval`` uses it too); this is its CLI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 
 import numpy as np
 
 from moqe_compile import Runtime
 from moqe_compile.backends import OrtCpuSession
 from moqe_compile.data.datasets import foolbox_dir
+from moqe_compile.evaluate.latency import format_batch, measure_bundle, tile_batch
 
 
 def sample_batch(rt: Runtime, n: int) -> np.ndarray:
     _, x = rt.load_inputs(foolbox_dir())  # the 100 demo photos (ImageNet, CIFAR, MNIST...)
-    reps = -(-n // len(x))
-    return np.ascontiguousarray(np.concatenate([x] * reps)[:n])
-
-
-def summarize(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=4)
-    return {"median_ms": round(statistics.median(xs), 3), "iqr_ms": [round(q[0], 3), round(q[2], 3)]}
+    return tile_batch(x, n)
 
 
 def main() -> None:
@@ -44,38 +37,13 @@ def main() -> None:
 
     rt = Runtime.load(args.bundle)
     fp = OrtCpuSession("fp32", rt.root / rt.manifest["model"]["fp"]["path"])
-    router = rt._router
-    results = {"bundle": str(args.bundle), "cpu": platform.processor() or platform.machine(),
-               "repeats": args.repeats, "batches": {}}
+    _, pool = rt.load_inputs(foolbox_dir())
+    results = {"bundle": str(args.bundle), "repeats": args.repeats, "batches": {}}
     for bs in args.batches:
-        x = sample_batch(rt, bs)
-        cands = {"router": lambda: router.run(x), "fp32": lambda: fp.run(x), "moqe": lambda: rt.run(x)}
-        for name in rt.expert_names:
-            cands[f"expert:{name}"] = (lambda n=name: rt.run_expert(n, x))
-        # Interleave candidates round by round so drift (thermal, other load) hits all alike.
-        samples = {k: [] for k in cands}
-        for f in cands.values():  # warm-up: arenas, kernel selection
-            f()
-        for _ in range(args.repeats):
-            for k, f in cands.items():
-                t = time.perf_counter()
-                f()
-                samples[k].append((time.perf_counter() - t) * 1e3)
-        row = {k: summarize(v) for k, v in samples.items()}
-        med = {k: v["median_ms"] for k, v in row.items()}
-        experts = [med[f"expert:{n}"] for n in rt.expert_names]
-        row["ratios"] = {
-            "int8_over_fp32": {n: round(med[f"expert:{n}"] / med["fp32"], 3) for n in rt.expert_names},
-            "router_over_mean_expert": round(med["router"] / statistics.mean(experts), 3),
-            "moqe_over_mean_expert": round(med["moqe"] / statistics.mean(experts), 3),
-        }
-        row["experts_used"] = sorted(set(rt.run(x).experts))
-        results["batches"][str(bs)] = row
-        print(f"batch {bs}:")
-        for k, v in row.items():
-            if k not in ("ratios", "experts_used"):
-                print(f"  {k:<22} median {v['median_ms']:9.3f} ms   IQR {v['iqr_ms']}")
-        print(f"  ratios {json.dumps(row['ratios'])}  experts used {row['experts_used']}")
+        r = measure_bundle(rt, pool, [bs], args.repeats, fp_session=fp)
+        results["cpu"] = r["cpu"]
+        results["batches"][str(bs)] = row = r["batches"][str(bs)]
+        print(format_batch(bs, row))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

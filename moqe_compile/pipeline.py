@@ -20,14 +20,17 @@ from . import __version__
 from .backends import OrtCpuSession
 from .bundle import BundleWriter
 from .config import BuildConfig
-from .data.datasets import SPLITS, build_splits, list_sources
+from .data.datasets import SPLITS, build_splits, num_sources
 from .data.images import Preprocess
 from .models import load_fp_model
 from .models.loader import write_labels
-from .quantize import calibrate_ranges, count_integer_kernels, prepare_for_quantization, write_expert
+from .quantize import build_expert, prepare_for_quantization
 from .router.export import export_router
-from .router.train import predict, small_inputs, train_router
-from .score import expert_metrics, routed_metrics, score
+from .router.fallback import apply_fallback, choose_fallback
+from .router.train import kl_to_fp_matrix, train_router
+from .evaluate.data import EVAL_SPLITS, save_eval_data
+from .evaluate.report import build_split_report, flat_metrics
+from .score import run_batched, score
 
 
 def _versions() -> dict:
@@ -65,7 +68,7 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
         done("export")
 
         stage("data")
-        n_src = len(list_sources(cfg.data.source))
+        n_src = num_sources(cfg.data)
         with bar(n_src, "images") as pb:
             splits = build_splits(cfg.data, pre, pb)
         done("data")
@@ -73,18 +76,26 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
         stage("quantize")
         prepared = prepare_for_quantization(fp.path, work / "prepared.onnx")
         experts = []
-        backend = cfg.backends.targets[0]
+        # Experts are scored on the ORT CPU graph when there is one (the embedded runtime).
+        backend = "onnxruntime-cpu" if "onnxruntime-cpu" in cfg.backends.targets else cfg.backends.targets[0]
+        sensitivity = None
+        if any(r.exclude_sensitive for r in cfg.experts):
+            from .quantize.sensitivity import layer_sensitivity
+
+            sensitivity = layer_sensitivity(prepared, fp.input_name, splits["calibration"].x, work)
         with bar(len(cfg.experts), "experts") as pb:
             for r in cfg.experts:
-                ranges = calibrate_ranges(prepared, fp.input_name, splits["calibration"].x, r,
-                                          w.path(f"experts/{r.name}/calibration.json"))
+                rels = {b: f"experts/{r.name}/{b}.onnx" for b in cfg.backends.targets}
+                exclude = [s["node"] for s in sensitivity[: r.exclude_sensitive]] if sensitivity else []
+                built = build_expert(prepared, fp.input_name, splits["calibration"].x, r, cfg.backends.targets,
+                                     {b: w.path(rel) for b, rel in rels.items()},
+                                     w.path(f"experts/{r.name}/calibration.json"), work, exclude)
                 variants = {}
-                for b in cfg.backends.targets:
-                    rel = f"experts/{r.name}/{b}.onnx"
-                    info = write_expert(prepared, ranges, r, b, w.path(rel))
-                    info["kernels"] = count_integer_kernels(w.path(rel))
-                    variants[b] = {"path": rel, **info}
-                experts.append({"name": r.name, "recipe": asdict(r), "variants": variants,
+                for b, info in built["variants"].items():
+                    if "kernels" in info["check"]:
+                        info["kernels"] = info["check"]["kernels"]
+                    variants[b] = {"path": rels[b], **info}
+                experts.append({"name": r.name, "recipe": asdict(r), "variants": variants, "steps": built["steps"],
                                 "calibration_ranges": {"path": f"experts/{r.name}/calibration.json"}})
                 pb.update(1)
         done("quantize")
@@ -100,11 +111,24 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
         done("score")
 
         stage("router")
-        tr, va = scores["router_train"], scores["router_val"]
-        with bar(cfg.router.epochs, "router epochs") as pb:
-            res = train_router(cfg.router, splits["router_train"].x, tr.loss, splits["router_val"].x, va.loss, pb)
-        export_router(res.core, cfg.router.input_size, cfg.preprocessing.crop, w.path("router/router.onnx"),
-                      w.path("router/router.safetensors"))
+        tr, va, rc = scores["router_train"], scores["router_val"], cfg.router
+        # fp-teacher targets come from the per-sample KL-to-FP matrix; with [data] targets = "fp"
+        # that is the loss matrix itself, with labels it is computed from the scored logits.
+        teacher = (kl_to_fp_matrix(tr.fp_logits, tr.expert_logits)
+                   if rc.targets == "fp-teacher" and cfg.data.targets != "fp" else None)
+        with bar(rc.epochs, "router epochs") as pb:
+            res = train_router(rc, splits["router_train"].x, tr.loss, splits["router_val"].x, va.loss, pb,
+                               target_matrix=teacher)
+        export_router(res.core, rc.input_size, cfg.preprocessing.crop, w.path("router/router.onnx"),
+                      w.path("router/router.safetensors"), channels=cfg.preprocessing.channels,
+                      mode=rc.downsample, quantize=rc.quantize, calib_x=splits["router_train"].x)
+        # From here on, route exactly as the Runtime does: the exported graph + the confidence
+        # fallback, whose threshold is chosen on router_val (never on test).
+        router_sess = OrtCpuSession("router", w.path("router/router.onnx"), 1)
+        fallback = (choose_fallback(run_batched(router_sess, splits["router_val"].x), va.loss) if rc.fallback
+                    else {"threshold": 0.0, "expert": int(va.loss.mean(0).argmin())})
+        route_of = lambda x: apply_fallback(run_batched(router_sess, x), fallback["threshold"],  # noqa: E731
+                                            fallback["expert"])[0]
         done("router")
 
         stage("report")
@@ -112,27 +136,16 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
         # The best single expert is chosen on validation, never on test.
         best_k = int(va.loss.mean(0).argmin())
         report = {"targets": cfg.data.targets, "splits": {}}
-        for s in ("router_val", "test"):
+        for s in EVAL_SPLITS:  # router_val, test: bootstrap CIs and MoQE-vs-best tests (evaluate/report.py)
             sc, d = scores[s], splits[s]
-            route = predict(res.core, small_inputs(d.x, cfg.router.input_size)).argmax(1)
-            per_expert = {}
-            for k, e in enumerate(experts):
-                m = expert_metrics(sc.expert_logits[k], sc.fp_logits, d.labels)
-                m["mean_loss"] = float(sc.loss[:, k].mean())
-                per_expert[e["name"]] = m
-            report["splits"][s] = {
-                "n": int(len(d.x)),
-                "fp": expert_metrics(sc.fp_logits, sc.fp_logits, d.labels),
-                "experts": per_expert,
-                "best_expert": names[best_k],
-                "oracle": routed_metrics(sc, sc.oracle, d.labels),
-                "moqe": routed_metrics(sc, route, d.labels),
-                "router_accuracy_vs_oracle": float((route == sc.oracle).mean()),
-                "usage": {n: float((route == k).mean()) for k, n in enumerate(names)},
-                "oracle_usage": {n: float((sc.oracle == k).mean()) for k, n in enumerate(names)},
-            }
+            route = route_of(d.x)  # the deployed router (exported graph + fallback)
+            report["splits"][s] = build_split_report(
+                fp_logits=sc.fp_logits, expert_logits=sc.expert_logits, expert_names=names, labels=d.labels,
+                loss=sc.loss, route=route, best_expert=best_k, targets=cfg.data.targets, split=s)
         for e in experts:
-            e["metrics"] = {"test": report["splits"]["test"]["experts"][e["name"]]}
+            e["metrics"] = {"test": flat_metrics(report["splits"]["test"]["experts"][e["name"]], len(splits["test"].x))}
+        eval_storage = save_eval_data(w.path("report/eval_data.npz"), {s: splits[s] for s in EVAL_SPLITS},
+                                      cfg.preprocessing.mean, cfg.preprocessing.std)
         report["router_training"] = {"best_epoch": res.best_epoch, "history": res.history}
         np.savez(w.path("report/loss_matrix.npz"), expert_names=np.array(names),
                  **{f"{s}_loss": scores[s].loss for s in scores},
@@ -153,19 +166,24 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
                       "origin": cfg.model.path if cfg.model.source == "onnx" else cfg.model.weights,
                       "fp": {"path": "fp/model.onnx"}},
             "preprocessing": {**asdict(cfg.preprocessing), "layout": "NCHW", "dtype": "float32",
-                              "color": "RGB", "interpolation": "bilinear"},
-            "io": {"input": {"name": fp.input_name, "shape": ["batch", 3, pre.crop, pre.crop], "dtype": "float32"},
+                              "color": pre.mode, "interpolation": "bilinear"},
+            "io": {"input": {"name": fp.input_name, "shape": ["batch", *pre.input_shape], "dtype": "float32"},
                    "output": {"name": fp.output_name, "shape": ["batch", fp.num_classes], "dtype": "float32"}},
             "splits": {s: {"source_images": len(set(splits[s].sources)), "samples": int(len(splits[s].x)),
                            "augmentations_per_image": cfg.data.augmentations} for s in SPLITS}
                       | {"seed": cfg.data.seed, "disjoint_by": "source image"},
             "experts": experts,
+            "sensitivity": sensitivity,
             "router": {"path": "router/router.onnx", "weights": {"path": "router/router.safetensors"},
                        "input": "input", "output": "expert_probs", "config": asdict(cfg.router),
                        "best_epoch": res.best_epoch},
-            "routing": {"enabled": True, "granularity": "per-input", "default_expert": names[best_k]},
+            "routing": {"enabled": True, "granularity": "per-input", "default_expert": names[best_k],
+                        "fallback_threshold": fallback["threshold"], "fallback_expert": names[fallback["expert"]],
+                        "fallback_chosen_on": {k: v for k, v in fallback.items() if k.startswith("val_")}},
             "backends": list(cfg.backends.targets),
             "report": {"path": "report/report.json", "loss_matrix": {"path": "report/loss_matrix.npz"},
+                       "eval_data": {"path": "report/eval_data.npz", "splits": list(EVAL_SPLITS),
+                                     "storage": eval_storage},
                        "build_seconds": stage_s},
         }
         return w.commit(manifest)

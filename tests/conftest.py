@@ -91,3 +91,20 @@ def tiny_bundle(tmp_path_factory, tiny_onnx, tiny_images) -> Path:
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return build(tiny_config(tiny_onnx, tiny_images), out, quiet=True)
+
+
+GRAY_CROP = 28
+
+
+@pytest.fixture(scope="session")
+def tiny_gray_onnx(tmp_path_factory) -> Path:
+    """TinyCNN with a 1-channel stem: input (batch, 1, 28, 28), NUM_CLASSES outputs."""
+    from moqe_compile.models.loader import export_torch
+
+    torch.manual_seed(0)
+    m = TinyCNN()
+    m.body[0] = nn.Conv2d(1, 8, 3, padding=1)
+    m.eval()
+    out = tmp_path_factory.mktemp("tiny_gray") / "tiny_gray.onnx"
+    export_torch(m, out, GRAY_CROP, 18, channels=1)
+    return out

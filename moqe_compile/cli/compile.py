@@ -1,4 +1,4 @@
-"""``moqe-compile``: build, inspect and locate bundles."""
+"""``moqe-compile``: build, inspect, evaluate and locate bundles."""
 
 from __future__ import annotations
 
@@ -38,6 +38,58 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_check_qdq(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..quantize import check_qdq
+
+    p = Path(args.model)
+    if not p.is_file():
+        raise InputError(f"model {args.model!r} does not exist.")
+    res = check_qdq(p, args.target)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{p}: {'OK' if res['ok'] else 'FAIL'} for {args.target}")
+        for v in res["violations"]:
+            print(f"  - {v}")
+        if "kernels" in res:
+            print(f"  kernels after ORT optimization: {res['kernels']}")
+    return 0 if res["ok"] else 1
+
+
+def cmd_sensitivity(args) -> int:
+    import json
+    import tempfile
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..config import BuildConfig, load_recipe
+    from ..data.datasets import build_splits
+    from ..data.images import Preprocess
+    from ..models import load_fp_model
+    from ..quantize import prepare_for_quantization
+    from ..quantize.sensitivity import layer_sensitivity
+
+    cfg = load_recipe(args.recipe) if args.recipe else BuildConfig()
+    cfg.data.augmentations = min(cfg.data.augmentations, 4)
+    with tempfile.TemporaryDirectory(prefix="moqe-sens-") as tmp:
+        work = Path(tmp)
+        fp = load_fp_model(cfg.model, cfg.preprocessing, work / "fp.onnx")
+        x = build_splits(cfg.data, Preprocess.from_dict(asdict(cfg.preprocessing)))["calibration"].x
+        prepared = prepare_for_quantization(fp.path, work / "prepared.onnx")
+        ranking = layer_sensitivity(prepared, fp.input_name, x, work, n=args.samples)
+    if args.json:
+        print(json.dumps(ranking[: args.top]))
+    else:
+        print(f"{'rank':>4}  {'node':<40} {'op':<5} {'KL to FP':>10} {'top-1 agree':>11}")
+        for i, r in enumerate(ranking[: args.top]):
+            print(f"{i + 1:>4}  {r['node']:<40} {r['op']:<5} {r['kl_to_fp']:>10.3g} {r['fp_top1_agreement']:>11.3f}")
+    return 0
+
+
 def cmd_data_path(args) -> int:
     from ..data.datasets import foolbox_dir
 
@@ -57,6 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("bundle")
     i.add_argument("--no-verify", action="store_true", help="skip sha256 checks")
     i.set_defaults(fn=cmd_inspect)
+    from .evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+    c = sub.add_parser("check-qdq", help="check a Q/DQ ONNX model against a backend's rules")
+    c.add_argument("model")
+    c.add_argument("--target", required=True, help="tensorrt | onnxruntime-cpu")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_check_qdq)
+    s = sub.add_parser("sensitivity", help="rank layers by the output change when only that layer is INT8")
+    s.add_argument("recipe", nargs="?", help="recipe TOML (default: the MobileNetV2 demo)")
+    s.add_argument("--top", type=int, default=20)
+    s.add_argument("--samples", type=int, default=64, help="calibration samples to measure on")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_sensitivity)
     d = sub.add_parser("data-path", help="print the folder of the demo's ImageNet photos (foolbox package)")
     d.set_defaults(fn=cmd_data_path)
     args = ap.parse_args(argv)

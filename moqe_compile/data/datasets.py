@@ -2,6 +2,10 @@
 
 Splits are drawn over *source* images, so augmented views of one photo never land in
 two splits (otherwise router validation would leak into training).
+
+``source = "fashion-mnist"`` is different: calibration, router_train and router_val are
+disjoint parts of its 60k train set (``max_samples`` of them, 0 = all) and test is its
+official 10k test set; see :func:`fashion_mnist_splits`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import ConfigError
+from . import fashion_mnist
 from .images import Preprocess, list_images, open_image
 
 SPLITS = ("calibration", "router_train", "router_val", "test")
@@ -27,7 +32,7 @@ class Source:
 
 @dataclass
 class SplitData:
-    x: np.ndarray  # (N, 3, crop, crop) float32
+    x: np.ndarray  # (N, channels, crop, crop) float32
     labels: np.ndarray | None  # (N,) int64, or None without labels
     sources: list[str]  # which source image each view came from
 
@@ -42,14 +47,26 @@ def foolbox_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+def num_sources(cfg: DataConfig) -> int:
+    """How many source images :func:`build_splits` will read (for a progress bar)."""
+    if cfg.source == fashion_mnist.SOURCE_NAME:
+        n_train, n_test = fashion_mnist.size("train"), fashion_mnist.size("test")
+        return (min(cfg.max_samples, n_train) if cfg.max_samples else n_train) + n_test
+    return len(list_sources(cfg.source))
+
+
 def list_sources(source: str) -> list[Source]:
+    if source == fashion_mnist.SOURCE_NAME:
+        raise ConfigError("[data] source = 'fashion-mnist' holds arrays, not image files; use build_splits.")
     if source == "foolbox-imagenet":
         files = sorted(foolbox_dir().glob("imagenet_*_*.jpg"))
         # Files are named imagenet_<index>_<label>.jpg.
         return [Source(f, int(f.stem.split("_")[2])) for f in files]
     root = Path(source)
     if not root.is_dir():
-        raise ConfigError(f"[data] source = {source!r} is neither 'foolbox-imagenet' nor a directory.")
+        raise ConfigError(
+            f"[data] source = {source!r} is neither 'foolbox-imagenet', 'fashion-mnist' nor a directory."
+        )
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     if subdirs:
         out = []
@@ -89,7 +106,56 @@ def split_sources(sources: list[Source], cfg: DataConfig) -> dict[str, list[Sour
     return out
 
 
+def fashion_mnist_splits(cfg: DataConfig, pre: Preprocess, progress=None) -> dict[str, SplitData]:
+    """Calibration / router_train / router_val from the train set, test = the official test set.
+
+    ``max_samples`` train images (0 = all 60k) are drawn with ``seed``; calibration and
+    router_val take round(fraction * n) of them, router_train the rest (``[data.split]
+    test`` is ignored: the test split is always the official 10k test set).
+    """
+    fm = fashion_mnist
+    if cfg.augmentations:
+        raise ConfigError(
+            f"[data] augmentations = {cfg.augmentations}: source 'fashion-mnist' takes no augmented views; "
+            "set augmentations = 0."
+        )
+    size = fm.IMAGE_SIZE
+    if (pre.channels, pre.resize, pre.crop) != (1, size, size):
+        raise ConfigError(
+            f"[preprocessing] channels = {pre.channels}, resize = {pre.resize}, crop = {pre.crop}: source "
+            f"'fashion-mnist' needs channels = 1, resize = {size}, crop = {size} (28x28 grayscale)."
+        )
+    x_train, y_train = fm.load("train")
+    x_test, y_test = fm.load("test")
+    n_all = len(x_train)
+    if cfg.max_samples > n_all:
+        raise ConfigError(f"[data] max_samples = {cfg.max_samples} exceeds the {n_all} Fashion-MNIST train images.")
+    n = cfg.max_samples or n_all
+    n_cal = max(1, int(round(cfg.split.calibration * n)))
+    n_val = max(1, int(round(cfg.split.router_val * n)))
+    n_tr = n - n_cal - n_val
+    if n_tr < 1 or len(x_test) < 1:
+        raise ConfigError(f"[data] max_samples = {n} is too small for non-empty calibration / router splits.")
+    order = np.random.default_rng(cfg.seed).permutation(n_all)[:n]
+    parts = {"calibration": order[:n_cal], "router_train": order[n_cal : n_cal + n_tr],
+             "router_val": order[n_cal + n_tr :]}
+    result = {}
+    for name, idx in parts.items():
+        idx = np.sort(idx)
+        result[name] = SplitData(fm.normalize(x_train[idx], pre.mean[0], pre.std[0]), y_train[idx],
+                                 [f"train[{i}]" for i in idx])
+        if progress:
+            progress.update(len(idx))
+    result["test"] = SplitData(fm.normalize(x_test, pre.mean[0], pre.std[0]), y_test,
+                               [f"t10k[{i}]" for i in range(len(x_test))])
+    if progress:
+        progress.update(len(x_test))
+    return result
+
+
 def build_splits(cfg: DataConfig, pre: Preprocess, progress=None) -> dict[str, SplitData]:
+    if cfg.source == fashion_mnist.SOURCE_NAME:
+        return fashion_mnist_splits(cfg, pre, progress)
     sources = list_sources(cfg.source)
     parts = split_sources(sources, cfg)
     aug = _augmenter(cfg.seed) if cfg.augmentations else None

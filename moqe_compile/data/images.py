@@ -22,20 +22,26 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 class Preprocess:
     resize: int
     crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one value per channel
+    std: tuple[float, ...]
+    channels: int = 3  # 3: RGB, 1: grayscale ("L")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]))
+        # Bundles written before grayscale support have no "channels" key: they are RGB.
+        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]), int(d.get("channels", 3)))
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return (3, self.crop, self.crop)
+        return (self.channels, self.crop, self.crop)
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         """PIL image -> float32 CHW: resize shorter side, center crop, scale to [0,1], normalize."""
-        img = img.convert("RGB")
+        img = img.convert(self.mode)
         w, h = img.size
         s = self.resize / min(w, h)
         img = img.resize((max(self.crop, round(w * s)), max(self.crop, round(h * s))), Image.BILINEAR)
@@ -43,6 +49,8 @@ class Preprocess:
         left, top = (w - self.crop) // 2, (h - self.crop) // 2
         img = img.crop((left, top, left + self.crop, top + self.crop))
         x = np.asarray(img, dtype=np.float32) / 255.0
+        if x.ndim == 2:  # "L" images decode to (H, W)
+            x = x[:, :, None]
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
@@ -63,8 +71,9 @@ def list_images(directory: Path) -> list[Path]:
 def load_inputs(path: str | Path, pre: Preprocess) -> tuple[list[str], np.ndarray]:
     """An image file, a directory of images or a ``.npy`` batch -> (names, float32 NCHW batch).
 
-    A ``.npy`` holds either preprocessed float32 ``(N,3,crop,crop)`` / ``(3,crop,crop)`` or
-    raw uint8 ``(N,H,W,3)`` / ``(H,W,3)`` images, which are preprocessed here.
+    A ``.npy`` holds either preprocessed float32 ``(N,C,crop,crop)`` / ``(C,crop,crop)`` or
+    raw uint8 ``(N,H,W,3)`` / ``(H,W,3)`` images, which are preprocessed here; with
+    ``channels = 1`` also raw grayscale uint8 ``(N,H,W)`` batches.
     """
     p = Path(path)
     if not p.exists():
@@ -88,12 +97,15 @@ def _from_array(arr: np.ndarray, pre: Preprocess, name: str) -> tuple[list[str],
     if arr.dtype == np.uint8 and arr.ndim in (3, 4) and arr.shape[-1] == 3:
         imgs = arr[None] if arr.ndim == 3 else arr
         batch = np.stack([pre(Image.fromarray(im)) for im in imgs])
+    elif arr.dtype == np.uint8 and arr.ndim == 3 and pre.channels == 1:  # (N, H, W) grayscale
+        batch = np.stack([pre(Image.fromarray(im)) for im in arr])
     elif arr.dtype == np.float32 and arr.ndim in (3, 4) and tuple(arr.shape[-3:]) == chw:
         batch = np.ascontiguousarray(arr[None] if arr.ndim == 3 else arr)
     else:
         raise InputError(
             f"{name!r} has shape {tuple(arr.shape)} and dtype {arr.dtype}; expected float32 "
-            f"(N,{chw[0]},{chw[1]},{chw[2]}) preprocessed or uint8 (N,H,W,3) images."
+            f"(N,{chw[0]},{chw[1]},{chw[2]}) preprocessed or uint8 (N,H,W,3) images"
+            + (" or (N,H,W) grayscale images." if pre.channels == 1 else ".")
         )
     if batch.shape[0] == 0:
         raise InputError(f"{name!r} holds an empty batch.")

@@ -103,10 +103,10 @@ def _torch_model(cfg: ModelConfig):
     return model.eval()
 
 
-def export_torch(model, out: Path, crop: int, opset: int) -> None:
+def export_torch(model, out: Path, crop: int, opset: int, channels: int = 3) -> None:
     import torch
 
-    x = torch.randn(2, 3, crop, crop)
+    x = torch.randn(2, channels, crop, crop)
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         # The dynamo exporter is torch's maintained path; it may settle on a newer opset
@@ -138,7 +138,7 @@ def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def check_fp_onnx(path: Path, crop: int, num_classes: int) -> tuple[str, str]:
+def check_fp_onnx(path: Path, crop: int, num_classes: int, channels: int = 3) -> tuple[str, str]:
     """Verify one float NCHW input with a *symbolic* batch dim and a [batch, C] output."""
     try:
         m = onnx.load(str(path), load_external_data=False)
@@ -157,8 +157,11 @@ def check_fp_onnx(path: Path, crop: int, num_classes: int) -> tuple[str, str]:
             "re-export it with a symbolic batch dimension."
         )
     shape = [d.dim_value for d in dims[1:]]
-    if shape != [3, crop, crop]:
-        raise ConfigError(f"{str(path)!r} input shape {shape} does not match preprocessing crop [3, {crop}, {crop}].")
+    if shape != [channels, crop, crop]:
+        raise ConfigError(
+            f"{str(path)!r} input shape {shape} does not match preprocessing [channels, crop, crop] = "
+            f"[{channels}, {crop}, {crop}]."
+        )
     odims = m.graph.output[0].type.tensor_type.shape.dim
     if len(odims) == 2 and odims[1].dim_value not in (0, num_classes):
         raise ConfigError(f"{str(path)!r} has {odims[1].dim_value} outputs; [model] num_classes = {num_classes}.")
@@ -180,9 +183,9 @@ def load_fp_model(cfg: ModelConfig, pre: PreprocessConfig, out: Path) -> FPModel
     else:
         with tempfile.TemporaryDirectory(prefix="moqe-export-") as tmp:
             raw = Path(tmp) / "model.onnx"
-            export_torch(_torch_model(cfg), raw, pre.crop, cfg.opset)
+            export_torch(_torch_model(cfg), raw, pre.crop, cfg.opset, pre.channels)
             save_inline(raw, out)
-    in_name, out_name = check_fp_onnx(out, pre.crop, cfg.num_classes)
+    in_name, out_name = check_fp_onnx(out, pre.crop, cfg.num_classes, pre.channels)
     return FPModel(out, in_name, out_name, cfg.num_classes, labels)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
-from onnxruntime.quantization.calibrate import save_tensors_data
+from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..config import ExpertRecipe
@@ -25,7 +25,47 @@ METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
+    # ORT has no MSE calibrator: we collect ORT's histograms and choose the ranges ourselves
+    # (mse_ranges below). The cache is labelled Percentile only because quantize_static
+    # checks that label against its calibrate_method argument.
+    "mse": CalibrationMethod.Percentile,
 }
+
+
+def mse_ranges(histograms: dict, asymmetric: bool, levels: int = 256, grid: int = 40) -> dict:
+    """Range per tensor minimizing the expected squared quantization error over its histogram.
+
+    ``histograms`` is ORT's HistogramCollector.histogram_dict: name -> (hist, edges, min, max,
+    threshold), bins spanning [-threshold, threshold]. Candidate ranges shrink the observed
+    [min, max] at each end by factors in [0.05, 1].
+    """
+    out = {}
+    for name, (hist, edges, lo, hi, _thr) in histograms.items():
+        hist = np.asarray(hist, np.float64)
+        centers = (edges[:-1] + edges[1:]) / 2
+        keep = hist > 0
+        h, c = hist[keep], centers[keep]
+        lo, hi = float(min(lo, 0.0)), float(max(hi, 0.0))
+        if not asymmetric:
+            lo, hi = -max(-lo, hi), max(-lo, hi)
+        if hi - lo <= 0 or len(h) == 0:
+            out[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+            continue
+        # Independent shrink factors for each end (a skewed tensor needs them), 40 x 40 grid.
+        f = np.linspace(0.05, 1.0, grid)
+        if asymmetric:
+            fl, fh = np.meshgrid(f, f, indexing="ij")
+            clo, chi = (fl * lo).reshape(-1, 1), (fh * hi).reshape(-1, 1)
+        else:
+            clo, chi = (f * lo)[:, None], (f * hi)[:, None]
+        scale = np.maximum((chi - clo) / (levels - 1), 1e-12)
+        # Values inside the range carry rounding error ~ s^2/12 (uniform within a step; bin
+        # centers alone would alias with the grid), values outside carry their clipping error.
+        cc = np.clip(c[None, :], clo, chi)
+        err = (h[None, :] * np.where(cc == c[None, :], scale**2 / 12, (c[None, :] - cc) ** 2)).sum(axis=1)
+        k = int(err.argmin())
+        out[name] = TensorData(lowest=np.float32(clo[k, 0]), highest=np.float32(chi[k, 0]))
+    return out
 
 
 class ArrayReader(CalibrationDataReader):
@@ -52,8 +92,9 @@ def calibrate_ranges(model: Path, input_name: str, x: np.ndarray, recipe: Expert
                      chunk: int = 16) -> Path:
     """Collect activation ranges for ``recipe`` over ``x``; save them as ORT's calibration cache JSON."""
     method = METHODS[recipe.calibration]
-    extra: dict = {"symmetric": recipe.symmetric_activations}
-    if recipe.calibration in ("percentile", "entropy"):
+    # MSE needs ORT's signed-value histograms (the symmetric collector keeps |x| only).
+    extra: dict = {"symmetric": recipe.symmetric_activations and recipe.calibration != "mse"}
+    if recipe.calibration in ("percentile", "entropy", "mse"):
         extra["num_bins"] = recipe.num_bins
     if recipe.calibration == "percentile":
         extra["percentile"] = recipe.percentile
@@ -68,7 +109,11 @@ def calibrate_ranges(model: Path, input_name: str, x: np.ndarray, recipe: Expert
         with contextlib.redirect_stdout(io.StringIO()):
             for start in range(0, len(x), chunk):
                 cal.collect_data(ArrayReader(input_name, x[start : start + chunk], batch=chunk))
-            ranges = cal.compute_data()
+            if recipe.calibration == "mse":
+                ranges = TensorsData(method, mse_ranges(cal.collector.histogram_dict,
+                                                        asymmetric=not recipe.symmetric_activations))
+            else:
+                ranges = cal.compute_data()
         del cal
     save_tensors_data(ranges, out_json)
     return out_json

@@ -1,7 +1,10 @@
-"""Prove an expert runs as integer kernels: let ORT optimize it, save that graph, count ops.
+"""Q/DQ graph checks per target, naming each offending node.
 
-A Q/DQ graph can silently execute as DequantizeLinear -> float Conv; only the optimized
-graph ORT actually runs tells the truth.
+- onnxruntime-cpu: every Conv/Gemm/MatMul must run as an integer kernel in the graph ORT
+  actually executes after optimization (a Q/DQ graph can silently run DequantizeLinear ->
+  float Conv); we save that optimized graph and inspect it.
+- tensorrt (also ONNX Runtime CUDA): opset >= 13; int8 Q/DQ; zero-points constant 0;
+  scales constant and positive; activations per-tensor; weights per-channel on axis 0.
 """
 
 from __future__ import annotations
@@ -10,28 +13,104 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
+
+from ..errors import ConfigError
 
 FLOAT_COMPUTE = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
 INT_COMPUTE = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
                "DynamicQuantizeMatMul", "MatMulNBits")
+TARGETS = ("onnxruntime-cpu", "tensorrt")
 
 
-def optimized_op_counts(model: Path, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED) -> Counter:
-    """Op-type histogram of the graph ORT CPU executes after its (extended) optimizations."""
+def optimized_graph(model: Path, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED) -> onnx.ModelProto:
+    """The graph ORT CPU executes after its (extended, machine-independent) optimizations."""
     with tempfile.TemporaryDirectory(prefix="moqe-opt-") as tmp:
         so = ort.SessionOptions()
         so.graph_optimization_level = level
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-        g = onnx.load(so.optimized_model_filepath)
-    return Counter(n.op_type for n in g.graph.node)
+        return onnx.load(so.optimized_model_filepath)
+
+
+def optimized_op_counts(model: Path) -> Counter:
+    return Counter(n.op_type for n in optimized_graph(model).graph.node)
 
 
 def count_integer_kernels(model: Path) -> dict:
     c = optimized_op_counts(model)
-    return {
-        "integer": {k: c[k] for k in INT_COMPUTE if c[k]},
-        "float": {k: c[k] for k in FLOAT_COMPUTE if c[k]},
-    }
+    return {"integer": {k: c[k] for k in INT_COMPUTE if c[k]}, "float": {k: c[k] for k in FLOAT_COMPUTE if c[k]}}
+
+
+def _check_ort_cpu(model: Path, allow_float: int) -> tuple[list[str], dict]:
+    g = optimized_graph(model)
+    c = Counter(n.op_type for n in g.graph.node)
+    kernels = {"integer": {k: c[k] for k in INT_COMPUTE if c[k]}, "float": {k: c[k] for k in FLOAT_COMPUTE if c[k]}}
+    floats = [n for n in g.graph.node if n.op_type in FLOAT_COMPUTE]
+    bad = [] if len(floats) <= allow_float else [
+        f"node {n.name or '<unnamed>'!r} ({n.op_type}) runs in float after ORT optimization" for n in floats]
+    if not kernels["integer"]:
+        bad.append("no integer kernel in the optimized graph (is this a Q/DQ model?)")
+    return bad, kernels
+
+
+def _const(inits: dict, name: str):
+    return inits.get(name)
+
+
+def _check_tensorrt(model: Path) -> list[str]:
+    m = onnx.load(str(model))
+    bad = []
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        bad.append(f"model opset {opset} < 13 (per-channel Q/DQ needs 13)")
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant":
+            inits[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    qdq = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not qdq:
+        bad.append("no QuantizeLinear/DequantizeLinear nodes: not a Q/DQ model")
+    for n in qdq:
+        who = f"node {n.name or n.output[0]!r} ({n.op_type})"
+        scale = _const(inits, n.input[1])
+        zp = _const(inits, n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if n.domain not in ("", "ai.onnx"):
+            bad.append(f"{who}: domain {n.domain!r}, TensorRT needs standard ONNX Q/DQ")
+        if scale is None:
+            bad.append(f"{who}: scale {n.input[1]!r} is not a constant")
+        elif not np.all(scale > 0):
+            bad.append(f"{who}: scale {n.input[1]!r} has non-positive values")
+        if zp is None:
+            if not (len(n.input) > 2 and n.input[2]):
+                pass  # absent zero-point means uint8 0 by default -> not int8
+            bad.append(f"{who}: zero-point missing or not constant (need an int8 constant 0)")
+        else:
+            if zp.dtype != np.int8:
+                bad.append(f"{who}: zero-point dtype {zp.dtype}, TensorRT needs int8")
+            if np.any(zp != 0):
+                bad.append(f"{who}: zero-point {n.input[2]!r} is not 0 (TensorRT needs symmetric)")
+        is_weight = n.op_type == "DequantizeLinear" and n.input[0] in inits
+        if scale is not None and scale.size > 1:
+            if not is_weight:
+                bad.append(f"{who}: per-channel scale on an activation; TensorRT needs per-tensor")
+            elif axis != 0:
+                bad.append(f"{who}: weight quantized per-channel on axis {axis}; TensorRT needs axis 0")
+        if is_weight and inits[n.input[0]].dtype != np.int8:
+            bad.append(f"{who}: weight {n.input[0]!r} stored as {inits[n.input[0]].dtype}, need int8")
+    return bad
+
+
+def check_qdq(model: Path, target: str, allow_float: int = 0) -> dict:
+    """``{"ok", "violations": [...], "kernels"?}``; violations name the offending node."""
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r} is not one of {list(TARGETS)}.")
+    if target == "onnxruntime-cpu":
+        bad, kernels = _check_ort_cpu(model, allow_float)
+        return {"target": target, "ok": not bad, "violations": bad, "kernels": kernels}
+    bad = _check_tensorrt(model)
+    return {"target": target, "ok": not bad, "violations": bad}

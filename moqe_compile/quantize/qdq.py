@@ -3,6 +3,8 @@
 ONNX Runtime CPU executes INT8 fast only as U8S8 (uint8 activations, int8 weights);
 S8S8 measured *slower* than FP32 on this machine. ``reduce_range`` (7-bit weights)
 avoids int16 accumulator saturation on x86 CPUs without VNNI, so it follows the CPU.
+TensorRT (and ONNX Runtime CUDA) want symmetric S8S8 with zero-point 0, per-tensor
+activations and per-channel weights on axis 0: one recipe, one graph per backend.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from ..config import ExpertRecipe
 from ..errors import ConfigError
 from .calibrate import METHODS
 
+# backend -> (activation type, weight type, symmetric activations forced, format label)
 VARIANTS = {
-    # backend -> (activation type, weight type, format label)
-    "onnxruntime-cpu": (QuantType.QUInt8, QuantType.QInt8, "qdq-u8s8"),
+    "onnxruntime-cpu": (QuantType.QUInt8, QuantType.QInt8, False, "qdq-u8s8"),
+    "tensorrt": (QuantType.QInt8, QuantType.QInt8, True, "qdq-s8s8-symmetric"),
 }
 
 
@@ -31,18 +34,34 @@ def cpu_has_vnni() -> bool:
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp"))
 
 
-def write_expert(prepared: Path, ranges_json: Path, recipe: ExpertRecipe, backend: str, out: Path) -> dict:
-    """Quantize ``prepared`` with the cached ranges; return the variant's manifest entry (sans hashes)."""
+def reduce_range_for(backend: str) -> bool:
+    return backend == "onnxruntime-cpu" and not cpu_has_vnni()
+
+
+def write_expert(prepared: Path, ranges_json: Path, recipe: ExpertRecipe, backend: str, out: Path,
+                 weight_overrides: dict | None = None, exclude: list[str] | None = None) -> dict:
+    """Quantize ``prepared`` with the cached ranges; return the variant's manifest entry (sans path).
+
+    ``weight_overrides`` (TensorQuantOverrides for weights) fix integer weight scales chosen by
+    our weight recipes; ``exclude`` lists node names kept in FP.
+    """
     if backend not in VARIANTS:
         raise ConfigError(f"no Q/DQ variant for backend {backend!r}; known: {sorted(VARIANTS)}.")
-    act, wt, label = VARIANTS[backend]
-    reduce_range = backend == "onnxruntime-cpu" and not cpu_has_vnni()
+    act, wt, force_sym, label = VARIANTS[backend]
+    sym = force_sym or recipe.symmetric_activations
+    reduce_range = reduce_range_for(backend)
+    extra = {"ActivationSymmetric": sym, "WeightSymmetric": True,
+             # TensorRT's explicit quantization takes float biases; int32 bias DQ nodes are for ORT.
+             "QuantizeBias": backend != "tensorrt"}
+    if weight_overrides:
+        extra["TensorQuantOverrides"] = weight_overrides
     quantize_static(
         str(prepared), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
         per_channel=recipe.per_channel, reduce_range=reduce_range,
         activation_type=act, weight_type=wt, calibrate_method=METHODS[recipe.calibration],
-        calibration_cache_path=str(ranges_json),
-        extra_options={"ActivationSymmetric": recipe.symmetric_activations},
+        calibration_cache_path=str(ranges_json), nodes_to_exclude=list(exclude or []),
+        extra_options=extra,
     )
-    return {"format": label, "activation_type": act.name, "weight_type": wt.name,
-            "per_channel": recipe.per_channel, "reduce_range": reduce_range}
+    return {"format": label, "activation_type": act.name, "weight_type": wt.name, "weight_bits": recipe.weight_bits,
+            "per_channel": recipe.per_channel, "reduce_range": reduce_range, "symmetric_activations": sym,
+            "excluded_nodes": list(exclude or [])}

@@ -2,6 +2,16 @@
 
 The downsampling is part of the exported graph, so the router ONNX takes the same
 preprocessed NCHW tensor as the experts and the runtime feeds one array to both.
+
+Two presets (``RouterConfig.preset``, values in ``RouterConfig.PRESETS``):
+
+- ``default``: the image average-pooled to 32x32, stages 16/32/64 with squeeze-excite in
+  every block, 8 heads x 8 over the 8x8 positions.
+- ``small``: the image *subsampled* (every k-th pixel, one strided slice) to 16x16, stages
+  8/16/32, squeeze-excite only in the last block, 2 heads x 16 over 4x4 positions. Built
+  for the latency budget (router <= 5% of one expert, bench/router_budget.py): at batch 1
+  ONNX Runtime's per-op overhead and the full-resolution average pool dominate, so the
+  small preset cuts ops, not FLOPs.
 """
 
 from __future__ import annotations
@@ -26,13 +36,13 @@ class SqueezeExcite(nn.Module):
 
 
 class SEBasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, se: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.se = SqueezeExcite(cout)
+        self.se = SqueezeExcite(cout) if se else nn.Identity()
         self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
                       if stride != 1 or cin != cout else nn.Identity())
 
@@ -43,7 +53,11 @@ class SEBasicBlock(nn.Module):
 
 
 class TemperatureAttention(nn.Module):
-    """Self-attention whose logit scale is a learned temperature (init 1/sqrt(head_dim))."""
+    """Self-attention whose logit scale is a learned temperature (init 1/sqrt(head_dim)).
+
+    Written so the exported graph stays short (Reshape, Transpose, Split; one head needs
+    none of them): ONNX Runtime pays a few microseconds per op at batch 1.
+    """
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -55,20 +69,28 @@ class TemperatureAttention(nn.Module):
 
     def forward(self, x):  # x: (B, T, C)
         B, T, _ = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        att = torch.softmax((q @ k.transpose(-2, -1)) * self.log_tau.exp(), dim=-1)  # (B, nh, T, T)
-        y = (att @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        H, D = self.heads, self.head_dim
+        qkv = self.qkv(self.norm(x))  # (B, T, 3*H*D), columns ordered (3, H, D)
+        if H == 1:
+            q, k, v = qkv.split(D, dim=-1)  # (B, T, D) each
+            att = torch.softmax((q @ k.transpose(-2, -1)) * self.log_tau.exp(), dim=-1)  # (B, T, T)
+            return x + self.proj(att @ v)
+        q, k, v = qkv.reshape(B, T, 3 * H, D).transpose(1, 2).split(H, dim=1)  # (B, H, T, D) each
+        att = torch.softmax((q @ k.transpose(-2, -1)) * self.log_tau.exp(), dim=-1)  # (B, H, T, T)
+        y = (att @ v).transpose(1, 2).reshape(B, T, H * D)
         return x + self.proj(y)
 
 
 class CVRouterCore(nn.Module):
-    """Operates on the already-downsampled image (B, 3, s, s); used for training."""
+    """Operates on the already-downsampled image (B, in_channels, s, s); used for training."""
 
-    def __init__(self, cfg: RouterConfig, num_experts: int):
+    def __init__(self, cfg: RouterConfig, num_experts: int, in_channels: int = 3):
         super().__init__()
         c1, c2, c3 = cfg.channels
-        self.stem = nn.Sequential(nn.Conv2d(3, c1, 3, 1, 1, bias=False), nn.BatchNorm2d(c1), nn.ReLU())
-        self.stages = nn.Sequential(SEBasicBlock(c1, c1, 1), SEBasicBlock(c1, c2, 2), SEBasicBlock(c2, c3, 2))
+        se = cfg.se
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c1, 3, 1, 1, bias=False), nn.BatchNorm2d(c1), nn.ReLU())
+        self.stages = nn.Sequential(SEBasicBlock(c1, c1, 1, se[0]), SEBasicBlock(c1, c2, 2, se[1]),
+                                    SEBasicBlock(c2, c3, 2, se[2]))
         self.attn = TemperatureAttention(c3, cfg.heads, cfg.head_dim)
         self.head = nn.Linear(c3, num_experts)
 
@@ -78,7 +100,15 @@ class CVRouterCore(nn.Module):
         return self.head(self.attn(t).mean(dim=1))
 
 
-def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
+def downsample(x: torch.Tensor, size: int, mode: str = "avgpool") -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size). ``avgpool``: mean over each k x k cell (bilinear
+    resize when H is not a multiple of ``size``); ``subsample``: the centre pixel of each cell
+    (one strided Slice in ONNX: reads 1/k of the rows instead of the whole image)."""
+    if mode == "subsample":
+        if x.shape[-1] % size == 0 and x.shape[-2] % size == 0:
+            kh, kw = x.shape[-2] // size, x.shape[-1] // size
+            return x[:, :, kh // 2 :: kh, kw // 2 :: kw]
+        return F.interpolate(x, size=(size, size), mode="nearest")
     if x.shape[-1] % size == 0:
         k = x.shape[-1] // size
         return F.avg_pool2d(x, k)
@@ -88,9 +118,9 @@ def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
 class CVRouter(nn.Module):
     """Exported form: full preprocessed image in, expert probabilities out."""
 
-    def __init__(self, core: CVRouterCore, input_size: int):
+    def __init__(self, core: CVRouterCore, input_size: int, mode: str = "avgpool"):
         super().__init__()
-        self.core, self.input_size = core, input_size
+        self.core, self.input_size, self.mode = core, input_size, mode
 
     def forward(self, x):
-        return torch.softmax(self.core(downsample(x, self.input_size)), dim=-1)
+        return torch.softmax(self.core(downsample(x, self.input_size, self.mode)), dim=-1)

@@ -3,6 +3,15 @@
 Per call: the router scores the whole batch, samples are grouped by chosen expert, each
 group runs as one batch on its expert, and outputs return in input order. No state is
 shared between calls except the immutable sessions, so concurrent ``run`` calls are safe.
+
+Confidence fallback: where the manifest has ``routing.fallback_threshold`` t > 0, inputs
+whose router confidence (max probability) is below t are served by
+``routing.fallback_expert`` (the best single expert on validation; t was chosen on the
+validation split at build time). The reported confidence stays the router's max
+probability. Bundles without the field route by argmax alone.
+
+The router session runs on one intra-op thread by default (``router_threads``): its ops are
+tiny, and ONNX Runtime's thread-pool hand-offs cost more than they save (bench/router_budget.py).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from ..backends import BACKENDS, resolve_backend
 from ..bundle import read_bundle
 from ..data.images import Preprocess, load_inputs
 from ..errors import InputError, MoqeError
+from ..router.fallback import apply_fallback
 
 
 @dataclass
@@ -25,8 +35,9 @@ class RunResult:
     logits: np.ndarray  # (N, C) float32
     expert_index: np.ndarray  # (N,) int
     experts: list[str]  # expert name per sample
-    confidence: np.ndarray  # (N,) router probability of the chosen expert
+    confidence: np.ndarray  # (N,) router confidence: its max probability (also where the input fell back)
     timing_ms: dict[str, float] = field(default_factory=dict)
+    fell_back: np.ndarray | None = None  # (N,) bool: served by routing.fallback_expert for low confidence
 
     def topk(self, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         z = self.logits - self.logits.max(-1, keepdims=True)
@@ -37,7 +48,7 @@ class RunResult:
 
 
 class Runtime:
-    def __init__(self, root: Path, manifest: dict, backend: str, intra_op_threads: int = 0):
+    def __init__(self, root: Path, manifest: dict, backend: str, intra_op_threads: int = 0, router_threads: int = 1):
         self.root, self.manifest, self.backend = root, manifest, backend
         self.preprocess = Preprocess.from_dict(manifest["preprocessing"])
         self.labels: list[str] = json.loads((root / manifest["task"]["labels"]["path"]).read_text())
@@ -47,16 +58,23 @@ class Runtime:
                          for e in manifest["experts"]]
         routing = manifest["routing"]
         self.default_expert = self.expert_names.index(routing["default_expert"])
-        self._router = (cls("router", root / manifest["router"]["path"], intra_op_threads)
+        self._router = (cls("router", root / manifest["router"]["path"], router_threads)
                         if routing["enabled"] else None)
+        # Bundles written before the fallback existed have no threshold: argmax routing only.
+        self.fallback_threshold = float(routing.get("fallback_threshold", 0.0))
+        fb = routing.get("fallback_expert", routing["default_expert"])
+        self.fallback_expert = self.expert_names.index(fb)
         self._closed = False
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", verify: bool = True, intra_op_threads: int = 0) -> "Runtime":
-        """Open a bundle (hashes verified unless ``verify=False``) and create every session once."""
+    def load(cls, path: str | Path, backend: str = "auto", verify: bool = True, intra_op_threads: int = 0,
+             router_threads: int = 1) -> "Runtime":
+        """Open a bundle (hashes verified unless ``verify=False``) and create every session once.
+        ``intra_op_threads`` is for the experts (0: ONNX Runtime's default), ``router_threads``
+        for the router."""
         b = read_bundle(path, verify=verify)
         name = resolve_backend(backend, b.manifest["backends"])
-        return cls(b.root, b.manifest, name, intra_op_threads)
+        return cls(b.root, b.manifest, name, intra_op_threads, router_threads)
 
     def __enter__(self) -> "Runtime":
         return self
@@ -73,13 +91,12 @@ class Runtime:
         return load_inputs(path, self.preprocess)
 
     def route(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(expert index, confidence) per sample."""
+        """(expert index, confidence) per sample: argmax of the router's probabilities, or the
+        fallback expert where the confidence (max probability) is below the bundle's threshold."""
         if self._router is None:
             n = len(batch)
             return np.full(n, self.default_expert), np.ones(n, np.float32)
-        probs = self._router.run(batch)
-        idx = probs.argmax(-1)
-        return idx, probs[np.arange(len(idx)), idx]
+        return apply_fallback(self._router.run(batch), self.fallback_threshold, self.fallback_expert)
 
     def run(self, batch: np.ndarray) -> RunResult:
         if self._closed:
@@ -97,7 +114,9 @@ class Runtime:
             out[members] = y
         t2 = time.perf_counter()
         timing = {"router": (t1 - t0) * 1e3, "experts": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
-        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing)
+        fell_back = ((conf < self.fallback_threshold) if self._router is not None
+                     else np.zeros(len(idx), bool))
+        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing, fell_back)
 
     def run_expert(self, name: str, batch: np.ndarray) -> np.ndarray:
         """Run one expert alone (benchmarks, controls)."""

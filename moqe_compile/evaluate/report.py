@@ -1,0 +1,312 @@
+"""The MoQE report of one data split: every metric with a bootstrap 95% interval, and a
+paired test of MoQE against the best single expert chosen on the *validation* split.
+
+:func:`build_split_report` takes what a build or ``moqe-compile eval`` has on hand for one
+split (FP logits, every expert's logits, labels or None, the per-sample loss matrix, the
+router's choice per sample and the best-on-validation expert) and returns a JSON-ready dict:
+
+- ``fp``, ``experts.<name>``, ``best_expert`` (``name`` + metrics), ``oracle``, ``moqe``: each
+  a dict of metrics ``{"value", "ci95"}``: ``top1`` (labels only), ``fp_top1_agreement``,
+  ``kl_to_fp``, ``output_cosine``, ``mean_loss`` (the build's loss: KL to FP or
+  cross-entropy of the label, see ``targets``).
+- ``metric``: the headline metric, ``top1`` with labels, else ``fp_top1_agreement``.
+- ``moqe_vs_best``: on the headline metric, ``diff`` (MoQE minus best), paired-bootstrap
+  ``ci95``, ``p_value`` and ``test`` (``"mcnemar"``: exact McNemar on the 0/1 vectors),
+  ``headroom_captured`` = (moqe - best) / (oracle - best) (None when oracle == best).
+- ``moqe_vs_best_loss``: the same on ``mean_loss`` with the paired-bootstrap p-value.
+- ``router_accuracy_vs_oracle`` (share of samples where the router picks argmin_k L[i, k]),
+  ``usage`` and ``oracle_usage`` (share of samples per expert), ``n``.
+
+:func:`to_markdown` renders it (plus latency, when measured) as a Markdown report;
+:func:`write_plots` draws the PNGs (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..score import sample_losses
+from .stats import (DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_means, bootstrap_p_value, is_clustered,
+                    mcnemar_exact)
+
+RATE_METRICS = ("top1", "fp_top1_agreement")  # 0/1 per sample, shown in percent
+METRIC_TITLES = {"top1": "top-1", "fp_top1_agreement": "FP top-1 agreement", "kl_to_fp": "KL to FP",
+                 "output_cosine": "output cosine", "mean_loss": "mean loss"}
+
+
+def per_sample_metrics(logits: np.ndarray, fp_logits: np.ndarray, labels: np.ndarray | None,
+                       loss: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample vectors whose means are the report's metrics."""
+    a, b = logits.astype(np.float64), fp_logits.astype(np.float64)
+    top = a.argmax(-1)
+    out: dict[str, np.ndarray] = {}
+    if labels is not None:
+        out["top1"] = (top == labels).astype(np.float64)
+    out["fp_top1_agreement"] = (top == b.argmax(-1)).astype(np.float64)
+    out["kl_to_fp"] = sample_losses(a, b, None, "fp")
+    out["output_cosine"] = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    out["mean_loss"] = np.asarray(loss, np.float64)
+    return out
+
+
+def _headroom(moqe: float, best: float, oracle: float) -> float | None:
+    den = oracle - best
+    return None if abs(den) < 1e-12 else float((moqe - best) / den)
+
+
+def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: list[str],
+                       labels: np.ndarray | None, loss: np.ndarray, route: np.ndarray, best_expert: str | int,
+                       targets: str = "fp", split: str = "test", best_chosen_on: str = "router_val",
+                       groups=None, n_boot: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                       level: float = 0.95) -> dict:
+    """Report of one split (see the module docstring for the keys).
+
+    ``expert_logits``: (K, N, C) or a list of K (N, C) arrays, in ``expert_names`` order;
+    ``loss``: (N, K) per-sample loss ``L[i, k]``; ``route``: (N,) chosen expert index per
+    sample; ``best_expert``: name or index of the single expert chosen on validation data;
+    ``targets``: what ``loss`` measures (``"fp"`` = KL to FP, ``"labels"`` = cross-entropy);
+    ``groups``: optional source id per sample. When samples share sources (augmented views of
+    one image), intervals and p-values come from the cluster bootstrap over sources, and the
+    headline test is the paired bootstrap (McNemar assumes independent pairs; its p-value is
+    kept as ``moqe_vs_best.mcnemar_iid_p_value`` for reference only).
+    """
+    ex = np.asarray(expert_logits)
+    K, N = len(expert_names), len(fp_logits)
+    loss, route = np.asarray(loss, np.float64), np.asarray(route).astype(np.int64)
+    if ex.shape[:2] != (K, N) or loss.shape != (N, K) or route.shape != (N,):
+        raise ValueError(f"shapes disagree: expert_logits {ex.shape}, loss {loss.shape}, route {route.shape}; "
+                         f"expected ({K}, {N}, C), ({N}, {K}), ({N},).")
+    if N == 0:
+        raise ValueError("cannot report on an empty split.")
+    if route.min() < 0 or route.max() >= K:
+        raise ValueError(f"route holds expert indices outside [0, {K}).")
+    if labels is not None:
+        labels = np.asarray(labels).astype(np.int64)
+    if targets == "labels" and labels is None:
+        raise ValueError("targets = 'labels' needs labels.")
+    best_k = expert_names.index(best_expert) if isinstance(best_expert, str) else int(best_expert)
+    idx = np.arange(N)
+    oracle = loss.argmin(axis=1)
+
+    fp_loss = sample_losses(fp_logits, fp_logits, labels, targets)
+    entries = {"fp": per_sample_metrics(fp_logits, fp_logits, labels, fp_loss)}
+    for k, name in enumerate(expert_names):
+        entries[f"expert:{name}"] = per_sample_metrics(ex[k], fp_logits, labels, loss[:, k])
+    entries["oracle"] = per_sample_metrics(ex[oracle, idx], fp_logits, labels, loss[idx, oracle])
+    entries["moqe"] = per_sample_metrics(ex[route, idx], fp_logits, labels, loss[idx, route])
+    metric = "top1" if labels is not None else "fp_top1_agreement"
+    moqe_v, best_v = entries["moqe"], entries[f"expert:{expert_names[best_k]}"]
+    extra = {"diff:metric": moqe_v[metric] - best_v[metric],
+             "diff:mean_loss": moqe_v["mean_loss"] - best_v["mean_loss"],
+             "router_accuracy": (route == oracle).astype(np.float64)}
+
+    # One set of resamples for every vector: all intervals of the report are paired.
+    keys = [(e, m) for e, ms in entries.items() for m in ms] + list(extra)
+    mat = np.stack([entries[k[0]][k[1]] if isinstance(k, tuple) else extra[k] for k in keys])
+    clustered = is_clustered(groups, N)
+    boot = bootstrap_means(mat, n_boot, seed, groups if clustered else None)
+    q = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    stat = {k: {"value": float(mat[j].mean()), "ci95": [float(q[0, j]), float(q[1, j])]} for j, k in enumerate(keys)}
+
+    def entry(e: str) -> dict:
+        return {m: stat[(e, m)] for m in entries[e]}
+
+    def value(e: str, m: str) -> float:
+        return stat[(e, m)]["value"]
+
+    best_name = expert_names[best_k]
+    mc = mcnemar_exact(moqe_v[metric], best_v[metric])
+    j_metric, j_loss = keys.index("diff:metric"), keys.index("diff:mean_loss")
+    if clustered:
+        head_test = {"p_value": bootstrap_p_value(stat["diff:metric"]["value"], boot[:, j_metric]),
+                     "test": "paired-bootstrap", "mcnemar_iid_p_value": mc["p_value"]}
+    else:
+        head_test = {"p_value": mc["p_value"], "test": "mcnemar"}
+    return {
+        "split": split,
+        "n": int(N),
+        "labels": labels is not None,
+        "targets": targets,
+        "metric": metric,
+        "level": level,
+        "bootstrap": {"resamples": int(n_boot), "seed": int(seed), "interval": "percentile", "paired": True,
+                      "unit": "source" if clustered else "sample",
+                      "clusters": int(len(np.unique(np.asarray(groups)))) if clustered else int(N)},
+        "fp": entry("fp"),
+        "experts": {n: entry(f"expert:{n}") for n in expert_names},
+        "best_expert": {"name": best_name, "chosen_on": best_chosen_on, **entry(f"expert:{best_name}")},
+        "oracle": entry("oracle"),
+        "moqe": entry("moqe"),
+        "moqe_vs_best": {
+            "metric": metric,
+            "diff": stat["diff:metric"]["value"],
+            "ci95": stat["diff:metric"]["ci95"],
+            **head_test,
+            "discordant": {"moqe_only": mc["a_only"], "best_only": mc["b_only"]},
+            "headroom_captured": _headroom(value("moqe", metric), value(f"expert:{best_name}", metric),
+                                           value("oracle", metric)),
+        },
+        "moqe_vs_best_loss": {
+            "metric": "mean_loss",
+            "diff": stat["diff:mean_loss"]["value"],
+            "ci95": stat["diff:mean_loss"]["ci95"],
+            "p_value": bootstrap_p_value(stat["diff:mean_loss"]["value"], boot[:, j_loss]),
+            "test": "paired-bootstrap",
+            "headroom_captured": _headroom(value("moqe", "mean_loss"), value(f"expert:{best_name}", "mean_loss"),
+                                           value("oracle", "mean_loss")),
+        },
+        "router_accuracy_vs_oracle": stat["router_accuracy"],
+        "usage": {n: float((route == k).mean()) for k, n in enumerate(expert_names)},
+        "oracle_usage": {n: float((oracle == k).mean()) for k, n in enumerate(expert_names)},
+    }
+
+
+def flat_metrics(entry: dict, n: int) -> dict:
+    """``{"n", metric: value}`` of one report entry (the manifest's ``experts[].metrics.test``)."""
+    return {"n": int(n), **{k: v["value"] for k, v in entry.items() if isinstance(v, dict) and "value" in v}}
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _fmt(metric: str, v: float) -> str:
+    if metric in RATE_METRICS:
+        return f"{100 * v:.2f}"
+    return f"{v:.4f}" if v == 0 or abs(v) >= 0.01 else f"{v:.3g}"
+
+
+def _cell(metric: str, m: dict) -> str:
+    lo, hi = m["ci95"]
+    return f"{_fmt(metric, m['value'])} [{_fmt(metric, lo)}, {_fmt(metric, hi)}]"
+
+
+def _signed(metric: str, v: float) -> str:
+    if metric in RATE_METRICS:
+        return f"{100 * v:+.2f}"
+    return f"{v:+.4f}" if v == 0 or abs(v) >= 0.01 else f"{v:+.3g}"
+
+
+def _diff(metric: str, d: dict) -> str:
+    unit = " points" if metric in RATE_METRICS else ""
+    return f"{_signed(metric, d['diff'])}{unit} [95% CI {_signed(metric, d['ci95'][0])}, {_signed(metric, d['ci95'][1])}]"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3g}" if p >= 1e-3 else "< 0.001"
+
+
+def loss_title(targets: str) -> str:
+    return "cross-entropy" if targets == "labels" else "KL to FP"
+
+
+def to_markdown(rep: dict, title: str | None = None, latency: dict | None = None) -> str:
+    """Markdown of a split report (and of a latency table from :mod:`.latency`)."""
+    metric, best = rep["metric"], rep["best_expert"]["name"]
+    cols = [m for m in ("top1", "fp_top1_agreement", "kl_to_fp") if m in rep["fp"]]
+    if rep["targets"] == "labels":
+        cols.append("mean_loss")
+    head = [f"{METRIC_TITLES[c]}{' %' if c in RATE_METRICS else ''}"
+            + (f" ({loss_title(rep['targets'])})" if c == "mean_loss" else "") for c in cols]
+    L = []
+    if title:
+        L += [f"## {title}", ""]
+    L += [f"n = {rep['n']} samples of split `{rep['split']}`; labels: {'yes' if rep['labels'] else 'no'}; "
+          f"expert loss L = {loss_title(rep['targets'])}; intervals: {int(rep['level'] * 100)}% percentile "
+          f"bootstrap ({rep['bootstrap']['resamples']} paired resamples, seed {rep['bootstrap']['seed']}).", ""]
+    L.append("| model | " + " | ".join(f"{h} [95% CI]" for h in head) + " |")
+    L.append("|---|" + "---:|" * len(cols))
+    rows = [("FP32", rep["fp"])]
+    for n, e in rep["experts"].items():
+        rows.append((f"expert {n}" + (f" (best on {rep['best_expert']['chosen_on']})" if n == best else ""), e))
+    rows += [("oracle (per-sample argmin L)", rep["oracle"]), ("**MoQE** (router + 1 expert)", rep["moqe"])]
+    for name, e in rows:
+        L.append(f"| {name} | " + " | ".join(_cell(c, e[c]) for c in cols) + " |")
+    vb, vl = rep["moqe_vs_best"], rep["moqe_vs_best_loss"]
+    hc = vb["headroom_captured"]
+    hl = vl["headroom_captured"]
+    L += ["",
+          f"**MoQE vs best single expert ({best})**, {METRIC_TITLES[metric]}: {_diff(metric, vb)}, exact McNemar "
+          f"p = {_p(vb['p_value'])} (only MoQE right on {vb['discordant']['moqe_only']}, only {best} right on "
+          f"{vb['discordant']['best_only']}); headroom captured "
+          + ("n/a (oracle = best)" if hc is None else f"{hc:.2f}") + ".",
+          f"Mean loss ({loss_title(rep['targets'])}): {_diff('mean_loss', vl)}, paired-bootstrap "
+          f"p = {_p(vl['p_value'])}; headroom captured " + ("n/a (oracle = best)" if hl is None else f"{hl:.2f}") + ".",
+          f"Router accuracy vs oracle: {_cell('top1', rep['router_accuracy_vs_oracle'])} %.",
+          "", "| expert | router usage % | oracle usage % |", "|---|---:|---:|"]
+    for n in rep["experts"]:
+        L.append(f"| {n} | {100 * rep['usage'][n]:.1f} | {100 * rep['oracle_usage'][n]:.1f} |")
+    if latency:
+        L += ["", latency_markdown(latency)]
+    return "\n".join(L) + "\n"
+
+
+def latency_markdown(lat: dict) -> str:
+    rows = lat["batches"]
+    first = next(iter(rows.values()))
+    cands = [k for k in first if isinstance(first[k], dict) and "median_ms" in first[k]]
+    L = [f"Latency, ONNX Runtime CPU, median ms over {lat['repeats']} interleaved rounds ({lat.get('cpu', '')}):", "",
+         "| batch | " + " | ".join(cands) + " |", "|---:|" + "---:|" * len(cands)]
+    for bs, row in rows.items():
+        L.append(f"| {bs} | " + " | ".join(f"{row[c]['median_ms']:.2f}" for c in cands) + " |")
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def write_plots(rep: dict, out_dir: str | Path) -> list[Path]:
+    """``metric.png`` (headline metric and mean loss, each a point with its 95% interval, for
+    FP, every expert, the oracle and MoQE; the best-on-validation expert marked and drawn as a
+    dashed line) and ``usage.png`` (share of samples per expert: router vs oracle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    best = rep["best_expert"]["name"]
+    names = ["FP32", *[f"{n}\n(best)" if n == best else n for n in rep["experts"]], "oracle", "MoQE"]
+    entries = [rep["fp"], *rep["experts"].values(), rep["oracle"], rep["moqe"]]
+    colors = ["0.6", *["tab:orange" if n == best else "tab:blue" for n in rep["experts"]], "tab:green", "tab:red"]
+    metrics = [rep["metric"], "mean_loss"]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 4.2))
+    for ax, m in zip(axes, metrics):
+        scale = 100.0 if m in RATE_METRICS else 1.0
+        v = np.array([e[m]["value"] for e in entries]) * scale
+        lo = np.array([e[m]["ci95"][0] for e in entries]) * scale
+        hi = np.array([e[m]["ci95"][1] for e in entries]) * scale
+        x = np.arange(len(names))
+        # Points with interval bars (no bars from zero: a truncated axis would exaggerate gaps);
+        # the dashed line is the best-on-validation expert, the one MoQE must beat.
+        for xi, vi, l, h, c in zip(x, v, lo, hi, colors):
+            ax.errorbar([xi], [vi], yerr=[[max(vi - l, 0)], [max(h - vi, 0)]], fmt="o", color=c, capsize=5, ms=7)
+        ax.axhline(rep["best_expert"][m]["value"] * scale, color="tab:orange", ls="--", lw=1)
+        ax.set_xticks(x, names, fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
+        title = METRIC_TITLES[m] + (" %" if scale == 100 else "")
+        if m == "mean_loss":
+            title += f" ({loss_title(rep['targets'])}, lower is better)"
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"split {rep['split']}, n = {rep['n']}, 95% bootstrap CI", fontsize=10)
+    fig.tight_layout()
+    p1 = out_dir / "metric.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    ex = list(rep["experts"])
+    fig, ax = plt.subplots(figsize=(2 + 1.3 * len(ex), 3.6))
+    x = np.arange(len(ex))
+    ax.bar(x - 0.2, [100 * rep["usage"][n] for n in ex], 0.4, label="router", color="tab:red")
+    ax.bar(x + 0.2, [100 * rep["oracle_usage"][n] for n in ex], 0.4, label="oracle", color="tab:green")
+    ax.set_xticks(x, ex)
+    ax.set_ylabel("% of samples")
+    ax.set_title(f"expert usage, split {rep['split']} (n = {rep['n']})", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    p2 = out_dir / "usage.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]

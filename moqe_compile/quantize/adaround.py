@@ -1,0 +1,74 @@
+"""AdaRound-style learned weight rounding (Nagel et al., 2020), ours: no maintained library
+does it on ONNX graphs. Per layer, each weight rounds down or up as learned by a rectified
+sigmoid h(V), minimizing the layer's output error on calibration inputs plus a regularizer
+that anneals h toward 0/1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def _h(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def _layer_fn(op: str, attrs: dict, in_shape: tuple):
+    if op == "Gemm":
+        return lambda x, w, b: F.linear(x, w, b)
+    strides = tuple(attrs.get("strides", [1, 1]))
+    dil = tuple(attrs.get("dilations", [1, 1]))
+    group = int(attrs.get("group", 1))
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise ValueError("auto_pad convolutions are not supported by AdaRound here")
+    # ONNX pads = [top, left, bottom, right]; F.pad wants (left, right, top, bottom).
+    sym = pads[0] == pads[2] and pads[1] == pads[3]
+
+    def conv(x, w, b):
+        if sym:
+            return F.conv2d(x, w, b, strides, (pads[0], pads[1]), dil, group)
+        return F.conv2d(F.pad(x, (pads[1], pads[3], pads[0], pads[2])), w, b, strides, 0, dil, group)
+
+    return conv
+
+
+def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, qmax: int,
+                   x: np.ndarray, iters: int = 300, lr: float = 1e-2, reg: float = 0.01, batch: int = 16,
+                   seed: int = 0) -> np.ndarray:
+    """Integer weights (int32 array, shape of ``w``) with learned rounding."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.from_numpy(w.astype(np.float32))
+    B = torch.from_numpy(b.astype(np.float32)) if b is not None else None
+    S = torch.from_numpy(scale.astype(np.float32)).reshape(-1, *([1] * (w.ndim - 1)))
+    X = torch.from_numpy(x.astype(np.float32))
+    fn = _layer_fn(op, attrs, tuple(x.shape))
+    floor = torch.floor(W / S)
+    rest = W / S - floor  # in [0, 1)
+    V = torch.log(((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+                  / (1 - ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)))
+    V = V.clone().requires_grad_(True)
+    opt = torch.optim.Adam([V], lr=lr)
+    lo = -qmax - 1 if qmax != 63 else -64
+    with torch.no_grad():
+        target_all = fn(X, W, B)
+    for it in range(iters):
+        idx = torch.randint(0, len(X), (min(batch, len(X)),), generator=g)
+        wq = torch.clamp(floor + _h(V), lo, qmax) * S
+        out = fn(X[idx], wq, B)
+        rec = F.mse_loss(out, target_all[idx])
+        # beta anneals 20 -> 2 after a 20% warm-up without the rounding regularizer.
+        t = it / max(1, iters - 1)
+        beta = 20 - 18 * max(0.0, (t - 0.2) / 0.8)
+        regl = (1 - (2 * _h(V) - 1).abs().pow(beta)).sum() if t >= 0.2 else torch.zeros(())
+        loss = rec + reg * regl / V.numel() * 100
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        q = torch.clamp(floor + (_h(V) >= 0.5).float(), lo, qmax)
+    return q.numpy().astype(np.int32)

@@ -1,0 +1,98 @@
+"""One expert, end to end: (equalize) -> calibrate -> weights -> Q/DQ per backend -> (bias
+correction) -> checked. Every recipe step is a field of :class:`ExpertRecipe`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..config import ExpertRecipe
+from ..errors import BuildError
+from .adaround import adaround_layer
+from .calibrate import calibrate_ranges
+from .check import check_qdq
+from .equalize import equalize
+from .graph import ensure_bias, get_init, run_with_outputs, set_init, weight_layers
+from .qdq import reduce_range_for, write_expert
+from .weights import channel_scales, dequantize, overrides_for, qmax_for, quantize_nearest
+
+
+def _weights(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str, exclude: set[str], input_name: str,
+             calib_x: np.ndarray) -> dict:
+    """Put our integer weights (as s*q) into ``model``; return ORT overrides with the scales."""
+    qmax = qmax_for(recipe.weight_bits, reduce_range_for(backend))
+    layers = [l for l in weight_layers(model) if l.node not in exclude]
+    inputs = {}
+    if recipe.weight_rounding == "adaround":
+        xs = calib_x[: min(len(calib_x), 32)]
+        got = run_with_outputs(model, sorted({l.input for l in layers}), input_name, xs)
+        inputs = {k: np.concatenate(v) for k, v in got.items()}
+    overrides = {}
+    for l in layers:
+        w = get_init(model, l.weight)
+        s = channel_scales(w, qmax, recipe.weight_clip)
+        if recipe.weight_rounding == "adaround":
+            b = get_init(model, l.bias) if l.bias else None
+            q = adaround_layer(l.op, l.attrs, w, b, s, qmax, inputs[l.input], iters=recipe.adaround_iters)
+        else:
+            q = quantize_nearest(w, s, qmax)
+        set_init(model, l.weight, dequantize(q, s))
+        overrides[l.weight] = overrides_for(s)
+    return overrides
+
+
+def _bias_correct(base: onnx.ModelProto, qmodel_path: Path, model: onnx.ModelProto, exclude: set[str],
+                  input_name: str, x: np.ndarray) -> int:
+    """Add E[y_fp - y_q] (per output channel, pre-activation) to each layer's bias in ``model``."""
+    layers = [l for l in weight_layers(model) if l.node not in exclude]
+    q = onnx.load(str(qmodel_path))
+    # ORT keeps node names but may rename outputs (a removed ReLU's name moves to the Conv).
+    qout = {n.name: n.output[0] for n in q.graph.node}
+    layers = [l for l in layers if l.node in qout]
+    fp = run_with_outputs(base, [l.output for l in layers], input_name, x)
+    qq = run_with_outputs(q, [qout[l.node] for l in layers], input_name, x)
+    for l in layers:
+        f, g = np.concatenate(fp[l.output]), np.concatenate(qq[qout[l.node]])
+        axes = (0,) if f.ndim == 2 else (0, 2, 3)
+        delta = (f - g).mean(axis=axes)
+        bias = ensure_bias(model, l)
+        set_init(model, bias, get_init(model, bias) + delta)
+    return len(layers)
+
+
+def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: ExpertRecipe, backends: list[str],
+                 out_for: dict[str, Path], ranges_json: Path, work: Path, exclude: list[str] | None = None) -> dict:
+    """Write every backend's graph of ``recipe``; return its manifest info per backend + steps."""
+    t0 = time.perf_counter()
+    exclude_set = set(exclude or []) | set(recipe.exclude_nodes)
+    base = onnx.load(str(prepared))
+    steps: dict = {}
+    if recipe.equalization:
+        steps["equalized_pairs"] = equalize(base)
+    base_path = work / f"{recipe.name}.base.onnx"
+    onnx.save(base, str(base_path))
+    calibrate_ranges(base_path, input_name, calib_x, recipe, ranges_json)
+    steps["calibration_s"] = round(time.perf_counter() - t0, 2)
+    variants = {}
+    for backend in backends:
+        model = onnx.ModelProto.FromString(base.SerializeToString())
+        overrides = (_weights(model, recipe, backend, exclude_set, input_name, calib_x)
+                     if recipe.custom_weights else {})
+        wpath = work / f"{recipe.name}.{backend}.weights.onnx"
+        onnx.save(model, str(wpath))
+        info = write_expert(wpath, ranges_json, recipe, backend, out_for[backend], overrides, sorted(exclude_set))
+        if recipe.bias_correction:
+            steps["bias_corrected_layers"] = _bias_correct(base, out_for[backend], model, exclude_set, input_name,
+                                                           calib_x[: min(len(calib_x), 256)])
+            onnx.save(model, str(wpath))
+            info = write_expert(wpath, ranges_json, recipe, backend, out_for[backend], overrides,
+                                sorted(exclude_set))
+        info["check"] = check_qdq(out_for[backend], backend, allow_float=len(exclude_set))
+        if not info["check"]["ok"]:
+            raise BuildError(f"expert {recipe.name!r} ({backend}) fails check-qdq: {info['check']['violations'][:5]}")
+        variants[backend] = info
+    steps["total_s"] = round(time.perf_counter() - t0, 2)
+    return {"variants": variants, "steps": steps}

@@ -1,0 +1,45 @@
+"""Layer sensitivity: quantize one layer at a time (INT8 U8S8, MinMax) and measure how far the
+model output moves from FP (mean KL, top-1 agreement). The most sensitive layers are the
+candidates to keep in FP (``exclude_sensitive`` / ``nodes_to_exclude``, as ModelOpt does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from ..config import ExpertRecipe
+from ..score import sample_losses
+from .calibrate import calibrate_ranges
+from .graph import weight_layers
+from .qdq import write_expert
+
+
+def _run(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return np.concatenate([s.run(None, {input_name: x[i : i + 32]})[0] for i in range(0, len(x), 32)])
+
+
+def layer_sensitivity(prepared: Path, input_name: str, x: np.ndarray, work: Path, n: int = 64,
+                      show_progress: bool = True) -> list[dict]:
+    """Layers sorted from most to least sensitive."""
+    import onnx
+
+    x = x[:n]
+    recipe = ExpertRecipe(name="sensitivity", calibration="minmax")
+    ranges = calibrate_ranges(prepared, input_name, x, recipe, work / "sensitivity.ranges.json")
+    fp = _run(prepared, input_name, x)
+    layers = weight_layers(onnx.load(str(prepared)))
+    nodes = [l.node for l in layers]
+    out = []
+    for l in tqdm(layers, desc="sensitivity", disable=not show_progress, leave=False):
+        q = work / "sensitivity.one.onnx"
+        write_expert(prepared, ranges, recipe, "onnxruntime-cpu", q, exclude=[m for m in nodes if m != l.node])
+        y = _run(q, input_name, x)
+        out.append({"node": l.node, "op": l.op, "kl_to_fp": float(sample_losses(y, fp, None, "fp").mean()),
+                    "fp_top1_agreement": float((y.argmax(-1) == fp.argmax(-1)).mean())})
+    return sorted(out, key=lambda r: -r["kl_to_fp"])

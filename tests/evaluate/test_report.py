@@ -1,0 +1,116 @@
+"""The split report on constructed logits where the answers are known."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moqe_compile.evaluate.report import build_split_report, flat_metrics, to_markdown, write_plots
+from moqe_compile.score import sample_losses
+
+NAMES = ["a", "b", "c"]
+
+
+def _case(labels=True, n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    C = 6
+    y = rng.integers(0, C, n)
+    fp = rng.normal(size=(n, C)) + 4.0 * np.eye(C)[y]  # a decent FP model
+    ex = np.stack([fp + s * rng.normal(size=(n, C)) for s in (1.5, 1.0, 2.0)]).astype(np.float32)
+    fp = fp.astype(np.float32)
+    lab = y if labels else None
+    loss = np.stack([sample_losses(e, fp, lab, "labels" if labels else "fp") for e in ex], axis=1)
+    best = int(loss.mean(0).argmin())  # here: chosen on this data; the function only needs an index/name
+    return dict(fp_logits=fp, expert_logits=ex, expert_names=NAMES, labels=lab, loss=loss,
+                targets="labels" if labels else "fp"), best
+
+
+def test_keys_and_known_values():
+    kw, best = _case()
+    route = np.random.default_rng(1).integers(0, 3, len(kw["fp_logits"]))
+    r = build_split_report(**kw, route=route, best_expert=NAMES[best], n_boot=2000)
+    json.dumps(r)  # JSON-ready
+    for k in ("fp", "experts", "best_expert", "oracle", "moqe", "moqe_vs_best", "moqe_vs_best_loss",
+              "router_accuracy_vs_oracle", "usage", "oracle_usage", "n"):
+        assert k in r, k
+    assert r["n"] == 120 and r["metric"] == "top1" and r["best_expert"]["name"] == NAMES[best]
+    y, ex = kw["labels"], kw["expert_logits"]
+    for k, name in enumerate(NAMES):
+        m = r["experts"][name]
+        assert m["top1"]["value"] == pytest.approx((ex[k].argmax(1) == y).mean())
+        assert m["mean_loss"]["value"] == pytest.approx(kw["loss"][:, k].mean())
+        lo, hi = m["top1"]["ci95"]
+        assert lo <= m["top1"]["value"] <= hi and hi - lo > 0
+    idx = np.arange(len(route))
+    assert r["moqe"]["top1"]["value"] == pytest.approx((ex[route, idx].argmax(1) == y).mean())
+    oracle = kw["loss"].argmin(1)
+    assert r["router_accuracy_vs_oracle"]["value"] == pytest.approx((route == oracle).mean())
+    assert r["usage"] == {n: pytest.approx((route == k).mean()) for k, n in enumerate(NAMES)}
+    assert sum(r["oracle_usage"].values()) == pytest.approx(1.0)
+    assert r["fp"]["fp_top1_agreement"]["value"] == 1.0 and r["fp"]["kl_to_fp"]["value"] == pytest.approx(0, abs=1e-9)
+    assert r["moqe_vs_best"]["test"] == "mcnemar" and r["moqe_vs_best_loss"]["test"] == "paired-bootstrap"
+    # The oracle minimizes the loss per sample: no single expert or router can beat it.
+    assert r["oracle"]["mean_loss"]["value"] <= min(r["experts"][n]["mean_loss"]["value"] for n in NAMES)
+    assert flat_metrics(r["experts"]["a"], r["n"])["top1"] == r["experts"]["a"]["top1"]["value"]
+
+
+def test_router_equal_to_oracle_captures_all_headroom():
+    kw, best = _case()
+    r = build_split_report(**kw, route=kw["loss"].argmin(1), best_expert=best, n_boot=1000)
+    assert r["moqe_vs_best_loss"]["headroom_captured"] == 1.0
+    assert r["moqe_vs_best"]["headroom_captured"] == 1.0
+    assert r["router_accuracy_vs_oracle"]["value"] == 1.0
+    assert r["moqe"] == r["oracle"]
+
+
+def test_routing_everything_to_best_is_no_difference():
+    kw, best = _case()
+    r = build_split_report(**kw, route=np.full(len(kw["fp_logits"]), best), best_expert=NAMES[best], n_boot=1000)
+    for key in ("moqe_vs_best", "moqe_vs_best_loss"):
+        v = r[key]
+        assert v["diff"] == 0.0 and v["ci95"] == [0.0, 0.0] and v["p_value"] == 1.0, key
+        assert v["headroom_captured"] == 0.0
+    assert r["moqe_vs_best"]["discordant"] == {"moqe_only": 0, "best_only": 0}
+    assert r["usage"][NAMES[best]] == 1.0
+
+
+def test_headroom_is_null_when_oracle_equals_best():
+    kw, _ = _case()
+    kw["expert_logits"] = np.stack([kw["expert_logits"][0]] * 3)  # three identical experts
+    kw["loss"] = np.repeat(kw["loss"][:, :1], 3, axis=1)
+    r = build_split_report(**kw, route=np.zeros(len(kw["fp_logits"]), int), best_expert=0, n_boot=500)
+    assert r["moqe_vs_best"]["headroom_captured"] is None and r["moqe_vs_best_loss"]["headroom_captured"] is None
+
+
+def test_without_labels_fp_agreement_is_the_metric():
+    kw, best = _case(labels=False)
+    r = build_split_report(**kw, route=kw["loss"].argmin(1), best_expert=best, n_boot=500)
+    assert r["metric"] == "fp_top1_agreement" and not r["labels"]
+    assert "top1" not in r["fp"] and "top1" not in r["moqe"]
+    assert r["moqe_vs_best"]["metric"] == "fp_top1_agreement" and r["moqe_vs_best"]["test"] == "mcnemar"
+    # targets = fp: the loss is the KL to FP.
+    assert r["experts"]["a"]["mean_loss"]["value"] == pytest.approx(r["experts"]["a"]["kl_to_fp"]["value"])
+
+
+def test_bad_shapes_and_missing_labels():
+    kw, best = _case()
+    with pytest.raises(ValueError, match="shapes disagree"):
+        build_split_report(**kw, route=np.zeros(3, int), best_expert=best)
+    kw["labels"] = None
+    with pytest.raises(ValueError, match="needs labels"):
+        build_split_report(**kw, route=np.zeros(120, int), best_expert=best)
+
+
+def test_markdown_and_plots(tmp_path):
+    kw, best = _case()
+    r = build_split_report(**kw, route=kw["loss"].argmin(1), best_expert=best, n_boot=500)
+    lat = {"repeats": 3, "cpu": "x86_64", "batches": {"1": {"router": {"median_ms": 0.5, "iqr_ms": [0.4, 0.6]},
+                                                           "moqe": {"median_ms": 3.0, "iqr_ms": [2.9, 3.1]},
+                                                           "ratios": {}, "experts_used": ["a"]}}}
+    md = to_markdown(r, "title", lat)
+    assert "## title" in md and "| oracle (per-sample argmin L) |" in md and "exact McNemar" in md
+    assert f"expert {NAMES[best]} (best on router_val)" in md and "| 1 | 0.50 | 3.00 |" in md
+    assert md.count("\n| ") >= 3 + 3 + 4  # model rows, usage rows, latency rows
+    paths = write_plots(r, tmp_path)
+    assert [p.name for p in paths] == ["metric.png", "usage.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

@@ -1,0 +1,152 @@
+"""Weight-level recipes: each must do what it claims, checked on numbers, not just on structure."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from moqe_compile.config import EXPERT_PRESETS, ExpertRecipe
+from moqe_compile.quantize import build_expert, check_qdq, prepare_for_quantization
+from moqe_compile.quantize.adaround import adaround_layer
+from moqe_compile.quantize.calibrate import mse_ranges
+from moqe_compile.quantize.equalize import equalize
+from moqe_compile.quantize.graph import get_init, weight_layers
+from moqe_compile.quantize.weights import channel_scales, dequantize, quantize_nearest
+
+from ..conftest import CROP
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_onnx, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rec")
+    x = np.random.default_rng(1).normal(size=(48, 3, CROP, CROP)).astype(np.float32)
+    return prepare_for_quantization(tiny_onnx, d / "prep.onnx"), x, d
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def _build(setup, recipe, backends=("onnxruntime-cpu", "tensorrt")):
+    prep, x, d = setup
+    outs = {b: d / f"{recipe.name}.{b}.onnx" for b in backends}
+    info = build_expert(prep, "input", x, recipe, list(backends), outs, d / f"{recipe.name}.json", d)
+    return info, outs
+
+
+@pytest.mark.parametrize("preset", sorted(EXPERT_PRESETS))
+def test_every_preset_builds_and_passes_check_qdq(setup, preset):
+    info, outs = _build(setup, ExpertRecipe.from_preset(preset, preset, adaround_iters=20))
+    for b, v in info["variants"].items():
+        assert v["check"]["ok"], v["check"]["violations"]
+    k = info["variants"]["onnxruntime-cpu"]["check"]["kernels"]
+    assert k["integer"]["QLinearConv"] == 3 and k["float"] == {}
+
+
+def test_w4_weights_are_on_the_int4_grid(setup):
+    info, outs = _build(setup, ExpertRecipe.from_preset("w4", "w4a8-mse"))
+    m = onnx.load(str(outs["onnxruntime-cpu"]))
+    weights = [numpy_helper.to_array(i) for i in m.graph.initializer
+               if i.name.endswith("_quantized") and i.data_type == onnx.TensorProto.INT8]
+    assert len(weights) == 4
+    for w in weights:
+        assert w.min() >= -8 and w.max() <= 7
+    # An 8-bit expert uses the full int8 range.
+    _, outs8 = _build(setup, ExpertRecipe(name="w8"))
+    m8 = onnx.load(str(outs8["onnxruntime-cpu"]))
+    w8 = [numpy_helper.to_array(i) for i in m8.graph.initializer if i.name.endswith("_quantized")
+          and i.data_type == onnx.TensorProto.INT8]
+    assert max(int(np.abs(w).max()) for w in w8) > 100
+
+
+def test_mse_weight_clip_beats_minmax_at_4_bits():
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(3, size=(16, 64)).astype(np.float32)  # heavy tails: clipping pays
+    errs = {}
+    for clip in ("minmax", "mse"):
+        s = channel_scales(w, 7, clip)
+        errs[clip] = float(((w - dequantize(quantize_nearest(w, s, 7), s)) ** 2).sum())
+    assert errs["mse"] < 0.9 * errs["minmax"]
+
+
+def test_mse_activation_range_clips_rare_outlier():
+    rng = np.random.default_rng(0)
+    # One outlier in a million: keeping it costs every sample resolution; clipping costs one.
+    data = np.concatenate([rng.normal(size=1_000_000), [60.0]])
+    thr = np.abs(data).max()
+    hist, edges = np.histogram(data, 2048, range=(-thr, thr))
+    r = mse_ranges({"t": (hist, edges, data.min(), data.max(), thr)}, asymmetric=True)["t"]
+    assert 0 < r.highest < 0.5 * data.max() and r.lowest < 0
+
+    def err(lo, hi):
+        s = (hi - lo) / 255
+        return float(((data - (np.clip(np.round((data - lo) / s), 0, 255) * s + lo)) ** 2).sum())
+
+    assert err(r.lowest, r.highest) < 0.8 * err(data.min(), data.max())
+
+
+def test_adaround_beats_nearest_on_layer_output():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3).numpy()
+    # Correlated inputs (as real activations are): for white inputs nearest rounding is optimal.
+    base = torch.nn.functional.interpolate(torch.randn(32, 1, 5, 5), size=(10, 10), mode="bilinear")
+    x = (base * torch.tensor([1.0, 0.8, -0.6, 0.5]).view(1, 4, 1, 1) + 0.2 * torch.randn(32, 4, 10, 10)).numpy()
+    attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
+    s = channel_scales(w, 7, "minmax")
+    q_near = quantize_nearest(w, s, 7)
+    q_ada = adaround_layer("Conv", attrs, w, None, s, 7, x, iters=400)
+    assert np.abs(q_ada - q_near).max() <= 1 and (q_ada != q_near).any()
+
+    def out_err(q):
+        ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1)
+        got = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(dequantize(q, s)), padding=1)
+        return float(((ref - got) ** 2).mean())
+
+    assert out_err(q_ada) < 0.7 * out_err(q_near)
+
+
+def test_equalization_preserves_function_and_balances_ranges(setup):
+    prep, x, _ = setup
+    m = onnx.load(str(prep))
+    before = [get_init(m, l.weight) for l in weight_layers(m)]
+    assert equalize(m) == 2  # conv0->relu->conv1 and conv1->relu->conv2
+    y0 = _run(prep, x)
+    y1 = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(y0, y1, rtol=1e-4, atol=1e-5)
+    after = [get_init(m, l.weight) for l in weight_layers(m)]
+    spread = lambda w: np.ptp(np.log(np.abs(w.reshape(w.shape[0], -1)).max(1)))  # noqa: E731
+    assert spread(after[1]) <= spread(before[1]) + 1e-6
+
+
+def test_bias_correction_removes_output_bias(setup):
+    prep, x, _ = setup
+    fp = _run(prep, x)
+    plain, outs_p = _build(setup, ExpertRecipe(name="w4plain", weight_bits=4, calibration="minmax"), ("onnxruntime-cpu",))
+    bc, outs_b = _build(setup, ExpertRecipe(name="w4bc", weight_bits=4, calibration="minmax", bias_correction=True),
+                        ("onnxruntime-cpu",))
+    assert bc["steps"]["bias_corrected_layers"] == 4
+    mean_err = lambda y: float(np.abs((y - fp).mean(axis=0)).mean())  # noqa: E731
+    assert mean_err(_run(outs_b["onnxruntime-cpu"], x)) < mean_err(_run(outs_p["onnxruntime-cpu"], x))
+
+
+def test_check_qdq_rejects_u8s8_for_tensorrt_naming_nodes(setup):
+    _, outs = _build(setup, ExpertRecipe(name="cpuonly"), ("onnxruntime-cpu",))
+    res = check_qdq(outs["onnxruntime-cpu"], "tensorrt")
+    assert not res["ok"]
+    assert any("zero-point dtype uint8" in v and "node '" in v for v in res["violations"])
+
+
+def test_check_qdq_rejects_fp_model_for_ort_cpu(setup):
+    prep, _, _ = setup
+    res = check_qdq(prep, "onnxruntime-cpu")
+    assert not res["ok"] and any("runs in float" in v for v in res["violations"])
+
+
+def test_excluded_nodes_stay_float(setup):
+    prep, _, _ = setup
+    node = weight_layers(onnx.load(str(prep)))[0].node
+    info, _ = _build(setup, ExpertRecipe(name="ex", exclude_nodes=[node]), ("onnxruntime-cpu",))
+    v = info["variants"]["onnxruntime-cpu"]
+    assert v["excluded_nodes"] == [node] and v["check"]["kernels"]["integer"]["QLinearConv"] == 2

@@ -1,0 +1,57 @@
+"""The router stage end to end on the tiny model: small preset, fp-teacher targets on
+labelled data, stabilizers, confidence fallback recorded in the manifest and served."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moqe_compile import Runtime, pipeline
+from moqe_compile.config import RouterConfig
+
+from ..conftest import CROP, tiny_config
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_onnx, tiny_images):
+    cfg = tiny_config(tiny_onnx, tiny_images, targets="labels")
+    cfg.router = RouterConfig(preset="small", input_size=8, epochs=3, batch_size=8, targets="fp-teacher",
+                              stabilizers=["balance", "usage-bias", "noise"])
+    seen = {}
+    real = pipeline.train_router
+
+    def spy(rc, x_train, loss_train, x_val, loss_val, progress=None, target_matrix=None):
+        seen.update(loss_train=loss_train, target_matrix=target_matrix)
+        return real(rc, x_train, loss_train, x_val, loss_val, progress, target_matrix=target_matrix)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "train_router", spy)
+    try:
+        out = pipeline.build(cfg, tmp_path_factory.mktemp("b") / "small", quiet=True)
+    finally:
+        mp.undo()
+    return out, seen
+
+
+def test_fp_teacher_on_labelled_data_trains_on_the_kl_matrix(built):
+    _, seen = built
+    kl, ce = seen["target_matrix"], seen["loss_train"]
+    assert kl is not None and kl.shape == ce.shape and (kl >= -1e-9).all()
+    assert not np.allclose(kl, ce)  # the build's loss is cross-entropy here; the teacher is KL to FP
+
+
+def test_manifest_records_the_fallback_and_runtime_serves_it(built):
+    out, _ = built
+    m = json.loads((out / "manifest.json").read_text())
+    r = m["routing"]
+    assert 0.0 <= r["fallback_threshold"] <= 1.0 and r["fallback_expert"] == r["default_expert"]
+    chosen = r["fallback_chosen_on"]
+    assert chosen["val_loss_with_fallback"] <= chosen["val_routed_loss"] + 1e-12
+    assert m["router"]["config"]["preset"] == "small" and m["router"]["config"]["downsample"] == "subsample"
+    x = np.random.default_rng(0).normal(size=(12, 3, CROP, CROP)).astype(np.float32)
+    with Runtime.load(out) as rt:
+        probs = rt._router.run(x)
+        idx, conf = rt.route(x)
+        t, k = rt.fallback_threshold, rt.expert_names.index(r["fallback_expert"])
+        np.testing.assert_array_equal(idx, np.where(probs.max(1) < t, k, probs.argmax(1)))
+        np.testing.assert_allclose(conf, probs.max(1))
