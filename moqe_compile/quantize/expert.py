@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..config import ExpertRecipe
 from ..errors import BuildError
@@ -15,7 +16,7 @@ from .adaround import adaround_layer
 from .calibrate import calibrate_ranges
 from .check import check_qdq
 from .equalize import equalize
-from .graph import ensure_bias, get_init, run_with_outputs, set_init, weight_layers
+from .graph import get_init, run_with_outputs, set_init, weight_layers
 from .qdq import reduce_range_for, write_expert
 from .weights import channel_scales, dequantize, overrides_for, qmax_for, quantize_nearest
 
@@ -44,22 +45,45 @@ def _weights(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str, exclude
     return overrides
 
 
-def _bias_correct(base: onnx.ModelProto, qmodel_path: Path, model: onnx.ModelProto, exclude: set[str],
-                  input_name: str, x: np.ndarray) -> int:
-    """Add E[y_fp - y_q] (per output channel, pre-activation) to each layer's bias in ``model``."""
-    layers = [l for l in weight_layers(model) if l.node not in exclude]
-    q = onnx.load(str(qmodel_path))
-    # ORT keeps node names but may rename outputs (a removed ReLU's name moves to the Conv).
-    qout = {n.name: n.output[0] for n in q.graph.node}
-    layers = [l for l in layers if l.node in qout]
+def _bias_input(q: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str, str | None]:
+    """(bias initializer, its scale initializer or None) of a Conv/Gemm in a Q/DQ graph.
+    ORT-CPU graphs hold int32 biases behind a DequantizeLinear; TensorRT graphs float biases."""
+    bias = node.input[2] if len(node.input) > 2 else ""
+    for n in q.graph.node:
+        if n.op_type == "DequantizeLinear" and n.output[0] == bias:
+            return n.input[0], n.input[1]
+    return bias, None
+
+
+def _bias_correct(base: onnx.ModelProto, q_path: Path, exclude: set[str], input_name: str, x: np.ndarray) -> int:
+    """Empirical bias correction, layer by layer in graph order, on the quantized stream.
+
+    For each layer, E[y_fp - y_q] per output channel (pre-activation, calibration data, the
+    layers before it already corrected) is added to its bias inside the Q/DQ graph. Sequential
+    on purpose: correcting every layer from one uncorrected pass over-corrects downstream
+    layers (measured: MobileNetV2 FP agreement 1.00 -> 0.71 that way). Layers without a bias
+    input are skipped.
+    """
+    q = onnx.load(str(q_path))
+    qnodes = {n.name: n for n in q.graph.node}
+    layers = [l for l in weight_layers(base) if l.node not in exclude and l.node in qnodes
+              and len(qnodes[l.node].input) > 2 and qnodes[l.node].input[2]]
     fp = run_with_outputs(base, [l.output for l in layers], input_name, x)
-    qq = run_with_outputs(q, [qout[l.node] for l in layers], input_name, x)
+    inits = {i.name: i for i in q.graph.initializer}
     for l in layers:
-        f, g = np.concatenate(fp[l.output]), np.concatenate(qq[qout[l.node]])
-        axes = (0,) if f.ndim == 2 else (0, 2, 3)
-        delta = (f - g).mean(axis=axes)
-        bias = ensure_bias(model, l)
-        set_init(model, bias, get_init(model, bias) + delta)
+        node = qnodes[l.node]
+        got = run_with_outputs(q, [node.output[0]], input_name, x)
+        f, g = np.concatenate(fp[l.output]), np.concatenate(got[node.output[0]])
+        delta = (f - g).mean(axis=(0,) if f.ndim == 2 else (0, 2, 3))
+        bias_name, scale_name = _bias_input(q, node)
+        b = numpy_helper.to_array(inits[bias_name])
+        if scale_name is None:
+            nb = (b + delta).astype(b.dtype)
+        else:
+            scale = numpy_helper.to_array(inits[scale_name])
+            nb = (b + np.round(delta / scale)).astype(b.dtype)
+        inits[bias_name].CopyFrom(numpy_helper.from_array(nb, bias_name))
+    onnx.save(q, str(q_path))
     return len(layers)
 
 
@@ -85,11 +109,8 @@ def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: E
         onnx.save(model, str(wpath))
         info = write_expert(wpath, ranges_json, recipe, backend, out_for[backend], overrides, sorted(exclude_set))
         if recipe.bias_correction:
-            steps["bias_corrected_layers"] = _bias_correct(base, out_for[backend], model, exclude_set, input_name,
-                                                           calib_x[: min(len(calib_x), 256)])
-            onnx.save(model, str(wpath))
-            info = write_expert(wpath, ranges_json, recipe, backend, out_for[backend], overrides,
-                                sorted(exclude_set))
+            steps["bias_corrected_layers"] = _bias_correct(base, out_for[backend], exclude_set, input_name,
+                                                           calib_x[: min(len(calib_x), 128)])
         info["check"] = check_qdq(out_for[backend], backend, allow_float=len(exclude_set))
         if not info["check"]["ok"]:
             raise BuildError(f"expert {recipe.name!r} ({backend}) fails check-qdq: {info['check']['violations'][:5]}")
