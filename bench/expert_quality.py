@@ -14,7 +14,6 @@ of the set is right; without labels, the lowest KL) vs the best single expert of
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -31,7 +30,7 @@ from moqe_compile.data.datasets import build_splits
 from moqe_compile.data.images import Preprocess
 from moqe_compile.models import load_fp_model
 from moqe_compile.quantize import build_expert, prepare_for_quantization
-from moqe_compile.score import expert_metrics, run_batched, sample_losses
+from moqe_compile.score import diversity, expert_metrics, run_batched
 
 
 def bootstrap_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
@@ -58,23 +57,7 @@ def latency(sessions: dict, x: np.ndarray, batches: list[int], repeats: int) -> 
 
 
 def set_diversity(names: list[str], logits: dict, fp: np.ndarray, labels: np.ndarray | None) -> dict:
-    preds = {n: logits[n].argmax(-1) for n in names}
-    pair = {f"{a}|{b}": float((preds[a] != preds[b]).mean()) for a, b in itertools.combinations(names, 2)}
-    if labels is not None:
-        correct = np.stack([preds[n] == labels for n in names])
-        single = correct.mean(axis=1)
-        oracle = float(correct.any(axis=0).mean())
-    else:
-        kl = np.stack([sample_losses(logits[n], fp, None, "fp") for n in names])
-        correct = np.stack([preds[n] == fp.argmax(-1) for n in names])
-        single = correct.mean(axis=1)
-        oracle = float(correct[kl.argmin(axis=0), np.arange(kl.shape[1])].mean())
-    best = int(single.argmax())
-    return {"experts": names, "pairwise_disagreement": pair,
-            "mean_pairwise_disagreement": float(np.mean(list(pair.values()))) if pair else 0.0,
-            "best_single": names[best], "best_single_top1": float(single[best]), "oracle_top1": oracle,
-            "oracle_gain_points": round(100 * (oracle - float(single[best])), 3),
-            "metric": "top1" if labels is not None else "fp_top1_agreement"}
+    return diversity(np.stack([logits[n] for n in names]), names, fp, labels)
 
 
 def main() -> None:
@@ -138,8 +121,8 @@ def main() -> None:
               + " | ".join(f"{result['speedup_vs_fp32'][str(b)][n]:.2f}" for b in args.batches) + " |")
     for k, d in result["diversity"].items():
         if d:
-            print(f"\n{k} set: best single {d['best_single']} {d['best_single_top1']:.4f}, oracle {d['oracle_top1']:.4f} "
-                  f"(+{d['oracle_gain_points']:.2f} points), mean pairwise disagreement {d['mean_pairwise_disagreement']:.4f}")
+            print(f"\n{k} set: best single {d['best_single']} {d['best_single_value']:.4f}, oracle {d['oracle_value']:.4f} "
+                  f"(+{100 * d['oracle_gain']:.2f} points), mean pairwise disagreement {d['mean_pairwise_disagreement']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -77,3 +77,23 @@ def routed_metrics(scores: Scores, route: np.ndarray, labels: np.ndarray | None)
     m = expert_metrics(scores.expert_logits[route, idx], scores.fp_logits, labels)
     m["mean_loss"] = float(scores.loss[idx, route].mean())
     return m
+
+
+def diversity(expert_logits: np.ndarray, names: list[str], fp_logits: np.ndarray, labels: np.ndarray | None) -> dict:
+    """How differently the experts err: pairwise top-1 disagreement, and the oracle (a sample
+    counts when any expert gets it right; without labels, right = agrees with FP) vs the best
+    single expert on the same samples. This is the headroom any router can win — and the
+    design notes show it is largely a lottery unless compared with perturbed copies."""
+    preds = expert_logits.argmax(-1)  # (K, N)
+    target = labels if labels is not None else fp_logits.argmax(-1)
+    correct = preds == target[None, :]
+    single = correct.mean(axis=1)
+    best = int(single.argmax())
+    pair = {f"{names[a]}|{names[b]}": float((preds[a] != preds[b]).mean())
+            for a in range(len(names)) for b in range(a + 1, len(names))}
+    oracle = float(correct.any(axis=0).mean())
+    return {"metric": "top1" if labels is not None else "fp_top1_agreement",
+            "pairwise_disagreement": pair,
+            "mean_pairwise_disagreement": float(np.mean(list(pair.values()))) if pair else 0.0,
+            "best_single": names[best], "best_single_value": float(single[best]), "oracle_value": oracle,
+            "oracle_gain": oracle - float(single[best])}

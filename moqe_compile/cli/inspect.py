@@ -9,6 +9,25 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+_RECIPE_DEFAULTS = {"per_channel": True, "symmetric_activations": False, "weight_bits": 8, "weight_clip": "minmax",
+                    "weight_rounding": "nearest", "bias_correction": False, "equalization": False,
+                    "exclude_nodes": [], "exclude_sensitive": 0}
+
+
+def _recipe(r: dict) -> str:
+    """The recipe's distinguishing fields: calibration, its knobs, and every non-default field."""
+    parts = [f"preset={r['preset']}"] if r.get("preset") else []
+    parts.append(f"calibration={r['calibration']}")
+    if r["calibration"] == "percentile":
+        parts.append(f"p={r['percentile']}")
+    if r["calibration"] in ("percentile", "entropy", "mse"):
+        parts.append(f"bins={r['num_bins']}")
+    parts += [f"{k}={r[k]}" for k, d in _RECIPE_DEFAULTS.items() if k in r and r[k] != d]
+    if r.get("weight_rounding") == "adaround":
+        parts.append(f"adaround_iters={r['adaround_iters']}")
+    return " ".join(parts)
+
+
 def render(path: str, verify: bool = True) -> str:
     b = read_bundle(path, verify=verify)
     m = b.manifest
@@ -28,14 +47,20 @@ def render(path: str, verify: bool = True) -> str:
     for e in m["experts"]:
         r = e["recipe"]
         t = e["metrics"]["test"]
-        L.append(f"  {e['name']:<14} calibration={r['calibration']}"
-                 + (f" p={r['percentile']}" if r["calibration"] == "percentile" else "")
-                 + (f" bins={r['num_bins']}" if r["calibration"] in ("percentile", "entropy") else "")
-                 + f" per_channel={r['per_channel']}")
+        L.append(f"  {e['name']:<14} " + _recipe(r))
         L.append("  " + " " * 15 + "  ".join(f"{k}={_fmt(v)}" for k, v in t.items()))
         for bname, v in e["variants"].items():
-            L.append(f"  {'':<15}{bname}: {v['format']} reduce_range={v['reduce_range']} kernels={v['kernels']['integer']}"
-                     + (f" float={v['kernels']['float']}" if v["kernels"]["float"] else ""))
+            line = f"  {'':<15}{bname}: {v['format']} W{v.get('weight_bits', 8)} reduce_range={v['reduce_range']}"
+            check = v.get("check")
+            if check is not None:
+                line += f" check-qdq={'ok' if check['ok'] else 'FAIL'}"
+            if "kernels" in v:
+                line += f" kernels={v['kernels']['integer']}" + (f" float={v['kernels']['float']}" if v["kernels"]["float"] else "")
+            if v.get("excluded_nodes"):
+                line += f" FP nodes={v['excluded_nodes']}"
+            L.append(line)
+        if e.get("steps"):
+            L.append(f"  {'':<15}steps: " + ", ".join(f"{k}={v}" for k, v in e["steps"].items()))
     rc = m["router"]["config"]
     L += ["", f"router      {rc['arch']} input {rc['input_size']}px channels {rc['channels']} "
               f"heads {rc['heads']}x{rc['head_dim']} epochs {rc['epochs']} (best {m['router']['best_epoch']})"]

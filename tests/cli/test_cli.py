@@ -100,3 +100,39 @@ def test_build_bad_recipe_key(tmp_path, capsys):
 def test_console_scripts_installed():
     out = subprocess.run([sys.executable, "-m", "moqe_compile.cli.run", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--input" in out.stdout
+
+
+def test_check_qdq_cli(tiny_bundle, capsys):
+    cpu = tiny_bundle / "experts" / "minmax" / "onnxruntime-cpu.onnx"
+    assert compile_cli.main(["check-qdq", str(cpu), "--target", "onnxruntime-cpu"]) == 0
+    assert "OK for onnxruntime-cpu" in capsys.readouterr().out
+    # A U8S8 graph breaks TensorRT's rules: non-zero exit, offending nodes named.
+    assert compile_cli.main(["check-qdq", str(cpu), "--target", "tensorrt", "--json"]) == 1
+    res = json.loads(capsys.readouterr().out)
+    assert not res["ok"] and any(v.startswith("node '") for v in res["violations"])
+    assert compile_cli.main(["check-qdq", str(cpu), "--target", "tpu"]) == 2
+    assert "--target 'tpu' is not one of" in capsys.readouterr().err
+
+
+def test_sensitivity_cli(tiny_onnx, tiny_images, tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+[model]
+source = "onnx"
+path = "{tiny_onnx}"
+num_classes = 4
+labels = ""
+[preprocessing]
+resize = 36
+crop = {CROP}
+[data]
+source = "{tiny_images}"
+augmentations = 2
+[router]
+input_size = 8
+""")
+    assert compile_cli.main(["sensitivity", str(recipe), "--json", "--samples", "16"]) == 0
+    ranking = json.loads(capsys.readouterr().out)
+    assert len(ranking) == 4 and {r["op"] for r in ranking} == {"Conv", "Gemm"}
+    kls = [r["kl_to_fp"] for r in ranking]
+    assert kls == sorted(kls, reverse=True)
