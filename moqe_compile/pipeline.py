@@ -30,7 +30,7 @@ from .router.fallback import apply_fallback, choose_fallback
 from .router.train import kl_to_fp_matrix, train_router
 from .evaluate.data import EVAL_SPLITS, save_eval_data
 from .evaluate.report import build_split_report, flat_metrics
-from .score import run_batched, score
+from .score import diversity, run_batched, score
 
 
 def _versions() -> dict:
@@ -141,7 +141,8 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
             route = route_of(d.x)  # the deployed router (exported graph + fallback)
             report["splits"][s] = build_split_report(
                 fp_logits=sc.fp_logits, expert_logits=sc.expert_logits, expert_names=names, labels=d.labels,
-                loss=sc.loss, route=route, best_expert=best_k, targets=cfg.data.targets, split=s)
+                loss=sc.loss, route=route, best_expert=best_k, targets=cfg.data.targets, split=s, groups=d.sources)
+            report["splits"][s]["diversity"] = diversity(sc.expert_logits, names, sc.fp_logits, d.labels)
         for e in experts:
             e["metrics"] = {"test": flat_metrics(report["splits"]["test"]["experts"][e["name"]], len(splits["test"].x))}
         eval_storage = save_eval_data(w.path("report/eval_data.npz"), {s: splits[s] for s in EVAL_SPLITS},

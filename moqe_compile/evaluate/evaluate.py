@@ -59,10 +59,11 @@ def evaluate_bundle(bundle: str | Path, data: str = "test", out: str | Path | No
             if not ed:
                 raise BundleError(f"bundle {str(root)!r} has no report.eval_data (built before eval data was stored); "
                                   "rebuild it or pass --data PATH.")
-            x, y = load_eval_data(root / ed["path"], data)
+            x, y, groups = load_eval_data(root / ed["path"], data)
             source = f"bundle split {data}"
         else:
             x, y, source = load_user_data(data, rt)
+            groups = None
         targets = m["build_config"]["_data"]["data"]["targets"]
         note = []
         if targets == "labels" and y is None:
@@ -90,7 +91,7 @@ def evaluate_bundle(bundle: str | Path, data: str = "test", out: str | Path | No
         loss = np.stack([sample_losses(e, fp_logits, y, targets) for e in ex_logits], axis=1)
         rep = build_split_report(fp_logits=fp_logits, expert_logits=ex_logits, expert_names=rt.expert_names,
                                  labels=y, loss=loss, route=route, best_expert=m["routing"]["default_expert"],
-                                 targets=targets, split=data if data in EVAL_SPLITS else "user-data",
+                                 targets=targets, split=data if data in EVAL_SPLITS else "user-data", groups=groups,
                                  n_boot=n_boot, seed=seed)
         score_s = time.perf_counter() - t0
         lat = None

@@ -11,9 +11,12 @@ router's choice per sample and the best-on-validation expert) and returns a JSON
   cross-entropy of the label, see ``targets``).
 - ``metric``: the headline metric, ``top1`` with labels, else ``fp_top1_agreement``.
 - ``moqe_vs_best``: on the headline metric, ``diff`` (MoQE minus best), paired-bootstrap
-  ``ci95``, ``p_value`` and ``test`` (``"mcnemar"``: exact McNemar on the 0/1 vectors),
+  ``ci95``, ``p_value`` and ``test`` (``"mcnemar"``: exact McNemar on the 0/1 vectors;
+  ``"paired-bootstrap"`` when samples are clustered by source, see ``groups``),
   ``headroom_captured`` = (moqe - best) / (oracle - best) (None when oracle == best).
 - ``moqe_vs_best_loss``: the same on ``mean_loss`` with the paired-bootstrap p-value.
+- ``warnings``: e.g. fewer than 30 independent units (samples, or source images), where
+  bootstrap intervals understate the uncertainty.
 - ``router_accuracy_vs_oracle`` (share of samples where the router picks argmin_k L[i, k]),
   ``usage`` and ``oracle_usage`` (share of samples per expert), ``n``.
 
@@ -31,6 +34,7 @@ from ..score import sample_losses
 from .stats import (DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_means, bootstrap_p_value, is_clustered,
                     mcnemar_exact)
 
+MIN_UNITS = 30  # fewer independent samples (or source images) than this: intervals are not to be trusted
 RATE_METRICS = ("top1", "fp_top1_agreement")  # 0/1 per sample, shown in percent
 METRIC_TITLES = {"top1": "top-1", "fp_top1_agreement": "FP top-1 agreement", "kl_to_fp": "KL to FP",
                  "output_cosine": "output cosine", "mean_loss": "mean loss"}
@@ -124,6 +128,12 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
                      "test": "paired-bootstrap", "mcnemar_iid_p_value": mc["p_value"]}
     else:
         head_test = {"p_value": mc["p_value"], "test": "mcnemar"}
+    units = int(len(np.unique(np.asarray(groups)))) if clustered else int(N)
+    warnings = []
+    if units < MIN_UNITS:
+        warnings.append(f"only {units} independent {'source images' if clustered else 'samples'}: bootstrap "
+                        f"intervals and p-values are unreliable below about {MIN_UNITS} (they understate the "
+                        "uncertainty); treat every number here as descriptive.")
     return {
         "split": split,
         "n": int(N),
@@ -133,7 +143,8 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
         "level": level,
         "bootstrap": {"resamples": int(n_boot), "seed": int(seed), "interval": "percentile", "paired": True,
                       "unit": "source" if clustered else "sample",
-                      "clusters": int(len(np.unique(np.asarray(groups)))) if clustered else int(N)},
+                      "clusters": units},
+        "warnings": warnings,
         "fp": entry("fp"),
         "experts": {n: entry(f"expert:{n}") for n in expert_names},
         "best_expert": {"name": best_name, "chosen_on": best_chosen_on, **entry(f"expert:{best_name}")},
@@ -212,9 +223,12 @@ def to_markdown(rep: dict, title: str | None = None, latency: dict | None = None
     L = []
     if title:
         L += [f"## {title}", ""]
+    bs = rep["bootstrap"]
+    unit = (f"resampling the {bs['clusters']} source images, not their augmented views (which are not "
+            "independent)" if bs.get("unit") == "source" else "resampling samples")
     L += [f"n = {rep['n']} samples of split `{rep['split']}`; labels: {'yes' if rep['labels'] else 'no'}; "
           f"expert loss L = {loss_title(rep['targets'])}; intervals: {int(rep['level'] * 100)}% percentile "
-          f"bootstrap ({rep['bootstrap']['resamples']} paired resamples, seed {rep['bootstrap']['seed']}).", ""]
+          f"bootstrap, {unit} ({bs['resamples']} paired resamples, seed {bs['seed']}).", ""]
     L.append("| model | " + " | ".join(f"{h} [95% CI]" for h in head) + " |")
     L.append("|---|" + "---:|" * len(cols))
     rows = [("FP32", rep["fp"])]
@@ -226,10 +240,15 @@ def to_markdown(rep: dict, title: str | None = None, latency: dict | None = None
     vb, vl = rep["moqe_vs_best"], rep["moqe_vs_best_loss"]
     hc = vb["headroom_captured"]
     hl = vl["headroom_captured"]
+    if vb["test"] == "mcnemar":
+        test_txt = f"exact McNemar p = {_p(vb['p_value'])}"
+    else:
+        test_txt = (f"paired cluster-bootstrap p = {_p(vb['p_value'])} (exact McNemar, which wrongly assumes "
+                    f"independent samples: p = {_p(vb['mcnemar_iid_p_value'])})")
     L += ["",
-          f"**MoQE vs best single expert ({best})**, {METRIC_TITLES[metric]}: {_diff(metric, vb)}, exact McNemar "
-          f"p = {_p(vb['p_value'])} (only MoQE right on {vb['discordant']['moqe_only']}, only {best} right on "
-          f"{vb['discordant']['best_only']}); headroom captured "
+          f"**MoQE vs best single expert ({best})**, {METRIC_TITLES[metric]}: {_diff(metric, vb)}, {test_txt}; "
+          f"discordant samples: only MoQE right on {vb['discordant']['moqe_only']}, only {best} right on "
+          f"{vb['discordant']['best_only']}; headroom captured "
           + ("n/a (oracle = best)" if hc is None else f"{hc:.2f}") + ".",
           f"Mean loss ({loss_title(rep['targets'])}): {_diff('mean_loss', vl)}, paired-bootstrap "
           f"p = {_p(vl['p_value'])}; headroom captured " + ("n/a (oracle = best)" if hl is None else f"{hl:.2f}") + ".",
@@ -237,6 +256,8 @@ def to_markdown(rep: dict, title: str | None = None, latency: dict | None = None
           "", "| expert | router usage % | oracle usage % |", "|---|---:|---:|"]
     for n in rep["experts"]:
         L.append(f"| {n} | {100 * rep['usage'][n]:.1f} | {100 * rep['oracle_usage'][n]:.1f} |")
+    for w in rep.get("warnings", []):
+        L += ["", f"**Warning:** {w}"]
     if latency:
         L += ["", latency_markdown(latency)]
     return "\n".join(L) + "\n"

@@ -27,6 +27,7 @@ router that is validated and exported is the plain network:
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,24 @@ import torch.nn.functional as F
 
 from ..config import RouterConfig
 from .cv import CVRouterCore, downsample
+
+
+# Routers are tiny: torch's intra-op threads cost more in hand-offs than they save, and far
+# more when other processes share the cores (measured on 2 busy cores: 10 epochs of the default
+# router on 225 images took 9-11 s on one thread, 40-63 s on two).
+TRAIN_THREADS = 1
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op threads (``None``: leave them), then restore."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -79,11 +98,17 @@ def usage_entropy(route: np.ndarray, num_experts: int) -> float:
 
 
 def train_router(cfg: RouterConfig, x_train: np.ndarray, loss_train: np.ndarray, x_val: np.ndarray,
-                 loss_val: np.ndarray, progress=None, target_matrix: np.ndarray | None = None) -> TrainResult:
+                 loss_val: np.ndarray, progress=None, target_matrix: np.ndarray | None = None,
+                 threads: int | None = TRAIN_THREADS) -> TrainResult:
     """``loss_train``/``loss_val``: (N, K) loss matrices (the build's L); the validation routed
     loss mean_i L_val[i, argmax router] picks the epoch kept. ``target_matrix``: the (N, K)
     matrix the targets are made from when it is not ``loss_train`` (``fp-teacher`` on
-    labelled data: the KL-to-FP matrix)."""
+    labelled data: the KL-to-FP matrix). ``threads``: torch intra-op threads while training."""
+    with torch_threads(threads):
+        return _train(cfg, x_train, loss_train, x_val, loss_val, progress, target_matrix)
+
+
+def _train(cfg, x_train, loss_train, x_val, loss_val, progress, target_matrix) -> TrainResult:
     torch.manual_seed(cfg.seed)
     K = loss_train.shape[1]
     core = CVRouterCore(cfg, K, in_channels=x_train.shape[1])
@@ -113,7 +138,8 @@ def train_router(cfg: RouterConfig, x_train: np.ndarray, loss_train: np.ndarray,
                 z = z + std * torch.randn(z.shape, generator=gen)
             if "usage-bias" in stab:
                 z = z + cfg.usage_bias_strength * torch.log(K * usage.clamp_min(1e-6))
-            loss = -(yt[b] * F.log_softmax(z, -1)).sum(-1).mean()
+            ce = -(yt[b] * F.log_softmax(z, -1)).sum(-1).mean()
+            loss = ce
             with torch.no_grad():
                 f = F.one_hot(z.argmax(-1), K).float().mean(0)
             if "balance" in stab:
@@ -124,13 +150,13 @@ def train_router(cfg: RouterConfig, x_train: np.ndarray, loss_train: np.ndarray,
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(b)
+            total += ce.item() * len(b)
             n_seen += len(b)
             step += 1
         sched.step()
         route = predict(core, xv).argmax(1)
         val_loss = float(loss_val[idx_v, route].mean())
-        h = {"epoch": epoch, "train_loss": total / max(1, n_seen), "val_routed_loss": val_loss,
+        h = {"epoch": epoch, "train_ce": total / max(1, n_seen), "val_routed_loss": val_loss,
              "val_router_accuracy": float((route == loss_val.argmin(1)).mean()),
              "val_usage_entropy": usage_entropy(route, K)}
         if "balance" in stab:
@@ -146,4 +172,4 @@ def train_router(cfg: RouterConfig, x_train: np.ndarray, loss_train: np.ndarray,
 
 
 __all__ = ["TrainResult", "make_targets", "kl_to_fp_matrix", "predict", "small_inputs", "usage_entropy",
-           "train_router"]
+           "train_router", "torch_threads", "TRAIN_THREADS"]

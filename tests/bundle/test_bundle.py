@@ -126,3 +126,10 @@ def test_writer_refuses_foreign_directory(tmp_path):
     (tmp_path / "x" / "notes.txt").write_text("mine")
     with pytest.raises(BuildError, match="exists and is not a bundle"):
         BundleWriter(tmp_path / "x")
+
+
+def test_report_carries_expert_diversity(tiny_bundle):
+    rep = json.loads((tiny_bundle / "report" / "report.json").read_text())
+    d = rep["splits"]["test"]["diversity"]
+    assert set(d["pairwise_disagreement"]) == {"minmax|pct", "minmax|entropy", "pct|entropy"}
+    assert d["oracle_value"] >= d["best_single_value"] and d["best_single"] in {"minmax", "pct", "entropy"}

@@ -33,8 +33,12 @@ def test_build_report_has_cis_and_eval_data(tiny_bundle):
         assert set(r["moqe_vs_best"]) >= {"diff", "ci95", "p_value", "test", "headroom_captured"}
         for name in (e["name"] for e in m["experts"]):
             assert set(r["experts"][name]["top1"]) == {"value", "ci95"}
-        x, y = load_eval_data(tiny_bundle / "report" / "eval_data.npz", s)
+        x, y, g = load_eval_data(tiny_bundle / "report" / "eval_data.npz", s)
         assert x.dtype == np.float32 and x.shape == (r["n"], 3, 32, 32) and len(y) == r["n"]
+        # 4 augmented views (original + 3) per source image: resampled by source, tested without McNemar.
+        assert len(g) == r["n"] and len(set(g)) == r["n"] // 4
+        assert r["bootstrap"]["unit"] == "source" and r["bootstrap"]["clusters"] == r["n"] // 4
+        assert r["moqe_vs_best"]["test"] == "paired-bootstrap" and "mcnemar_iid_p_value" in r["moqe_vs_best"]
     # The manifest keeps plain numbers for inspect.
     assert isinstance(m["experts"][0]["metrics"]["test"]["top1"], float)
 
@@ -64,7 +68,7 @@ def test_eval_markdown_default_out_and_user_data(tiny_bundle, tiny_images, tmp_p
     bundle = tmp_path / "copy"
     shutil.copytree(tiny_bundle, bundle)
     code, stdout, _ = _eval(capsys, [str(bundle), "--no-latency", "--data", "router_val", "--resamples", "200"])
-    assert code == 0 and "| **MoQE** (router + 1 expert) |" in stdout and "exact McNemar" in stdout
+    assert code == 0 and "| **MoQE** (router + 1 expert) |" in stdout and "paired cluster-bootstrap p" in stdout
     assert "optimistic" in stdout  # router_val chose the best expert: the report says so
     assert FILES <= {p.name for p in (tmp_path / "copy-eval").iterdir()}
 
@@ -72,8 +76,9 @@ def test_eval_markdown_default_out_and_user_data(tiny_bundle, tiny_images, tmp_p
                                      "--out", str(tmp_path / "imgs"), "--resamples", "200"])
     r = json.loads(stdout)
     assert code == 0 and r["n"] == 16 and r["labels"] and r["metric"] == "top1" and r["latency"] is None
+    assert r["moqe_vs_best"]["test"] == "mcnemar" and r["bootstrap"]["unit"] == "sample"  # independent images
 
-    x, _ = load_eval_data(bundle / "report" / "eval_data.npz", "test")
+    x, _, _ = load_eval_data(bundle / "report" / "eval_data.npz", "test")
     np.savez(tmp_path / "d.npz", x=x[:5])
     code, stdout, _ = _eval(capsys, [str(bundle), "--no-latency", "--json", "--data", str(tmp_path / "d.npz"),
                                      "--out", str(tmp_path / "npz"), "--resamples", "200"])

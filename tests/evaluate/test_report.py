@@ -114,3 +114,26 @@ def test_markdown_and_plots(tmp_path):
     paths = write_plots(r, tmp_path)
     assert [p.name for p in paths] == ["metric.png", "usage.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_clustered_samples_use_the_cluster_bootstrap():
+    kw, best = _case()
+    groups = np.repeat(np.arange(30), 4)  # 4 views of each of 30 sources
+    route = np.random.default_rng(2).integers(0, 3, 120)
+    r = build_split_report(**kw, route=route, best_expert=best, groups=groups, n_boot=1000)
+    plain = build_split_report(**kw, route=route, best_expert=best, n_boot=1000)
+    assert r["bootstrap"]["unit"] == "source" and r["bootstrap"]["clusters"] == 30
+    assert plain["bootstrap"]["unit"] == "sample" and plain["moqe_vs_best"]["test"] == "mcnemar"
+    v = r["moqe_vs_best"]
+    assert v["test"] == "paired-bootstrap" and v["mcnemar_iid_p_value"] == plain["moqe_vs_best"]["p_value"]
+    assert r["experts"]["a"]["top1"]["value"] == plain["experts"]["a"]["top1"]["value"]  # same point estimates
+    assert "paired cluster-bootstrap p" in to_markdown(r) and "30 source images" in to_markdown(r)
+
+
+def test_few_independent_units_warn():
+    kw, best = _case()
+    route = kw["loss"].argmin(1)
+    assert build_split_report(**kw, route=route, best_expert=best, n_boot=200)["warnings"] == []
+    r = build_split_report(**kw, route=route, best_expert=best, groups=np.repeat(np.arange(3), 40), n_boot=200)
+    assert len(r["warnings"]) == 1 and "only 3 independent source images" in r["warnings"][0]
+    assert "**Warning:** only 3 independent" in to_markdown(r)

@@ -94,3 +94,29 @@ def test_mcnemar_is_used_for_binary_and_bootstrap_otherwise():
     assert r["test"] == "mcnemar" and r["p_value"] == pytest.approx(0.109375)
     assert r["diff"] == pytest.approx(-6 / 30) and r["discordant"] == {"a_only": 2, "b_only": 8}
     assert stats.paired_compare(a + 0.5, b, n_boot=1000)["test"] == "paired-bootstrap"
+
+
+def test_cluster_bootstrap_equals_bootstrap_of_cluster_values():
+    """Clusters of equal size holding one value each: resampling clusters = resampling their values."""
+    v = np.random.default_rng(5).normal(size=12)
+    x = np.repeat(v, 5)
+    groups = np.repeat([f"img{i}" for i in range(12)], 5)
+    np.testing.assert_allclose(stats.bootstrap_means(x, 800, seed=4, groups=groups),
+                               stats.bootstrap_means(v, 800, seed=4), rtol=1e-12)
+    # Singleton clusters are the plain bootstrap.
+    np.testing.assert_allclose(stats.bootstrap_means(x, 300, seed=1, groups=np.arange(60)),
+                               stats.bootstrap_means(x, 300, seed=1), rtol=1e-12)
+
+
+def test_cluster_bootstrap_is_wider_for_correlated_views_and_drops_mcnemar():
+    rng = np.random.default_rng(0)
+    src = (rng.random(10) < 0.5).astype(float)  # 10 photos, 20 identical-outcome views each
+    a = np.repeat(src, 20)
+    groups = np.repeat(np.arange(10), 20)
+    _, (lo_iid, hi_iid) = stats.bootstrap_ci(a, 2000)
+    _, (lo_cl, hi_cl) = stats.bootstrap_ci(a, 2000, groups=groups)
+    assert hi_cl - lo_cl > 2.5 * (hi_iid - lo_iid)  # ~sqrt(20) wider
+    b = np.repeat((rng.random(10) < 0.5).astype(float), 20)
+    assert stats.paired_compare(a, b, 500)["test"] == "mcnemar"
+    assert stats.paired_compare(a, b, 500, groups=groups)["test"] == "paired-bootstrap"
+    assert stats.paired_compare(a, b, 500, groups=np.arange(200))["test"] == "mcnemar"  # singletons: independent
