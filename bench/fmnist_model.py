@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from safetensors.torch import load_file, save_file
 
-    from moqe_compile.models.loader import export_torch
+    from moqe_compile.models.loader import export_torch, save_inline
 
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "labels.txt").write_text("\n".join(fashion_mnist.LABELS) + "\n")
     onnx_path = out / "model.onnx"
     if not onnx_path.is_file() or args.force or "onnx_test_top1" not in info:
-        export_torch(model, onnx_path, fashion_mnist.IMAGE_SIZE, 18, channels=1)
+        with tempfile.TemporaryDirectory(prefix="fmnist-export-") as tmp:
+            raw = Path(tmp) / "model.onnx"
+            export_torch(model, raw, fashion_mnist.IMAGE_SIZE, 18, channels=1)
+            save_inline(raw, onnx_path)  # one self-contained file, no model.onnx.data beside it
         info["onnx_test_top1"] = onnx_top1(onnx_path)
     jpath.write_text(json.dumps(info, indent=2))
     log(f"test top-1 {info['test_top1']:.4f} (ONNX Runtime {info['onnx_test_top1']:.4f}), "

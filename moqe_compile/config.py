@@ -45,8 +45,9 @@ class ModelConfig:
 
     source: "torchvision" (arch = a torchvision.models builder), "timm" (arch = a timm
     model name) or "onnx" (path = an ONNX file). For torch sources ``weights`` is a
-    state-dict file (``.pth``/``.safetensors``), or ``package:<module>/<relpath>`` for a
-    file shipped inside an installed package.
+    state-dict file (``.pth``/``.safetensors``), ``package:<module>/<relpath>`` for a
+    file shipped inside an installed package, or (timm only) ``pretrained`` for timm's own
+    weights from the local Hugging Face cache or the hub.
     """
 
     source: str = "torchvision"
@@ -61,6 +62,8 @@ class ModelConfig:
         _choice("model", "source", self.source, MODEL_SOURCES)
         if self.source == "onnx" and not self.path:
             raise ConfigError("[model] source = 'onnx' needs path = '<file.onnx>'.")
+        if self.weights == "pretrained" and self.source != "timm":
+            raise ConfigError(f"[model] weights = 'pretrained' is for source = 'timm', not {self.source!r}.")
         if self.source != "onnx" and not self.weights:
             raise ConfigError(
                 f"[model] source = {self.source!r} needs weights = '<state_dict.pth>': "
@@ -244,7 +247,7 @@ class RouterConfig:
 
     preset: the router's architecture by name (``PRESETS``): "default" (SE-ResNet-8
     16/32/64 + 8x8 attention over the image average-pooled to 32 px) or "small" (the
-    latency-budget router: 16 px subsampled, 8/16/32, one SE block, 2x16 attention).
+    latency-budget router: 16 px subsampled, 8/16/32, one SE block, 1x32 attention).
     The architecture keys (input_size, downsample, channels, se, heads, head_dim,
     quantize) left unset (0, "" or []) take the preset's value; set ones override it.
     targets: "hard" (argmin_k L), "soft" (softmax(-L/T)) or "fp-teacher" (softmax(-KL/T) on
@@ -262,7 +265,7 @@ class RouterConfig:
         "default": {"input_size": 32, "downsample": "avgpool", "channels": [16, 32, 64],
                     "se": [True, True, True], "heads": 8, "head_dim": 8, "quantize": "none"},
         "small": {"input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
-                  "se": [False, False, True], "heads": 2, "head_dim": 16, "quantize": "none"},
+                  "se": [False, False, True], "heads": 1, "head_dim": 32, "quantize": "none"},
     }
     TARGETS = ("hard", "soft", "fp-teacher")
     DOWNSAMPLE = ("avgpool", "subsample")

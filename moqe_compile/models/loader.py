@@ -83,6 +83,15 @@ def _torch_model(cfg: ModelConfig):
 
         if not timm.is_model(cfg.arch):
             raise ConfigError(f"[model] arch = {cfg.arch!r} is not a timm model name (see timm.list_models()).")
+        if cfg.weights == "pretrained":
+            # timm's own pretrained weights: from the local Hugging Face cache or the hub.
+            try:
+                return timm.create_model(cfg.arch, pretrained=True, num_classes=cfg.num_classes).eval()
+            except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+                raise ConfigError(
+                    f"[model] weights = 'pretrained': timm could not load pretrained {cfg.arch!r} ({e.__class__.__name__}: "
+                    f"{str(e)[:200]}). Without hub access, give a state-dict file instead."
+                ) from e
         model = timm.create_model(cfg.arch, pretrained=False, num_classes=cfg.num_classes)
     wpath = resolve_package_path(cfg.weights)
     if not wpath.is_file():

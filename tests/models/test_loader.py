@@ -50,3 +50,17 @@ def test_unknown_arch_and_missing_package(tmp_path):
                       PreprocessConfig(), tmp_path / "fp.onnx")
     with pytest.raises(ConfigError, match="package 'not_a_pkg_xyz' is not installed"):
         load_fp_model(ModelConfig(weights="package:not_a_pkg_xyz/w.pth"), PreprocessConfig(), tmp_path / "f.onnx")
+
+
+def test_timm_pretrained_without_hub_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    cfg = ModelConfig(source="timm", arch="test_resnet", weights="pretrained", num_classes=4, labels="")
+    try:
+        load_fp_model(cfg, PreprocessConfig(resize=36, crop=CROP), tmp_path / "fp.onnx")
+    except ConfigError as e:
+        assert "timm could not load pretrained 'test_resnet'" in str(e) and "state-dict file" in str(e)
+    else:  # a machine with the weights cached: then it must have exported a model
+        assert (tmp_path / "fp.onnx").is_file()
+    with pytest.raises(ConfigError, match="is for source = 'timm'"):
+        ModelConfig(source="torchvision", weights="pretrained")

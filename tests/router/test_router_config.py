@@ -14,7 +14,7 @@ def test_default_preset_is_the_documented_router():
 def test_small_preset_and_overrides():
     s = RouterConfig(preset="small")
     assert (s.input_size, s.downsample, s.channels, s.se, s.heads, s.head_dim) == (
-        16, "subsample", [8, 16, 32], [False, False, True], 2, 16)
+        16, "subsample", [8, 16, 32], [False, False, True], 1, 32)
     # Keys set explicitly override the preset; the rest still come from it.
     o = RouterConfig(preset="small", input_size=24, quantize="int8")
     assert (o.input_size, o.quantize, o.channels) == (24, "int8", [8, 16, 32])
@@ -43,7 +43,7 @@ def test_preset_from_recipe_and_manifest_round_trip(tmp_path):
     ({"usage_bias_decay": 1.0}, "usage_bias_decay = 1.0 must be in"),
     ({"balance_weight": -1.0}, "balance_weight = -1.0 must be >= 0"),
     ({"se": [True]}, "se = \\[True\\] must list 3 flags"),
-    ({"preset": "small", "heads": 4}, "heads \\* head_dim = 64 must equal"),
+    ({"preset": "small", "heads": 4}, "heads \\* head_dim = 128 must equal"),
 ])
 def test_bad_router_values_are_named(kw, match):
     with pytest.raises(ConfigError, match=match):
