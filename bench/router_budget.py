@@ -10,7 +10,8 @@ the build's own ``export_router``. Every candidate (each router variant x intra-
 count, and the expert) runs interleaved round by round in one process on the same real
 photos (bench/latency.py's method); medians over ``--repeats`` rounds, ratio = router
 median / expert median. Expert sessions use ONNX Runtime's default thread count, as the
-Runtime does.
+Runtime does; the Runtime runs the router on 1 thread (``t1``) for batches of 1-2 and with
+the default count (``t0``) above, so the deployed figures are t1 at batch 1, t0 at batch 32.
 """
 
 from __future__ import annotations

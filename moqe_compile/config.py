@@ -247,16 +247,17 @@ class RouterConfig:
 
     preset: the router's architecture by name (``PRESETS``): "default" (SE-ResNet-8
     16/32/64 + 8x8 attention over the image average-pooled to 32 px) or "small" (the
-    latency-budget router: 16 px subsampled, 8/16/32, one SE block, 1x32 attention).
+    latency-budget router: 16 px subsampled, 8/16/32, no SE, 1x32 attention).
     The architecture keys (input_size, downsample, channels, se, heads, head_dim,
     quantize) left unset (0, "" or []) take the preset's value; set ones override it.
     targets: "hard" (argmin_k L), "soft" (softmax(-L/T)) or "fp-teacher" (softmax(-KL/T) on
     the per-sample KL-to-FP matrix; needs no labels), T = temperature.
     stabilizers (any of "balance", "usage-bias", "noise"; all off by default), each only
     during training: the Switch-Transformer load-balance loss balance_weight * K * sum_k
-    f_k P_k; an EMA of expert usage (usage_bias_decay) fed back into the training logits
-    with usage_bias_strength; Gaussian noise on the logits whose std decays linearly from
-    noise_std to 0 over the epochs.
+    f_k P_k; an EMA u of expert usage (usage_bias_decay): training logits +
+    usage_bias_strength * log(K u), so the served logits are the trained ones minus this
+    usage bias (router/train.py says why this sign); Gaussian noise on the logits whose std
+    decays linearly from noise_std to 0 over the epochs.
     fallback: after training, pick on the validation split the router-confidence threshold
     below which the best single expert serves the input (stored in the manifest).
     """
@@ -265,7 +266,7 @@ class RouterConfig:
         "default": {"input_size": 32, "downsample": "avgpool", "channels": [16, 32, 64],
                     "se": [True, True, True], "heads": 8, "head_dim": 8, "quantize": "none"},
         "small": {"input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
-                  "se": [False, False, True], "heads": 1, "head_dim": 32, "quantize": "none"},
+                  "se": [False, False, False], "heads": 1, "head_dim": 32, "quantize": "none"},
     }
     TARGETS = ("hard", "soft", "fp-teacher")
     DOWNSAMPLE = ("avgpool", "subsample")

@@ -8,7 +8,7 @@ Two presets (``RouterConfig.preset``, values in ``RouterConfig.PRESETS``):
 - ``default``: the image average-pooled to 32x32, stages 16/32/64 with squeeze-excite in
   every block, 8 heads x 8 over the 8x8 positions.
 - ``small``: the image *subsampled* (the centre pixel of each k x k cell) to 16x16, stages
-  8/16/32, squeeze-excite only in the last block, 1 head x 32 over 4x4 positions. Built
+  8/16/32, no squeeze-excite, 1 head x 32 over 4x4 positions. Built
   for the latency budget (router <= 5% of one expert, bench/router_budget.py): at batch 1
   ONNX Runtime's per-op overhead and the full-resolution average pool dominate, so the
   small preset cuts ops, not FLOPs.

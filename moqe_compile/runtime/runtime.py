@@ -10,8 +10,11 @@ whose router confidence (max probability) is below t are served by
 validation split at build time). The reported confidence stays the router's max
 probability. Bundles without the field route by argmax alone.
 
-The router session runs on one intra-op thread by default (``router_threads``): its ops are
-tiny, and ONNX Runtime's thread-pool hand-offs cost more than they save (bench/router_budget.py).
+The router graph gets two sessions: batches of at most ``router_threads_max_batch`` (2) run
+on ``router_threads`` (1) intra-op threads, larger ones with the experts' setting. A router's
+ops are tiny, and at batch 1-2 ONNX Runtime's thread hand-offs cost more than they save
+(measured on 2 cores, batch 1: default router 0.61 ms on one thread vs 0.82 ms on two; at
+batch 32 one thread is slower, 14.0 vs 8.3 ms; bench/router_budget.py).
 """
 
 from __future__ import annotations
@@ -47,8 +50,26 @@ class RunResult:
         return idx, np.take_along_axis(p, idx, -1)
 
 
+class _RouterSessions:
+    """The router's two sessions behind one ``run``: few threads for small batches."""
+
+    name = "router"
+
+    def __init__(self, small, large, max_small_batch: int):
+        self.small, self.large, self.max_small_batch = small, large, max_small_batch
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return (self.small if self.small is not None and len(x) <= self.max_small_batch else self.large).run(x)
+
+    def close(self) -> None:
+        for s in (self.small, self.large):
+            if s is not None:
+                s.close()
+
+
 class Runtime:
-    def __init__(self, root: Path, manifest: dict, backend: str, intra_op_threads: int = 0, router_threads: int = 1):
+    def __init__(self, root: Path, manifest: dict, backend: str, intra_op_threads: int = 0, router_threads: int = 1,
+                 router_threads_max_batch: int = 2):
         self.root, self.manifest, self.backend = root, manifest, backend
         self.preprocess = Preprocess.from_dict(manifest["preprocessing"])
         self.labels: list[str] = json.loads((root / manifest["task"]["labels"]["path"]).read_text())
@@ -58,8 +79,12 @@ class Runtime:
                          for e in manifest["experts"]]
         routing = manifest["routing"]
         self.default_expert = self.expert_names.index(routing["default_expert"])
-        self._router = (cls("router", root / manifest["router"]["path"], router_threads)
-                        if routing["enabled"] else None)
+        self._router = None
+        if routing["enabled"]:
+            rpath = root / manifest["router"]["path"]
+            few = (cls("router", rpath, router_threads)
+                   if router_threads != intra_op_threads and router_threads_max_batch > 0 else None)
+            self._router = _RouterSessions(few, cls("router", rpath, intra_op_threads), router_threads_max_batch)
         # Bundles written before the fallback existed have no threshold: argmax routing only.
         self.fallback_threshold = float(routing.get("fallback_threshold", 0.0))
         fb = routing.get("fallback_expert", routing["default_expert"])
@@ -68,13 +93,13 @@ class Runtime:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", verify: bool = True, intra_op_threads: int = 0,
-             router_threads: int = 1) -> "Runtime":
+             router_threads: int = 1, router_threads_max_batch: int = 2) -> "Runtime":
         """Open a bundle (hashes verified unless ``verify=False``) and create every session once.
-        ``intra_op_threads`` is for the experts (0: ONNX Runtime's default), ``router_threads``
-        for the router."""
+        ``intra_op_threads``: experts, and the router above ``router_threads_max_batch``
+        (0: ONNX Runtime's default); ``router_threads``: the router on small batches."""
         b = read_bundle(path, verify=verify)
         name = resolve_backend(backend, b.manifest["backends"])
-        return cls(b.root, b.manifest, name, intra_op_threads, router_threads)
+        return cls(b.root, b.manifest, name, intra_op_threads, router_threads, router_threads_max_batch)
 
     def __enter__(self) -> "Runtime":
         return self

@@ -27,12 +27,13 @@ def test_attention_equals_the_original_formulation(heads, head_dim):
     assert math.isclose(a.log_tau.exp().item(), 1 / math.sqrt(head_dim), rel_tol=1e-6)
 
 
-def test_default_preset_keeps_every_se_block_and_small_drops_two():
+def test_se_blocks_follow_the_config():
     keys = set(CVRouterCore(RouterConfig(), 3).state_dict())
-    assert {f"stages.{i}.se.fc1.weight" for i in range(3)} <= keys
-    small = set(CVRouterCore(RouterConfig(preset="small"), 3).state_dict())
-    assert {k for k in small if ".se." in k} == {"stages.2.se.fc1.weight", "stages.2.se.fc1.bias",
-                                                 "stages.2.se.fc2.weight", "stages.2.se.fc2.bias"}
+    assert {f"stages.{i}.se.fc1.weight" for i in range(3)} <= keys  # default: every block
+    assert not any(".se." in k for k in CVRouterCore(RouterConfig(preset="small"), 3).state_dict())
+    last = set(CVRouterCore(RouterConfig(preset="small", se=[False, False, True]), 3).state_dict())
+    assert {k for k in last if ".se." in k} == {"stages.2.se.fc1.weight", "stages.2.se.fc1.bias",
+                                                "stages.2.se.fc2.weight", "stages.2.se.fc2.bias"}
 
 
 def _ops(path):

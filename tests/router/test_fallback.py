@@ -94,3 +94,18 @@ def test_runtime_applies_the_manifest_threshold(tiny_bundle, tmp_path):
         idx, conf = rt.route(x)
         np.testing.assert_array_equal(idx, ref_idx)
         assert not rt.run(x).fell_back.any()
+
+
+def test_router_runs_on_few_threads_for_small_batches_only(tiny_bundle):
+    x = np.random.default_rng(1).normal(size=(5, 3, CROP, CROP)).astype(np.float32)
+    with Runtime.load(tiny_bundle) as rt:
+        calls = []
+        for which in ("small", "large"):
+            s = getattr(rt._router, which)
+            s.run = (lambda f, w: (lambda b: (calls.append((w, len(b))), f(b))[1]))(s.run, which)
+        rt.route(x[:1])
+        rt.route(x[:2])
+        rt.route(x)
+        assert calls == [("small", 1), ("small", 2), ("large", 5)]
+    with Runtime.load(tiny_bundle, router_threads=0) as rt:  # same as the experts': one session
+        assert rt._router.small is None and rt.route(x)[0].shape == (5,)

@@ -14,7 +14,7 @@ def test_default_preset_is_the_documented_router():
 def test_small_preset_and_overrides():
     s = RouterConfig(preset="small")
     assert (s.input_size, s.downsample, s.channels, s.se, s.heads, s.head_dim) == (
-        16, "subsample", [8, 16, 32], [False, False, True], 1, 32)
+        16, "subsample", [8, 16, 32], [False, False, False], 1, 32)
     # Keys set explicitly override the preset; the rest still come from it.
     o = RouterConfig(preset="small", input_size=24, quantize="int8")
     assert (o.input_size, o.quantize, o.channels) == (24, "int8", [8, 16, 32])
