@@ -100,6 +100,10 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
         entries[f"expert:{name}"] = per_sample_metrics(ex[k], fp_logits, labels, loss[:, k])
     entries["oracle"] = per_sample_metrics(ex[oracle, idx], fp_logits, labels, loss[idx, oracle])
     entries["moqe"] = per_sample_metrics(ex[route, idx], fp_logits, labels, loss[idx, route])
+    # Control: the router's own expert mix, shuffled across inputs (same usage, no input
+    # information). A router that does not beat this has learned nothing about the inputs.
+    rand = np.random.default_rng(seed).permutation(route)
+    entries["random_router"] = per_sample_metrics(ex[rand, idx], fp_logits, labels, loss[idx, rand])
     metric = "top1" if labels is not None else "fp_top1_agreement"
     moqe_v, best_v = entries["moqe"], entries[f"expert:{expert_names[best_k]}"]
     extra = {"diff:metric": moqe_v[metric] - best_v[metric],
@@ -150,6 +154,7 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
         "best_expert": {"name": best_name, "chosen_on": best_chosen_on, **entry(f"expert:{best_name}")},
         "oracle": entry("oracle"),
         "moqe": entry("moqe"),
+        "random_router": entry("random_router"),
         "moqe_vs_best": {
             "metric": metric,
             "diff": stat["diff:metric"]["value"],
@@ -234,7 +239,10 @@ def to_markdown(rep: dict, title: str | None = None, latency: dict | None = None
     rows = [("FP32", rep["fp"])]
     for n, e in rep["experts"].items():
         rows.append((f"expert {n}" + (f" (best on {rep['best_expert']['chosen_on']})" if n == best else ""), e))
-    rows += [("oracle (per-sample argmin L)", rep["oracle"]), ("**MoQE** (router + 1 expert)", rep["moqe"])]
+    rows += [("oracle (per-sample argmin L)", rep["oracle"])]
+    if "random_router" in rep:
+        rows.append(("control: random router (MoQE's usage, shuffled)", rep["random_router"]))
+    rows.append(("**MoQE** (router + 1 expert)", rep["moqe"]))
     for name, e in rows:
         L.append(f"| {name} | " + " | ".join(_cell(c, e[c]) for c in cols) + " |")
     vb, vl = rep["moqe_vs_best"], rep["moqe_vs_best_loss"]

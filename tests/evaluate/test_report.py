@@ -137,3 +137,22 @@ def test_few_independent_units_warn():
     r = build_split_report(**kw, route=route, best_expert=best, groups=np.repeat(np.arange(3), 40), n_boot=200)
     assert len(r["warnings"]) == 1 and "only 3 independent source images" in r["warnings"][0]
     assert "**Warning:** only 3 independent" in to_markdown(r)
+
+
+def test_random_router_control_keeps_usage_and_loses_input_information():
+    from moqe_compile.evaluate.report import build_split_report
+
+    rng = np.random.default_rng(0)
+    n, c = 400, 3
+    labels = rng.integers(0, c, n)
+    good = np.eye(c)[labels] * 5.0  # always right
+    bad = np.eye(c)[(labels + 1) % c] * 5.0  # always wrong
+    # Expert 0 is right on the first half, expert 1 on the second; the router knows which.
+    ex = np.stack([np.where((np.arange(n) < n // 2)[:, None], good, bad),
+                   np.where((np.arange(n) >= n // 2)[:, None], good, bad)]).astype(np.float32)
+    loss = np.stack([-np.log(np.exp(e[np.arange(n), labels]) / np.exp(e).sum(1)) for e in ex], axis=1)
+    route = (np.arange(n) >= n // 2).astype(np.int64)
+    rep = build_split_report(fp_logits=good.astype(np.float32), expert_logits=ex, expert_names=["a", "b"],
+                             labels=labels, loss=loss, route=route, best_expert=0, targets="labels", n_boot=200)
+    assert rep["moqe"]["top1"]["value"] == 1.0
+    assert 0.35 < rep["random_router"]["top1"]["value"] < 0.65  # same 50/50 mix, chance-level
