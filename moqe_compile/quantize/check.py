@@ -85,9 +85,7 @@ def _check_tensorrt(model: Path) -> list[str]:
             bad.append(f"{who}: scale {n.input[1]!r} is not a constant")
         elif not np.all(scale > 0):
             bad.append(f"{who}: scale {n.input[1]!r} has non-positive values")
-        if zp is None:
-            if not (len(n.input) > 2 and n.input[2]):
-                pass  # absent zero-point means uint8 0 by default -> not int8
+        if zp is None:  # an absent zero-point defaults to uint8 0, which TensorRT rejects too
             bad.append(f"{who}: zero-point missing or not constant (need an int8 constant 0)")
         else:
             if zp.dtype != np.int8:

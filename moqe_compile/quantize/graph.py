@@ -59,23 +59,6 @@ def set_init(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
     raise KeyError(name)
 
 
-def ensure_bias(model: onnx.ModelProto, layer: WeightLayer) -> str:
-    """Give a bias-less Conv/Gemm a zero bias initializer (bias correction needs one)."""
-    if layer.bias:
-        return layer.bias
-    out_ch = get_init(model, layer.weight).shape[0]
-    name = f"{layer.weight}__moqe_bias"
-    model.graph.initializer.append(numpy_helper.from_array(np.zeros(out_ch, np.float32), name))
-    for n in model.graph.node:
-        if n.name == layer.node:
-            if n.op_type == "Gemm" and len(n.input) < 3:
-                n.input.append(name)
-            elif n.op_type == "Conv" and len(n.input) < 3:
-                n.input.append(name)
-    layer.bias = name
-    return name
-
-
 def run_with_outputs(model: onnx.ModelProto | Path, names: list[str], input_name: str, x: np.ndarray,
                      batch: int = 16) -> dict[str, list[np.ndarray]]:
     """Run ``model`` on ``x`` returning the named intermediate tensors, per batch."""
