@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -27,32 +26,20 @@ import numpy as np
 from moqe_compile.backends import OrtCpuSession
 from moqe_compile.config import EXPERT_PRESETS, ExpertRecipe, load_recipe
 from moqe_compile.data.datasets import build_splits
+from moqe_compile.evaluate.latency import time_interleaved
+from moqe_compile.evaluate.stats import bootstrap_ci
 from moqe_compile.data.images import Preprocess
 from moqe_compile.models import load_fp_model
 from moqe_compile.quantize import build_expert, prepare_for_quantization
 from moqe_compile.score import diversity, expert_metrics, run_batched
 
 
-def bootstrap_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(correct), (n_boot, len(correct)))
-    means = correct[idx].mean(axis=1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
-
-
 def latency(sessions: dict, x: np.ndarray, batches: list[int], repeats: int) -> dict:
     out = {}
     for bs in batches:
         xb = np.ascontiguousarray(x[:bs])
-        samples = {k: [] for k in sessions}
-        for s in sessions.values():
-            s.run(xb)
-        for _ in range(repeats):
-            for k, s in sessions.items():  # interleaved: drift hits every variant alike
-                t = time.perf_counter()
-                s.run(xb)
-                samples[k].append((time.perf_counter() - t) * 1e3)
-        out[str(bs)] = {k: round(statistics.median(v), 3) for k, v in samples.items()}
+        timed = time_interleaved({k: (lambda s=s: s.run(xb)) for k, s in sessions.items()}, repeats)
+        out[str(bs)] = {k: v["median_ms"] for k, v in timed.items()}
     return out
 
 
@@ -93,7 +80,7 @@ def main() -> None:
             logits[n] = run_batched(sessions[n], ev.x, 256)
             m = expert_metrics(logits[n], fp_logits, ev.labels)
             if ev.labels is not None:
-                m["top1_ci95"] = bootstrap_ci((logits[n].argmax(-1) == ev.labels).astype(np.float64))
+                m["top1_ci95"] = list(bootstrap_ci((logits[n].argmax(-1) == ev.labels).astype(np.float64))[1])
             m["build_s"] = round(build_s, 2)
             m["steps"] = info["steps"]
             m["kernels"] = info["variants"]["onnxruntime-cpu"]["check"]["kernels"]["integer"]

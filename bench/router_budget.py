@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +27,12 @@ import numpy as np
 from moqe_compile import Runtime
 from moqe_compile.backends import OrtCpuSession
 from moqe_compile.data.datasets import foolbox_dir
+from moqe_compile.evaluate.latency import tile_batch, time_interleaved
 
 
 def sample_batch(rt: Runtime, n: int) -> np.ndarray:
     _, x = rt.load_inputs(foolbox_dir())  # the 100 demo photos (ImageNet, CIFAR, MNIST...)
-    return np.ascontiguousarray(np.concatenate([x] * -(-n // len(x)))[:n])
-
-
-def summarize(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=4)
-    return {"median_ms": round(statistics.median(xs), 4), "iqr_ms": [round(q[0], 4), round(q[2], 4)]}
+    return tile_batch(x, n)
 
 
 def build_router(preset: str, quantize: str, rt: Runtime, out: Path, calib: np.ndarray) -> Path:
@@ -86,15 +80,7 @@ def main() -> None:
         cands = {f"expert:{expert}": lambda: rt.run_expert(expert, x)}
         for k, s in routers.items():
             cands[f"router:{k}"] = (lambda s=s: s.run(x))
-        samples = {k: [] for k in cands}
-        for f in cands.values():  # warm-up
-            f()
-        for _ in range(args.repeats):
-            for k, f in cands.items():
-                t = time.perf_counter()
-                f()
-                samples[k].append((time.perf_counter() - t) * 1e3)
-        row = {k: summarize(v) for k, v in samples.items()}
+        row = time_interleaved(cands, args.repeats)
         e = row[f"expert:{expert}"]["median_ms"]
         for k in routers:
             row[f"router:{k}"]["ratio_to_expert"] = round(row[f"router:{k}"]["median_ms"] / e, 4)

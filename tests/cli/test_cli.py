@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from moqe_compile.cli import compile as compile_cli
 from moqe_compile.cli import run as run_cli
