@@ -55,6 +55,12 @@ class BackendError(MoqeError):
     exit_code = 6
 
 
+class OverloadedError(MoqeError):
+    """The runtime's bounded request queue is full, or the runtime is shutting down: retry later."""
+
+    exit_code = 7
+
+
 __all__ = [
     "MoqeError",
     "ConfigError",
@@ -65,4 +71,5 @@ __all__ = [
     "SchemaVersionError",
     "BuildError",
     "BackendError",
+    "OverloadedError",
 ]

@@ -1,5 +1,6 @@
 """Serve a bundle: route each sample, run each expert once on its group, scatter back."""
 
-from .runtime import RunResult, Runtime
+from .batcher import DynamicBatcher
+from .runtime import QueueConfig, RunResult, Runtime
 
-__all__ = ["Runtime", "RunResult"]
+__all__ = ["Runtime", "RunResult", "QueueConfig", "DynamicBatcher"]

@@ -20,7 +20,9 @@ batch 32 one thread is slower, 14.0 vs 8.3 ms; bench/router_budget.py).
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from ..bundle import read_bundle
 from ..data.images import Preprocess, load_inputs
 from ..errors import InputError, MoqeError
 from ..router.fallback import apply_fallback
+from .batcher import DynamicBatcher
 
 
 @dataclass
@@ -41,6 +44,13 @@ class RunResult:
     confidence: np.ndarray  # (N,) router confidence: its max probability (also where the input fell back)
     timing_ms: dict[str, float] = field(default_factory=dict)
     fell_back: np.ndarray | None = None  # (N,) bool: served by routing.fallback_expert for low confidence
+
+    def slice(self, start: int, stop: int) -> "RunResult":
+        """The result of samples ``start:stop`` (one request's share of a merged batch); the
+        timing is the merged batch's."""
+        sl = slice(start, stop)
+        return RunResult(self.logits[sl], self.expert_index[sl], self.experts[sl], self.confidence[sl],
+                         dict(self.timing_ms), None if self.fell_back is None else self.fell_back[sl])
 
     def topk(self, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         z = self.logits - self.logits.max(-1, keepdims=True)
@@ -67,20 +77,46 @@ class _RouterSessions:
                 s.close()
 
 
+@dataclass(frozen=True)
+class QueueConfig:
+    """The bounded queue behind ``Runtime.submit``: requests arriving within ``max_delay_ms``
+    of the oldest waiting one are merged up to ``max_batch`` samples; at most ``max_queue``
+    requests wait (more raise ``OverloadedError``); ``workers`` threads call ``run``."""
+
+    max_batch: int = 32
+    max_delay_ms: float = 2.0
+    max_queue: int = 256
+    workers: int = 1
+
+
 class Runtime:
+    """A loaded bundle. ``run(batch)`` runs at once on the calling thread; ``submit(batch)``
+    queues it for the dynamic batcher and returns a ``Future[RunResult]``. Both are safe from
+    any number of threads. ``close()`` (or leaving a ``with`` block) drains queued requests,
+    waits for running calls, then releases every session."""
+
     def __init__(self, root: Path, manifest: dict, backend: str, intra_op_threads: int = 0, router_threads: int = 1,
-                 router_threads_max_batch: int = 2):
+                 router_threads_max_batch: int = 2, queue: QueueConfig | None = None,
+                 only_expert: str | None = None):
         self.root, self.manifest, self.backend = root, manifest, backend
+        self.queue_config = queue or QueueConfig()
+        self._batcher: DynamicBatcher | None = None
+        self._lock = threading.Condition()
+        self._running = 0
         self.preprocess = Preprocess.from_dict(manifest["preprocessing"])
         self.labels: list[str] = json.loads((root / manifest["task"]["labels"]["path"]).read_text())
         cls = BACKENDS[backend]
         self.expert_names = [e["name"] for e in manifest["experts"]]
-        self._experts = [cls(e["name"], root / e["variants"][backend]["path"], intra_op_threads)
-                         for e in manifest["experts"]]
         routing = manifest["routing"]
-        self.default_expert = self.expert_names.index(routing["default_expert"])
+        if only_expert is not None and only_expert not in self.expert_names:
+            raise InputError(f"expert {only_expert!r} is not in this bundle; it has {self.expert_names}.")
+        # only_expert: serve that expert alone, no router (benchmarks' single-expert baseline);
+        # the other experts' sessions are never created.
+        self._experts = [cls(e["name"], root / e["variants"][backend]["path"], intra_op_threads)
+                         if only_expert in (None, e["name"]) else None for e in manifest["experts"]]
+        self.default_expert = self.expert_names.index(only_expert or routing["default_expert"])
         self._router = None
-        if routing["enabled"]:
+        if routing["enabled"] and only_expert is None:
             rpath = root / manifest["router"]["path"]
             few = (cls("router", rpath, router_threads)
                    if router_threads != intra_op_threads and router_threads_max_batch > 0 else None)
@@ -93,13 +129,46 @@ class Runtime:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", verify: bool = True, intra_op_threads: int = 0,
-             router_threads: int = 1, router_threads_max_batch: int = 2) -> "Runtime":
+             router_threads: int = 1, router_threads_max_batch: int = 2,
+             queue: QueueConfig | None = None, only_expert: str | None = None) -> "Runtime":
         """Open a bundle (hashes verified unless ``verify=False``) and create every session once.
         ``intra_op_threads``: experts, and the router above ``router_threads_max_batch``
-        (0: ONNX Runtime's default); ``router_threads``: the router on small batches."""
+        (0: ONNX Runtime's default); ``router_threads``: the router on small batches;
+        ``queue``: the dynamic batcher behind ``submit``; ``only_expert``: serve that expert
+        alone without the router."""
         b = read_bundle(path, verify=verify)
         name = resolve_backend(backend, b.manifest["backends"])
-        return cls(b.root, b.manifest, name, intra_op_threads, router_threads, router_threads_max_batch)
+        return cls(b.root, b.manifest, name, intra_op_threads, router_threads, router_threads_max_batch, queue,
+                   only_expert)
+
+    @property
+    def routed(self) -> bool:
+        """False when the bundle serves one expert without running the router."""
+        return self._router is not None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.preprocess.input_shape
+
+    def submit(self, batch: np.ndarray) -> Future:
+        """Queue ``batch`` (checked now, so a bad one fails here and not in a merged batch) for
+        the dynamic batcher; ``Future.result()`` gives this batch's ``RunResult``. Raises
+        ``OverloadedError`` when the queue is full or the runtime is closing."""
+        batch = self._check(batch)
+        with self._lock:
+            if self._closed:
+                raise MoqeError("Runtime is closed.")
+            if self._batcher is None:
+                q = self.queue_config
+                self._batcher = DynamicBatcher(self.run, RunResult.slice, q.max_batch, q.max_delay_ms,
+                                               q.max_queue, q.workers)
+            batcher = self._batcher
+        return batcher.submit(batch)
+
+    @property
+    def batcher(self) -> DynamicBatcher | None:
+        """The batcher behind ``submit`` (None until the first call): queue depth, metrics hook."""
+        return self._batcher
 
     def __enter__(self) -> "Runtime":
         return self
@@ -107,10 +176,21 @@ class Runtime:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, drain: bool = True) -> None:
+        """Finish (``drain``) or fail the queued requests, wait for running calls, release sessions."""
+        with self._lock:
+            if self._closed:
+                return
+            batcher = self._batcher
+        if batcher is not None:
+            batcher.close(drain=drain)
+        with self._lock:
+            self._closed = True
+            while self._running:
+                self._lock.wait()
         for s in [*self._experts, *([self._router] if self._router else [])]:
-            s.close()
-        self._closed = True
+            if s is not None:
+                s.close()
 
     def load_inputs(self, path: str | Path) -> tuple[list[str], np.ndarray]:
         return load_inputs(path, self.preprocess)
@@ -124,9 +204,18 @@ class Runtime:
         return apply_fallback(self._router.run(batch), self.fallback_threshold, self.fallback_expert)
 
     def run(self, batch: np.ndarray) -> RunResult:
-        if self._closed:
-            raise MoqeError("Runtime is closed.")
-        batch = self._check(batch)
+        with self._lock:
+            if self._closed:
+                raise MoqeError("Runtime is closed.")
+            self._running += 1
+        try:
+            return self._run(self._check(batch))
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._lock.notify_all()
+
+    def _run(self, batch: np.ndarray) -> RunResult:
         t0 = time.perf_counter()
         idx, conf = self.route(batch)
         t1 = time.perf_counter()
@@ -145,7 +234,11 @@ class Runtime:
 
     def run_expert(self, name: str, batch: np.ndarray) -> np.ndarray:
         """Run one expert alone (benchmarks, controls)."""
-        return self._experts[self.expert_names.index(name)].run(self._check(batch))
+        sess = self._experts[self.expert_names.index(name)]
+        if sess is None:
+            raise InputError(f"expert {name!r} was not loaded (this runtime serves only "
+                             f"{self.expert_names[self.default_expert]!r}).")
+        return sess.run(self._check(batch))
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
         shape = self.preprocess.input_shape
