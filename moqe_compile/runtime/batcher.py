@@ -52,8 +52,8 @@ class DynamicBatcher:
         self._cv = threading.Condition()
         self._closing = False
         self._in_flight = 0
-        # Observers (metrics): called with (batch_size, n_requests) after each merged run.
-        self.on_batch: Callable[[int, int], None] | None = None
+        # Observer (metrics): called with (result, batch_size, n_requests) after each merged run.
+        self.on_batch: Callable[[object, int, int], None] | None = None
         self._threads = [threading.Thread(target=self._work, name=f"moqe-batcher-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -137,7 +137,7 @@ class DynamicBatcher:
                 r.future.set_exception(e)
             return
         if self.on_batch is not None:
-            self.on_batch(len(x), len(live))
+            self.on_batch(res, len(x), len(live))
         start = 0
         for r in live:
             r.future.set_result(self._split(res, start, start + len(r.x)))

@@ -1,0 +1,56 @@
+"""``moqe-serve BUNDLE``: serve a bundle over the Open Inference Protocol (KServe v2, HTTP)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import guarded
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moqe-serve", description="Serve a MoQE bundle over the Open Inference "
+                                 "Protocol (KServe v2) on HTTP, with dynamic batching and Prometheus /metrics.")
+    ap.add_argument("bundle", help="bundle directory written by moqe-compile build")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    ap.add_argument("--name", default="", help="model name in the URLs (default: the bundle directory's name)")
+    ap.add_argument("--max-batch", type=int, default=32, help="merge queued requests up to this many samples (32)")
+    ap.add_argument("--max-delay-ms", type=float, default=2.0,
+                    help="wait at most this long after a request arrives for others to merge with it (2)")
+    ap.add_argument("--max-queue", type=int, default=256,
+                    help="requests allowed to wait; beyond it the server answers 503 + Retry-After (256)")
+    ap.add_argument("--workers", type=int, default=1, help="threads running merged batches (1)")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    ap.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (64 MiB)")
+    ap.add_argument("--backend", default="auto", help="execution backend (default: auto)")
+    ap.add_argument("--only-expert", default=None, metavar="NAME",
+                    help="serve this expert alone without the router (a single-expert baseline)")
+    ap.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    args = ap.parse_args(argv)
+    return guarded(lambda: _serve(args), "moqe-serve")
+
+
+def _serve(args) -> int:
+    from ..errors import ConfigError
+    from ..runtime import QueueConfig
+    from ..serving.server import ServeConfig, serve
+
+    for flag, v, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                         ("--workers", args.workers, 1), ("--threads", args.threads, 0),
+                         ("--port", args.port, 0)):
+        if v < low:
+            raise ConfigError(f"{flag} {v} must be >= {low}.")
+    if args.max_delay_ms < 0 or args.max_body_mb <= 0:
+        raise ConfigError(f"--max-delay-ms {args.max_delay_ms} must be >= 0 and --max-body-mb "
+                          f"{args.max_body_mb} > 0.")
+    cfg = ServeConfig(host=args.host, port=args.port, name=args.name, max_body_mb=args.max_body_mb,
+                      log_level=args.log_level)
+    queue = QueueConfig(args.max_batch, args.max_delay_ms, args.max_queue, args.workers)
+    serve(args.bundle, cfg, queue, backend=args.backend, intra_op_threads=args.threads,
+          only_expert=args.only_expert)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

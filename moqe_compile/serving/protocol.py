@@ -1,0 +1,249 @@
+"""The Open Inference Protocol (KServe v2) request/response bodies, HTTP-free.
+
+Covers the JSON form and the binary tensor data extension Triton and ``tritonclient``
+use by default (a JSON header of ``Inference-Header-Content-Length`` bytes, then each
+binary tensor's raw little-endian bytes in order; BYTES elements as 4-byte length + data).
+Every malformed request raises ``ProtocolError`` with the HTTP status and a message
+naming the offending field, so the server never answers bad input with a 500.
+
+Inputs this server takes (one of them per request):
+  ``input``  FP32 [N, C, H, W]: preprocessed images, as the bundle's FP model takes them.
+  ``image``  BYTES [N]: encoded image files (JPEG/PNG/...), preprocessed by the bundle's
+             own recipe. In the JSON form each element is the file base64-encoded.
+Outputs (all by default; a request may name a subset):
+  ``logits``             FP32 [N, classes]
+  ``expert``             INT32 [N]  index of the expert that served each sample
+  ``expert_name``        BYTES [N]  its name
+  ``router_confidence``  FP32 [N]   the router's max probability (1.0 when not routed)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(bool), "UINT8": np.dtype(np.uint8), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+}
+OUTPUTS = ("logits", "expert", "expert_name", "router_confidence")
+INPUTS = ("input", "image")
+
+
+class ProtocolError(InputError):
+    """A request the protocol or this model cannot take; ``status`` is the HTTP code to send."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    input_name: str  # "input" or "image"
+    tensor: np.ndarray | list[bytes]
+    outputs: list[str]  # requested output names, in order
+    binary_outputs: set[str] = field(default_factory=set)
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.tensor)
+
+
+def _need(obj: dict, key: str, kind: type, where: str):
+    if key not in obj:
+        raise ProtocolError(f"{where}.{key} is missing.")
+    v = obj[key]
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise ProtocolError(f"{where}.{key} must be a {kind.__name__}, got {type(v).__name__}.")
+    return v
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse a v2 infer body; ``header_length`` is the ``Inference-Header-Content-Length``
+    header (None: the whole body is JSON)."""
+    if header_length is None:
+        head, blob = body, b""
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ProtocolError(f"Inference-Header-Content-Length {header_length!r} is not an integer.") from None
+        if not 0 < n <= len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length {n} is outside the body's {len(body)} bytes.")
+        head, blob = body[:n], body[n:]
+    try:
+        req = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"request body is not valid JSON: {e}.") from None
+    if not isinstance(req, dict):
+        raise ProtocolError(f"request body must be a JSON object, got {type(req).__name__}.")
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise ProtocolError(f"id must be a string, got {type(rid).__name__}.")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("parameters must be an object.")
+    inputs = _need(req, "inputs", list, "request")
+    if len(inputs) != 1:
+        raise ProtocolError(f"inputs must hold exactly one tensor (named one of {list(INPUTS)}), got {len(inputs)}.")
+    tensor_req = inputs[0]
+    if not isinstance(tensor_req, dict):
+        raise ProtocolError("inputs[0] must be an object.")
+    name = _need(tensor_req, "name", str, "inputs[0]")
+    if name not in INPUTS:
+        raise ProtocolError(f"inputs[0].name {name!r} is not an input of this model; use one of {list(INPUTS)}.")
+    tensor = _decode_tensor(tensor_req, blob, f"inputs[0] ({name})")
+    if len(blob) != (_binary_size(tensor_req) or 0):
+        raise ProtocolError(f"the body has {len(blob)} binary bytes after the JSON header but "
+                            f"inputs[0].parameters.binary_data_size says {_binary_size(tensor_req) or 0}.")
+
+    binary_all = bool(params.get("binary_data_output", False))
+    wanted = req.get("outputs")
+    if wanted is None:
+        names, binary = list(OUTPUTS), set(OUTPUTS) if binary_all else set()
+    else:
+        if not isinstance(wanted, list) or not wanted:
+            raise ProtocolError("outputs must be a non-empty list of {\"name\": ...} objects.")
+        names, binary = [], set()
+        for i, o in enumerate(wanted):
+            if not isinstance(o, dict):
+                raise ProtocolError(f"outputs[{i}] must be an object.")
+            oname = _need(o, "name", str, f"outputs[{i}]")
+            if oname not in OUTPUTS:
+                raise ProtocolError(f"outputs[{i}].name {oname!r} is not an output of this model; "
+                                    f"use any of {list(OUTPUTS)}.")
+            names.append(oname)
+            op = o.get("parameters") or {}
+            if op.get("binary_data", binary_all):
+                binary.add(oname)
+    return InferRequest(rid, name, tensor, names, binary, params)
+
+
+def _binary_size(t: dict) -> int | None:
+    p = t.get("parameters") or {}
+    if not isinstance(p, dict):
+        raise ProtocolError("inputs[0].parameters must be an object.")
+    v = p.get("binary_data_size")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+        raise ProtocolError(f"inputs[0].parameters.binary_data_size must be a non-negative integer, got {v!r}.")
+    return v
+
+
+def _decode_tensor(t: dict, blob: bytes, where: str) -> np.ndarray | list[bytes]:
+    shape = _need(t, "shape", list, where)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"{where}.shape {shape!r} must be a non-empty list of non-negative integers.")
+    dt = _need(t, "datatype", str, where)
+    count = int(np.prod(shape))
+    size = _binary_size(t)
+    if dt == "BYTES":
+        items = _bytes_elements(t, blob, size, where)
+        if len(items) != count:
+            raise ProtocolError(f"{where} has {len(items)} BYTES elements but shape {shape} needs {count}.")
+        return items
+    if dt not in DTYPES:
+        raise ProtocolError(f"{where}.datatype {dt!r} is not a v2 datatype ({sorted(DTYPES) + ['BYTES']}).")
+    dtype = DTYPES[dt].newbyteorder("<")
+    if size is not None:
+        if size != count * dtype.itemsize:
+            raise ProtocolError(f"{where}.parameters.binary_data_size {size} != {count} elements x "
+                                f"{dtype.itemsize} bytes for shape {shape} {dt}.")
+        if len(blob) < size:
+            raise ProtocolError(f"{where}: binary data is {len(blob)} bytes, expected {size}.")
+        arr = np.frombuffer(blob[:size], dtype=dtype)
+    else:
+        if "data" not in t:
+            raise ProtocolError(f"{where}.data is missing (or send it binary with parameters.binary_data_size).")
+        try:
+            arr = np.asarray(t["data"], dtype=DTYPES[dt])
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"{where}.data cannot be read as {dt}: {e}.") from None
+        if arr.size != count:
+            raise ProtocolError(f"{where}.data has {arr.size} elements but shape {shape} needs {count}.")
+    return arr.reshape(shape).astype(DTYPES[dt], copy=False)
+
+
+def _bytes_elements(t: dict, blob: bytes, size: int | None, where: str) -> list[bytes]:
+    if size is not None:
+        if len(blob) < size:
+            raise ProtocolError(f"{where}: binary data is {len(blob)} bytes, expected {size}.")
+        buf, out, off = memoryview(blob[:size]), [], 0
+        while off < size:
+            if off + 4 > size:
+                raise ProtocolError(f"{where}: truncated BYTES element length at byte {off}.")
+            (n,) = struct.unpack_from("<I", buf, off)
+            if off + 4 + n > size:
+                raise ProtocolError(f"{where}: BYTES element at byte {off} claims {n} bytes past the end.")
+            out.append(bytes(buf[off + 4: off + 4 + n]))
+            off += 4 + n
+        return out
+    data = t.get("data")
+    if not isinstance(data, list):
+        raise ProtocolError(f"{where}.data must be a list of base64 strings.")
+    out = []
+    for i, s in enumerate(np.asarray(data, dtype=object).ravel()):
+        if not isinstance(s, str):
+            raise ProtocolError(f"{where}.data[{i}] must be a base64 string.")
+        try:
+            out.append(base64.b64decode(s, validate=True))
+        except ValueError:
+            raise ProtocolError(f"{where}.data[{i}] is not valid base64.") from None
+    return out
+
+
+def decode_images(items: list[bytes], preprocess) -> np.ndarray:
+    """Encoded image files -> the bundle's preprocessed float32 batch."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for i, b in enumerate(items):
+        try:
+            with Image.open(io.BytesIO(b)) as im:
+                out.append(preprocess(im))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ProtocolError(f"inputs[0] (image) element {i} is not a readable image: {e}.") from None
+    return np.stack(out).astype(np.float32, copy=False)
+
+
+def _bytes_payload(items: list[str]) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in (s.encode() for s in items))
+
+
+def encode_infer_response(model: str, version: str, req: InferRequest, result) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, its JSON header length."""
+    values = {
+        "logits": ("FP32", result.logits.astype(np.float32, copy=False)),
+        "expert": ("INT32", result.expert_index.astype(np.int32)),
+        "expert_name": ("BYTES", list(result.experts)),
+        "router_confidence": ("FP32", result.confidence.astype(np.float32, copy=False)),
+    }
+    outs, blobs = [], []
+    for name in req.outputs:
+        dt, v = values[name]
+        shape = list(v.shape) if isinstance(v, np.ndarray) else [len(v)]
+        o = {"name": name, "datatype": dt, "shape": shape}
+        if name in req.binary_outputs:
+            raw = _bytes_payload(v) if dt == "BYTES" else np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<")).tobytes()
+            o["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            o["data"] = v if dt == "BYTES" else v.ravel().tolist()
+        outs.append(o)
+    body = {"model_name": model, "model_version": version, "outputs": outs}
+    if req.id is not None:
+        body["id"] = req.id
+    head = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)

@@ -1,0 +1,83 @@
+"""Run the v2 server with uvicorn: in the foreground (``moqe-serve``) or on a background
+thread (tests, benchmarks, services that embed it).
+
+SIGTERM/SIGINT: uvicorn stops accepting connections, lets in-flight requests finish (up to
+``graceful_s``), then the app's shutdown drains the batcher and closes the runtime, so
+no accepted request is dropped.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BackendError
+from ..runtime import QueueConfig, Runtime
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    name: str = ""  # model name in URLs; default: the bundle directory's name
+    max_body_mb: float = 64.0
+    retry_after_s: int = 1
+    graceful_s: float = 30.0
+    log_level: str = "warning"
+
+
+def model_name(bundle: str | Path, cfg: ServeConfig) -> str:
+    return cfg.name or Path(bundle).resolve().name
+
+
+def build_server(rt: Runtime, name: str, cfg: ServeConfig):
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(rt, name, max_body_bytes=int(cfg.max_body_mb * (1 << 20)), retry_after_s=cfg.retry_after_s)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                            timeout_graceful_shutdown=cfg.graceful_s, access_log=False)
+    return uvicorn.Server(config)
+
+
+def serve(bundle: str | Path, cfg: ServeConfig, queue: QueueConfig, backend: str = "auto",
+          intra_op_threads: int = 0, only_expert: str | None = None) -> None:
+    rt = Runtime.load(bundle, backend=backend, intra_op_threads=intra_op_threads, queue=queue,
+                      only_expert=only_expert)
+    build_server(rt, model_name(bundle, cfg), cfg).run()
+
+
+class ServerThread:
+    """``with ServerThread(rt, "name") as url:`` serves ``rt`` on a free loopback port."""
+
+    def __init__(self, rt: Runtime, name: str, cfg: ServeConfig | None = None):
+        self.rt, self.name = rt, name
+        self.cfg = cfg or ServeConfig(port=0)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((self.cfg.host, self.cfg.port))
+        self.port = self._sock.getsockname()[1]
+        self.server = build_server(rt, name, self.cfg)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise BackendError(f"moqe-serve did not start on {self.url}.")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(self.cfg.graceful_s + 10)
+        self._sock.close()

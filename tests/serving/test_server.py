@@ -1,0 +1,160 @@
+"""The v2 server against Triton's own HTTP client, on loopback."""
+
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+
+from moqe_compile import Runtime  # noqa: E402
+from moqe_compile.runtime import QueueConfig  # noqa: E402
+from moqe_compile.serving.server import ServeConfig, ServerThread  # noqa: E402
+
+from ..conftest import CROP  # noqa: E402
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle):
+    rt = Runtime.load(tiny_bundle, queue=QueueConfig(max_batch=16, max_delay_ms=2, max_queue=64))
+    reference = Runtime.load(tiny_bundle)
+    with ServerThread(rt, NAME, ServeConfig(port=0, max_body_mb=1.0)) as url:
+        yield url, reference
+    reference.close()
+
+
+def _batch(n, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, 3, CROP, CROP)).astype(np.float32)
+
+
+def _client(url):
+    return tritonclient_http.InferenceServerClient(url, concurrency=4)
+
+
+def _infer(client, x, outputs=None, binary=True):
+    inp = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    outs = None if outputs is None else [tritonclient_http.InferRequestedOutput(o, binary_data=binary)
+                                         for o in outputs]
+    return client.infer(NAME, [inp], outputs=outs)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_infer_matches_in_process_runtime(served, binary):
+    url, ref = served
+    c = _client(url)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(NAME)
+    x = _batch(5, seed=7)
+    res = _infer(c, x, outputs=None if binary else ["logits", "expert", "expert_name", "router_confidence"],
+                 binary=binary)
+    want = ref.run(x)
+    np.testing.assert_allclose(res.as_numpy("logits"), want.logits, rtol=1e-5, atol=1e-5)
+    assert res.as_numpy("expert").tolist() == want.expert_index.tolist()
+    assert [e.decode() if isinstance(e, bytes) else e for e in res.as_numpy("expert_name")] == want.experts
+    np.testing.assert_allclose(res.as_numpy("router_confidence"), want.confidence, rtol=1e-5)
+
+
+def test_metadata_lists_io_and_experts(served, tiny_bundle):
+    url, ref = served
+    meta = _client(url).get_model_metadata(NAME)
+    assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, CROP, CROP]}
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "expert", "expert_name", "router_confidence"]
+    assert [e["name"] for e in meta["experts"]] == ref.expert_names
+    assert meta["routing"]["routed"] is True
+
+
+def test_concurrent_clients_each_get_their_own_answer(served):
+    url, ref = served
+    c = _client(url)
+    xs = [_batch(1 + i % 3, seed=50 + i) for i in range(16)]
+    pending = []
+    for x in xs:
+        inp = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        pending.append(c.async_infer(NAME, [inp]))
+    for x, p in zip(xs, pending):
+        got = p.get_result()
+        want = ref.run(x)
+        np.testing.assert_allclose(got.as_numpy("logits"), want.logits, rtol=1e-5, atol=1e-5)
+        assert got.as_numpy("expert").tolist() == want.expert_index.tolist()
+
+
+def test_encoded_images_as_bytes_input(served, tiny_images):
+    url, ref = served
+    files = sorted(p for p in tiny_images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:3]
+    blobs = np.array([f.read_bytes() for f in files], dtype=object)
+    inp = tritonclient_http.InferInput("image", [len(blobs)], "BYTES")
+    inp.set_data_from_numpy(blobs)
+    res = _client(url).infer(NAME, [inp])
+    for f, got in zip(files, res.as_numpy("logits")):
+        np.testing.assert_allclose(got, ref.run(ref.load_inputs(f)[1]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def _post(url, path, body: bytes, headers=None):
+    req = urllib.request.Request(f"http://{url}{path}", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def _json_req(x, name="input", datatype="FP32"):
+    return json.dumps({"inputs": [{"name": name, "shape": list(np.shape(x)), "datatype": datatype,
+                                   "data": np.asarray(x).ravel().tolist()}]}).encode()
+
+
+@pytest.mark.parametrize("path,body,status,needle", [
+    (f"/v2/models/{NAME}/infer", b"{not json", 400, "not valid JSON"),
+    (f"/v2/models/{NAME}/infer", b"[1, 2]", 400, "must be a JSON object"),
+    (f"/v2/models/{NAME}/infer", b"{}", 400, "request.inputs is missing"),
+    (f"/v2/models/{NAME}/infer", _json_req(np.zeros((1, 3, 8, 8))), 400, "inputs[0] (input).shape [1, 3, 8, 8]"),
+    (f"/v2/models/{NAME}/infer", _json_req(np.zeros((1, 3, CROP, CROP)), datatype="FP64"), 400,
+     "inputs[0] (input).datatype FP64"),
+    (f"/v2/models/{NAME}/infer", json.dumps({"inputs": [{"name": "input", "shape": [2, 3, CROP, CROP],
+                                                       "datatype": "FP32", "data": [0.0] * 10}]}).encode(), 400,
+     "inputs[0] (input).data has 10 elements but shape [2, 3, 32, 32] needs 6144"),
+    (f"/v2/models/{NAME}/infer", json.dumps({"inputs": [{"name": "input", "shape": [1, 3],
+                                                       "datatype": "FP32", "data": ["a", "b", "c"]}]}).encode(), 400,
+     "inputs[0] (input).data cannot be read as FP32"),
+    (f"/v2/models/{NAME}/infer", _json_req(np.zeros(3), name="pixels"), 400, "'pixels' is not an input"),
+    (f"/v2/models/{NAME}/infer", _json_req(np.zeros(3), datatype="FP8"), 400, "'FP8' is not a v2 datatype"),
+    (f"/v2/models/{NAME}/infer", json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                       "data": ["aGVsbG8="]}]}).encode(), 400,
+     "element 0 is not a readable image"),
+    ("/v2/models/other/infer", _json_req(np.zeros(3)), 404, "'other' is not served here"),
+    (f"/v2/models/{NAME}/versions/7/infer", _json_req(np.zeros(3)), 404, "no version '7'"),
+    (f"/v2/models/{NAME}/infer", b"x" * (2 << 20), 413, "at most 1048576"),
+])
+def test_bad_requests_are_4xx_naming_the_field(served, path, body, status, needle):
+    url, _ = served
+    code, out, _ = _post(url, path, body)
+    assert code == status, out
+    assert needle in json.loads(out)["error"]
+
+
+def test_binary_header_length_checked(served):
+    url, _ = served
+    code, out, _ = _post(url, f"/v2/models/{NAME}/infer", b"{}", {"Inference-Header-Content-Length": "99"})
+    assert code == 400 and "outside the body" in json.loads(out)["error"]
+
+
+def test_metrics_count_requests_errors_and_experts(served):
+    url, _ = served
+    _infer(_client(url), _batch(3, seed=9))
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for needle in ('moqe_requests_total{code="200",model="tiny"}', 'moqe_request_errors_total{model="tiny",'
+                   'reason="bad_request"}', "moqe_expert_samples_total", "moqe_request_latency_seconds_bucket",
+                   "moqe_router_confidence_bucket", 'moqe_queue_depth{model="tiny"}', "moqe_batch_size_bucket",
+                   "moqe_router_seconds_total"):
+        assert needle in text, needle
+    served_samples = sum(float(line.split()[-1]) for line in text.splitlines()
+                         if line.startswith("moqe_expert_samples_total{"))
+    assert served_samples >= 3
