@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-expert", default=None, metavar="NAME",
                     help="serve this expert alone without the router (a single-expert baseline)")
     ap.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    ray = ap.add_argument_group("scale-out on Ray Serve (pip install 'moqe-compile[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="deploy the router and each expert as Ray Serve deployments instead of one process")
+    ray.add_argument("--replicas", nargs="*", default=[], metavar="EXPERT=N",
+                     help="replicas per expert (default 1 each)")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
     args = ap.parse_args(argv)
     return guarded(lambda: _serve(args), "moqe-serve")
 
@@ -46,6 +53,16 @@ def _serve(args) -> int:
                           f"{args.max_body_mb} > 0.")
     cfg = ServeConfig(host=args.host, port=args.port, name=args.name, max_body_mb=args.max_body_mb,
                       log_level=args.log_level)
+    if args.ray:
+        from ..serving.ray_serve import RayServeConfig, parse_replicas, run_ray
+        from ..serving.server import model_name
+
+        rcfg = RayServeConfig(replicas=parse_replicas(args.replicas), num_cpus=args.num_cpus, threads=args.threads,
+                              max_batch=args.max_batch, max_delay_ms=args.max_delay_ms)
+        run_ray(args.bundle, model_name(args.bundle, cfg), rcfg, args.host, args.port, args.ray_address)
+        return 0
+    if args.replicas:
+        raise ConfigError("--replicas only applies with --ray.")
     queue = QueueConfig(args.max_batch, args.max_delay_ms, args.max_queue, args.workers)
     serve(args.bundle, cfg, queue, backend=args.backend, intra_op_threads=args.threads,
           only_expert=args.only_expert)

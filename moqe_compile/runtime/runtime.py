@@ -34,6 +34,7 @@ from ..data.images import Preprocess, load_inputs
 from ..errors import InputError, MoqeError
 from ..router.fallback import apply_fallback
 from .batcher import DynamicBatcher
+from .dispatch import group_by_expert, scatter
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Runtime:
 
     def __init__(self, root: Path, manifest: dict, backend: str, intra_op_threads: int = 0, router_threads: int = 1,
                  router_threads_max_batch: int = 2, queue: QueueConfig | None = None,
-                 only_expert: str | None = None):
+                 only_expert: str | None = None, route_only: bool = False):
         self.root, self.manifest, self.backend = root, manifest, backend
         self.queue_config = queue or QueueConfig()
         self._batcher: DynamicBatcher | None = None
@@ -112,8 +113,10 @@ class Runtime:
             raise InputError(f"expert {only_expert!r} is not in this bundle; it has {self.expert_names}.")
         # only_expert: serve that expert alone, no router (benchmarks' single-expert baseline);
         # the other experts' sessions are never created.
+        # route_only: the router alone (a scale-out ingress whose experts run elsewhere).
         self._experts = [cls(e["name"], root / e["variants"][backend]["path"], intra_op_threads)
-                         if only_expert in (None, e["name"]) else None for e in manifest["experts"]]
+                         if only_expert in (None, e["name"]) and not route_only else None
+                         for e in manifest["experts"]]
         self.default_expert = self.expert_names.index(only_expert or routing["default_expert"])
         self._router = None
         if routing["enabled"] and only_expert is None:
@@ -130,16 +133,18 @@ class Runtime:
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", verify: bool = True, intra_op_threads: int = 0,
              router_threads: int = 1, router_threads_max_batch: int = 2,
-             queue: QueueConfig | None = None, only_expert: str | None = None) -> "Runtime":
+             queue: QueueConfig | None = None, only_expert: str | None = None,
+             route_only: bool = False) -> "Runtime":
         """Open a bundle (hashes verified unless ``verify=False``) and create every session once.
         ``intra_op_threads``: experts, and the router above ``router_threads_max_batch``
         (0: ONNX Runtime's default); ``router_threads``: the router on small batches;
         ``queue``: the dynamic batcher behind ``submit``; ``only_expert``: serve that expert
-        alone without the router."""
+        alone without the router; ``route_only``: load the router and no expert (``route``
+        works, ``run`` does not)."""
         b = read_bundle(path, verify=verify)
         name = resolve_backend(backend, b.manifest["backends"])
         return cls(b.root, b.manifest, name, intra_op_threads, router_threads, router_threads_max_batch, queue,
-                   only_expert)
+                   only_expert, route_only)
 
     @property
     def routed(self) -> bool:
@@ -219,13 +224,8 @@ class Runtime:
         t0 = time.perf_counter()
         idx, conf = self.route(batch)
         t1 = time.perf_counter()
-        out = None
-        for k in np.unique(idx):
-            members = np.nonzero(idx == k)[0]
-            y = self._experts[k].run(np.ascontiguousarray(batch[members]))
-            if out is None:
-                out = np.empty((len(batch), *y.shape[1:]), y.dtype)
-            out[members] = y
+        groups = group_by_expert(idx)
+        out = scatter(groups, [self._session(k).run(np.ascontiguousarray(batch[m])) for k, m in groups], len(batch))
         t2 = time.perf_counter()
         timing = {"router": (t1 - t0) * 1e3, "experts": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
         fell_back = ((conf < self.fallback_threshold) if self._router is not None
@@ -234,11 +234,18 @@ class Runtime:
 
     def run_expert(self, name: str, batch: np.ndarray) -> np.ndarray:
         """Run one expert alone (benchmarks, controls)."""
-        sess = self._experts[self.expert_names.index(name)]
+        return self._session(self.expert_names.index(name)).run(self._check(batch))
+
+    def _session(self, k: int):
+        sess = self._experts[k]
         if sess is None:
-            raise InputError(f"expert {name!r} was not loaded (this runtime serves only "
-                             f"{self.expert_names[self.default_expert]!r}).")
-        return sess.run(self._check(batch))
+            loaded = [n for n, e in zip(self.expert_names, self._experts) if e is not None]
+            raise InputError(f"expert {self.expert_names[k]!r} was not loaded (this runtime has {loaded}).")
+        return sess
+
+    def check(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` as the contiguous float32 (N, C, H, W) the graphs take, or an InputError."""
+        return self._check(batch)
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
         shape = self.preprocess.input_shape
