@@ -148,11 +148,17 @@ class DataConfig:
 
 
 WEIGHT_CLIPS = ("minmax", "mse")
-WEIGHT_ROUNDINGS = ("nearest", "adaround")
+WEIGHT_ROUNDINGS = ("nearest", "adaround", "gptq")
 
 # Named expert presets (recipes as data). A recipe entry may name one with ``preset = ...``
 # and override any field. Version bumps whenever a preset's meaning changes.
-PRESETS_VERSION = 1
+PRESETS_VERSION = 2
+# The strongest single expert (DESIGN.md section 8, issue 10): MSE weight clip, GPTQ rounding on
+# the quantized stream, activation ranges refitted layer by layer on that stream, sequential
+# bias correction. Every report measures it against FP, and routing must beat it.
+STRONGEST = {"calibration": "mse", "weight_clip": "mse", "weight_rounding": "gptq", "sequential_activations": True,
+             "bias_correction": True}
+STRONGEST_PRESETS = ("strongest", "w4a8-strongest")
 EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     "minmax-tensor": {"calibration": "minmax", "per_channel": False},
     "minmax": {"calibration": "minmax"},
@@ -168,6 +174,8 @@ EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     "w4a8-mse-bc": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse", "bias_correction": True},
     "w4a8-adaround": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse", "weight_rounding": "adaround",
                       "bias_correction": True},
+    "strongest": dict(STRONGEST),
+    "w4a8-strongest": {**STRONGEST, "weight_bits": 4},
 }
 
 
@@ -179,7 +187,12 @@ class ExpertRecipe:
     mse (clip range minimizing expected squared quantization error on the histogram).
     weight_bits 8, or 4 (W4A8: int4 values held in int8 so ORT's integer kernels run them).
     weight_clip: per-channel range from max |w| or the MSE-optimal clip. weight_rounding:
-    nearest, or AdaRound (learned up/down rounding on calibration data). bias_correction:
+    nearest, AdaRound (learned up/down rounding on calibration data) or GPTQ (error-feedback
+    rounding with the Hessian of each layer's quantized input; gptq_damp = dampening as a
+    fraction of the mean Hessian diagonal). sequential_activations: after Q/DQ insertion,
+    refit every activation range (MSE) in graph order on the partially quantized stream.
+    stream_samples: calibration samples the sequential steps (GPTQ, refit, bias correction
+    with either) run on. bias_correction:
     add the mean per-channel FP-minus-quantized layer output back into the bias.
     equalization: cross-layer equalization of Conv->ReLU->Conv pairs before quantizing.
     exclude_nodes / exclude_sensitive: keep named nodes, or the N most sensitive, in FP.
@@ -196,6 +209,9 @@ class ExpertRecipe:
     weight_clip: str = "minmax"
     weight_rounding: str = "nearest"
     adaround_iters: int = 300
+    gptq_damp: float = 0.01
+    sequential_activations: bool = False
+    stream_samples: int = 512
     bias_correction: bool = False
     equalization: bool = False
     exclude_nodes: list[str] = field(default_factory=list)
@@ -219,6 +235,13 @@ class ExpertRecipe:
         if self.num_bins < 128:
             raise ConfigError(f"[{where}] num_bins = {self.num_bins} must be >= 128.")
         _positive(where, "adaround_iters", self.adaround_iters)
+        _positive(where, "gptq_damp", self.gptq_damp)
+        _positive(where, "stream_samples", self.stream_samples)
+        if self.weight_rounding == "gptq" and not self.per_channel:
+            raise ConfigError(f"[{where}] weight_rounding = 'gptq' needs per_channel = true.")
+        if self.sequential_activations and self.calibration != "mse":
+            raise ConfigError(f"[{where}] sequential_activations = true refits ranges by MSE; it needs "
+                              f"calibration = 'mse', not {self.calibration!r}.")
         _positive(where, "exclude_sensitive", self.exclude_sensitive, zero_ok=True)
 
     @classmethod
@@ -232,12 +255,19 @@ class ExpertRecipe:
         """True when we, not ORT, choose the integer weights (then passed as exact overrides)."""
         return self.weight_bits != 8 or self.weight_clip != "minmax" or self.weight_rounding != "nearest"
 
+    @property
+    def sequential(self) -> bool:
+        """True when the recipe runs the sequential pass of quantize/sequential.py."""
+        return self.weight_rounding == "gptq" or self.sequential_activations
+
 
 def default_experts() -> list[ExpertRecipe]:
     return [
         ExpertRecipe(name="minmax", calibration="minmax"),
         ExpertRecipe(name="percentile", calibration="percentile", percentile=99.999),
         ExpertRecipe(name="entropy", calibration="entropy", num_bins=2048),
+        # The baseline routing has to beat (issue 10): always in the default set.
+        ExpertRecipe.from_preset("strongest", "strongest"),
     ]
 
 
@@ -327,6 +357,38 @@ class RouterConfig:
 
 
 @dataclass
+class ControlsConfig:
+    """Build-time controls (issue 10). copies: K copies of the strongest expert's recipe, each
+    calibrated on a disjoint random subset of the calibration split (seed), scored on every
+    split and stored in the report, never shipped; 0 builds none (no copies control, and the
+    gate then tests against the best single expert only). copies_router: also train the
+    bundle's router architecture on the copies, the routed gain of pure calibration noise."""
+
+    copies: int = 3
+    copies_router: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.copies == 1 or self.copies < 0:
+            raise ConfigError(f"[controls] copies = {self.copies} must be 0 (none) or >= 2.")
+
+
+@dataclass
+class GateConfig:
+    """Significance-gated routing, decided on router_val at build time: routing is enabled only
+    if MoQE beats the best single expert with a paired test p < p_value and its gain exceeds
+    the copies control's; otherwise the bundle serves that expert alone, without the router.
+    force_routing (``build --force-routing``) keeps the router regardless and says so."""
+
+    p_value: float = 0.05
+    force_routing: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.p_value <= 1.0:
+            raise ConfigError(f"[gate] p_value = {self.p_value} must be in (0, 1].")
+
+
+@dataclass
 class BackendConfig:
     targets: list[str] = field(default_factory=lambda: ["onnxruntime-cpu"])
 
@@ -345,6 +407,8 @@ class BuildConfig:
     experts: list[ExpertRecipe] = field(default_factory=default_experts)
     router: RouterConfig = field(default_factory=RouterConfig)
     backends: BackendConfig = field(default_factory=BackendConfig)
+    controls: ControlsConfig = field(default_factory=ControlsConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
         if len(self.experts) < 2:

@@ -28,6 +28,7 @@ from .quantize import build_expert, prepare_for_quantization
 from .router.export import export_router
 from .router.fallback import apply_fallback, choose_fallback
 from .router.train import kl_to_fp_matrix, train_router
+from .evaluate.controls import CONTROLS_FILE, build_copies, expert_cost, gate_decision, strongest_expert
 from .evaluate.data import EVAL_SPLITS, save_eval_data
 from .evaluate.report import build_split_report, flat_metrics
 from .score import diversity, run_batched, score
@@ -96,7 +97,9 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
                         info["kernels"] = info["check"]["kernels"]
                     variants[b] = {"path": rels[b], **info}
                 experts.append({"name": r.name, "recipe": asdict(r), "variants": variants, "steps": built["steps"],
-                                "calibration_ranges": {"path": f"experts/{r.name}/calibration.json"}})
+                                "calibration_ranges": {"path": f"experts/{r.name}/calibration.json"},
+                                "cost": {"mean_weight_bits": expert_cost(prepared, exclude + list(r.exclude_nodes),
+                                                                         r.weight_bits)}})
                 pb.update(1)
         done("quantize")
 
@@ -109,6 +112,14 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
                 d = splits[s]
                 scores[s] = score(fp_sess, ex_sess, d.x, d.labels, cfg.data.targets, pb)
         done("score")
+
+        copies = None
+        if cfg.controls.copies:
+            stage("controls")
+            copies = build_copies(cfg, prepared, fp.input_name, splits, {s: scores[s].fp_logits for s in SPLITS[1:]},
+                                  work, SPLITS[1:], log=(lambda m: None) if quiet else log)
+            copies.save(w.path(CONTROLS_FILE))
+            done("controls")
 
         stage("router")
         tr, va, rc = scores["router_train"], scores["router_val"], cfg.router
@@ -135,14 +146,21 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
         names = [e["name"] for e in experts]
         # The best single expert is chosen on validation, never on test.
         best_k = int(va.loss.mean(0).argmin())
+        strongest = strongest_expert(cfg.experts)
+        costs = {e["name"]: e["cost"]["mean_weight_bits"] for e in experts}
         report = {"targets": cfg.data.targets, "splits": {}}
         for s in EVAL_SPLITS:  # router_val, test: bootstrap CIs and MoQE-vs-best tests (evaluate/report.py)
             sc, d = scores[s], splits[s]
             route = route_of(d.x)  # the deployed router (exported graph + fallback)
             report["splits"][s] = build_split_report(
                 fp_logits=sc.fp_logits, expert_logits=sc.expert_logits, expert_names=names, labels=d.labels,
-                loss=sc.loss, route=route, best_expert=best_k, targets=cfg.data.targets, split=s, groups=d.sources)
+                loss=sc.loss, route=route, best_expert=best_k, targets=cfg.data.targets, split=s, groups=d.sources,
+                strongest=strongest, expert_costs=costs, copies=copies.for_split(s) if copies else None)
             report["splits"][s]["diversity"] = diversity(sc.expert_logits, names, sc.fp_logits, d.labels)
+        gate = gate_decision(report["splits"]["router_val"], cfg.gate.p_value, cfg.gate.force_routing)
+        report["gate"] = gate
+        if not quiet:
+            log(f"gate: {gate['decision']} ({gate['reason']})")
         for e in experts:
             e["metrics"] = {"test": flat_metrics(report["splits"]["test"]["experts"][e["name"]], len(splits["test"].x))}
         eval_storage = save_eval_data(w.path("report/eval_data.npz"), {s: splits[s] for s in EVAL_SPLITS},
@@ -177,14 +195,19 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
             "sensitivity": sensitivity,
             "router": {"path": "router/router.onnx", "weights": {"path": "router/router.safetensors"},
                        "input": "input", "output": "expert_probs", "config": asdict(cfg.router),
-                       "best_epoch": res.best_epoch},
-            "routing": {"enabled": True, "granularity": "per-input", "default_expert": names[best_k],
+                       "best_epoch": res.best_epoch, "gate": gate},
+            "routing": {"enabled": gate["decision"] == "routed", "granularity": "per-input",
+                        "default_expert": names[best_k],
                         "fallback_threshold": fallback["threshold"], "fallback_expert": names[fallback["expert"]],
                         "fallback_chosen_on": {k: v for k, v in fallback.items() if k.startswith("val_")}},
             "backends": list(cfg.backends.targets),
             "report": {"path": "report/report.json", "loss_matrix": {"path": "report/loss_matrix.npz"},
                        "eval_data": {"path": "report/eval_data.npz", "splits": list(EVAL_SPLITS),
                                      "storage": eval_storage},
+                       "strongest_expert": strongest,
+                       "controls": ({"path": CONTROLS_FILE, "copies": copies.names, "preset": copies.preset,
+                                     "calibration_per_copy": copies.calibration_per_copy,
+                                     "copies_router": cfg.controls.copies_router} if copies else None),
                        "build_seconds": stage_s},
         }
         return w.commit(manifest)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from moqe_compile.config import (BuildConfig, DataConfig, ExpertRecipe, ModelConfig, PreprocessConfig,
-                                 RouterConfig)
+from moqe_compile.config import (BuildConfig, ControlsConfig, DataConfig, ExpertRecipe, GateConfig, ModelConfig,
+                                 PreprocessConfig, RouterConfig)
 
 CROP = 32
 NUM_CLASSES = 4
@@ -82,6 +82,11 @@ def tiny_config(model_path: Path, images: Path, **data_kw) -> BuildConfig:
                  ExpertRecipe(name="pct", calibration="percentile", percentile=99.9),
                  ExpertRecipe(name="entropy", calibration="entropy")],
         router=RouterConfig(input_size=8, epochs=3, batch_size=8),
+        controls=ControlsConfig(copies=2),
+        # The untrained tiny model's experts are indistinguishable, so the significance gate
+        # would (rightly) refuse the router; tests of the routed path keep it. The gate's own
+        # branches are tested in tests/evaluate/test_gate.py.
+        gate=GateConfig(force_routing=True),
     )
 
 

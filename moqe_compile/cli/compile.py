@@ -26,6 +26,8 @@ def cmd_build(args) -> int:
     else:
         p = _default_recipe()
         cfg = load_recipe(p) if p else BuildConfig()  # the dataclass defaults are the same demo
+    if args.force_routing:
+        cfg.gate.force_routing = True
     out = build(cfg, args.output, quiet=args.quiet)
     print(f"bundle written to {out}")
     return 0
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("recipe", nargs="?", help=f"recipe TOML (default: bundles/{DEFAULT_RECIPE})")
     b.add_argument("-o", "--output", required=True, help="bundle directory to write (replaced atomically)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    b.add_argument("--force-routing", action="store_true",
+                   help="keep the router even where the significance gate refuses it (recorded in the manifest)")
     b.set_defaults(fn=cmd_build)
     i = sub.add_parser("inspect", help="print a bundle's manifest in human form")
     i.add_argument("bundle")

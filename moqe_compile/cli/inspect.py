@@ -10,7 +10,8 @@ def _fmt(v) -> str:
 
 
 _RECIPE_DEFAULTS = {"per_channel": True, "symmetric_activations": False, "weight_bits": 8, "weight_clip": "minmax",
-                    "weight_rounding": "nearest", "bias_correction": False, "equalization": False,
+                    "weight_rounding": "nearest", "sequential_activations": False, "bias_correction": False,
+                    "equalization": False,
                     "exclude_nodes": [], "exclude_sensitive": 0}
 
 
@@ -25,7 +26,18 @@ def _recipe(r: dict) -> str:
     parts += [f"{k}={r[k]}" for k, d in _RECIPE_DEFAULTS.items() if k in r and r[k] != d]
     if r.get("weight_rounding") == "adaround":
         parts.append(f"adaround_iters={r['adaround_iters']}")
+    if r.get("weight_rounding") == "gptq":
+        parts.append(f"gptq_damp={r['gptq_damp']}")
     return " ".join(parts)
+
+
+def _gate_line(m: dict) -> str:
+    g = m.get("router", {}).get("gate")
+    if not g:
+        return "gate        none recorded (bundle built before significance-gated routing)"
+    forced = " FORCED" if g.get("forced") else ""
+    return (f"gate        {g['decision']}{forced}: val gain {g['val_gain']:+.4f} {g.get('metric', '')}, "
+            f"p = {g['p_value']:.3g} (< {g.get('threshold', 0.05)} needed); {g['reason']}")
 
 
 def render(path: str, verify: bool = True) -> str:
@@ -41,6 +53,7 @@ def render(path: str, verify: bool = True) -> str:
          f"backends    {', '.join(m['backends'])}",
          f"routing     {'on' if m['routing']['enabled'] else 'OFF'} ({m['routing']['granularity']});"
          f" default/best-on-val expert: {m['routing']['default_expert']}",
+         _gate_line(m),
          "splits      " + ", ".join(f"{k}={v['samples']} ({v['source_images']} images)"
                                     for k, v in m["splits"].items() if isinstance(v, dict)),
          "", "experts (metrics on the test split, vs FP):"]

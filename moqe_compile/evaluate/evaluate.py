@@ -72,40 +72,76 @@ def evaluate_bundle(bundle: str | Path, data: str = "test", out: str | Path | No
         if data == "router_val":
             note.append("router_val chose the best single expert and the router's epoch: its numbers are optimistic "
                         "for both; only the test split is an unbiased estimate.")
+        gate = m.get("router", {}).get("gate")
         if not m["routing"]["enabled"]:
-            note.append(f"routing is disabled: MoQE serves {m['routing']['default_expert']} for every input.")
+            note.append(f"routing is disabled: the bundle serves {m['routing']['default_expert']} for every input "
+                        f"(gate: {gate['reason'] if gate else 'no gate recorded'}). The MoQE rows show the router "
+                        "the gate refused, run from the bundle's router file.")
+        elif gate and gate.get("forced"):
+            note.append(f"routing was forced on with --force-routing: {gate['reason']}")
 
         t0 = time.perf_counter()
         fp = OrtCpuSession("fp32", root / m["model"]["fp"]["path"])
         fp_logits = _batched(fp.run, x)
         ex_logits = np.stack([_batched(lambda b, n=n: rt.run_expert(n, b), x) for n in rt.expert_names])
-        route = _batched(lambda b: rt.route(b)[0], x)
+        if m["routing"]["enabled"]:
+            route = _batched(lambda b: rt.route(b)[0], x)
+        else:  # the runtime does not load a refused router; score it anyway, as the build did
+            route = _router_route(root, m, x)
         # The deployed path end to end (route + grouped dispatch); must agree with the offline one.
         res = rt.run(x[:256])
+        deployed = route if m["routing"]["enabled"] else np.full(len(x), rt.expert_names.index(
+            m["routing"]["default_expert"]))
         check_idx = np.arange(len(res.logits))
         runtime_check = {
             "samples": int(len(check_idx)),
-            "route_agrees": float((res.expert_index == route[check_idx]).mean()),
-            "max_abs_logit_diff": float(np.abs(res.logits - ex_logits[route[check_idx], check_idx]).max()),
+            "route_agrees": float((res.expert_index == deployed[check_idx]).mean()),
+            "max_abs_logit_diff": float(np.abs(res.logits - ex_logits[deployed[check_idx], check_idx]).max()),
         }
         loss = np.stack([sample_losses(e, fp_logits, y, targets) for e in ex_logits], axis=1)
+        copies = None
+        ctl = m.get("report", {}).get("controls")
+        if ctl and data in EVAL_SPLITS and targets == m["build_config"]["_data"]["data"]["targets"]:
+            from .controls import Copies
+
+            copies = Copies.load(root / ctl["path"]).for_split(data)
+        elif ctl:
+            note.append("the copies control was scored on the bundle's own splits only; not available for this data.")
+        costs = {e["name"]: e["cost"]["mean_weight_bits"] for e in m["experts"] if "cost" in e}
         rep = build_split_report(fp_logits=fp_logits, expert_logits=ex_logits, expert_names=rt.expert_names,
                                  labels=y, loss=loss, route=route, best_expert=m["routing"]["default_expert"],
                                  targets=targets, split=data if data in EVAL_SPLITS else "user-data", groups=groups,
-                                 n_boot=n_boot, seed=seed)
+                                 n_boot=n_boot, seed=seed, strongest=m.get("report", {}).get("strongest_expert"),
+                                 expert_costs=costs or None, copies=copies)
         score_s = time.perf_counter() - t0
         lat = None
         if latency:
             lat = measure_latency(rt, x, fp, repeats, batches)
         fp.close()
 
-    report = {"bundle": str(root), "data": source, "notes": note, **rep, "runtime_check": runtime_check,
+    report = {"bundle": str(root), "data": source, "notes": note, **rep, "gate": gate,
+              "routing_enabled": bool(m["routing"]["enabled"]), "runtime_check": runtime_check,
               "latency": lat, "eval_seconds": round(score_s, 2)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(render_markdown(report))
     write_plots(rep, out_dir)
     return report, out_dir
+
+
+def _router_route(root: Path, m: dict, x: np.ndarray) -> np.ndarray:
+    from ..backends import OrtCpuSession
+    from ..router.fallback import apply_fallback
+
+    r = m["routing"]
+    names = [e["name"] for e in m["experts"]]
+    sess = OrtCpuSession("router", root / m["router"]["path"])
+    try:
+        probs = _batched(sess.run, x)
+    finally:
+        sess.close()
+    return apply_fallback(probs, float(r.get("fallback_threshold", 0.0)),
+                          names.index(r.get("fallback_expert", r["default_expert"])))[0]
 
 
 def measure_latency(rt, x: np.ndarray, fp_session, repeats: int, batches) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..score import sample_losses
+from ..score import log_softmax, sample_losses
 from .stats import (DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_means, bootstrap_p_value, is_clustered,
                     mcnemar_exact)
 
@@ -62,9 +62,10 @@ def _headroom(moqe: float, best: float, oracle: float) -> float | None:
 
 def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: list[str],
                        labels: np.ndarray | None, loss: np.ndarray, route: np.ndarray, best_expert: str | int,
-                       targets: str = "fp", split: str = "test", best_chosen_on: str = "router_val",
+                       targets: str = "fp", split: str = "test", best_chosen_on: str = "val",
                        groups=None, n_boot: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
-                       level: float = 0.95) -> dict:
+                       level: float = 0.95, strongest: str | None = None, expert_costs: dict | None = None,
+                       copies: dict | None = None) -> dict:
     """Report of one split (see the module docstring for the keys).
 
     ``expert_logits``: (K, N, C) or a list of K (N, C) arrays, in ``expert_names`` order;
@@ -75,6 +76,12 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
     one image), intervals and p-values come from the cluster bootstrap over sources, and the
     headline test is the paired bootstrap (McNemar assumes independent pairs; its p-value is
     kept as ``moqe_vs_best.mcnemar_iid_p_value`` for reference only).
+
+    Controls (issue 10): ``strongest`` names the strongest-preset expert (its distance to FP
+    is reported); ``expert_costs`` maps expert name -> cost (mean weight bits) for
+    ``controls.cost_matched``; ``copies`` holds the copies control of this split (see
+    :func:`copies_entries`): ``{"loss": (N, Kc), "pred": (N, Kc), "route": (N,) | None,
+    "best": int, "preset", "names"}``.
     """
     ex = np.asarray(expert_logits)
     K, N = len(expert_names), len(fp_logits)
@@ -105,10 +112,31 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
     rand = np.random.default_rng(seed).permutation(route)
     entries["random_router"] = per_sample_metrics(ex[rand, idx], fp_logits, labels, loss[idx, rand])
     metric = "top1" if labels is not None else "fp_top1_agreement"
+    # Control: the authors' soft mixture (every expert runs; probabilities averaged).
+    mix = np.log(np.mean([np.exp(log_softmax(e)) for e in ex], axis=0) + 1e-30)
+    entries["mixture"] = per_sample_metrics(mix, fp_logits, labels, sample_losses(mix, fp_logits, labels, targets))
     moqe_v, best_v = entries["moqe"], entries[f"expert:{expert_names[best_k]}"]
     extra = {"diff:metric": moqe_v[metric] - best_v[metric],
              "diff:mean_loss": moqe_v["mean_loss"] - best_v["mean_loss"],
+             "diff:mixture": entries["mixture"][metric] - best_v[metric],
              "router_accuracy": (route == oracle).astype(np.float64)}
+    strongest_k = expert_names.index(strongest) if strongest in expert_names else None
+    if strongest_k is not None:
+        sv = entries[f"expert:{strongest}"]
+        extra["diff:strongest_fp"] = sv[metric] - entries["fp"][metric]
+    target = labels if labels is not None else np.asarray(fp_logits).argmax(-1)
+    if copies is not None:
+        entries.update(copies_entries(copies, target, metric))
+        c_best = entries[f"copy:{copies['names'][copies['best']]}"]
+        if "copies_router" in entries:
+            # Difference in differences, per sample: MoQE's gain over its best single expert
+            # minus the copies router's gain over the best copy (both chosen on validation).
+            extra["diff:moqe_vs_copies"] = ((moqe_v[metric] - best_v[metric])
+                                            - (entries["copies_router"][metric] - c_best[metric]))
+        extra["diff:copies_oracle_gain"] = entries["copies_oracle"][metric] - c_best[metric]
+    cost = _cost_matched(expert_names, expert_costs, route, entries, metric)
+    if cost.get("applicable"):
+        extra["diff:cost_matched"] = moqe_v[metric] - cost.pop("_vector")
 
     # One set of resamples for every vector: all intervals of the report are paired.
     keys = [(e, m) for e, ms in entries.items() for m in ms] + list(extra)
@@ -117,6 +145,7 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
     boot = bootstrap_means(mat, n_boot, seed, groups if clustered else None)
     q = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
     stat = {k: {"value": float(mat[j].mean()), "ci95": [float(q[0, j]), float(q[1, j])]} for j, k in enumerate(keys)}
+    stat["_boot"], stat["_keys"] = boot, keys
 
     def entry(e: str) -> dict:
         return {m: stat[(e, m)] for m in entries[e]}
@@ -155,6 +184,10 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
         "oracle": entry("oracle"),
         "moqe": entry("moqe"),
         "random_router": entry("random_router"),
+        "strongest_expert": (None if strongest_k is None else
+                             {"name": strongest, **entry(f"expert:{strongest}"),
+                              "distance_to_fp": _diff_entry(stat, "diff:strongest_fp", metric)}),
+        "controls": _controls(stat, entry, entries, extra, metric, copies, cost, expert_names),
         "moqe_vs_best": {
             "metric": metric,
             "diff": stat["diff:metric"]["value"],
@@ -177,6 +210,90 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
         "usage": {n: float((route == k).mean()) for k, n in enumerate(expert_names)},
         "oracle_usage": {n: float((oracle == k).mean()) for k, n in enumerate(expert_names)},
     }
+
+
+def copies_entries(copies: dict, target: np.ndarray, metric: str) -> dict:
+    """Per-sample vectors of the copies control: each copy, their oracle (argmin loss per
+    sample) and, when given, a router trained on the copies (``route``). Copies are stored as
+    losses and predicted classes only (they are not shipped), so their entries carry the
+    headline metric and ``mean_loss``."""
+    loss, pred = np.asarray(copies["loss"], np.float64), np.asarray(copies["pred"])
+    n, kc = loss.shape
+    idx = np.arange(n)
+
+    def ent(choice: np.ndarray) -> dict:
+        return {metric: (pred[idx, choice] == target).astype(np.float64), "mean_loss": loss[idx, choice]}
+
+    out = {f"copy:{name}": ent(np.full(n, j)) for j, name in enumerate(copies["names"])}
+    out["copies_oracle"] = ent(loss.argmin(1))
+    if copies.get("route") is not None:
+        out["copies_router"] = ent(np.asarray(copies["route"]).astype(np.int64))
+    return out
+
+
+def _diff_entry(stat: dict, key: str, metric: str) -> dict:
+    return {"metric": metric, "diff": stat[key]["value"], "ci95": stat[key]["ci95"]}
+
+
+def _cost_matched(names: list[str], costs: dict | None, route: np.ndarray, entries: dict, metric: str) -> dict:
+    """MoQE against single experts at its expected cost: the best single expert at or below
+    that cost and the best at or above it, linearly interpolated at the expected cost."""
+    if not costs or any(n not in costs for n in names):
+        return {"applicable": False, "reason": "expert costs unknown"}
+    c = np.array([float(costs[n]) for n in names])
+    usage = np.bincount(route, minlength=len(names)) / len(route)
+    expected = float(usage @ c)
+    base = {"cost": "mean weight bits", "expert_costs": {n: float(v) for n, v in zip(names, c)},
+            "moqe_expected_cost": expected}
+    if np.ptp(c) == 0:
+        return {"applicable": False, **base, "reason": "every expert has the same cost: the best single expert "
+                                                        "is the cost-matched comparison"}
+    val = {n: entries[f"expert:{n}"][metric].mean() for n in names}
+    below = [n for n, ci in zip(names, c) if ci <= expected + 1e-9]
+    above = [n for n, ci in zip(names, c) if ci >= expected - 1e-9]
+    lo = max(below, key=lambda n: val[n]) if below else None
+    hi = max(above, key=lambda n: val[n]) if above else None
+    if lo is None or hi is None:  # cannot happen: the expected cost lies within [min c, max c]
+        return {"applicable": False, **base, "reason": "no expert brackets the expected cost"}
+    cl, ch = float(costs[lo]), float(costs[hi])
+    wl = 1.0 if ch == cl else (ch - expected) / (ch - cl)
+    vec = wl * entries[f"expert:{lo}"][metric] + (1 - wl) * entries[f"expert:{hi}"][metric]
+    return {"applicable": True, **base, "cheaper": lo, "costlier": hi, "weight_cheaper": float(wl),
+            "_vector": vec}
+
+
+def _controls(stat, entry, entries, extra, metric, copies, cost, names) -> dict:
+    def sub(e: str) -> dict:
+        return {m: stat[(e, m)] for m in entries[e]}
+
+    out = {"random_router": entry("random_router"),
+           "mixture": {**entry("mixture"), "cost_experts_run": len(names),
+                       "vs_best": _diff_entry(stat, "diff:mixture", metric)}}
+    if copies is not None:
+        c_names = list(copies["names"])
+        best_copy = c_names[copies["best"]]
+        co = {"preset": copies.get("preset"), "copies": len(c_names), "best_copy": best_copy,
+              "best_copy_chosen_on": "val", "copies_metrics": {n: sub(f"copy:{n}") for n in c_names},
+              **sub("copies_oracle"),
+              "oracle_gain": _diff_entry(stat, "diff:copies_oracle_gain", metric)}
+        if "copies_router" in entries:
+            co["router"] = sub("copies_router")
+            d = stat["diff:moqe_vs_copies"]
+            co["moqe_vs_copies"] = {"metric": metric, "diff": d["value"], "ci95": d["ci95"],
+                                    "p_value": bootstrap_p_value(d["value"], stat["_boot"][:, stat["_keys"].index(
+                                        "diff:moqe_vs_copies")]),
+                                    "test": "paired-bootstrap",
+                                    "meaning": "(MoQE - best single) - (copies router - best copy), per sample"}
+        out["copies_oracle"] = co
+    else:
+        out["copies_oracle"] = None
+    if cost.get("applicable"):
+        d = stat["diff:cost_matched"]
+        cost = {**cost, "moqe_minus_interpolated": {"metric": metric, "diff": d["value"], "ci95": d["ci95"],
+                                                    "p_value": bootstrap_p_value(d["value"], stat["_boot"][:, stat[
+                                                        "_keys"].index("diff:cost_matched")])}}
+    out["cost_matched"] = cost
+    return out
 
 
 def flat_metrics(entry: dict, n: int) -> dict:
@@ -242,9 +359,20 @@ def to_markdown(rep: dict, title: str | None = None, latency: dict | None = None
     rows += [("oracle (per-sample argmin L)", rep["oracle"])]
     if "random_router" in rep:
         rows.append(("control: random router (MoQE's usage, shuffled)", rep["random_router"]))
+    ctl = rep.get("controls") or {}
+    if ctl.get("mixture"):
+        rows.append((f"control: output-averaging mixture (runs all {ctl['mixture']['cost_experts_run']} experts)",
+                     ctl["mixture"]))
+    co = ctl.get("copies_oracle")
+    if co:
+        rows.append((f"control: best of {co['copies']} `{co['preset']}` copies ({co['best_copy']}, on val)",
+                     co["copies_metrics"][co["best_copy"]]))
+        rows.append((f"control: copies oracle ({co['copies']} copies, disjoint calibration subsets)", co))
+        if co.get("router"):
+            rows.append(("control: router trained on the copies", co["router"]))
     rows.append(("**MoQE** (router + 1 expert)", rep["moqe"]))
     for name, e in rows:
-        L.append(f"| {name} | " + " | ".join(_cell(c, e[c]) for c in cols) + " |")
+        L.append(f"| {name} | " + " | ".join(_cell(c, e[c]) if c in e else "-" for c in cols) + " |")
     vb, vl = rep["moqe_vs_best"], rep["moqe_vs_best_loss"]
     hc = vb["headroom_captured"]
     hl = vl["headroom_captured"]
@@ -260,7 +388,9 @@ def to_markdown(rep: dict, title: str | None = None, latency: dict | None = None
           + ("n/a (oracle = best)" if hc is None else f"{hc:.2f}") + ".",
           f"Mean loss ({loss_title(rep['targets'])}): {_diff('mean_loss', vl)}, paired-bootstrap "
           f"p = {_p(vl['p_value'])}; headroom captured " + ("n/a (oracle = best)" if hl is None else f"{hl:.2f}") + ".",
-          f"Router accuracy vs oracle: {_cell('top1', rep['router_accuracy_vs_oracle'])} %.",
+          f"Router accuracy vs oracle: {_cell('top1', rep['router_accuracy_vs_oracle'])} %."]
+    L += _controls_markdown(rep, metric)
+    L += [
           "", "| expert | router usage % | oracle usage % |", "|---|---:|---:|"]
     for n in rep["experts"]:
         L.append(f"| {n} | {100 * rep['usage'][n]:.1f} | {100 * rep['oracle_usage'][n]:.1f} |")
@@ -269,6 +399,40 @@ def to_markdown(rep: dict, title: str | None = None, latency: dict | None = None
     if latency:
         L += ["", latency_markdown(latency)]
     return "\n".join(L) + "\n"
+
+
+def _controls_markdown(rep: dict, metric: str) -> list[str]:
+    L = []
+    st = rep.get("strongest_expert")
+    if st:
+        L.append(f"Strongest-preset expert {st['name']}: {METRIC_TITLES[metric]} minus FP "
+                 f"{_diff(metric, st['distance_to_fp'])}.")
+    else:
+        L.append("No strongest-preset expert in this set: the baseline routing must beat is missing.")
+    ctl = rep.get("controls") or {}
+    if ctl.get("mixture"):
+        L.append(f"Output-averaging mixture minus best single: {_diff(metric, ctl['mixture']['vs_best'])} "
+                 f"(costs all {ctl['mixture']['cost_experts_run']} experts per input).")
+    co = ctl.get("copies_oracle")
+    if co:
+        L.append(f"Copies control: oracle of {co['copies']} copies minus the best copy "
+                 f"{_diff(metric, co['oracle_gain'])} (the headroom calibration noise alone leaves).")
+        if co.get("moqe_vs_copies"):
+            d = co["moqe_vs_copies"]
+            L.append(f"MoQE's gain over its best single expert minus the copies router's gain over the best copy: "
+                     f"{_diff(metric, d)}, paired-bootstrap p = {_p(d['p_value'])}.")
+    else:
+        L.append("Copies control: not available for this data (the copies are stored for the bundle's own splits only).")
+    cm = ctl.get("cost_matched") or {}
+    if cm.get("applicable"):
+        d = cm["moqe_minus_interpolated"]
+        L.append(f"Cost-matched: MoQE's expected cost {cm['moqe_expected_cost']:.2f} {cm['cost']} lies between "
+                 f"{cm['cheaper']} ({cm['expert_costs'][cm['cheaper']]:g}) and {cm['costlier']} "
+                 f"({cm['expert_costs'][cm['costlier']]:g}); MoQE minus their interpolation at that cost: "
+                 f"{_diff(metric, d)}, p = {_p(d['p_value'])}.")
+    elif cm:
+        L.append(f"Cost-matched control: not applicable ({cm.get('reason')}).")
+    return L
 
 
 def latency_markdown(lat: dict) -> str:

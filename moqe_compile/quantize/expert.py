@@ -17,7 +17,8 @@ from .calibrate import calibrate_ranges
 from .check import check_qdq
 from .equalize import equalize
 from .graph import get_init, run_with_outputs, set_init, weight_layers
-from .qdq import reduce_range_for, write_expert
+from .qdq import VARIANTS, reduce_range_for, write_expert
+from .sequential import refine
 from .weights import channel_scales, dequantize, overrides_for, qmax_for, quantize_nearest
 
 
@@ -108,7 +109,13 @@ def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: E
         wpath = work / f"{recipe.name}.{backend}.weights.onnx"
         onnx.save(model, str(wpath))
         info = write_expert(wpath, ranges_json, recipe, backend, out_for[backend], overrides, sorted(exclude_set))
-        if recipe.bias_correction:
+        if recipe.sequential:
+            stream = calib_x[: min(len(calib_x), recipe.stream_samples)]
+            t1 = time.perf_counter()
+            steps.update(refine(base, out_for[backend], recipe, qmax_for(recipe.weight_bits, reduce_range_for(backend)),
+                                VARIANTS[backend][2] or recipe.symmetric_activations, exclude_set, input_name, stream))
+            steps[f"sequential_s.{backend}"] = round(time.perf_counter() - t1, 2)
+        elif recipe.bias_correction:
             steps["bias_corrected_layers"] = _bias_correct(base, out_for[backend], exclude_set, input_name,
                                                            calib_x[: min(len(calib_x), 128)])
         info["check"] = check_qdq(out_for[backend], backend, allow_float=len(exclude_set))

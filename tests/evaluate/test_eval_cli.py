@@ -29,7 +29,7 @@ def test_build_report_has_cis_and_eval_data(tiny_bundle):
     for s in ("router_val", "test"):
         r = rep["splits"][s]
         assert r["n"] == m["splits"][s]["samples"]
-        assert r["best_expert"]["name"] == m["routing"]["default_expert"] and r["best_expert"]["chosen_on"] == "router_val"
+        assert r["best_expert"]["name"] == m["routing"]["default_expert"] and r["best_expert"]["chosen_on"] == "val"
         assert set(r["moqe_vs_best"]) >= {"diff", "ci95", "p_value", "test", "headroom_captured"}
         for name in (e["name"] for e in m["experts"]):
             assert set(r["experts"][name]["top1"]) == {"value", "ci95"}

@@ -109,7 +109,7 @@ def test_markdown_and_plots(tmp_path):
                                                            "ratios": {}, "experts_used": ["a"]}}}
     md = to_markdown(r, "title", lat)
     assert "## title" in md and "| oracle (per-sample argmin L) |" in md and "exact McNemar" in md
-    assert f"expert {NAMES[best]} (best on router_val)" in md and "| 1 | 0.50 | 3.00 |" in md
+    assert f"expert {NAMES[best]} (best on val)" in md and "| 1 | 0.50 | 3.00 |" in md
     assert md.count("\n| ") >= 3 + 3 + 4  # model rows, usage rows, latency rows
     paths = write_plots(r, tmp_path)
     assert [p.name for p in paths] == ["metric.png", "usage.png"]
@@ -156,3 +156,55 @@ def test_random_router_control_keeps_usage_and_loses_input_information():
                              labels=labels, loss=loss, route=route, best_expert=0, targets="labels", n_boot=200)
     assert rep["moqe"]["top1"]["value"] == 1.0
     assert 0.35 < rep["random_router"]["top1"]["value"] < 0.65  # same 50/50 mix, chance-level
+
+
+def _copies(kw, best, n_copies=3, seed=5):
+    """Copies of the best expert: its logits plus small independent noise."""
+    rng = np.random.default_rng(seed)
+    fp, y = kw["fp_logits"], kw["labels"]
+    logits = [kw["expert_logits"][best] + 0.3 * rng.normal(size=fp.shape) for _ in range(n_copies)]
+    loss = np.stack([sample_losses(l, fp, y, kw["targets"]) for l in logits], axis=1)
+    pred = np.stack([l.argmax(-1) for l in logits], axis=1)
+    return {"loss": loss, "pred": pred, "route": rng.integers(0, n_copies, len(fp)), "best": 0,
+            "preset": "strongest", "names": [f"copy{i}" for i in range(n_copies)]}
+
+
+def test_controls_strongest_mixture_copies_and_cost_matched():
+    kw, best = _case(n=400)
+    route = kw["loss"].argmin(1)  # an oracle router: its gain must beat the copies router's
+    copies = _copies(kw, best)
+    costs = {"a": 4.0, "b": 8.0, "c": 8.0}
+    r = build_split_report(**kw, route=route, best_expert=best, n_boot=1000, strongest=NAMES[best],
+                           expert_costs=costs, copies=copies)
+    json.dumps(r)
+    assert r["best_expert"]["chosen_on"] == "val"
+    st = r["strongest_expert"]
+    assert st["name"] == NAMES[best]
+    assert st["distance_to_fp"]["diff"] == pytest.approx(st["top1"]["value"] - r["fp"]["top1"]["value"])
+    c = r["controls"]
+    assert c["random_router"] == r["random_router"]
+    mix = np.mean([np.exp(e - e.max(-1, keepdims=True)) / np.exp(e - e.max(-1, keepdims=True)).sum(-1, keepdims=True)
+                   for e in kw["expert_logits"]], axis=0)
+    assert c["mixture"]["top1"]["value"] == pytest.approx((mix.argmax(-1) == kw["labels"]).mean())
+    assert c["mixture"]["cost_experts_run"] == 3
+    co = c["copies_oracle"]
+    want = (copies["pred"][np.arange(400), copies["loss"].argmin(1)] == kw["labels"]).mean()
+    assert co["top1"]["value"] == pytest.approx(want) and co["copies"] == 3 and co["best_copy"] == "copy0"
+    assert co["oracle_gain"]["diff"] >= 0
+    assert co["moqe_vs_copies"]["diff"] > 0 and co["moqe_vs_copies"]["p_value"] < 0.05
+    cm = c["cost_matched"]
+    usage = np.bincount(route, minlength=3) / 400
+    assert cm["applicable"] and cm["moqe_expected_cost"] == pytest.approx(usage @ np.array([4.0, 8.0, 8.0]))
+    assert cm["cheaper"] == "a" and cm["costlier"] in ("b", "c")
+    md = to_markdown(r)
+    assert "copies oracle" in md and "Cost-matched" in md and "Strongest-preset expert" in md
+
+
+def test_controls_without_copies_or_cost_differences():
+    kw, best = _case()
+    r = build_split_report(**kw, route=np.full(120, best), best_expert=best, n_boot=200,
+                           expert_costs={n: 8.0 for n in NAMES})
+    assert r["strongest_expert"] is None and r["controls"]["copies_oracle"] is None
+    assert r["controls"]["cost_matched"]["applicable"] is False
+    md = to_markdown(r)
+    assert "No strongest-preset expert" in md and "not applicable" in md

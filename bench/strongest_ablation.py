@@ -1,0 +1,119 @@
+"""The strongest single expert and what each of its components adds (issue 10).
+
+    python bench/strongest_ablation.py bundles/fmnist-cnn.toml --json bench/results-fmnist-strongest.json
+
+For each weight width (W8A8, W4A8) it builds, on the recipe's calibration split, the chain
+(one component added per row) and the leave-one-out variants of the ``strongest`` preset:
+
+    base        MinMax weights, nearest rounding, MSE activation ranges on the FP stream
+    +mse-clip   per-channel MSE-optimal weight clip
+    +gptq       GPTQ rounding with the Hessian of the quantized input stream
+    +seq-act    activation ranges refitted (MSE) layer by layer on the quantized stream
+    +bc         sequential empirical bias correction  (= the `strongest` preset)
+    strongest - X   for each component X
+
+and evaluates every expert on the test split: top-1 with its bootstrap 95% CI, the paired
+difference to FP (bootstrap 95% CI, exact McNemar p), FP top-1 agreement and KL to FP.
+Nothing is chosen on the test split: the recipes are fixed before this runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from moqe_compile.backends import OrtCpuSession
+from moqe_compile.config import STRONGEST, ExpertRecipe, load_recipe
+from moqe_compile.data.datasets import build_splits
+from moqe_compile.data.images import Preprocess
+from moqe_compile.evaluate.stats import bootstrap_ci, paired_compare
+from moqe_compile.models import load_fp_model
+from moqe_compile.quantize import build_expert, prepare_for_quantization
+from moqe_compile.score import expert_metrics, run_batched
+
+BASE = {"calibration": "mse", "weight_clip": "minmax", "weight_rounding": "nearest", "sequential_activations": False,
+        "bias_correction": False}
+CHAIN = [("base", {}), ("+mse-clip", {"weight_clip": "mse"}), ("+gptq", {"weight_rounding": "gptq"}),
+         ("+seq-act", {"sequential_activations": True}), ("+bc (strongest)", {"bias_correction": True})]
+LEAVE_OUT = {"mse-clip": {"weight_clip": "minmax"}, "gptq": {"weight_rounding": "nearest"},
+             "seq-act": {"sequential_activations": False}, "bc": {"bias_correction": False}}
+
+
+def variants(bits: int) -> list[tuple[str, dict]]:
+    out, cur = [], dict(BASE)
+    for name, change in CHAIN:
+        cur = {**cur, **change}
+        out.append((name, dict(cur)))
+    assert out[-1][1] == {**BASE, **STRONGEST}
+    out += [(f"strongest - {k}", {**STRONGEST, **v}) for k, v in LEAVE_OUT.items()]
+    return [(n, {**f, "weight_bits": bits}) for n, f in out]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe")
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    ap.add_argument("--split", default="test", choices=["test", "router_val"])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    cfg = load_recipe(args.recipe)
+    rows: dict = {}
+    with tempfile.TemporaryDirectory(prefix="moqe-strongest-") as tmp:
+        work = Path(tmp)
+        fp = load_fp_model(cfg.model, cfg.preprocessing, work / "fp.onnx")
+        splits = build_splits(cfg.data, Preprocess.from_dict(asdict(cfg.preprocessing)))
+        calib, ev = splits["calibration"].x, splits[args.split]
+        if ev.labels is None:
+            sys.exit("this bench needs a labelled split")
+        prepared = prepare_for_quantization(fp.path, work / "prepared.onnx")
+        fp_logits = run_batched(OrtCpuSession("fp32", fp.path), ev.x, 256)
+        fp_ok = (fp_logits.argmax(-1) == ev.labels).astype(np.float64)
+        for bits in args.bits:
+            for name, fields in variants(bits):
+                key = f"W{bits}A8 {name}"
+                r = ExpertRecipe(name=f"v{len(rows)}", **fields)
+                out = work / f"{r.name}.onnx"
+                t = time.perf_counter()
+                info = build_expert(prepared, fp.input_name, calib, r, ["onnxruntime-cpu", "tensorrt"],
+                                    {"onnxruntime-cpu": out, "tensorrt": work / f"{r.name}.trt.onnx"},
+                                    work / f"{r.name}.json", work)
+                build_s = time.perf_counter() - t
+                logits = run_batched(OrtCpuSession(r.name, out), ev.x, 256)
+                ok = (logits.argmax(-1) == ev.labels).astype(np.float64)
+                m = expert_metrics(logits, fp_logits, ev.labels)
+                m["top1_ci95"] = list(bootstrap_ci(ok)[1])
+                vs = paired_compare(ok, fp_ok)
+                m["vs_fp"] = {"diff": vs["diff"], "ci95": vs["ci95"], "p_value": vs["p_value"], "test": vs["test"]}
+                m["recipe"] = fields
+                m["build_s"] = round(build_s, 2)
+                m["steps"] = info["steps"]
+                m["check_qdq"] = {b: v["check"]["ok"] for b, v in info["variants"].items()}
+                rows[key] = m
+                print(f"{key:<28} top1 {100 * m['top1']:.2f}  vs FP {100 * vs['diff']:+.2f} "
+                      f"[{100 * vs['ci95'][0]:+.2f}, {100 * vs['ci95'][1]:+.2f}]  KL {m['kl_to_fp']:.4f}  "
+                      f"{build_s:.1f}s", file=sys.stderr, flush=True)
+    fp_m = expert_metrics(fp_logits, fp_logits, ev.labels)
+    result = {"recipe": args.recipe, "split": args.split, "n": int(len(ev.x)), "calibration_n": int(len(calib)),
+              "fp": fp_m, "variants": rows}
+    print(f"\n{args.recipe}: {args.split} split, n = {len(ev.x)}, FP top-1 {100 * fp_m['top1']:.2f}\n")
+    print("| variant | top-1 % [95% CI] | minus FP, points [95% CI] | McNemar p | FP agree | KL to FP | build s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k, m in rows.items():
+        ci, d = m["top1_ci95"], m["vs_fp"]
+        print(f"| {k} | {100 * m['top1']:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}] | {100 * d['diff']:+.2f} "
+              f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | {d['p_value']:.3g} | "
+              f"{m['fp_top1_agreement']:.4f} | {m['kl_to_fp']:.4f} | {m['build_s']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Build-time controls (issue 10, DESIGN.md section 8): what a MoQE gain must be measured against.
+
+- **Copies control**: K copies of the strongest expert's recipe, each calibrated on a disjoint
+  random subset of the calibration split. They differ only by calibration noise, so their
+  oracle headroom is a lottery, and a router trained on them (same architecture, targets and
+  fallback as the bundle's router) shows what routing gains from noise alone. The copies are
+  scored at build time and stored as per-sample losses and predicted classes
+  (``report/controls.npz``); they are not shipped as experts.
+- **Expert cost**: mean weight bits per weight parameter (layers kept in FP count 32), the
+  cost unit of ``controls.cost_matched``.
+- **Significance gate**: :func:`gate_decision` turns the router_val report into the
+  manifest's ``router.gate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..config import STRONGEST_PRESETS, BuildConfig, ExpertRecipe
+from ..quantize.graph import weight_layers
+
+CONTROLS_FILE = "report/controls.npz"
+
+
+def strongest_expert(experts: list[ExpertRecipe]) -> str | None:
+    """The first expert built from a strongest preset (the baseline every report measures)."""
+    return next((r.name for r in experts if r.preset in STRONGEST_PRESETS), None)
+
+
+def copy_recipe(cfg: BuildConfig) -> ExpertRecipe:
+    """The recipe the copies repeat: the strongest expert's, else the ``strongest`` preset at
+    the first expert's weight width."""
+    name = strongest_expert(cfg.experts)
+    if name is not None:
+        return next(r for r in cfg.experts if r.name == name)
+    preset = "w4a8-strongest" if cfg.experts[0].weight_bits == 4 else "strongest"
+    return ExpertRecipe.from_preset("copy", preset)
+
+
+def expert_cost(prepared: Path, excluded: list[str], weight_bits: int) -> float:
+    """Mean weight bits per Conv/Gemm weight parameter; FP-kept layers count 32."""
+    m = onnx.load(str(prepared))
+    sizes = {i.name: int(np.prod(i.dims)) for i in m.graph.initializer}
+    total = bits = 0
+    for l in weight_layers(m):
+        n = sizes[l.weight]
+        total += n
+        bits += n * (32 if l.node in excluded else weight_bits)
+    return float(bits / total) if total else float(weight_bits)
+
+
+@dataclass
+class Copies:
+    names: list[str]
+    preset: str
+    best: int  # chosen on router_val (lowest mean loss)
+    calibration_per_copy: int
+    splits: dict  # split -> {"loss": (N, Kc), "pred": (N, Kc), "route": (N,) | None}
+
+    def for_split(self, split: str) -> dict:
+        return {"names": self.names, "preset": self.preset, "best": self.best, **self.splits[split]}
+
+    def save(self, path: Path) -> None:
+        arrays = {"names": np.array(self.names), "preset": np.array(self.preset), "best": np.array(self.best),
+                  "calibration_per_copy": np.array(self.calibration_per_copy)}
+        for s, d in self.splits.items():
+            arrays[f"{s}_loss"], arrays[f"{s}_pred"] = d["loss"], d["pred"]
+            if d.get("route") is not None:
+                arrays[f"{s}_route"] = d["route"]
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> "Copies":
+        with np.load(path, allow_pickle=False) as z:
+            names = [str(n) for n in z["names"]]
+            splits = {}
+            for key in z.files:
+                if key.endswith("_loss"):
+                    s = key[: -len("_loss")]
+                    splits[s] = {"loss": z[key], "pred": z[f"{s}_pred"],
+                                 "route": z[f"{s}_route"] if f"{s}_route" in z.files else None}
+            return cls(names, str(z["preset"]), int(z["best"]), int(z["calibration_per_copy"]), splits)
+
+
+def build_copies(cfg: BuildConfig, prepared: Path, input_name: str, splits: dict, fp_logits: dict, work: Path,
+                 score_splits: tuple[str, ...], log=lambda msg: None) -> Copies:
+    """Build, score and (``[controls] copies_router``) route the copies control.
+
+    ``fp_logits``: split -> FP logits (the loss is the build's: KL to FP or cross-entropy)."""
+    from ..backends import OrtCpuSession
+    from ..quantize import build_expert
+    from ..router.fallback import apply_fallback, choose_fallback
+    from ..router.train import predict, small_inputs, train_router
+    from ..score import run_batched, sample_losses
+
+    k = cfg.controls.copies
+    base = copy_recipe(cfg)
+    calib = splits["calibration"].x
+    parts = np.array_split(np.random.default_rng(cfg.controls.seed).permutation(len(calib)), k)
+    names, sessions = [], []
+    for i, idx in enumerate(parts):
+        r = replace(base, name=f"copy{i}")
+        out = work / f"copy{i}.onnx"
+        log(f"controls: copy {i + 1}/{k} of {base.preset or base.name} on {len(idx)} calibration samples")
+        build_expert(prepared, input_name, calib[np.sort(idx)], r, ["onnxruntime-cpu"], {"onnxruntime-cpu": out},
+                     work / f"copy{i}.json", work)
+        names.append(r.name)
+        sessions.append(OrtCpuSession(r.name, out))
+    out_splits = {}
+    for s in score_splits:
+        d = splits[s]
+        logits = [run_batched(sess, d.x) for sess in sessions]
+        out_splits[s] = {"loss": np.stack([sample_losses(l, fp_logits[s], d.labels, cfg.data.targets)
+                                           for l in logits], axis=1),
+                         "pred": np.stack([l.argmax(-1) for l in logits], axis=1).astype(np.int64), "route": None}
+    best = int(out_splits["router_val"]["loss"].mean(0).argmin())
+    if cfg.controls.copies_router and "router_train" in out_splits:
+        rc = cfg.router
+        log("controls: training the same router on the copies")
+        res = train_router(rc, splits["router_train"].x, out_splits["router_train"]["loss"],
+                           splits["router_val"].x, out_splits["router_val"]["loss"])
+        probs = {s: predict(res.core, small_inputs(splits[s].x, rc.input_size, rc.downsample))
+                 for s in out_splits if s != "router_train"}
+        fb = (choose_fallback(probs["router_val"], out_splits["router_val"]["loss"]) if rc.fallback
+              else {"threshold": 0.0, "expert": best})
+        for s, p in probs.items():
+            out_splits[s]["route"] = apply_fallback(p, fb["threshold"], fb["expert"])[0].astype(np.int64)
+    for sess in sessions:
+        sess.close()
+    out_splits.pop("router_train", None)  # used for training only; not reported
+    return Copies(names, base.preset or base.name, best, int(len(parts[0])), out_splits)
+
+
+def gate_decision(val_report: dict, alpha: float, force: bool) -> dict:
+    """``router.gate`` from the router_val split report.
+
+    Routing is kept only if MoQE beats the best single expert (chosen on val) with a paired
+    p-value below ``alpha`` *and* its gain exceeds the copies router's gain over the best copy
+    (what routing gains from calibration noise alone; when there is no copies router, the
+    copies oracle's headroom, a stricter bar). Without a copies control only the first test
+    applies, and the reason says so. Both are measured on router_val, which also chose the
+    router's epoch and fallback: optimistic for MoQE, so a refusal is conservative.
+    """
+    vb = val_report["moqe_vs_best"]
+    gain, p = float(vb["diff"]), float(vb["p_value"])
+    co = (val_report.get("controls") or {}).get("copies_oracle")
+    copies_gain, copies_kind = None, None
+    if co:
+        if co.get("router"):
+            best_copy = co["copies_metrics"][co["best_copy"]][vb["metric"]]["value"]
+            copies_gain, copies_kind = co["router"][vb["metric"]]["value"] - best_copy, "copies router"
+        else:
+            copies_gain, copies_kind = co["oracle_gain"]["diff"], "copies oracle headroom"
+    metric = vb["metric"]
+    fmt = lambda v: f"{100 * v:+.2f} points" if metric in ("top1", "fp_top1_agreement") else f"{v:+.4g}"  # noqa: E731
+    reasons = []
+    if not (p < alpha):
+        reasons.append(f"paired test vs {val_report['best_expert']['name']}: p = {p:.3g} >= {alpha}")
+    if not gain > 0:
+        reasons.append(f"no gain over {val_report['best_expert']['name']} ({fmt(gain)})")
+    if copies_gain is not None and not gain > copies_gain:
+        reasons.append(f"gain {fmt(gain)} does not exceed the {copies_kind}'s {fmt(copies_gain)}")
+    routed = not reasons
+    if routed:
+        reason = (f"MoQE beats {val_report['best_expert']['name']} on val by {fmt(gain)} (p = {p:.3g} < {alpha})"
+                  + (f", more than the {copies_kind}'s {fmt(copies_gain)}" if copies_gain is not None
+                     else "; no copies control was built"))
+    else:
+        reason = "; ".join(reasons)
+    gate = {"decision": "routed" if routed else "single", "p_value": p, "val_gain": gain, "metric": metric,
+            "threshold": alpha, "copies_val_gain": copies_gain, "copies_control": copies_kind,
+            "reason": reason, "forced": False, "split": "router_val"}
+    if force and not routed:
+        gate.update(decision="routed", forced=True,
+                    reason=f"forced by --force-routing; the gate would have served the single expert: {reason}")
+    return gate
+
+
+__all__ = ["CONTROLS_FILE", "Copies", "build_copies", "copy_recipe", "expert_cost", "gate_decision",
+           "strongest_expert"]

@@ -1,0 +1,172 @@
+"""The sequential pass of the strongest recipe, inside the finished Q/DQ graph (ours: ORT
+fits every activation range on the FP model and rounds weights to nearest, with no hook to
+do either on the quantized stream).
+
+Walking the Q/DQ graph in topological order, on calibration data:
+- each activation QuantizeLinear gets the range minimizing squared quantization error (MSE)
+  of its input as it is *now*, i.e. with every layer before it already quantized and
+  corrected (``sequential_activations``);
+- each Conv/Gemm gets its integer weights by GPTQ (``weight_rounding = "gptq"``) from the
+  Hessian of its quantized input stream, on the fixed per-channel scales of the MSE clip;
+- then its bias absorbs the mean per-channel FP-minus-quantized output (``bias_correction``).
+
+Only initializers change (activation scales/zero-points, int8 weights, biases), so the graph
+stays exactly what ``quantize_static`` wrote and ``check-qdq`` judges it as such.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+from ..config import ExpertRecipe
+from .calibrate import mse_ranges
+from .gptq import Hessian, gptq_round
+from .graph import WeightLayer, get_init, run_with_outputs, weight_layers
+
+# ORT's QDQ quantizer drops a Relu/Clip after a quantized node when activations are asymmetric
+# (the uint8 range clips instead); the QuantizeLinear then reads the pre-activation tensor, so
+# its range must be fitted on the activation's output, not on what it reads.
+_REMOVABLE = ("Relu", "Clip")
+
+
+def _inits(m: onnx.ModelProto) -> dict:
+    return {i.name: i for i in m.graph.initializer}
+
+
+def _const_value(m: onnx.ModelProto, name: str):
+    for i in m.graph.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i)
+    for n in m.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def _removed_activation(base: onnx.ModelProto, q: onnx.ModelProto, tensor: str):
+    """The function ORT folded into ``tensor``'s quantizer, or None."""
+    producer = {o: n for n in base.graph.node for o in n.output}.get(tensor)
+    if producer is None or producer.op_type not in _REMOVABLE:
+        return None
+    if any(n.op_type == producer.op_type and tensor in n.output for n in q.graph.node):
+        return None  # the activation is still in the Q/DQ graph
+    if producer.op_type == "Relu":
+        return lambda v: np.maximum(v, 0)
+    lo = _const_value(base, producer.input[1]) if len(producer.input) > 1 and producer.input[1] else None
+    hi = _const_value(base, producer.input[2]) if len(producer.input) > 2 and producer.input[2] else None
+    return lambda v: np.clip(v, -np.inf if lo is None else float(lo), np.inf if hi is None else float(hi))
+
+
+def fit_activation_mse(values: np.ndarray, zp_dtype: int, symmetric: bool, bins: int = 2048) -> tuple:
+    """(scale, zero_point) of the range minimizing the squared quantization error of ``values``,
+    computed exactly as ORT turns a range into Q/DQ parameters."""
+    v = values.astype(np.float64).ravel()
+    lo, hi = float(min(v.min(), 0.0)), float(max(v.max(), 0.0))
+    qmin, qmax = get_qmin_qmax_for_qType(zp_dtype, symmetric=symmetric)
+    if hi - lo <= 0:
+        r_lo, r_hi = np.float32(lo), np.float32(hi)
+    else:
+        hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+        r = mse_ranges({"t": (hist, edges, lo, hi, max(-lo, hi))}, asymmetric=not symmetric,
+                       levels=int(qmax) - int(qmin) + 1)["t"]
+        r_lo, r_hi = np.float32(r.lowest), np.float32(r.highest)
+    zp, scale = compute_scale_zp(r_lo, r_hi, qmin, qmax, symmetric=symmetric)
+    return np.float32(scale), zp
+
+
+def _dq_of(q: onnx.ModelProto, tensor: str) -> onnx.NodeProto | None:
+    return next((n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == tensor), None)
+
+
+def _rescale_bias(q: onnx.ModelProto, inits: dict, node: onnx.NodeProto) -> None:
+    """Keep an int32 bias on the grid input_scale * weight_scale after its input's range was
+    refitted: ORT fuses Conv/Gemm into QLinearConv/QGemm only when the bias scale is that
+    product, and otherwise runs the layer in float."""
+    bdq = _dq_of(q, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    xdq, wdq = _dq_of(q, node.input[0]), _dq_of(q, node.input[1])
+    if bdq is None or xdq is None or wdq is None:
+        return
+    x_s = numpy_helper.to_array(inits[xdq.input[1]]).astype(np.float32)
+    w_s = numpy_helper.to_array(inits[wdq.input[1]]).astype(np.float32)
+    old_s = numpy_helper.to_array(inits[bdq.input[1]])
+    new_s = (x_s * w_s).astype(old_s.dtype).reshape(old_s.shape)
+    if np.array_equal(old_s, new_s):
+        return
+    b = numpy_helper.to_array(inits[bdq.input[0]])
+    nb = np.round(b.astype(np.float64) * old_s / new_s)
+    info = np.iinfo(b.dtype)
+    inits[bdq.input[0]].CopyFrom(numpy_helper.from_array(np.clip(nb, info.min, info.max).astype(b.dtype),
+                                                         bdq.input[0]))
+    inits[bdq.input[1]].CopyFrom(numpy_helper.from_array(new_s, bdq.input[1]))
+
+
+def refine(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, qmax: int, symmetric: bool,
+           exclude: set[str], input_name: str, x: np.ndarray) -> dict:
+    """Run the sequential pass on the Q/DQ graph at ``q_path`` (rewritten in place); return
+    what it did, for the manifest's ``steps``. ``x``: calibration inputs; ``qmax``: the
+    weight grid of this backend; ``symmetric``: activation ranges symmetric (TensorRT)."""
+    q = onnx.load(str(q_path))
+    inits = _inits(q)
+    layers: dict[str, WeightLayer] = {l.node: l for l in weight_layers(base) if l.node not in exclude}
+    qnodes = list(q.graph.node)
+    fp_out = {}
+    if recipe.bias_correction:
+        got = run_with_outputs(base, [l.output for l in layers.values()], input_name, x)
+        fp_out = {k: np.concatenate(v) for k, v in got.items()}
+
+    def fetch(name: str) -> np.ndarray:
+        return np.concatenate(run_with_outputs(q, [name], input_name, x)[name])
+
+    fitted: set[str] = set()
+    done = {"refit_activations": 0, "gptq_layers": 0, "bias_corrected_layers": 0}
+    for node in qnodes:
+        if (node.op_type == "QuantizeLinear" and recipe.sequential_activations and node.input[0] not in inits
+                and node.input[1] in inits and node.input[1] not in fitted):
+            v = fetch(node.input[0])
+            act = _removed_activation(base, q, node.input[0])
+            if act is not None:
+                v = act(v)
+            zp_init = inits[node.input[2]]
+            scale, zp = fit_activation_mse(v, zp_init.data_type, symmetric)
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.asarray(scale, np.float32).reshape(
+                numpy_helper.to_array(inits[node.input[1]]).shape), node.input[1]))
+            zp_arr = numpy_helper.to_array(zp_init)
+            zp_init.CopyFrom(numpy_helper.from_array(np.asarray(zp).astype(zp_arr.dtype).reshape(zp_arr.shape),
+                                                     node.input[2]))
+            fitted.add(node.input[1])
+            done["refit_activations"] += 1
+        elif node.op_type in ("Conv", "Gemm") and node.name in layers:
+            l = layers[node.name]
+            _rescale_bias(q, inits, node)
+            if recipe.weight_rounding == "gptq":
+                wdq = _dq_of(q, node.input[1])
+                w_q, w_s = wdq.input[0], wdq.input[1]
+                scale = numpy_helper.to_array(inits[w_s]).astype(np.float32)
+                wint = numpy_helper.to_array(inits[w_q])
+                h = Hessian(l.op, l.attrs, wint.shape)
+                xin = fetch(node.input[0])
+                for i in range(0, len(xin), 32):  # im2col of the whole set at once would not fit in memory
+                    h.add(xin[i : i + 32])
+                # Rounded from the FP weights: the ones ORT stored are already nearest-rounded.
+                new = gptq_round(get_init(base, l.weight), scale, qmax, h, damp=recipe.gptq_damp)
+                inits[w_q].CopyFrom(numpy_helper.from_array(new.astype(wint.dtype), w_q))
+                done["gptq_layers"] += 1
+            if recipe.bias_correction and len(node.input) > 2 and node.input[2]:
+                f, g = fp_out[l.output], fetch(node.output[0])
+                delta = (f - g).mean(axis=(0,) if f.ndim == 2 else (0, 2, 3))
+                bdq = _dq_of(q, node.input[2])
+                bias_name = bdq.input[0] if bdq is not None else node.input[2]
+                b = numpy_helper.to_array(inits[bias_name])
+                if bdq is None:
+                    nb = (b + delta).astype(b.dtype)
+                else:
+                    nb = (b + np.round(delta / numpy_helper.to_array(inits[bdq.input[1]]))).astype(b.dtype)
+                inits[bias_name].CopyFrom(numpy_helper.from_array(nb, bias_name))
+                done["bias_corrected_layers"] += 1
+    onnx.save(q, str(q_path))
+    return done

@@ -1,0 +1,131 @@
+"""Significance-gated routing, both branches, end to end through ``build``.
+
+The experts' outputs are constructed (the pipeline's ``score`` is replaced) so that the
+answer is known: in one case each expert is exact on one router-visible input region (red or
+blue images) and wrong elsewhere, so routing must win and be kept; in the other the experts
+are perturbed copies of FP with independent noise, so routing must be refused. The router,
+its fallback, the report, the copies control and the gate are the real ones.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moqe_compile import Runtime, pipeline
+from moqe_compile.cli.inspect import render
+from moqe_compile.config import ControlsConfig, ExpertRecipe, RouterConfig
+from moqe_compile.evaluate.controls import gate_decision
+from moqe_compile.score import Scores, sample_losses
+
+from ..conftest import CROP, NUM_CLASSES, tiny_config
+
+
+@pytest.fixture(scope="module")
+def region_images(tmp_path_factory):
+    """160 labelled images; half red, half blue (the region), independent of the class."""
+    root = tmp_path_factory.mktemp("regions")
+    rng = np.random.default_rng(0)
+    for i in range(160):
+        c, region = i % NUM_CLASSES, (i // NUM_CLASSES) % 2
+        d = root / str(c)
+        d.mkdir(exist_ok=True)
+        img = np.zeros((40, 40, 3), np.float32)
+        img[..., 0 if region == 0 else 2] = 200
+        img = np.clip(img + rng.normal(0, 30, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"img_{i:03d}.png")
+    return root
+
+
+def _region(x):
+    return (x[:, 2].mean(axis=(1, 2)) > x[:, 0].mean(axis=(1, 2))).astype(int)  # 0 red, 1 blue
+
+
+def _fake_score(kind):
+    def score(fp_session, expert_sessions, x, labels, targets, progress=None):
+        K, n = len(expert_sessions), len(x)
+        fp = 5.0 * np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+        wrong = 5.0 * np.eye(NUM_CLASSES, dtype=np.float32)[(labels + 1) % NUM_CLASSES]
+        rng = np.random.default_rng(int(x[:, :, 0, 0].sum() * 1000) % 2**32)
+        if kind == "regions":
+            reg = _region(x)
+            ex = np.stack([np.where((reg == k)[:, None], fp, wrong) for k in range(K)])
+        else:
+            ex = np.stack([fp + rng.normal(0, 3.0, fp.shape).astype(np.float32) for _ in range(K)])
+        if progress:
+            progress.update(1 + K)
+        loss = np.stack([sample_losses(e, fp, labels, targets) for e in ex], axis=1)
+        return Scores(fp, ex, loss)
+
+    return score
+
+
+def _build(tmp_path_factory, tiny_onnx, images, kind, force=False):
+    cfg = tiny_config(tiny_onnx, images, targets="labels")
+    cfg.data.augmentations = 0
+    cfg.experts = [ExpertRecipe(name="a", calibration="minmax"), ExpertRecipe(name="b", calibration="minmax",
+                                                                              per_channel=False)]
+    cfg.router = RouterConfig(preset="small", input_size=8, epochs=8, batch_size=8)
+    cfg.controls = ControlsConfig(copies=2)
+    cfg.gate.force_routing = force
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "score", _fake_score(kind))
+    try:
+        return pipeline.build(cfg, tmp_path_factory.mktemp("gate") / kind, quiet=True)
+    finally:
+        mp.undo()
+
+
+def test_experts_exact_on_visible_regions_are_routed(tmp_path_factory, tiny_onnx, region_images):
+    out = _build(tmp_path_factory, tiny_onnx, region_images, "regions")
+    m = json.loads((out / "manifest.json").read_text())
+    g = m["router"]["gate"]
+    assert g["decision"] == "routed" and not g["forced"], g
+    assert g["p_value"] < 0.05 and g["val_gain"] > 0.2
+    assert g["copies_control"] == "copies router" and g["val_gain"] > g["copies_val_gain"]
+    assert m["routing"]["enabled"] is True
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert rep["gate"] == g and rep["splits"]["test"]["controls"]["copies_oracle"]["copies"] == 2
+    assert "gate        routed" in render(str(out))
+
+
+def test_perturbed_copies_are_refused_and_served_alone(tmp_path_factory, tiny_onnx, region_images):
+    out = _build(tmp_path_factory, tiny_onnx, region_images, "copies")
+    m = json.loads((out / "manifest.json").read_text())
+    g = m["router"]["gate"]
+    assert g["decision"] == "single" and m["routing"]["enabled"] is False, g
+    assert g["reason"]
+    x = np.random.default_rng(0).normal(size=(6, 3, CROP, CROP)).astype(np.float32)
+    with Runtime.load(out) as rt:
+        assert not rt.routed
+        idx, _ = rt.route(x)
+        assert (idx == rt.expert_names.index(m["routing"]["default_expert"])).all()
+    assert "gate        single" in render(str(out))
+
+
+def test_force_routing_overrides_and_says_so(tmp_path_factory, tiny_onnx, region_images):
+    out = _build(tmp_path_factory, tiny_onnx, region_images, "copies", force=True)
+    m = json.loads((out / "manifest.json").read_text())
+    g = m["router"]["gate"]
+    assert g["decision"] == "routed" and g["forced"] and m["routing"]["enabled"] is True
+    assert "forced by --force-routing" in g["reason"] and "FORCED" in render(str(out))
+
+
+def _val_report(gain_p_copies):
+    gain, p, copies_gain = gain_p_copies
+    co = {"best_copy": "c0", "copies_metrics": {"c0": {"top1": {"value": 0.9}}},
+          "router": {"top1": {"value": 0.9 + copies_gain}}, "oracle_gain": {"diff": 0.05}}
+    return {"moqe_vs_best": {"diff": gain, "p_value": p, "metric": "top1"}, "best_expert": {"name": "e"},
+            "controls": {"copies_oracle": co}}
+
+
+@pytest.mark.parametrize("gain,p,copies,decision", [
+    (0.02, 0.01, 0.005, "routed"),
+    (0.02, 0.20, 0.005, "single"),   # not significant
+    (0.02, 0.01, 0.030, "single"),   # no more than routing among copies gains
+    (-0.01, 0.01, -0.02, "single"),  # significantly worse
+])
+def test_gate_rule(gain, p, copies, decision):
+    g = gate_decision(_val_report((gain, p, copies)), 0.05, force=False)
+    assert g["decision"] == decision and g["copies_val_gain"] == pytest.approx(copies)

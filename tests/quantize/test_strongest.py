@@ -1,0 +1,143 @@
+"""The strongest single expert: GPTQ rounding, activation ranges refitted on the quantized
+stream, and the preset that combines them, checked on numbers and on the written graphs."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from moqe_compile.config import EXPERT_PRESETS, STRONGEST_PRESETS, ExpertRecipe, default_experts
+from moqe_compile.errors import ConfigError
+from moqe_compile.quantize import build_expert, check_qdq, prepare_for_quantization
+from moqe_compile.quantize.graph import run_with_outputs, weight_layers
+from moqe_compile.quantize.gptq import Hessian, gptq_round
+from moqe_compile.quantize.sequential import fit_activation_mse
+from moqe_compile.quantize.weights import channel_scales, dequantize, quantize_nearest
+
+from ..conftest import CROP
+
+
+def _correlated(n, c, hw, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = F.interpolate(torch.randn(n, 1, 5, 5, generator=g), size=(hw, hw), mode="bilinear")
+    mix = torch.linspace(1.0, -0.5, c).view(1, c, 1, 1)
+    return (base * mix + 0.2 * torch.randn(n, c, hw, hw, generator=g)).numpy()
+
+
+def test_gptq_conv_beats_nearest_on_layer_output_and_stays_on_grid():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3).numpy()
+    x = _correlated(32, 4, 10)
+    attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
+    s = channel_scales(w, 7, "mse")
+    h = Hessian("Conv", attrs, w.shape)
+    h.add(x[:16])
+    h.add(x[16:])
+    q_g = gptq_round(w, s, 7, h)
+    q_n = quantize_nearest(w, s, 7)
+    assert q_g.dtype == np.int32 and q_g.shape == w.shape
+    assert q_g.min() >= -8 and q_g.max() <= 7 and (q_g != q_n).any()
+
+    def out_err(q):
+        ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1)
+        got = F.conv2d(torch.from_numpy(x), torch.from_numpy(dequantize(q, s)), padding=1)
+        return float(((ref - got) ** 2).mean())
+
+    assert out_err(q_g) < 0.7 * out_err(q_n)
+
+
+def test_gptq_with_white_inputs_is_nearest_rounding():
+    # H = c I: no column's error can be compensated by another, so GPTQ must equal nearest.
+    w = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    h = Hessian("Gemm", {}, w.shape)
+    h.add(np.eye(5, dtype=np.float32))
+    s = channel_scales(w, 7, "minmax")
+    np.testing.assert_array_equal(gptq_round(w, s, 7, h, damp=0.01), quantize_nearest(w, s, 7))
+
+
+def test_gptq_grouped_conv_uses_each_groups_own_inputs():
+    # Depthwise: channel c only sees input channel c. Making channel 1's input zero makes its
+    # Hessian dead; the other channels must still be compensated from their own inputs.
+    w = np.random.default_rng(1).normal(size=(3, 1, 3, 3)).astype(np.float32)
+    x = _correlated(16, 3, 8, seed=2)
+    x[:, 1] = 0
+    attrs = {"pads": [1, 1, 1, 1], "group": 3}
+    h = Hessian("Conv", attrs, w.shape)
+    h.add(x)
+    assert h.H.shape == (3, 9, 9) and float(h.H[1].abs().max()) == 0.0
+    s = channel_scales(w, 7, "minmax")
+    q = gptq_round(w, s, 7, h)
+    np.testing.assert_array_equal(q[1], quantize_nearest(w, s, 7)[1])
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1, groups=3)
+    err = lambda qq: float(((ref - F.conv2d(torch.from_numpy(x), torch.from_numpy(dequantize(qq, s)),  # noqa: E731
+                                            padding=1, groups=3)) ** 2).mean())
+    assert err(q) <= err(quantize_nearest(w, s, 7))
+
+
+def test_activation_fit_clips_outlier_and_follows_ort_conventions():
+    rng = np.random.default_rng(0)
+    # One outlier in a million: keeping it costs every sample resolution; clipping costs one.
+    v = np.concatenate([np.abs(rng.normal(size=1_000_000)), [30.0]]).astype(np.float32)
+    scale, zp = fit_activation_mse(v, onnx.TensorProto.UINT8, symmetric=False)
+    assert int(zp) == 0 and np.asarray(zp).dtype == np.uint8  # non-negative data: zero-point 0
+    assert 0 < scale * 255 < 0.5 * 30
+    s_sym, zp_sym = fit_activation_mse(v - 1.0, onnx.TensorProto.INT8, symmetric=True)
+    assert int(zp_sym) == 0 and np.asarray(zp_sym).dtype == np.int8 and s_sym > 0
+
+
+def test_strongest_presets_are_named_and_in_the_default_set():
+    assert set(STRONGEST_PRESETS) <= set(EXPERT_PRESETS)
+    assert EXPERT_PRESETS["w4a8-strongest"]["weight_bits"] == 4
+    assert any(e.preset == "strongest" for e in default_experts())
+    with pytest.raises(ConfigError, match="needs per_channel"):
+        ExpertRecipe(name="x", weight_rounding="gptq", per_channel=False)
+    with pytest.raises(ConfigError, match="needs calibration = 'mse'"):
+        ExpertRecipe(name="x", sequential_activations=True, calibration="minmax")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_onnx, tmp_path_factory):
+    d = tmp_path_factory.mktemp("strong")
+    x = np.random.default_rng(3).normal(size=(64, 3, CROP, CROP)).astype(np.float32)
+    return prepare_for_quantization(tiny_onnx, d / "prep.onnx"), x, d
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def _build(setup, recipe, backends=("onnxruntime-cpu", "tensorrt")):
+    prep, x, d = setup
+    outs = {b: d / f"{recipe.name}.{b}.onnx" for b in backends}
+    return build_expert(prep, "input", x, recipe, list(backends), outs, d / f"{recipe.name}.json", d), outs
+
+
+def test_w4a8_strongest_is_closer_to_fp_than_mse_bc_and_exports_plain_qdq(setup):
+    prep, x, _ = setup
+    fp = _run(prep, x)
+    info, outs = _build(setup, ExpertRecipe.from_preset("strong", "w4a8-strongest"))
+    steps = info["steps"]
+    assert steps["gptq_layers"] == 4 and steps["bias_corrected_layers"] == 4 and steps["refit_activations"] >= 5
+    for b, path in outs.items():
+        assert check_qdq(path, b)["ok"]
+        m = onnx.load(str(path))
+        w = [numpy_helper.to_array(i) for i in m.graph.initializer
+             if i.name.endswith("_quantized") and i.data_type == onnx.TensorProto.INT8]
+        assert len(w) == 4 and all(a.min() >= -8 and a.max() <= 7 for a in w)
+    _, outs_bc = _build(setup, ExpertRecipe.from_preset("mbc", "w4a8-mse-bc"), ("onnxruntime-cpu",))
+    # The tiny untrained model's output is nearly constant (its quantizer dominates the logit
+    # error): compare the last convolution's output, before its quantizer, with FP's.
+    last = weight_layers(onnx.load(str(prep)))[-2]
+    ref = np.concatenate(run_with_outputs(prep, [last.output], "input", x)[last.output])
+
+    def err(path):
+        q = onnx.load(str(path))
+        out = next(n.output[0] for n in q.graph.node if n.name == last.node)
+        return float(((np.concatenate(run_with_outputs(path, [out], "input", x)[out]) - ref) ** 2).mean())
+
+    assert err(outs["onnxruntime-cpu"]) < err(outs_bc["onnxruntime-cpu"])
+    # The TensorRT graph is the same recipe on a symmetric grid: it must agree with FP as well.
+    assert (_run(outs["tensorrt"], x).argmax(-1) == fp.argmax(-1)).mean() >= 0.8
