@@ -39,8 +39,8 @@ def _post(url, body, timeout=60):
         return e.code, json.loads(e.read()), dict(e.headers)
 
 
-def test_full_queue_answers_503_with_retry_after_then_recovers(tiny_bundle):
-    rt = Runtime.load(tiny_bundle, queue=QueueConfig(max_batch=1, max_delay_ms=0, max_queue=1))
+def test_full_queue_answers_503_with_retry_after_then_recovers(routed_bundle):
+    rt = Runtime.load(routed_bundle, queue=QueueConfig(max_batch=1, max_delay_ms=0, max_queue=1))
     gate, real_run = threading.Event(), rt.run
     gate.set()
 
@@ -79,11 +79,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_in_flight_requests(tiny_bundle):
+def test_sigterm_drains_in_flight_requests(routed_bundle):
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # A long batching delay keeps the requests queued when SIGTERM arrives.
-    proc = subprocess.Popen([sys.executable, "-m", "moqe_compile.cli.serve", str(tiny_bundle), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "moqe_compile.cli.serve", str(routed_bundle), "--port", str(port),
                              "--name", "m", "--max-delay-ms", "800", "--max-batch", "64"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:

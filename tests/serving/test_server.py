@@ -1,6 +1,5 @@
 """The v2 server against Triton's own HTTP client, on loopback."""
 
-import io
 import json
 import urllib.error
 import urllib.request
@@ -20,9 +19,9 @@ NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
-def served(tiny_bundle):
-    rt = Runtime.load(tiny_bundle, queue=QueueConfig(max_batch=16, max_delay_ms=2, max_queue=64))
-    reference = Runtime.load(tiny_bundle)
+def served(routed_bundle):
+    rt = Runtime.load(routed_bundle, queue=QueueConfig(max_batch=16, max_delay_ms=2, max_queue=64))
+    reference = Runtime.load(routed_bundle)
     with ServerThread(rt, NAME, ServeConfig(port=0, max_body_mb=1.0)) as url:
         yield url, reference
     reference.close()
@@ -59,7 +58,7 @@ def test_infer_matches_in_process_runtime(served, binary):
     np.testing.assert_allclose(res.as_numpy("router_confidence"), want.confidence, rtol=1e-5)
 
 
-def test_metadata_lists_io_and_experts(served, tiny_bundle):
+def test_metadata_lists_io_and_experts(served, routed_bundle):
     url, ref = served
     meta = _client(url).get_model_metadata(NAME)
     assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, CROP, CROP]}
@@ -158,3 +157,15 @@ def test_metrics_count_requests_errors_and_experts(served):
     served_samples = sum(float(line.split()[-1]) for line in text.splitlines()
                          if line.startswith("moqe_expert_samples_total{"))
     assert served_samples >= 3
+
+
+def test_unrouted_bundle_reports_one_expert_and_full_confidence(single_bundle):
+    with Runtime.load(single_bundle) as rt, ServerThread(rt, "s", ServeConfig(port=0)) as url:
+        c = tritonclient_http.InferenceServerClient(url)
+        assert c.get_model_metadata("s")["routing"]["gate"]["decision"] == "single"
+        x = _batch(4, seed=2)
+        inp = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        res = c.infer("s", [inp])
+        assert set(res.as_numpy("expert").tolist()) == {rt.default_expert}
+        assert res.as_numpy("router_confidence").tolist() == [1.0] * 4

@@ -1,0 +1,232 @@
+"""export-triton: configs parse as Triton's ModelConfig, and the BLS model.py, run against a
+stand-in for Triton's ``triton_python_backend_utils`` (Triton itself cannot be installed
+here), answers exactly like the in-process Runtime."""
+
+import asyncio
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("tritonclient.grpc")
+from google.protobuf import json_format  # noqa: E402
+
+import moqe_compile  # noqa: E402
+from moqe_compile import Runtime  # noqa: E402
+from moqe_compile.errors import BundleError, ConfigError  # noqa: E402
+from moqe_compile.serving.triton import TritonExport, export_triton, parse_config, plan_models  # noqa: E402
+
+from ..conftest import CROP  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def repo(routed_bundle, tmp_path_factory):
+    return export_triton(routed_bundle, tmp_path_factory.mktemp("triton") / "repo", TritonExport(name="moqe"))
+
+
+def test_repository_layout_and_configs_parse(repo, routed_bundle):
+    rt = Runtime.load(routed_bundle)
+    names = sorted(p.name for p in repo.iterdir())
+    assert names == sorted(["moqe", "router", *[f"expert_{e}" for e in rt.expert_names]])
+    for d in repo.iterdir():
+        cfg = parse_config((d / "config.pbtxt").read_text(), d.name)
+        assert cfg.name == d.name and cfg.max_batch_size == 64
+        if d.name == "moqe":
+            assert cfg.backend == "python" and cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+            assert [o.name for o in cfg.output] == ["logits", "expert", "expert_name", "router_confidence"]
+        else:
+            assert cfg.platform == "onnxruntime_onnx" and (d / "1" / "model.onnx").is_file()
+            assert list(cfg.input[0].dims) == [3, CROP, CROP]
+    rt.close()
+
+
+def test_bls_ships_the_runtimes_own_dispatch_code(repo):
+    pkg = Path(moqe_compile.__file__).parent
+    assert (repo / "moqe/1/moqe_dispatch.py").read_bytes() == (pkg / "runtime/dispatch.py").read_bytes()
+    assert (repo / "moqe/1/moqe_fallback.py").read_bytes() == (pkg / "router/fallback.py").read_bytes()
+
+
+# --- a stand-in for triton_python_backend_utils, backed by ONNX Runtime ------------------
+
+def _fake_pb_utils(repo: Path, router_override=None):
+    pb = types.ModuleType("triton_python_backend_utils")
+    sessions, calls = {}, []
+
+    class Tensor:
+        def __init__(self, name, arr):
+            self._name, self._arr = name, np.asarray(arr)
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._arr
+
+    class TritonError:
+        def __init__(self, msg):
+            self._msg = msg
+
+        def message(self):
+            return self._msg
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self._error = output_tensors, error
+
+        def has_error(self):
+            return self._error is not None
+
+        def error(self):
+            return self._error
+
+    class InferenceRequest:
+        def __init__(self, model_name, requested_output_names, inputs):
+            self.model_name, self.outputs, self.inputs = model_name, requested_output_names, inputs
+
+        async def async_exec(self):
+            calls.append((self.model_name, len(self.inputs[0].as_numpy())))
+            if self.model_name == "router" and router_override is not None:
+                return InferenceResponse([Tensor(self.outputs[0], router_override(self.inputs[0].as_numpy()))])
+            if self.model_name not in sessions:
+                sessions[self.model_name] = ort.InferenceSession(str(repo / self.model_name / "1/model.onnx"))
+            s = sessions[self.model_name]
+            feeds = {t.name(): t.as_numpy() for t in self.inputs}
+            y = s.run(self.outputs, feeds)
+            return InferenceResponse([Tensor(n, v) for n, v in zip(self.outputs, y)])
+
+    def get_tensor(obj, name):
+        ts = obj.inputs if hasattr(obj, "inputs") else obj.output_tensors
+        return next((t for t in ts if t.name() == name), None)
+
+    class TritonModelException(Exception):
+        pass
+
+    pb.Tensor, pb.TritonError, pb.InferenceResponse, pb.InferenceRequest = (Tensor, TritonError, InferenceResponse,
+                                                                            InferenceRequest)
+    pb.get_input_tensor_by_name = pb.get_output_tensor_by_name = get_tensor
+    pb.TritonModelException = TritonModelException
+    pb.calls = calls
+    return pb
+
+
+def _load_bls(repo, monkeypatch, router_override=None):
+    pb = _fake_pb_utils(repo, router_override)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location("moqe_bls_model", repo / "moqe/1/model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = parse_config((repo / "moqe/config.pbtxt").read_text(), "moqe")
+    model = mod.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True))})
+    return model, pb
+
+
+class _Req:
+    def __init__(self, pb, x):
+        self.inputs = [pb.Tensor("input", x)]
+
+
+def _batch(n, seed):
+    return np.random.default_rng(seed).normal(size=(n, 3, CROP, CROP)).astype(np.float32)
+
+
+def test_bls_answers_each_request_like_the_runtime(repo, routed_bundle, monkeypatch):
+    model, pb = _load_bls(repo, monkeypatch)
+    xs = [_batch(n, seed=20 + n) for n in (1, 4, 2)]
+    resps = asyncio.run(model.execute([_Req(pb, x) for x in xs]))
+    with Runtime.load(routed_bundle) as rt:
+        for x, r in zip(xs, resps):
+            want = rt.run(x)
+            got = {t.name(): t.as_numpy() for t in r.output_tensors}
+            np.testing.assert_allclose(got["logits"], want.logits, rtol=1e-5, atol=1e-5)
+            assert got["expert"].ravel().tolist() == want.expert_index.tolist()
+            assert [e.decode() for e in got["expert_name"].ravel()] == want.experts
+            np.testing.assert_allclose(got["router_confidence"].ravel(), want.confidence, rtol=1e-5)
+    # One router call for the three merged requests, then one call per chosen expert.
+    assert pb.calls[0] == ("router", 7) and len(pb.calls) == 1 + len({c for c in pb.calls[1:]})
+
+
+def test_bls_groups_forced_mixed_routing_one_request_per_expert(repo, routed_bundle, monkeypatch):
+    forced = np.array([2, 0, 1, 2, 0, 0])
+
+    def router(x):
+        p = np.full((len(x), 3), 0.05, np.float32)
+        p[np.arange(len(x)), forced[: len(x)]] = 0.9
+        return p
+
+    model, pb = _load_bls(repo, monkeypatch, router_override=router)
+    x = _batch(6, seed=3)
+    (resp,) = asyncio.run(model.execute([_Req(pb, x)]))
+    got = {t.name(): t.as_numpy() for t in resp.output_tensors}
+    assert got["expert"].ravel().tolist() == forced.tolist()
+    with Runtime.load(routed_bundle) as rt:
+        assert sorted(pb.calls[1:]) == sorted(("expert_" + n, c) for n, c in zip(rt.expert_names, (3, 1, 2)))
+        for i, k in enumerate(forced):
+            np.testing.assert_allclose(got["logits"][i], rt.run_expert(rt.expert_names[k], x[i:i + 1])[0],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_tensorrt_engines_become_plan_models(routed_bundle):
+    from moqe_compile.bundle import read_bundle
+
+    m = json.loads(json.dumps(read_bundle(routed_bundle).manifest))
+    first = m["experts"][0]["name"]
+    m["engines"] = {first: {"path": f"engines/tensorrt/sm90/{first}.plan"}}
+    models = plan_models(m, TritonExport(instance_kind="KIND_GPU", variant="onnxruntime-cpu"), "b")
+    cfgs = {c.name: (c, files) for c, files in models}
+    c, files = cfgs[f"expert_{first}"]
+    parsed = parse_config(c.pbtxt(), c.name)
+    assert parsed.platform == "tensorrt_plan" and files == {"model.plan": f"engines/tensorrt/sm90/{first}.plan"}
+    assert parsed.instance_group[0].kind == parsed.instance_group[0].KIND_GPU
+    # The BLS model itself always runs on the CPU (it only routes and scatters).
+    assert parse_config(cfgs["b"][0].pbtxt(), "b").instance_group[0].kind == parsed.instance_group[0].KIND_CPU
+
+
+def test_bad_options_and_existing_output_are_refused(routed_bundle, tmp_path):
+    with pytest.raises(ConfigError, match="no 'tensorrt' graph"):
+        export_triton(routed_bundle, tmp_path / "a", TritonExport(variant="tensorrt"))
+    with pytest.raises(ConfigError, match="instance kind 'KIND_TPU'"):
+        export_triton(routed_bundle, tmp_path / "a", TritonExport(instance_kind="KIND_TPU"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("x")
+    with pytest.raises(BundleError, match="exists and is not empty; pass --force"):
+        export_triton(routed_bundle, tmp_path / "b")
+    assert (tmp_path / "b" / "keep.txt").is_file()
+    export_triton(routed_bundle, tmp_path / "b", overwrite=True)
+    assert not (tmp_path / "b" / "keep.txt").exists() and (tmp_path / "b" / "router" / "config.pbtxt").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_config_parse_error_names_the_file():
+    with pytest.raises(ConfigError, match="x/config.pbtxt: not a valid Triton ModelConfig"):
+        parse_config('name: "x"\nmax_batch_sise: 4\n', "x/config.pbtxt")
+
+
+def test_cli_export_triton(routed_bundle, tmp_path, capsys):
+    from moqe_compile.cli.compile import main
+
+    assert main(["export-triton", str(routed_bundle), "-o", str(tmp_path / "r"), "--name", "m"]) == 0
+    assert "Triton model repository written" in capsys.readouterr().out
+    assert (tmp_path / "r" / "m" / "1" / "model.py").is_file()
+    assert main(["export-triton", str(routed_bundle), "-o", str(tmp_path / "r"), "--kind", "KIND_TPU"]) == 2
+    assert "instance kind 'KIND_TPU'" in capsys.readouterr().err
+
+
+def test_bls_on_an_unrouted_bundle_serves_the_default_expert(single_bundle, tmp_path, monkeypatch):
+    with Runtime.load(single_bundle) as rt:
+        assert not rt.routed
+        repo = export_triton(single_bundle, tmp_path / "r", TritonExport(name="moqe"))
+        assert not (repo / "router").exists()
+        model, pb = _load_bls(repo, monkeypatch)
+        x = _batch(4, seed=1)
+        (resp,) = asyncio.run(model.execute([_Req(pb, x)]))
+        got = {t.name(): t.as_numpy() for t in resp.output_tensors}
+        want = rt.run(x)
+        np.testing.assert_allclose(got["logits"], want.logits, rtol=1e-5, atol=1e-5)
+        assert set(got["expert"].ravel().tolist()) == {rt.default_expert}
+        assert [c[0] for c in pb.calls] == [f"expert_{rt.expert_names[rt.default_expert]}"]
