@@ -136,8 +136,7 @@ def create_app(rt: Runtime, name: str, max_body_bytes: int = 64 << 20, retry_aft
             return err
         try:
             body = await _read_body(request, max_body_bytes)
-            req = await run_in_threadpool(parse_infer_request, body, request.headers.get("inference-header-content-length"))
-            x = await run_in_threadpool(_to_batch, req, rt)
+            req, x = await run_in_threadpool(_decode, body, request.headers.get("inference-header-content-length"), rt)
             fut = rt.submit(x)
         except ProtocolError as e:
             metrics.errors.labels(name, "too_large" if e.status == 413 else "bad_request").inc()
@@ -182,6 +181,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise ProtocolError(f"request body is {int(cl) if cl else n}{'' if cl else '+'} bytes; this server takes "
                             f"at most {limit} (--max-body-mb); send fewer samples per request.", status=413)
     return b"".join(chunks)
+
+
+def _decode(body: bytes, header_length: str | None, rt: Runtime):
+    try:
+        req = parse_infer_request(body, header_length)
+        return req, _to_batch(req, rt)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as e:
+        # A request shape the parser did not foresee is still the client's error, not a 500.
+        raise ProtocolError(f"malformed infer request ({e.__class__.__name__}: {e}).") from None
 
 
 def _to_batch(req, rt: Runtime) -> np.ndarray:

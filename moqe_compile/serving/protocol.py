@@ -125,6 +125,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
                                     f"use any of {list(OUTPUTS)}.")
             names.append(oname)
             op = o.get("parameters") or {}
+            if not isinstance(op, dict):
+                raise ProtocolError(f"outputs[{i}].parameters must be an object.")
             if op.get("binary_data", binary_all):
                 binary.add(oname)
     return InferRequest(rid, name, tensor, names, binary, params)

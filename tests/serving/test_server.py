@@ -169,3 +169,38 @@ def test_unrouted_bundle_reports_one_expert_and_full_confidence(single_bundle):
         res = c.infer("s", [inp])
         assert set(res.as_numpy("expert").tolist()) == {rt.default_expert}
         assert res.as_numpy("router_confidence").tolist() == [1.0] * 4
+
+
+def test_fuzzed_requests_never_get_a_5xx(served):
+    """Random corruptions of a valid request (bytes, JSON values, shapes) -> 2xx or 4xx only."""
+    url, _ = served
+    rng = np.random.default_rng(0)
+    good = {"id": "a", "inputs": [{"name": "input", "shape": [1, 3, CROP, CROP], "datatype": "FP32",
+                                   "data": [0.5] * (3 * CROP * CROP)}], "outputs": [{"name": "expert"}]}
+    junk = [None, -1, 0, 1.5, "x", [], {}, [None], {"a": 1}, True, 2**70, [-3], "FP32", [[1]]]
+    bodies = []
+    for _ in range(40):
+        req = json.loads(json.dumps(good))
+        node = req
+        paths = [("id",), ("inputs",), ("outputs",), ("parameters",), ("inputs", 0), ("inputs", 0, "name"),
+                 ("inputs", 0, "shape"), ("inputs", 0, "datatype"), ("inputs", 0, "data"),
+                 ("inputs", 0, "parameters"), ("outputs", 0), ("outputs", 0, "parameters")]
+        path = paths[rng.integers(len(paths))]
+        for k in path[:-1]:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        last = path[-1]
+        value = junk[rng.integers(len(junk))]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+        bodies.append(json.dumps(req).encode())
+    raw = json.dumps(good).encode()
+    for _ in range(10):
+        b = bytearray(raw)
+        for j in rng.integers(0, len(b), 5):
+            b[j] = int(rng.integers(0, 256))
+        bodies.append(bytes(b))
+    for body in bodies:
+        code, out, _ = _post(url, f"/v2/models/{NAME}/infer", body)
+        assert code < 500, (body[:200], out)
