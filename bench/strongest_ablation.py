@@ -1,16 +1,19 @@
 """The strongest single expert and what each of its components adds (issue 10).
 
     python bench/strongest_ablation.py bundles/fmnist-cnn.toml --json bench/results-fmnist-strongest.json
+    python bench/strongest_ablation.py bundles/fmnist-cnn.toml --bits 4 --split router_val --candidates \
+        --json bench/results-fmnist-strongest-val-candidates.json
 
 For each weight width (W8A8, W4A8) it builds, on the recipe's calibration split, the chain
 (one component added per row) and the leave-one-out variants of the ``strongest`` preset:
 
-    base        MinMax weights, nearest rounding, MSE activation ranges on the FP stream
-    +mse-clip   per-channel MSE-optimal weight clip
-    +gptq       GPTQ rounding with the Hessian of the quantized input stream
-    +seq-act    activation ranges refitted (MSE) layer by layer on the quantized stream
-    +bc         sequential empirical bias correction  (= the `strongest` preset)
-    strongest - X   for each component X
+    base              MinMax weights, nearest rounding, MSE activation ranges on the FP stream
+    +weight-MSE clip  per-channel clip minimizing the weights' squared error
+    +gptq             GPTQ rounding with the Hessian of the quantized input stream
+    +output-MSE clip  per-channel clip minimizing the layer's output error after GPTQ
+    +seq-act          activation ranges refitted (MSE) layer by layer on the quantized stream
+    +bc               sequential empirical bias correction  (= the `strongest` preset)
+    strongest - X     for each component X
 
 and evaluates every expert on the test split: top-1 with its bootstrap 95% CI, the paired
 difference to FP (bootstrap 95% CI, exact McNemar p), FP top-1 agreement and KL to FP.
@@ -40,9 +43,12 @@ from moqe_compile.score import expert_metrics, run_batched
 
 BASE = {"calibration": "mse", "weight_clip": "minmax", "weight_rounding": "nearest", "sequential_activations": False,
         "bias_correction": False}
-CHAIN = [("base", {}), ("+mse-clip", {"weight_clip": "mse"}), ("+gptq", {"weight_rounding": "gptq"}),
+CHAIN = [("base", {}), ("+weight-MSE clip", {"weight_clip": "mse"}), ("+gptq", {"weight_rounding": "gptq"}),
+         ("+output-MSE clip (replaces weight-MSE)", {"weight_clip": "mse-output"}),
          ("+seq-act", {"sequential_activations": True}), ("+bc (strongest)", {"bias_correction": True})]
-LEAVE_OUT = {"mse-clip": {"weight_clip": "minmax"}, "gptq": {"weight_rounding": "nearest"},
+LEAVE_OUT = {"output-MSE clip, weight-MSE instead": {"weight_clip": "mse"},
+             "output-MSE clip, minmax instead": {"weight_clip": "minmax"},
+             "gptq (nearest, weight-MSE clip)": {"weight_rounding": "nearest", "weight_clip": "mse"},
              "seq-act": {"sequential_activations": False}, "bc": {"bias_correction": False}}
 
 
@@ -56,11 +62,24 @@ def variants(bits: int) -> list[tuple[str, dict]]:
     return [(n, {**f, "weight_bits": bits}) for n, f in out]
 
 
+# Alternatives to the preset, compared on router_val only (never on test) before fixing it.
+CANDIDATES = [("weight-MSE clip", {"weight_clip": "mse"}), ("minmax clip", {"weight_clip": "minmax"}),
+              ("output-MSE clip", {"weight_clip": "mse-output"}),
+              ("weight-MSE clip, 2048 stream samples", {"weight_clip": "mse", "stream_samples": 2048}),
+              ("weight-MSE clip, damp 0.1", {"weight_clip": "mse", "gptq_damp": 0.1})]
+
+
+def candidates(bits: int) -> list[tuple[str, dict]]:
+    return [(n, {**STRONGEST, **c, "weight_bits": bits}) for n, c in CANDIDATES]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     ap.add_argument("--split", default="test", choices=["test", "router_val"])
+    ap.add_argument("--candidates", action="store_true",
+                    help="compare the preset's alternatives (use with --split router_val) instead of the ablation")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -77,7 +96,7 @@ def main() -> None:
         fp_logits = run_batched(OrtCpuSession("fp32", fp.path), ev.x, 256)
         fp_ok = (fp_logits.argmax(-1) == ev.labels).astype(np.float64)
         for bits in args.bits:
-            for name, fields in variants(bits):
+            for name, fields in (candidates(bits) if args.candidates else variants(bits)):
                 key = f"W{bits}A8 {name}"
                 r = ExpertRecipe(name=f"v{len(rows)}", **fields)
                 out = work / f"{r.name}.onnx"

@@ -147,7 +147,7 @@ class DataConfig:
         _positive("data", "max_samples", self.max_samples, zero_ok=True)
 
 
-WEIGHT_CLIPS = ("minmax", "mse")
+WEIGHT_CLIPS = ("minmax", "mse", "mse-output")
 WEIGHT_ROUNDINGS = ("nearest", "adaround", "gptq")
 
 # Named expert presets (recipes as data). A recipe entry may name one with ``preset = ...``
@@ -156,8 +156,10 @@ PRESETS_VERSION = 2
 # The strongest single expert (DESIGN.md section 8, issue 10): MSE weight clip, GPTQ rounding on
 # the quantized stream, activation ranges refitted layer by layer on that stream, sequential
 # bias correction. Every report measures it against FP, and routing must beat it.
-STRONGEST = {"calibration": "mse", "weight_clip": "mse", "weight_rounding": "gptq", "sequential_activations": True,
-             "bias_correction": True}
+# The clip is MSE-optimal in the layer's output, chosen jointly with GPTQ ("mse-output"): chosen
+# on router_val over the weight-MSE clip (bench/results-fmnist-strongest-val-candidates.json).
+STRONGEST = {"calibration": "mse", "weight_clip": "mse-output", "weight_rounding": "gptq",
+             "sequential_activations": True, "bias_correction": True}
 STRONGEST_PRESETS = ("strongest", "w4a8-strongest")
 EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     "minmax-tensor": {"calibration": "minmax", "per_channel": False},
@@ -186,7 +188,9 @@ class ExpertRecipe:
     calibration: activation ranges by minmax | percentile | entropy (KL, num_bins) |
     mse (clip range minimizing expected squared quantization error on the histogram).
     weight_bits 8, or 4 (W4A8: int4 values held in int8 so ORT's integer kernels run them).
-    weight_clip: per-channel range from max |w| or the MSE-optimal clip. weight_rounding:
+    weight_clip: per-channel range from max |w|, the clip minimizing the weights' squared error
+    (mse), or (mse-output, with GPTQ) the clip whose GPTQ rounding minimizes each output
+    channel's squared error on the calibration inputs. weight_rounding:
     nearest, AdaRound (learned up/down rounding on calibration data) or GPTQ (error-feedback
     rounding with the Hessian of each layer's quantized input; gptq_damp = dampening as a
     fraction of the mean Hessian diagonal). sequential_activations: after Q/DQ insertion,
@@ -237,6 +241,9 @@ class ExpertRecipe:
         _positive(where, "adaround_iters", self.adaround_iters)
         _positive(where, "gptq_damp", self.gptq_damp)
         _positive(where, "stream_samples", self.stream_samples)
+        if self.weight_clip == "mse-output" and self.weight_rounding != "gptq":
+            raise ConfigError(f"[{where}] weight_clip = 'mse-output' is chosen jointly with GPTQ rounding; it needs "
+                              f"weight_rounding = 'gptq', not {self.weight_rounding!r}.")
         if self.weight_rounding == "gptq" and not self.per_channel:
             raise ConfigError(f"[{where}] weight_rounding = 'gptq' needs per_channel = true.")
         if self.sequential_activations and self.calibration != "mse":

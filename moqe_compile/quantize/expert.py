@@ -35,7 +35,8 @@ def _weights(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str, exclude
     overrides = {}
     for l in layers:
         w = get_init(model, l.weight)
-        s = channel_scales(w, qmax, recipe.weight_clip)
+        # mse-output picks its clip later, jointly with GPTQ (sequential.py); start from the MSE clip.
+        s = channel_scales(w, qmax, "mse" if recipe.weight_clip == "mse-output" else recipe.weight_clip)
         if recipe.weight_rounding == "adaround":
             b = get_init(model, l.bias) if l.bias else None
             q = adaround_layer(l.op, l.attrs, w, b, s, qmax, inputs[l.input], iters=recipe.adaround_iters)

@@ -25,7 +25,8 @@ from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax
 
 from ..config import ExpertRecipe
 from .calibrate import mse_ranges
-from .gptq import Hessian, gptq_round
+from .gptq import Hessian, gptq_clip_search, gptq_round
+from .weights import channel_scales
 from .graph import WeightLayer, get_init, run_with_outputs, weight_layers
 
 # ORT's QDQ quantizer drops a Relu/Clip after a quantized node when activations are asymmetric
@@ -77,6 +78,16 @@ def fit_activation_mse(values: np.ndarray, zp_dtype: int, symmetric: bool, bins:
         r_lo, r_hi = np.float32(r.lowest), np.float32(r.highest)
     zp, scale = compute_scale_zp(r_lo, r_hi, qmin, qmax, symmetric=symmetric)
     return np.float32(scale), zp
+
+
+CLIP_FACTORS = (0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+
+
+def clip_candidates(w: np.ndarray, qmax: int) -> list[np.ndarray]:
+    """Per-channel scales tried by ``weight_clip = "mse-output"``: the weight-MSE clip and
+    fractions of max |w| (1.0 = no clipping)."""
+    full = channel_scales(w, qmax, "minmax")
+    return [channel_scales(w, qmax, "mse")] + [(f * full).astype(np.float32) for f in CLIP_FACTORS]
 
 
 def _dq_of(q: onnx.ModelProto, tensor: str) -> onnx.NodeProto | None:
@@ -153,7 +164,14 @@ def refine(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, qmax: int,
                 for i in range(0, len(xin), 32):  # im2col of the whole set at once would not fit in memory
                     h.add(xin[i : i + 32])
                 # Rounded from the FP weights: the ones ORT stored are already nearest-rounded.
-                new = gptq_round(get_init(base, l.weight), scale, qmax, h, damp=recipe.gptq_damp)
+                w_fp = get_init(base, l.weight)
+                if recipe.weight_clip == "mse-output":
+                    new, scale = gptq_clip_search(w_fp, qmax, h, clip_candidates(w_fp, qmax), recipe.gptq_damp)
+                    old = numpy_helper.to_array(inits[w_s])
+                    inits[w_s].CopyFrom(numpy_helper.from_array(scale.astype(old.dtype).reshape(old.shape), w_s))
+                    _rescale_bias(q, inits, node)
+                else:
+                    new = gptq_round(w_fp, scale, qmax, h, damp=recipe.gptq_damp)
                 inits[w_q].CopyFrom(numpy_helper.from_array(new.astype(wint.dtype), w_q))
                 done["gptq_layers"] += 1
             if recipe.bias_correction and len(node.input) > 2 and node.input[2]:

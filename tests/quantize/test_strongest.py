@@ -141,3 +141,22 @@ def test_w4a8_strongest_is_closer_to_fp_than_mse_bc_and_exports_plain_qdq(setup)
     assert err(outs["onnxruntime-cpu"]) < err(outs_bc["onnxruntime-cpu"])
     # The TensorRT graph is the same recipe on a symmetric grid: it must agree with FP as well.
     assert (_run(outs["tensorrt"], x).argmax(-1) == fp.argmax(-1)).mean() >= 0.8
+
+
+def test_output_mse_clip_search_is_never_worse_than_any_candidate_per_channel():
+    from moqe_compile.quantize.gptq import gptq_clip_search, row_errors
+    from moqe_compile.quantize.sequential import clip_candidates
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(3, size=(8, 4, 3, 3)).astype(np.float32)  # heavy tails: clipping matters
+    x = _correlated(24, 4, 8, seed=4)
+    h = Hessian("Conv", {"pads": [1, 1, 1, 1]}, w.shape)
+    h.add(x)
+    cands = clip_candidates(w, 7)
+    q, s = gptq_clip_search(w, 7, h, cands)
+    got = row_errors(w, q, s, h)
+    for c in cands:
+        assert (got <= row_errors(w, gptq_round(w, c, 7, h), c, h) + 1e-12).all()
+    assert all(any(np.isclose(s[i], c[i]) for c in cands) for i in range(len(s)))
+    with pytest.raises(ConfigError, match="needs weight_rounding = 'gptq'"):
+        ExpertRecipe(name="x", weight_clip="mse-output")
