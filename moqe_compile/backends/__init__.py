@@ -1,19 +1,38 @@
-"""Execution backends. ONNX Runtime CPU is the embedded default; GPU backends import lazily."""
+"""Execution backends. ONNX Runtime CPU is the embedded default; GPU backends import lazily.
+
+``BACKENDS`` maps the names a bundle's ``backends`` list and ``experts[].variants`` use to
+the session class ``Runtime`` creates per graph: ``onnxruntime-cpu`` (U8S8 graphs) and
+``tensorrt`` (S8S8 graphs: a TensorRT engine from the bundle, or that graph on ONNX
+Runtime when no engine fits). ``GPU_BACKENDS`` are the sessions ``runtime.gpu.GpuRuntime``
+drives with CUDA streams; ``onnxruntime-cuda`` runs a bundle's existing Q/DQ graphs and has
+no variant of its own, so it is served by ``GpuRuntime``, not ``Runtime``.
+"""
 
 from .base import Session
 from .onnxruntime_cpu import OrtCpuSession
+from .onnxruntime_cuda import OrtCudaSession
+from .tensorrt import TensorRTSession
 
-BACKENDS = {"onnxruntime-cpu": OrtCpuSession}
+BACKENDS = {"onnxruntime-cpu": OrtCpuSession, "tensorrt": TensorRTSession}
+GPU_BACKENDS = {"onnxruntime-cuda": OrtCudaSession, "tensorrt": TensorRTSession}
+# backends that need a GPU to be worth choosing: "auto" skips them on machines without one
+_NEEDS_GPU = {"tensorrt"}
 
 
 def resolve_backend(name: str, available: list[str]) -> str:
     from ..errors import BackendError
 
     if name == "auto":
-        for candidate in BACKENDS:
-            if candidate in available:
+        from .cuda_device import gpu_visible
+
+        for candidate in BACKENDS:  # CPU first: a GPU backend is asked for by name
+            if candidate in available and (candidate not in _NEEDS_GPU or gpu_visible()):
                 return candidate
-        raise BackendError(f"bundle offers backends {available}; this runtime supports {sorted(BACKENDS)}.")
+        raise BackendError(f"bundle offers backends {available}; this runtime supports {sorted(BACKENDS)}"
+                           f"{' (tensorrt only on a machine with an NVIDIA GPU)' if 'tensorrt' in available else ''}.")
+    if name in GPU_BACKENDS and name not in BACKENDS:
+        raise BackendError(f"backend {name!r} runs through moqe_compile.runtime.gpu.GpuRuntime.load(bundle, "
+                           f"backend={name!r}); Runtime serves {sorted(BACKENDS)}.")
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; supported: {sorted(BACKENDS)} or 'auto'.")
     if name not in available:
@@ -21,4 +40,5 @@ def resolve_backend(name: str, available: list[str]) -> str:
     return name
 
 
-__all__ = ["Session", "OrtCpuSession", "BACKENDS", "resolve_backend"]
+__all__ = ["Session", "OrtCpuSession", "OrtCudaSession", "TensorRTSession", "BACKENDS", "GPU_BACKENDS",
+           "resolve_backend"]

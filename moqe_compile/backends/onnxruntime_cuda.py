@@ -1,0 +1,160 @@
+"""ONNX Runtime CUDA session: IOBinding on reused device buffers, one CUDA stream per session.
+
+Needs ``onnxruntime-gpu`` (the ``moqe-compile[gpu]`` extra; it replaces the CPU
+``onnxruntime`` wheel) and cuda-python. Each session owns a non-blocking stream that ONNX
+Runtime computes on (``user_compute_stream``), so several experts' sessions overlap on one
+GPU; :meth:`enqueue` binds device pointers and returns without a host sync
+(``disable_synchronize_execution_providers``), and the caller syncs once per batch
+(``runtime/gpu.py``). :meth:`run` is the plain ``Session`` contract (host array in, host
+array out, one sync) so the CPU ``Runtime`` and the benches can use it too.
+
+What this backend is for (DESIGN.md section 6, measured on the H100): ONNX Runtime's CUDA
+provider has no integer convolutions. It runs a Q/DQ graph as DequantizeLinear -> float
+Conv, about 2x slower than FP32, so an INT8 expert here is judged on correctness and on
+MoQE's overhead over one expert, never on speed; :func:`fp16_model` makes the FP16 graph
+that reports put beside it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError, InputError
+from .cuda_device import Buffers
+
+CUDA_EP = "CUDAExecutionProvider"
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def cuda_provider_available() -> bool:
+    import onnxruntime as ort
+
+    return CUDA_EP in ort.get_available_providers()
+
+
+def require_cuda_provider() -> None:
+    import onnxruntime as ort
+
+    if CUDA_EP not in ort.get_available_providers():
+        raise BackendError(
+            f"onnxruntime {ort.__version__} has no {CUDA_EP} (providers: {ort.get_available_providers()}): "
+            f"install onnxruntime-gpu (`pip install 'moqe-compile[gpu]'`, which replaces the CPU onnxruntime "
+            f"wheel) on a machine with an NVIDIA GPU.")
+
+
+class OrtCudaSession:
+    """One ONNX graph on the CUDA execution provider, with its own stream and buffers.
+
+    ``device``: a :class:`~moqe_compile.backends.cuda_device.CudaDevice` (shared by the
+    sessions of one runtime; created here when omitted). ``providers`` / ``device_type``
+    exist so the binding logic runs under the CPU provider with a host-memory device in
+    the CPU tests; production leaves them alone.
+    """
+
+    def __init__(self, name: str, path: Path, intra_op_threads: int = 0, *, device=None,
+                 provider_options: dict | None = None, providers: list[str] | None = None,
+                 device_type: str = "cuda"):
+        import onnxruntime as ort
+
+        self.name = name
+        if providers is None:
+            require_cuda_provider()
+        if device is None:
+            from .cuda_device import CudaDevice
+
+            device = CudaDevice()
+        self.device = device
+        self.device_type = device_type
+        self.stream = device.stream()
+        self.buffers = Buffers(device)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if intra_op_threads:
+            so.intra_op_num_threads = intra_op_threads
+        if providers is None:
+            opts = {"device_id": str(device.device_id), "user_compute_stream": str(self.stream),
+                    # ORT versions before 1.16 read this key instead of inferring it
+                    "has_user_compute_stream": "1"}
+            opts.update({k: str(v) for k, v in (provider_options or {}).items()})
+            providers = [(CUDA_EP, opts), "CPUExecutionProvider"]
+        try:
+            self._sess = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            raise BackendError(f"{name}: ONNX Runtime (CUDA) could not load {str(path)!r}: {e}") from e
+        self.providers = self._sess.get_providers()
+        inp, out = self._sess.get_inputs()[0], self._sess.get_outputs()[0]
+        for what, t in (("input", inp), ("output", out)):
+            if t.type not in _ORT_TYPES:
+                raise BackendError(f"{name}: {what} {t.name!r} has type {t.type}; expected float or float16.")
+            if any(not isinstance(d, int) for d in t.shape[1:]):
+                raise BackendError(f"{name}: {what} {t.name!r} shape {t.shape} is symbolic beyond the batch dim.")
+        self.input_name, self.output_name = inp.name, out.name
+        self.input_dtype, self.output_dtype = _ORT_TYPES[inp.type], _ORT_TYPES[out.type]
+        self.input_tail, self.output_tail = tuple(inp.shape[1:]), tuple(out.shape[1:])
+        self._run_options = ort.RunOptions()
+        # return once the work is enqueued on our stream; the caller syncs once per batch
+        self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._io = self._sess.io_binding()
+        self._lock = threading.Lock()
+
+    def input_nbytes(self, n: int) -> int:
+        return n * int(np.prod(self.input_tail)) * np.dtype(self.input_dtype).itemsize
+
+    def output_nbytes(self, n: int) -> int:
+        return n * int(np.prod(self.output_tail)) * np.dtype(self.output_dtype).itemsize
+
+    def enqueue(self, in_ptr: int, n: int, out_ptr: int) -> None:
+        """Run on ``n`` samples already on the device at ``in_ptr`` into ``out_ptr``; returns
+        when the work is enqueued on :attr:`stream`. Callers hold :attr:`lock` (one binding)."""
+        io = self._io
+        io.bind_input(self.input_name, self.device_type, self.device.device_id, self.input_dtype,
+                      [n, *self.input_tail], in_ptr)
+        io.bind_output(self.output_name, self.device_type, self.device.device_id, self.output_dtype,
+                       [n, *self.output_tail], out_ptr)
+        try:
+            self._sess.run_with_iobinding(io, self._run_options)
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(f"{self.name}: ONNX Runtime (CUDA) run failed on batch {n}: {e}") from e
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self._lock
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Host batch in, host output out: H2D, enqueue, D2H on this session's stream, one sync.
+        Concurrent calls serialize on the session's lock (its buffers are reused)."""
+        if x.ndim < 1 or tuple(x.shape[1:]) != self.input_tail:
+            raise InputError(f"{self.name}: batch shape {x.shape}; expected (N, {', '.join(map(str, self.input_tail))}).")
+        n = len(x)
+        with self._lock:
+            host_in = self.buffers.host_array("in", self.input_dtype, x.shape)
+            host_in[...] = x  # also converts float32 -> float16 for an FP16 graph
+            d_in = self.buffers.device_ptr("in", self.input_nbytes(n))
+            d_out = self.buffers.device_ptr("out", self.output_nbytes(n))
+            host_out = self.buffers.host_array("out", self.output_dtype, (n, *self.output_tail))
+            self.device.copy(d_in, host_in.ctypes.data, self.input_nbytes(n), "h2d", self.stream)
+            self.enqueue(d_in, n, d_out)
+            self.device.copy(host_out.ctypes.data, d_out, self.output_nbytes(n), "d2h", self.stream)
+            self.device.synchronize(self.stream)
+            return host_out.astype(np.float32, copy=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._sess = None
+            self.buffers.close()
+            self.device.destroy_stream(self.stream)
+
+
+def fp16_model(fp32_path: Path, out_path: Path) -> Path:
+    """The FP32 graph converted to FP16 with float32 inputs/outputs kept (ONNX Runtime's own
+    converter): the baseline the INT8 Q/DQ experts are reported beside on the GPU."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    onnx.save(model, str(out_path))
+    return out_path
