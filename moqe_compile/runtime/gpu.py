@@ -1,0 +1,249 @@
+"""``GpuRuntime``: a bundle on one NVIDIA GPU, one CUDA stream and execution context per expert.
+
+Per batch (DESIGN.md section 6):
+
+1. the batch goes to the device once (pinned host buffer -> device buffer);
+2. the router runs on its own stream and its probabilities come back: **host sync 1**,
+   because grouping samples per expert is a host decision (none without a router);
+3. ``dispatch.group_by_expert`` (the very code ``Runtime``, Triton and Ray use) groups the
+   samples; each expert's stream waits on an event for the input, gathers its samples
+   device-to-device (no gather when one expert takes the whole batch, the common case),
+   runs, and copies its logits back to a pinned buffer, all enqueued without waiting;
+4. every expert stream records an event, one join stream waits on all of them, and the
+   host syncs once on it: **host sync 2**, one for all experts; ``dispatch.scatter`` puts
+   the outputs back in input order.
+
+Sessions come from ``backends.GPU_BACKENDS``: ``onnxruntime-cuda`` (the bundle's Q/DQ
+graphs on ONNX Runtime's CUDA provider, ``user_compute_stream`` = the expert's stream) or
+``tensorrt`` (engines from the bundle, ONNX Runtime CUDA where none fits). Device buffers
+are allocated for the largest batch seen and reused. ``run`` is safe from many threads;
+calls take turns (the buffers are shared), so use one runtime per concurrent stream of
+batches. CUDA graphs are not used: ONNX Runtime captures them only with fixed shapes and
+addresses, and per-expert group sizes change with every batch.
+
+Written and tested on the CPU with a host-memory device (tests/backends/fakes.py) only;
+it has not run on a GPU in the session that wrote it (bench/gpu_check.sh runs it there).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..backends import GPU_BACKENDS
+from ..backends.cuda_device import Buffers
+from ..bundle import read_bundle
+from ..data.images import Preprocess
+from ..errors import BackendError, InputError, MoqeError
+from ..router.fallback import apply_fallback
+from .dispatch import group_by_expert, scatter
+from .runtime import RunResult
+
+
+def _runs(members: np.ndarray) -> list[tuple[int, int, int]]:
+    """(source row, destination row, length) of each run of consecutive sample indices, so a
+    gather is a few large copies instead of one per sample."""
+    if len(members) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(members) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(members)]])
+    return [(int(members[s]), int(s), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def _device_session(sess, name: str):
+    """The object that owns the stream and ``enqueue``: a TensorRT session whose engine was
+    refused hands over to its ONNX fallback, which must itself be a GPU session."""
+    inner = sess
+    if getattr(sess, "engine", "n/a") is None:  # TensorRTSession without a usable engine
+        inner = sess._fallback
+    if not (hasattr(inner, "enqueue") and hasattr(inner, "stream")):
+        raise BackendError(f"{name}: its session ({type(inner).__name__}) cannot run on the GPU "
+                           f"(for a TensorRT fallback, install onnxruntime-gpu).")
+    return inner
+
+
+def _out_shape(sess, n: int) -> tuple[int, ...]:
+    return sess.output_shape(n) if hasattr(sess, "output_shape") else (n, *sess.output_tail)
+
+
+class GpuRuntime:
+    """A loaded bundle on one GPU. ``run(batch)`` returns the CPU ``Runtime``'s ``RunResult``."""
+
+    def __init__(self, root: Path, manifest: dict, backend: str = "onnxruntime-cuda", device=None,
+                 variant: str | None = None, only_expert: str | None = None, session_factory=None):
+        if backend not in GPU_BACKENDS:
+            raise BackendError(f"unknown GPU backend {backend!r}; supported: {sorted(GPU_BACKENDS)}.")
+        self.root, self.manifest, self.backend = Path(root), manifest, backend
+        self.preprocess = Preprocess.from_dict(manifest["preprocessing"])
+        self.expert_names = [e["name"] for e in manifest["experts"]]
+        if only_expert is not None and only_expert not in self.expert_names:
+            raise InputError(f"expert {only_expert!r} is not in this bundle; it has {self.expert_names}.")
+        have = list(manifest["backends"])
+        if variant in (None, "auto"):
+            # TensorRT needs the S8S8 graphs; ONNX Runtime CUDA runs either, and S8S8 is the
+            # graph made for GPUs, so it wins where the bundle has it
+            variant = "tensorrt" if "tensorrt" in have else "onnxruntime-cpu"
+        if backend == "tensorrt" and variant != "tensorrt":
+            raise BackendError(f"backend 'tensorrt' needs the bundle's tensorrt (S8S8) graphs; it offers {have}.")
+        self.variant = variant
+        if device is None:
+            from ..backends.cuda_device import CudaDevice
+
+            device = CudaDevice()
+        self.device = device
+        if session_factory is None:
+            cls = GPU_BACKENDS[backend]
+
+            def session_factory(name, path, dev):
+                return cls(name, path, device=dev)
+
+        self._sessions = []  # everything to close, wrappers included
+        self._experts = []
+        for e in manifest["experts"]:
+            if only_expert not in (None, e["name"]):
+                self._experts.append(None)
+                continue
+            if self.variant not in e["variants"]:
+                raise BackendError(f"expert {e['name']!r} has no {self.variant!r} graph; it has "
+                                   f"{sorted(e['variants'])}.")
+            s = session_factory(e["name"], self.root / e["variants"][self.variant]["path"], device)
+            self._sessions.append(s)
+            self._experts.append(_device_session(s, e["name"]))
+        routing = manifest["routing"]
+        self.default_expert = self.expert_names.index(only_expert or routing["default_expert"])
+        self.fallback_threshold = float(routing.get("fallback_threshold", 0.0))
+        self.fallback_expert = self.expert_names.index(routing.get("fallback_expert", routing["default_expert"]))
+        self._router = None
+        if routing["enabled"] and only_expert is None:
+            r = session_factory("router", self.root / manifest["router"]["path"], device)
+            self._sessions.append(r)
+            self._router = _device_session(r, "router")
+        self._buffers = Buffers(device)
+        self._join = device.stream()
+        self._input_ready = device.event()
+        self._done = {id(s): device.event() for s in self._experts if s is not None}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "onnxruntime-cuda", verify: bool = True, device=None,
+             variant: str | None = None, only_expert: str | None = None, session_factory=None) -> "GpuRuntime":
+        """Open a bundle (hashes verified unless ``verify=False``) and create every GPU session
+        once. ``variant``: which expert graphs (default: ``tensorrt`` where the bundle has it,
+        else ``onnxruntime-cpu``); ``only_expert``: that expert alone, no router."""
+        b = read_bundle(path, verify=verify)
+        return cls(b.root, b.manifest, backend, device, variant, only_expert, session_factory)
+
+    @property
+    def routed(self) -> bool:
+        return self._router is not None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.preprocess.input_shape
+
+    def describe(self) -> dict:
+        """Device, backend and the execution provider each session really uses."""
+        return {**self.device.describe(), "backend": self.backend, "variant": self.variant,
+                "sessions": {s.name: getattr(s, "providers", ["?"])[0] for s in self._sessions}}
+
+    def _check(self, batch: np.ndarray) -> np.ndarray:
+        shape = self.input_shape
+        if not isinstance(batch, np.ndarray) or batch.ndim != 4 or tuple(batch.shape[1:]) != shape:
+            raise InputError(f"batch has shape {getattr(batch, 'shape', type(batch).__name__)}; expected "
+                             f"(N, {shape[0]}, {shape[1]}, {shape[2]}).")
+        if batch.dtype != np.float32:
+            raise InputError(f"batch has dtype {batch.dtype}; expected float32 (preprocessed).")
+        if len(batch) == 0:
+            raise InputError("batch is empty.")
+        return batch
+
+    def run(self, batch: np.ndarray) -> RunResult:
+        batch = self._check(batch)
+        with self._lock:
+            if self._closed:
+                raise MoqeError("GpuRuntime is closed.")
+            return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> RunResult:
+        dev, buf = self.device, self._buffers
+        n = len(batch)
+        row = int(np.prod(batch.shape[1:])) * 4
+        t0 = time.perf_counter()
+        host_x = buf.host_array("x", np.float32, batch.shape)
+        host_x[...] = batch
+        d_x = buf.device_ptr("x", n * row)
+        first = self._router or self._experts[self.default_expert]
+        dev.copy(d_x, host_x.ctypes.data, n * row, "h2d", first.stream)
+        dev.record(self._input_ready, first.stream)
+        if self._router is not None:
+            r = self._router
+            shape = _out_shape(r, n)
+            host_p = buf.host_array("probs", np.float32, shape)
+            d_p = buf.device_ptr("probs", host_p.nbytes)
+            with r.lock:
+                r.enqueue(d_x, n, d_p)
+            dev.copy(host_p.ctypes.data, d_p, host_p.nbytes, "d2h", r.stream)
+            dev.synchronize(r.stream)  # host sync 1: grouping needs the probabilities here
+            idx, conf = apply_fallback(np.array(host_p), self.fallback_threshold, self.fallback_expert)
+        else:
+            idx, conf = np.full(n, self.default_expert), np.ones(n, np.float32)
+        t1 = time.perf_counter()
+        groups = group_by_expert(idx)
+        outs = []
+        for k, members in groups:
+            s = self._experts[k]
+            if s is None:
+                raise InputError(f"expert {self.expert_names[k]!r} was not loaded.")
+            m = len(members)
+            dev.wait(s.stream, self._input_ready)
+            if m == n:  # one expert takes the whole batch: read the input where it is
+                src = d_x
+            else:
+                src = buf.device_ptr(f"x/{k}", m * row)
+                for from_row, to_row, length in _runs(members):
+                    dev.copy(src + to_row * row, d_x + from_row * row, length * row, "d2d", s.stream)
+            shape = _out_shape(s, m)
+            host_y = buf.host_array(f"y/{k}", np.float32, shape)
+            d_y = buf.device_ptr(f"y/{k}", host_y.nbytes)
+            with s.lock:
+                s.enqueue(src, m, d_y)
+            dev.copy(host_y.ctypes.data, d_y, host_y.nbytes, "d2h", s.stream)
+            dev.record(self._done[id(s)], s.stream)
+            dev.wait(self._join, self._done[id(s)])
+            outs.append(host_y)
+        dev.synchronize(self._join)  # host sync 2: once for every expert of the batch
+        out = scatter(groups, outs, n)  # copies out of the pinned buffers
+        t2 = time.perf_counter()
+        timing = {"router": (t1 - t0) * 1e3, "experts": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
+        fell_back = (conf < self.fallback_threshold) if self._router is not None else np.zeros(n, bool)
+        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing, fell_back)
+
+    def run_expert(self, name: str, batch: np.ndarray) -> np.ndarray:
+        """One expert alone through its session's own ``run`` (benchmarks' single-expert baseline)."""
+        s = self._experts[self.expert_names.index(name)]
+        if s is None:
+            raise InputError(f"expert {name!r} was not loaded.")
+        return s.run(self._check(batch))
+
+    def __enter__(self) -> "GpuRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for s in self._sessions:
+                s.close()
+            self._buffers.close()
+            self.device.destroy_stream(self._join)
+            for ev in [self._input_ready, *self._done.values()]:
+                self.device.destroy_event(ev)

@@ -1,0 +1,175 @@
+"""``GpuRuntime``'s logic on the CPU: a hand-made bundle (router = softmax of channel means,
+so the input decides the routing; expert k = channel means times k + 1, so outputs show
+which expert ran) served through the IOBinding sessions under the CPU provider with a
+host-memory device. Checked against the CPU ``Runtime`` on the same bundle, plus the
+stream/sync bookkeeping. The real GPU path runs in tests/gpu and bench/gpu_check.sh."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from moqe_compile.backends.onnxruntime_cuda import OrtCudaSession
+from moqe_compile.bundle.manifest import sha256_file
+from moqe_compile.errors import BackendError, InputError
+from moqe_compile.runtime import Runtime
+from moqe_compile.runtime.gpu import GpuRuntime, _runs
+
+from .fakes import HostDevice
+
+C, S, K = 3, 8, 3
+
+
+def _graph(path, scale: float | None):
+    """(N, 3, 8, 8) -> channel means (N, 3); times ``scale``, or softmax when None."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", C, S, S])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", K])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0)]
+    inits = [axes]
+    if scale is None:
+        nodes.append(helper.make_node("Softmax", ["m"], ["y"], axis=-1))
+    else:
+        inits.append(helper.make_tensor("s", TensorProto.FLOAT, [], [scale]))
+        nodes.append(helper.make_node("Mul", ["m", "s"], ["y"]))
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(m, str(path))
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    root = tmp_path / "bundle"
+    names = ["e0", "e1", "e2"]
+    files = {"router/router.onnx": None, "task/labels.json": None}
+    (root / "router").mkdir(parents=True)
+    (root / "task").mkdir()
+    _graph(root / "router/router.onnx", None)
+    (root / "task/labels.json").write_text(json.dumps(["a", "b", "c"]))
+    experts = []
+    for k, n in enumerate(names):
+        (root / "experts" / n).mkdir(parents=True)
+        variants = {}
+        for b in ("onnxruntime-cpu", "tensorrt"):
+            rel = f"experts/{n}/{b}.onnx"
+            _graph(root / rel, float(k + 1))
+            files[rel] = None
+            variants[b] = {"path": rel}
+        experts.append({"name": n, "variants": variants})
+    manifest = {"schema_version": 1, "preprocessing": {"resize": S, "crop": S, "mean": [0.0] * C, "std": [1.0] * C},
+                "task": {"labels": {"path": "task/labels.json"}}, "experts": experts,
+                "router": {"path": "router/router.onnx"}, "backends": ["onnxruntime-cpu", "tensorrt"],
+                "routing": {"enabled": True, "default_expert": "e1", "fallback_threshold": 0.0}}
+    manifest["files"] = {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
+                         for rel in files}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def host_factory(name, path, device):
+    return OrtCudaSession(name, path, device=device, providers=["CPUExecutionProvider"], device_type="cpu")
+
+
+def batch_routed_to(experts: list[int]) -> np.ndarray:
+    """One sample per entry whose largest channel mean (so its routing) is that expert."""
+    x = np.random.default_rng(len(experts)).uniform(0, 0.1, (len(experts), C, S, S)).astype(np.float32)
+    for i, k in enumerate(experts):
+        x[i, k] += 5.0
+    return x
+
+
+def test_matches_the_cpu_runtime_with_mixed_routing(bundle):
+    dev = HostDevice()
+    route = [2, 0, 0, 1, 2, 2, 0, 1]
+    x = batch_routed_to(route)
+    with GpuRuntime.load(bundle, device=dev, session_factory=host_factory) as g, Runtime.load(bundle) as cpu:
+        assert g.variant == "tensorrt" and g.routed
+        got, want = g.run(x), cpu.run(x)
+        assert list(got.expert_index) == route == list(want.expert_index)
+        assert got.experts == want.experts
+        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-6)
+        np.testing.assert_allclose(got.confidence, want.confidence, rtol=1e-6)
+        # expert k's output is (k + 1) x channel means: each sample was served by its expert
+        np.testing.assert_allclose(got.logits, x.mean((2, 3)) * (np.array(route)[:, None] + 1), rtol=1e-5)
+        assert set(got.timing_ms) == {"router", "experts", "total"}
+
+
+def test_streams_syncs_and_gathers_per_batch(bundle):
+    dev = HostDevice()
+    g = GpuRuntime.load(bundle, device=dev, session_factory=host_factory)
+    # one stream per expert, one for the router, one join stream
+    assert dev.count("stream") == K + 2
+    streams = {s.name: s.stream for s in g._experts + [g._router]}
+    dev.log.clear()
+    g.run(batch_routed_to([0, 0, 1, 0, 0]))
+    # two host syncs per routed batch: router probabilities, then all experts at once
+    assert [e for e in dev.log if e[0] == "sync"] == [("sync", streams["router"]), ("sync", g._join)]
+    d2d = [e for e in dev.log if e[:2] == ("copy", "d2d")]
+    # expert 0 gathers rows 0-1 and 3-4 (two runs), expert 1 row 2 (one run)
+    assert [e[3] for e in d2d] == [streams["e0"]] * 2 + [streams["e1"]]
+    row = C * S * S * 4
+    assert [e[2] for e in d2d] == [2 * row, 2 * row, row]
+    # each expert's stream waits for the input, then signals the join stream
+    assert sum(1 for e in dev.log if e[0] == "wait" and e[1] == g._join) == 2
+    g.run(batch_routed_to([2, 2, 2]))  # expert 2's first batch allocates its output buffers
+    dev.log.clear()
+    g.run(batch_routed_to([2, 2, 2]))  # one expert takes the batch: no gather, nothing allocated
+    assert not [e for e in dev.log if e[:2] == ("copy", "d2d")]
+    assert dev.count("malloc") == 0 and dev.count("malloc_host") == 0
+    g.close()
+    assert dev.live() == 0
+
+
+def test_single_expert_and_unrouted_paths(bundle):
+    dev = HostDevice()
+    x = batch_routed_to([0, 2, 1])
+    with GpuRuntime.load(bundle, device=dev, session_factory=host_factory, only_expert="e2") as g:
+        assert not g.routed and g._experts[0] is None
+        res = g.run(x)
+        assert res.experts == ["e2"] * 3 and dev.count("sync") == 1  # no router: one sync
+        np.testing.assert_allclose(res.logits, g.run_expert("e2", x), rtol=1e-6)
+        with pytest.raises(InputError, match="'e0' was not loaded"):
+            g.run_expert("e0", x)
+
+
+def test_errors_name_the_problem(bundle):
+    dev = HostDevice()
+    with pytest.raises(BackendError, match="unknown GPU backend 'cuda'"):
+        GpuRuntime.load(bundle, backend="cuda", device=dev, session_factory=host_factory)
+    with pytest.raises(BackendError, match="no 'int4' graph"):
+        GpuRuntime.load(bundle, device=dev, session_factory=host_factory, variant="int4")
+    with GpuRuntime.load(bundle, device=dev, session_factory=host_factory, variant="onnxruntime-cpu") as g:
+        with pytest.raises(InputError, match=r"expected \(N, 3, 8, 8\)"):
+            g.run(np.zeros((1, 3, 4, 4), np.float32))
+        with pytest.raises(InputError, match="dtype float64"):
+            g.run(np.zeros((1, 3, 8, 8)))
+    from moqe_compile.backends.onnxruntime_cpu import OrtCpuSession
+
+    with pytest.raises(BackendError, match="OrtCpuSession.*cannot run on the GPU"):
+        GpuRuntime.load(bundle, device=dev, session_factory=lambda n, p, d: OrtCpuSession(n, p))
+
+
+def test_runs_of_consecutive_indices():
+    assert _runs(np.array([0, 1, 3, 4, 5, 9])) == [(0, 0, 2), (3, 2, 3), (9, 5, 1)]
+    assert _runs(np.array([7])) == [(7, 0, 1)]
+    assert _runs(np.array([], int)) == []
+
+
+def test_tensorrt_backend_without_engines_runs_the_onnx_graphs_on_the_gpu_sessions(bundle, monkeypatch):
+    import types
+
+    from moqe_compile.backends import tensorrt as trtb
+
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.14.1"))
+    dev = HostDevice()
+
+    def factory(name, path, device):
+        return trtb.TensorRTSession(name, path, device=device, fallback=lambda n, p, t, d: host_factory(n, p, d))
+
+    x = batch_routed_to([1, 2, 0])
+    with GpuRuntime.load(bundle, backend="tensorrt", device=dev, session_factory=factory) as g:
+        assert all("records no TensorRT engine" in s.fallback_reason for s in g._sessions)
+        assert list(g.run(x).expert_index) == [1, 2, 0]
