@@ -32,8 +32,8 @@ def _cudart():
     try:
         from cuda.bindings import runtime
     except ImportError as e:
-        raise BackendError("cuda-python is not installed (`pip install cuda-python`, or the "
-                           "`moqe-compile[gpu]` extra): the GPU backends use it for streams and memory.") from e
+        raise BackendError("cuda-python is not installed (`pip install cuda-python`): the GPU backends "
+                           "use it for streams and memory.") from e
     return runtime
 
 

@@ -1,7 +1,7 @@
 """ONNX Runtime CUDA session: IOBinding on reused device buffers, one CUDA stream per session.
 
-Needs ``onnxruntime-gpu`` (the ``moqe-compile[gpu]`` extra; it replaces the CPU
-``onnxruntime`` wheel) and cuda-python. Each session owns a non-blocking stream that ONNX
+Needs ``onnxruntime-gpu`` (in place of the CPU ``onnxruntime`` wheel: both provide the
+``onnxruntime`` module) and cuda-python. Each session owns a non-blocking stream that ONNX
 Runtime computes on (``user_compute_stream``), so several experts' sessions overlap on one
 GPU; :meth:`enqueue` binds device pointers and returns without a host sync
 (``disable_synchronize_execution_providers``), and the caller syncs once per batch
@@ -17,6 +17,7 @@ that reports put beside it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 from ..errors import BackendError, InputError
 from .cuda_device import Buffers
 
+log = logging.getLogger(__name__)
 CUDA_EP = "CUDAExecutionProvider"
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -35,14 +37,26 @@ def cuda_provider_available() -> bool:
     return CUDA_EP in ort.get_available_providers()
 
 
+_preloaded = False
+
+
 def require_cuda_provider() -> None:
+    global _preloaded
     import onnxruntime as ort
 
+    if CUDA_EP in ort.get_available_providers() and not _preloaded and hasattr(ort, "preload_dlls"):
+        # CUDA/cuDNN from the nvidia-* pip packages (as torch installs them) are not on the
+        # loader's path; onnxruntime-gpu >= 1.21 can load them itself
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # noqa: BLE001 - best effort: system libraries may serve
+            log.info("onnxruntime.preload_dlls() failed (%s); relying on system CUDA libraries.", e)
+        _preloaded = True
     if CUDA_EP not in ort.get_available_providers():
         raise BackendError(
             f"onnxruntime {ort.__version__} has no {CUDA_EP} (providers: {ort.get_available_providers()}): "
-            f"install onnxruntime-gpu (`pip install 'moqe-compile[gpu]'`, which replaces the CPU onnxruntime "
-            f"wheel) on a machine with an NVIDIA GPU.")
+            f"install onnxruntime-gpu in place of the CPU wheel (`pip uninstall onnxruntime && pip install "
+            f"onnxruntime-gpu`: both provide the onnxruntime module) on a machine with an NVIDIA GPU.")
 
 
 class OrtCudaSession:
