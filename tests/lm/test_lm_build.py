@@ -1,0 +1,115 @@
+"""Causal-LM vertical slice on a tiny random Llama: config, data splits, export, experts,
+bundle, runtime (score + KV-cache generation), moqe-run and moqe-compile eval."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from moqe_compile.errors import ConfigError, InputError  # noqa: E402
+from moqe_compile.lm_config import LMBuildConfig  # noqa: E402
+
+from .tiny import make_tiny_lm, write_corpus  # noqa: E402
+
+EXPERTS = ["w8a8-rtn", "w8a8-smoothquant-0.5", "w4-rtn"]  # AWQ: test_lm_parts.py
+
+
+def _cfg(tmp, **router):
+    return LMBuildConfig.from_dict({
+        "task": "causal-lm", "model": {"source": "transformers", "path": str(tmp / "model")},
+        "data": {"corpora": [str(tmp / "corpus.txt")], "seq_len": 32, "calibration_sequences": 4},
+        "experts": [{"name": n, "preset": n} for n in EXPERTS],
+        "router": {"prefix_tokens": 8, "epochs": 2, **router}})
+
+
+@pytest.fixture(scope="module")
+def lm_bundle(tmp_path_factory):
+    from moqe_compile.lm_pipeline import build_lm
+
+    tmp = tmp_path_factory.mktemp("lm")
+    make_tiny_lm(tmp / "model")
+    write_corpus(tmp / "corpus.txt")
+    return build_lm(_cfg(tmp), tmp / "bundle", quiet=True), tmp
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="preset = 'nope'"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "experts": [{"name": "a", "preset": "nope"}] * 2})
+    with pytest.raises(ConfigError, match="unknown key"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "modle": {}})
+    with pytest.raises(ConfigError, match="HQQ"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "experts": [
+            {"name": "a", "scheme": "nbits", "weights": "hqq", "bits": 8}, {"name": "b"}]})
+    cfg = _cfg(tmp_path)
+    assert LMBuildConfig.from_manifest(cfg.to_manifest()) == cfg
+
+
+def test_manifest_kernels_and_tokenizer(lm_bundle):
+    from moqe_compile.bundle import read_bundle
+
+    b = read_bundle(lm_bundle[0])
+    m = b.manifest
+    assert m["task"]["kind"] == "causal-lm" and m["routing"]["granularity"] == "per-sequence"
+    assert b.file(m["task"]["tokenizer"]["path"]).is_file()
+    for e in m["experts"]:
+        k = e["variants"]["onnxruntime-cpu"]["kernels"]
+        check = e["variants"]["onnxruntime-cpu"]["check"]
+        assert check["ok"] and not check["float_weight_matmuls"]
+        expected = "MatMulNBits" if e["recipe"]["scheme"] == "nbits" else "MatMulIntegerToFloat"
+        assert k.get(expected, 0) > 0, (e["name"], k)
+        assert check["embedding_gathers"] >= 1  # the embedding stays an FP Gather
+    rep = json.loads(b.file("report/report.json").read_text())
+    t = rep["splits"]["test"]["overall"]
+    assert t["fp"]["ppl_ci95"][0] <= t["fp"]["ppl"] <= t["fp"]["ppl_ci95"][1]
+    assert t["oracle"]["ppl"] <= min(r["ppl"] for r in t["experts"].values()) + 1e-9
+    assert m["splits"]["disjoint_by"] == "document"
+
+
+def test_runtime_score_matches_build_scores(lm_bundle):
+    from moqe_compile.runtime.lm import LMRuntime
+
+    with LMRuntime.load(lm_bundle[0]) as rt, np.load(rt.bundle.file("report/eval_data.npz")) as z:
+        ids = z["test_ids"][0]
+        text = rt.tokenizer.decode(ids.tolist())
+        assert np.array_equal(rt.encode(text), ids)  # the tokenizer file round-trips the window
+        (res,), ms = rt.score([text], expert=rt.expert_names[1])
+        lm = np.load(rt.bundle.file("report/loss_matrix.npz"))
+        assert res.mean_nll == pytest.approx(float(lm["test_loss"][0, 1]), rel=1e-5)
+        assert ms["total"] >= 0
+        with pytest.raises(InputError, match="empty"):
+            rt.score([""])
+
+
+def test_generation_with_kv_cache_equals_recompute(lm_bundle):
+    from moqe_compile.runtime.lm import LMRuntime
+
+    with LMRuntime.load(lm_bundle[0]) as rt:
+        streamed = []
+        g = rt.generate("the cat sat on", 6, on_text=streamed.append, expert="fp")
+        ids = list(rt.encode("the cat sat on"))
+        sess = rt.session("fp")
+        for tok in g.new_tokens:  # greedy without cache: full recompute each step
+            assert int(sess.logits(np.array([ids]))[0, -1].argmax()) == tok
+            ids.append(tok)
+        assert "".join(streamed) == g.text and len(g.new_tokens) <= 6
+
+
+def test_cli_run_and_eval(lm_bundle, capsys):
+    from moqe_compile.cli.compile import main as compile_main
+    from moqe_compile.cli.run import main as run_main
+
+    bundle, tmp = lm_bundle
+    assert run_main([str(bundle), "--input", "the dog ran .", "--score", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["score"]["perplexity"] > 1 and out["generation"]["new_tokens"] <= 3
+    assert run_main([str(bundle), "--input", "the dog"]) == 3  # nothing asked: an InputError
+    capsys.readouterr()
+    assert compile_main(["eval", str(bundle), "--data", str(tmp / "corpus.txt"), "--json", "--repeats", "1",
+                         "--resamples", "200", "--out", str(tmp / "ev")]) == 0
+    rep = json.loads(capsys.readouterr().out.split("\nreport written")[0])
+    assert set(rep["overall"]["experts"]) == set(EXPERTS) and rep["latency_ms"]["median_ms"]["moqe"] > 0
+    assert (tmp / "ev" / "report.md").is_file()
