@@ -10,6 +10,11 @@ from .common import guarded
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .run_lm import maybe_main
+
+    rc = maybe_main(argv)  # causal-LM bundles have their own options (cli/run_lm.py)
+    if rc is not None:
+        return rc
     ap = argparse.ArgumentParser(prog="moqe-run", description="Run a MoQE bundle on images.")
     ap.add_argument("bundle", help="bundle directory written by moqe-compile build")
     ap.add_argument("--input", required=True, help="an image file, a directory of images, or a .npy batch")
