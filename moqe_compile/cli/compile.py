@@ -21,6 +21,16 @@ def cmd_build(args) -> int:
     from ..config import BuildConfig, load_recipe
     from ..pipeline import build
 
+    from ..lm_config import recipe_is_lm
+
+    if args.recipe and recipe_is_lm(args.recipe):  # task = "causal-lm": the LM pipeline (lm_pipeline.py)
+        from ..lm_config import load_lm_recipe
+        from ..lm_pipeline import build_lm
+
+        lm = load_lm_recipe(args.recipe)
+        lm.gate.force_routing = lm.gate.force_routing or args.force_routing
+        print(f"bundle written to {build_lm(lm, args.output, quiet=args.quiet)}")
+        return 0
     if args.recipe:
         cfg = load_recipe(args.recipe)
     else:
