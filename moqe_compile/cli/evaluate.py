@@ -26,6 +26,12 @@ def add_parser(sub) -> None:
 
 def cmd_eval(args) -> int:
     from ..evaluate.evaluate import evaluate_bundle, render_markdown
+    from .run_lm import is_lm_bundle
+
+    if is_lm_bundle(args.bundle):  # perplexity report (evaluate/lm_eval.py)
+        from ..evaluate.lm_eval import cmd_eval_lm
+
+        return cmd_eval_lm(args)
 
     report, out = evaluate_bundle(args.bundle, data=args.data, out=args.out, latency=args.latency,
                                   repeats=args.repeats, batches=tuple(args.batches), n_boot=args.resamples,
