@@ -184,11 +184,13 @@ def build_engine(onnx_path: Path, out_path: Path, *, min_batch: int = 1, opt_bat
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
-    # TensorRT 10 needs the flag; where a release makes strong typing the only mode the flag
-    # may be gone, and the network is strongly typed anyway
+    # 10.x builds weakly typed networks unless asked; 11.x networks are always strongly typed
+    # and accept the flag as a no-op, so setting it wherever it exists is right for both
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if strongly is not None:
         flags |= 1 << int(strongly)
+    elif _version(trt.__version__)[0] < 11:
+        raise BackendError(f"TensorRT {trt.__version__} cannot build strongly typed networks; use 10.x or 11.x.")
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):
@@ -218,7 +220,7 @@ def build_engine(onnx_path: Path, out_path: Path, *, min_batch: int = 1, opt_bat
 
     return EngineRecord(path=out_path.name, compute_capability="%d.%d" % device.compute_capability,
                         tensorrt_version=trt.__version__, hardware_compatibility=hardware_compatibility,
-                        version_compatible=version_compatible, strongly_typed=strongly is not None,
+                        version_compatible=version_compatible, strongly_typed=True,
                         device_name=device.name, onnx_sha256=sha256_file(Path(onnx_path)), min_batch=min_batch,
                         opt_batch=opt_batch, max_batch=max_batch,
                         built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
