@@ -176,10 +176,10 @@ def test_tensorrt_backend_without_engines_runs_the_onnx_graphs_on_the_gpu_sessio
 
 
 def test_cpu_runtime_with_the_tensorrt_backend_falls_back_to_the_onnx_graphs(bundle):
-    # no TensorRT and no GPU here: every session runs its S8S8 graph on ONNX Runtime CPU
+    # no engines in the bundle: every session runs its S8S8 graph on ONNX Runtime (CPU here)
     x = batch_routed_to([0, 1, 2, 2])
     with Runtime.load(bundle, backend="tensorrt") as rt, Runtime.load(bundle) as cpu:
         assert rt.backend == "tensorrt"
         got, want = rt.run(x), cpu.run(x)
         assert list(got.expert_index) == [0, 1, 2, 2]
-        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-6)
+        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5)
