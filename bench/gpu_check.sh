@@ -2,7 +2,7 @@
 # Every GPU check of issue 6 in one call on a GPU machine (an H100/H200 here):
 #   1. device, driver and library versions;
 #   2. onnxruntime-gpu from /tmp/ortgpu (installed there from a carried wheel or its chunks);
-#   3. the router-attention kernel built with nvcc (make -C kernels all check) and its
+#   3. the router-attention kernel built with nvcc (make -C kernels all ref check) and its
 #      standalone validation + timing binary (llm.c style);
 #   4. pytest tests/gpu (kernel vs C reference, ONNX Runtime CUDA, GpuRuntime, TensorRT where
 #      installed), skips listed with their reasons;
@@ -82,11 +82,13 @@ v["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
 print(json.dumps(v))
 EOF
 
-step kernel_build make -C kernels all check
+step kernel_build make -j3 -C kernels all ref check
 if [[ ${RC[kernel_build]} == 0 ]]; then
     step kernel_check kernels/build/router_attention_check
+    export MOQE_ROUTER_ATTENTION_LIB=$PWD/kernels/build/libmoqe_router_attention.so
+    export MOQE_ROUTER_ATTENTION_REF_LIB=$PWD/kernels/build/libmoqe_router_attention_ref.so
 fi
-step tests_gpu $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/test_kernels_build.py tests/test_kernels_ref.py
+step tests_gpu $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/test_kernels_ref.py
 step bench_attention_fp16 $PY bench/router_attention.py --dtype float16 --json "$OUT/router_attention_fp16.json"
 step bench_attention_fp32 $PY bench/router_attention.py --dtype float32 --batches 1,1024 --json "$OUT/router_attention_fp32.json"
 

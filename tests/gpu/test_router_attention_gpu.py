@@ -3,6 +3,8 @@ GPU (skipped without one: the shared ``gpu`` marker in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -13,8 +15,12 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def libs(tmp_path_factory):
+    """Prebuilt libraries where $MOQE_ROUTER_ATTENTION_LIB / _REF_LIB name them (bench/gpu_check.sh
+    builds them once), else a fresh build."""
     d = tmp_path_factory.mktemp("kbuild")
-    return kernels.load_router_attention(kernels.build("all", d)), kernels.load_reference(kernels.build("ref", d))
+    lib = os.environ.get("MOQE_ROUTER_ATTENTION_LIB") or kernels.build("all", d)
+    ref = os.environ.get("MOQE_ROUTER_ATTENTION_REF_LIB") or kernels.build("ref", d)
+    return kernels.load_router_attention(lib), kernels.load_reference(ref)
 
 
 # CV router shape at batch 1/64, NLP shapes (4 heads, head_dim up to 128, seq up to 512),
