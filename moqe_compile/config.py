@@ -187,7 +187,9 @@ class ExpertRecipe:
 
     calibration: activation ranges by minmax | percentile | entropy (KL, num_bins) |
     mse (clip range minimizing expected squared quantization error on the histogram).
-    weight_bits 8, or 4 (W4A8: int4 values held in int8 so ORT's integer kernels run them).
+    weight_bits 8, or 4, 3, 2 (int4/int3/int2 values held in int8 so ORT's integer kernels run
+    them); high_precision_nodes: Conv/Gemm nodes whose weights stay at 8 bits when
+    weight_bits < 8 (experts that differ in which layers keep precision, issue 10).
     weight_clip: per-channel range from max |w|, the clip minimizing the weights' squared error
     (mse), or (mse-output, with GPTQ) the clip whose GPTQ rounding minimizes each output
     channel's squared error on the calibration inputs. weight_rounding:
@@ -210,6 +212,7 @@ class ExpertRecipe:
     per_channel: bool = True
     symmetric_activations: bool = False
     weight_bits: int = 8
+    high_precision_nodes: list[str] = field(default_factory=list)
     weight_clip: str = "minmax"
     weight_rounding: str = "nearest"
     adaround_iters: int = 300
@@ -230,10 +233,12 @@ class ExpertRecipe:
         _choice(where, "calibration", self.calibration, CALIBRATION_METHODS)
         _choice(where, "weight_clip", self.weight_clip, WEIGHT_CLIPS)
         _choice(where, "weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
-        if self.weight_bits not in (4, 8):
-            raise ConfigError(f"[{where}] weight_bits = {self.weight_bits} must be 4 or 8.")
-        if self.weight_bits == 4 and not self.per_channel:
-            raise ConfigError(f"[{where}] weight_bits = 4 needs per_channel = true.")
+        if self.weight_bits not in (2, 3, 4, 8):
+            raise ConfigError(f"[{where}] weight_bits = {self.weight_bits} must be 2, 3, 4 or 8.")
+        if self.weight_bits < 8 and not self.per_channel:
+            raise ConfigError(f"[{where}] weight_bits = {self.weight_bits} needs per_channel = true.")
+        if self.high_precision_nodes and self.weight_bits == 8:
+            raise ConfigError(f"[{where}] high_precision_nodes keeps layers at 8 bits; it needs weight_bits < 8.")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"[{where}] percentile = {self.percentile} must be in (50, 100].")
         if self.num_bins < 128:

@@ -99,7 +99,7 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
                 experts.append({"name": r.name, "recipe": asdict(r), "variants": variants, "steps": built["steps"],
                                 "calibration_ranges": {"path": f"experts/{r.name}/calibration.json"},
                                 "cost": {"mean_weight_bits": expert_cost(prepared, exclude + list(r.exclude_nodes),
-                                                                         r.weight_bits)}})
+                                                                         r.weight_bits, r.high_precision_nodes)}})
                 pb.update(1)
         done("quantize")
 

@@ -12,7 +12,7 @@ def _fmt(v) -> str:
 _RECIPE_DEFAULTS = {"per_channel": True, "symmetric_activations": False, "weight_bits": 8, "weight_clip": "minmax",
                     "weight_rounding": "nearest", "sequential_activations": False, "bias_correction": False,
                     "equalization": False,
-                    "exclude_nodes": [], "exclude_sensitive": 0}
+                    "exclude_nodes": [], "exclude_sensitive": 0, "high_precision_nodes": []}
 
 
 def _recipe(r: dict) -> str:
@@ -43,6 +43,10 @@ def _gate_line(m: dict) -> str:
 def render(path: str, verify: bool = True) -> str:
     b = read_bundle(path, verify=verify)
     m = b.manifest
+    if m.get("task", {}).get("kind") == "causal-lm":  # its own layout (cli/inspect_lm.py)
+        from .inspect_lm import render_lm
+
+        return render_lm(b)
     L = [f"bundle      {b.root}",
          f"schema      v{m['schema_version']}  built {m['created_at']} with moqe-compile {m['created_with']['moqe_compile']}"
          f" (onnxruntime {m['created_with']['onnxruntime']}, torch {m['created_with']['torch']})",

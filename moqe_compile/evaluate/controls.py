@@ -41,15 +41,16 @@ def copy_recipe(cfg: BuildConfig) -> ExpertRecipe:
     return ExpertRecipe.from_preset("copy", preset)
 
 
-def expert_cost(prepared: Path, excluded: list[str], weight_bits: int) -> float:
-    """Mean weight bits per Conv/Gemm weight parameter; FP-kept layers count 32."""
+def expert_cost(prepared: Path, excluded: list[str], weight_bits: int, high_precision: list[str] = ()) -> float:
+    """Mean weight bits per Conv/Gemm weight parameter; FP-kept layers count 32, layers kept
+    at 8 bits (``high_precision``) 8."""
     m = onnx.load(str(prepared))
     sizes = {i.name: int(np.prod(i.dims)) for i in m.graph.initializer}
     total = bits = 0
     for l in weight_layers(m):
         n = sizes[l.weight]
         total += n
-        bits += n * (32 if l.node in excluded else weight_bits)
+        bits += n * (32 if l.node in excluded else 8 if l.node in high_precision else weight_bits)
     return float(bits / total) if total else float(weight_bits)
 
 

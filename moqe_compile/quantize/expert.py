@@ -22,10 +22,21 @@ from .sequential import refine
 from .weights import channel_scales, dequantize, overrides_for, qmax_for, quantize_nearest
 
 
+def node_qmax(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str) -> dict[str, int]:
+    """Weight grid per Conv/Gemm node: the recipe's bits, 8 for its high-precision nodes."""
+    rr = reduce_range_for(backend)
+    keep = set(recipe.high_precision_nodes)
+    unknown = keep - {l.node for l in weight_layers(model)}
+    if unknown:
+        raise BuildError(f"expert {recipe.name!r}: high_precision_nodes {sorted(unknown)} are not Conv/Gemm nodes "
+                         "of the model (see `moqe-compile sensitivity` for the node names).")
+    return {l.node: qmax_for(8 if l.node in keep else recipe.weight_bits, rr) for l in weight_layers(model)}
+
+
 def _weights(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str, exclude: set[str], input_name: str,
              calib_x: np.ndarray) -> dict:
     """Put our integer weights (as s*q) into ``model``; return ORT overrides with the scales."""
-    qmax = qmax_for(recipe.weight_bits, reduce_range_for(backend))
+    qmaxes = node_qmax(model, recipe, backend)
     layers = [l for l in weight_layers(model) if l.node not in exclude]
     inputs = {}
     if recipe.weight_rounding == "adaround":
@@ -35,6 +46,7 @@ def _weights(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str, exclude
     overrides = {}
     for l in layers:
         w = get_init(model, l.weight)
+        qmax = qmaxes[l.node]
         # mse-output picks its clip later, jointly with GPTQ (sequential.py); start from the MSE clip.
         s = channel_scales(w, qmax, "mse" if recipe.weight_clip == "mse-output" else recipe.weight_clip)
         if recipe.weight_rounding == "adaround":
@@ -113,7 +125,7 @@ def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: E
         if recipe.sequential:
             stream = calib_x[: min(len(calib_x), recipe.stream_samples)]
             t1 = time.perf_counter()
-            steps.update(refine(base, out_for[backend], recipe, qmax_for(recipe.weight_bits, reduce_range_for(backend)),
+            steps.update(refine(base, out_for[backend], recipe, node_qmax(base, recipe, backend),
                                 VARIANTS[backend][2] or recipe.symmetric_activations, exclude_set, input_name, stream))
             steps[f"sequential_s.{backend}"] = round(time.perf_counter() - t1, 2)
         elif recipe.bias_correction:

@@ -116,11 +116,12 @@ def _rescale_bias(q: onnx.ModelProto, inits: dict, node: onnx.NodeProto) -> None
     inits[bdq.input[1]].CopyFrom(numpy_helper.from_array(new_s, bdq.input[1]))
 
 
-def refine(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, qmax: int, symmetric: bool,
+def refine(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, qmax: dict[str, int], symmetric: bool,
            exclude: set[str], input_name: str, x: np.ndarray) -> dict:
     """Run the sequential pass on the Q/DQ graph at ``q_path`` (rewritten in place); return
     what it did, for the manifest's ``steps``. ``x``: calibration inputs; ``qmax``: the
-    weight grid of this backend; ``symmetric``: activation ranges symmetric (TensorRT)."""
+    weight grid of each Conv/Gemm node on this backend; ``symmetric``: activation ranges
+    symmetric (TensorRT)."""
     q = onnx.load(str(q_path))
     inits = _inits(q)
     layers: dict[str, WeightLayer] = {l.node: l for l in weight_layers(base) if l.node not in exclude}
@@ -166,12 +167,13 @@ def refine(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, qmax: int,
                 # Rounded from the FP weights: the ones ORT stored are already nearest-rounded.
                 w_fp = get_init(base, l.weight)
                 if recipe.weight_clip == "mse-output":
-                    new, scale = gptq_clip_search(w_fp, qmax, h, clip_candidates(w_fp, qmax), recipe.gptq_damp)
+                    new, scale = gptq_clip_search(w_fp, qmax[l.node], h, clip_candidates(w_fp, qmax[l.node]),
+                                                  recipe.gptq_damp)
                     old = numpy_helper.to_array(inits[w_s])
                     inits[w_s].CopyFrom(numpy_helper.from_array(scale.astype(old.dtype).reshape(old.shape), w_s))
                     _rescale_bias(q, inits, node)
                 else:
-                    new = gptq_round(w_fp, scale, qmax, h, damp=recipe.gptq_damp)
+                    new = gptq_round(w_fp, scale, qmax[l.node], h, damp=recipe.gptq_damp)
                 inits[w_q].CopyFrom(numpy_helper.from_array(new.astype(wint.dtype), w_q))
                 done["gptq_layers"] += 1
             if recipe.bias_correction and len(node.input) > 2 and node.input[2]:

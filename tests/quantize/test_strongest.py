@@ -160,3 +160,23 @@ def test_output_mse_clip_search_is_never_worse_than_any_candidate_per_channel():
     assert all(any(np.isclose(s[i], c[i]) for c in cands) for i in range(len(s)))
     with pytest.raises(ConfigError, match="needs weight_rounding = 'gptq'"):
         ExpertRecipe(name="x", weight_clip="mse-output")
+
+
+def test_w2_expert_with_a_layer_kept_at_8_bits(setup):
+    prep, _, _ = setup
+    first = weight_layers(onnx.load(str(prep)))[0]
+    r = ExpertRecipe.from_preset("w2hp", "w4a8-strongest", weight_bits=2, high_precision_nodes=[first.node])
+    info, outs = _build(setup, r)
+    for b, path in outs.items():
+        assert info["variants"][b]["check"]["ok"]
+        m = onnx.load(str(path))
+        w = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer
+             if i.name.endswith("_quantized") and i.data_type == onnx.TensorProto.INT8}
+        hp = [a for n, a in w.items() if n.startswith(first.weight)]
+        low = [a for n, a in w.items() if not n.startswith(first.weight)]
+        assert len(hp) == 1 and np.abs(hp[0]).max() > 8
+        assert len(low) == 3 and all(a.min() >= -2 and a.max() <= 1 for a in low)
+    with pytest.raises(ConfigError, match="needs weight_bits < 8"):
+        ExpertRecipe(name="x", high_precision_nodes=["n"])
+    with pytest.raises(ConfigError, match="must be 2, 3, 4 or 8"):
+        ExpertRecipe(name="x", weight_bits=5)
