@@ -8,7 +8,8 @@ Candidates, all timed interleaved round by round in one process on the same batc
 - ``moqe``: ``GpuRuntime.run`` (router, host grouping, experts on their streams);
 - ``expert:<default>``: the bundle's default (best-on-validation) expert alone, the same
   path without the router: the issue's goal is moqe within 1.10x of it;
-- ``router``: the router alone; ``fp32`` / ``fp16``: the FP model through the same session.
+- ``router``: the router alone; ``fp32`` / ``fp16`` / ``fp16_nhwc`` (``prefer_nhwc``): the FP
+  model through the same kind of session.
 ONNX Runtime's CUDA provider has no integer convolutions (DESIGN.md section 6): the INT8
 experts run as dequantize -> float conv, so compare MoQE with one expert, and INT8 with
 FP16 only to see what fake quantization costs here, never as a speed-up.
@@ -67,8 +68,10 @@ def main(argv=None) -> int:
     router = moqe._router
     fp32 = OrtCudaSession("fp32", root / manifest["model"]["fp"]["path"], device=dev)
     with tempfile.TemporaryDirectory() as tmp:
-        fp16 = OrtCudaSession("fp16", fp16_model(root / manifest["model"]["fp"]["path"], Path(tmp) / "fp16.onnx"),
-                              device=dev)
+        f16 = fp16_model(root / manifest["model"]["fp"]["path"], Path(tmp) / "fp16.onnx")
+        fp16 = OrtCudaSession("fp16", f16, device=dev)
+        # channels-last convolutions: the fastest FP16 configuration measured (DESIGN.md section 6)
+        fp16_nhwc = OrtCudaSession("fp16_nhwc", f16, device=dev, provider_options={"prefer_nhwc": "1"})
     info = {**moqe.describe(), "onnxruntime": ort.__version__, "bundle": str(root), "default_expert": best,
             "routed": moqe.routed}
     print(json.dumps(info))
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
     for b in [int(s) for s in args.batches.split(",")]:
         x = tile_batch(pool, b)
         cands = {"moqe": lambda: moqe.run(x), f"expert:{best}": lambda: single.run(x), "fp32": lambda: fp32.run(x),
-                 "fp16": lambda: fp16.run(x)}
+                 "fp16": lambda: fp16.run(x), "fp16_nhwc": lambda: fp16_nhwc.run(x)}
         if router is not None:
             cands["router"] = lambda: router.run(x)
         t = time_interleaved(cands, args.repeats)
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
         print(f"batch {b:>3}: " + "  ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in t.items())
               + f"  | moqe/expert {row['moqe_over_expert']:.3f}  usage {usage}"
               + (f"  | vs CPU {row['vs_cpu_runtime']}" if cpu is not None else ""))
-    for s in (moqe, single, fp32, fp16):
+    for s in (moqe, single, fp32, fp16, fp16_nhwc):
         s.close()
     if cpu is not None:
         cpu.close()
