@@ -12,8 +12,9 @@
 # Each step's log and JSON go to $OUT (the device tool's folder; /tmp/gpu_check otherwise).
 #
 # Here, before the call:   bash bench/gpu_check.sh --prepare
-#   copies bundles/mobilenetv2-demo without report/ (32 MB instead of 54) to
-#   bundles/gpucheck-slim (ignored by git like every bundle); carry that folder.
+#   copies bundles/mobilenetv2-demo without its reports, with 64 test images (43 MB instead
+#   of 54), to bundles/gpucheck-slim (ignored by git like every bundle); carry that folder.
+#   Its manifest no longer matches report/: the bench loads it with --no-verify.
 # There:                   bash bench/gpu_check.sh
 # Environment: MOQE_BUNDLE (default bundles/gpucheck-slim, else bundles/mobilenetv2-demo),
 #   ORTGPU_DIR (default /tmp/ortgpu), ORTGPU_WHEEL (a wheel file) or ORTGPU_CHUNKS (a folder
@@ -24,8 +25,16 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--prepare" ]]; then
     src=bundles/mobilenetv2-demo dst=bundles/gpucheck-slim
     [[ -f $src/manifest.json ]] || { echo "no $src: build it first (README quick start)"; exit 1; }
-    rm -rf "$dst" && mkdir -p "$dst"
+    rm -rf "$dst" && mkdir -p "$dst/report"
     cp -r "$src/manifest.json" "$src/experts" "$src/router" "$src/fp" "$src/task" "$dst/"
+    # 64 test-split images (as pixels) so the latency bench routes real photos, not noise
+    ${PYTHON:-python3} - "$src/report/eval_data.npz" "$dst/report/eval_data.npz" <<'PY'
+import sys
+import numpy as np
+with np.load(sys.argv[1], allow_pickle=False) as z:
+    keep = {k: z[k][:64] for k in ("test_pixels", "test_y", "test_groups") if k in z}
+    np.savez(sys.argv[2], splits=np.array(["test"]), mean=z["mean"], std=z["std"], **keep)
+PY
     du -sh "$dst"
     echo "carry: [\"$dst\"]   command: bash bench/gpu_check.sh"
     exit 0
