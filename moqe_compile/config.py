@@ -302,6 +302,8 @@ class RouterConfig:
     decays linearly from noise_std to 0 over the epochs.
     fallback: after training, pick on the validation split the router-confidence threshold
     below which the best single expert serves the input (stored in the manifest).
+    cost_weight: cost-aware routing; each expert's loss is charged cost_weight per weight bit
+    above the cheapest expert's mean (experts[].cost) in training, epoch choice and fallback.
     """
 
     PRESETS = {
@@ -336,6 +338,7 @@ class RouterConfig:
     usage_bias_strength: float = 0.8
     noise_std: float = 1.0
     fallback: bool = True
+    cost_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -362,7 +365,7 @@ class RouterConfig:
             raise ConfigError(f"[router] input_size = {self.input_size} must be divisible by 4.")
         for k in ("input_size", "heads", "head_dim", "epochs", "batch_size", "lr", "temperature"):
             _positive("router", k, getattr(self, k))
-        for k in ("balance_weight", "usage_bias_strength", "noise_std"):
+        for k in ("balance_weight", "usage_bias_strength", "noise_std", "cost_weight"):
             _positive("router", k, getattr(self, k), zero_ok=True)
         if not 0.0 <= self.usage_bias_decay < 1.0:
             raise ConfigError(f"[router] usage_bias_decay = {self.usage_bias_decay} must be in [0, 1).")

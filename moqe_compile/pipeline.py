@@ -127,17 +127,22 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
         # that is the loss matrix itself, with labels it is computed from the scored logits.
         teacher = (kl_to_fp_matrix(tr.fp_logits, tr.expert_logits)
                    if rc.targets == "fp-teacher" and cfg.data.targets != "fp" else None)
+        # Cost-aware routing: every expert's loss is charged cost_weight per extra weight bit,
+        # for training, epoch choice and fallback alike (the report shows the true losses).
+        cost_vec = np.array([e["cost"]["mean_weight_bits"] for e in experts])
+        pen = rc.cost_weight * (cost_vec - cost_vec.min())
+        tr_loss, va_loss = tr.loss + pen, va.loss + pen
         with bar(rc.epochs, "router epochs") as pb:
-            res = train_router(rc, splits["router_train"].x, tr.loss, splits["router_val"].x, va.loss, pb,
-                               target_matrix=teacher)
+            res = train_router(rc, splits["router_train"].x, tr_loss, splits["router_val"].x, va_loss, pb,
+                               target_matrix=None if teacher is None else teacher + pen)
         export_router(res.core, rc.input_size, cfg.preprocessing.crop, w.path("router/router.onnx"),
                       w.path("router/router.safetensors"), channels=cfg.preprocessing.channels,
                       mode=rc.downsample, quantize=rc.quantize, calib_x=splits["router_train"].x)
         # From here on, route exactly as the Runtime does: the exported graph + the confidence
         # fallback, whose threshold is chosen on router_val (never on test).
         router_sess = OrtCpuSession("router", w.path("router/router.onnx"), 1)
-        fallback = (choose_fallback(run_batched(router_sess, splits["router_val"].x), va.loss) if rc.fallback
-                    else {"threshold": 0.0, "expert": int(va.loss.mean(0).argmin())})
+        fallback = (choose_fallback(run_batched(router_sess, splits["router_val"].x), va_loss) if rc.fallback
+                    else {"threshold": 0.0, "expert": int(va_loss.mean(0).argmin())})
         route_of = lambda x: apply_fallback(run_batched(router_sess, x), fallback["threshold"],  # noqa: E731
                                             fallback["expert"])[0]
         done("router")

@@ -129,3 +129,27 @@ def _val_report(gain_p_copies):
 def test_gate_rule(gain, p, copies, decision):
     g = gate_decision(_val_report((gain, p, copies)), 0.05, force=False)
     assert g["decision"] == decision and g["copies_val_gain"] == pytest.approx(copies)
+
+
+def test_cost_aware_router_and_cost_matched_control(tmp_path_factory, tiny_onnx, region_images):
+    """Experts exact on different regions but of different cost: a large cost_weight must route
+    (almost) everything to the cheap expert, and the report compares MoQE at its expected cost."""
+    cfg = tiny_config(tiny_onnx, region_images, targets="labels")
+    cfg.data.augmentations = 0
+    cfg.experts = [ExpertRecipe(name="w8", calibration="minmax"),
+                   ExpertRecipe(name="w4", calibration="minmax", weight_bits=4)]
+    cfg.router = RouterConfig(preset="small", input_size=8, epochs=8, batch_size=8, cost_weight=10.0)
+    cfg.controls = ControlsConfig(copies=0)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "score", _fake_score("regions"))
+    try:
+        out = pipeline.build(cfg, tmp_path_factory.mktemp("gate") / "cost", quiet=True)
+    finally:
+        mp.undo()
+    m = json.loads((out / "manifest.json").read_text())
+    assert [e["cost"]["mean_weight_bits"] for e in m["experts"]] == [8.0, 4.0]
+    rep = json.loads((out / "report" / "report.json").read_text())["splits"]["test"]
+    assert rep["usage"]["w4"] >= 0.9
+    cm = rep["controls"]["cost_matched"]
+    assert cm["applicable"] and cm["moqe_expected_cost"] < 4.5
+    assert m["router"]["gate"]["copies_val_gain"] is None  # no copies: the gate says it tested without them
