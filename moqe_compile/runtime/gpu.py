@@ -103,25 +103,30 @@ class GpuRuntime:
 
         self._sessions = []  # everything to close, wrappers included
         self._experts = []
-        for e in manifest["experts"]:
-            if only_expert not in (None, e["name"]):
-                self._experts.append(None)
-                continue
-            if self.variant not in e["variants"]:
-                raise BackendError(f"expert {e['name']!r} has no {self.variant!r} graph; it has "
-                                   f"{sorted(e['variants'])}.")
-            s = session_factory(e["name"], self.root / e["variants"][self.variant]["path"], device)
-            self._sessions.append(s)
-            self._experts.append(_device_session(s, e["name"]))
+        self._router = None
         routing = manifest["routing"]
+        try:
+            for e in manifest["experts"]:
+                if only_expert not in (None, e["name"]):
+                    self._experts.append(None)
+                    continue
+                if self.variant not in e["variants"]:
+                    raise BackendError(f"expert {e['name']!r} has no {self.variant!r} graph; it has "
+                                       f"{sorted(e['variants'])}.")
+                s = session_factory(e["name"], self.root / e["variants"][self.variant]["path"], device)
+                self._sessions.append(s)
+                self._experts.append(_device_session(s, e["name"]))
+            if routing["enabled"] and only_expert is None:
+                r = session_factory("router", self.root / manifest["router"]["path"], device)
+                self._sessions.append(r)
+                self._router = _device_session(r, "router")
+        except BaseException:
+            for s in self._sessions:  # release the streams and buffers made so far
+                s.close()
+            raise
         self.default_expert = self.expert_names.index(only_expert or routing["default_expert"])
         self.fallback_threshold = float(routing.get("fallback_threshold", 0.0))
         self.fallback_expert = self.expert_names.index(routing.get("fallback_expert", routing["default_expert"]))
-        self._router = None
-        if routing["enabled"] and only_expert is None:
-            r = session_factory("router", self.root / manifest["router"]["path"], device)
-            self._sessions.append(r)
-            self._router = _device_session(r, "router")
         self._buffers = Buffers(device)
         self._join = device.stream()
         self._input_ready = device.event()

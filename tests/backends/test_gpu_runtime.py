@@ -183,3 +183,16 @@ def test_cpu_runtime_with_the_tensorrt_backend_falls_back_to_the_onnx_graphs(bun
         got, want = rt.run(x), cpu.run(x)
         assert list(got.expert_index) == [0, 1, 2, 2]
         np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5)
+
+
+def test_a_failed_load_releases_the_sessions_already_made(bundle):
+    dev = HostDevice()
+
+    def factory(name, path, device):
+        if name == "e1":
+            raise BackendError("e1 does not load")
+        return host_factory(name, path, device)
+
+    with pytest.raises(BackendError, match="e1 does not load"):
+        GpuRuntime.load(bundle, device=dev, session_factory=factory)
+    assert dev.count("stream") == dev.count("destroy_stream") == 1
