@@ -187,10 +187,9 @@ class GpuRuntime:
         dev.record(self._input_ready, first.stream)
         if self._router is not None:
             r = self._router
-            shape = _out_shape(r, n)
-            host_p = buf.host_array("probs", np.float32, shape)
-            d_p = buf.device_ptr("probs", host_p.nbytes)
-            with r.lock:
+            with r.lock:  # a TensorRT context's shapes are set per call: shape and run together
+                host_p = buf.host_array("probs", np.float32, _out_shape(r, n))
+                d_p = buf.device_ptr("probs", host_p.nbytes)
                 r.enqueue(d_x, n, d_p)
             dev.copy(host_p.ctypes.data, d_p, host_p.nbytes, "d2h", r.stream)
             dev.synchronize(r.stream)  # host sync 1: grouping needs the probabilities here
@@ -212,10 +211,9 @@ class GpuRuntime:
                 src = buf.device_ptr(f"x/{k}", m * row)
                 for from_row, to_row, length in _runs(members):
                     dev.copy(src + to_row * row, d_x + from_row * row, length * row, "d2d", s.stream)
-            shape = _out_shape(s, m)
-            host_y = buf.host_array(f"y/{k}", np.float32, shape)
-            d_y = buf.device_ptr(f"y/{k}", host_y.nbytes)
             with s.lock:
+                host_y = buf.host_array(f"y/{k}", np.float32, _out_shape(s, m))
+                d_y = buf.device_ptr(f"y/{k}", host_y.nbytes)
                 s.enqueue(src, m, d_y)
             dev.copy(host_y.ctypes.data, d_y, host_y.nbytes, "d2h", s.stream)
             dev.record(self._done[id(s)], s.stream)
