@@ -63,6 +63,11 @@ def _device_session(sess, name: str):
     if not (hasattr(inner, "enqueue") and hasattr(inner, "stream")):
         raise BackendError(f"{name}: its session ({type(inner).__name__}) cannot run on the GPU "
                            f"(for a TensorRT fallback, install onnxruntime-gpu).")
+    # the runtime's buffers hold float32 batches and logits, as every bundle graph takes and gives
+    for what in ("input_dtype", "output_dtype"):
+        dt = np.dtype(getattr(inner, what, np.float32))
+        if dt != np.float32:
+            raise BackendError(f"{name}: graph {what.split('_')[0]} is {dt}; GpuRuntime serves float32 graphs.")
     return inner
 
 
