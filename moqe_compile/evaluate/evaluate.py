@@ -153,6 +153,11 @@ def measure_latency(rt, x: np.ndarray, fp_session, repeats: int, batches) -> dic
 def render_markdown(report: dict) -> str:
     title = f"MoQE evaluation of `{Path(report['bundle']).name}` on {report['data']}"
     md = to_markdown(report, title, report.get("latency"))
+    g = report.get("gate")
+    if g:
+        md += (f"\nBuild-time gate (on {g.get('split', 'router_val')}): **{g['decision']}**"
+               f"{' (forced)' if g.get('forced') else ''}: {g['reason']}. Routing is "
+               f"{'on' if report.get('routing_enabled') else 'off'} in this bundle.\n")
     if report.get("notes"):
         md += "\n" + "\n".join(f"Note: {n}" for n in report["notes"]) + "\n"
     return md
