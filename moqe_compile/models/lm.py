@@ -131,9 +131,8 @@ def _example(spec: DecoderSpec, batch: int, seq: int, past: int, seed: int = 0):
 def export_decoder(model, out: Path, opset: int = 18) -> DecoderSpec:
     """torch -> self-contained ONNX with symbolic batch / sequence / past dims; checked against
     torch with an empty past (scoring) and a non-empty one (a decode step)."""
+    import onnx
     import torch
-
-    from .loader import save_inline
 
     spec = DecoderSpec.from_hf_config(model.config)
     dec = _decoder_module(model)
@@ -148,9 +147,37 @@ def export_decoder(model, out: Path, opset: int = 18) -> DecoderSpec:
                               dynamic_shapes=({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in kv)))
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             raise BuildError(f"decoder ONNX export failed: {e}") from e
-        save_inline(raw, out)
+        model_proto = onnx.load(str(raw))
+        fold_weight_transposes(model_proto)
+        onnx.save(model_proto, str(out), save_as_external_data=False)
+        del model_proto
     check_decoder(dec, out, spec)
     return spec
+
+
+def fold_weight_transposes(model) -> int:
+    """Replace ``Transpose(initializer)`` by a transposed initializer, in place.
+
+    With tied embeddings (SmolLM2, most small LMs) the exporter keeps the LM head as
+    ``MatMul(x, Transpose(embedding))`` so that the Gather and the head share one tensor.
+    ORT's quantizers only quantize a MatMul whose weight is an initializer, so the head would
+    silently stay FP. Folding gives the head its own (transposed) copy; the embedding Gather
+    keeps the original, in FP, for the router."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    folded = []
+    for n in g.node:
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        if n.op_type == "Transpose" and n.input[0] in inits and perm in (None, [1, 0]):
+            w = numpy_helper.to_array(inits[n.input[0]])
+            if w.ndim == 2:
+                g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), n.output[0]))
+                folded.append(n)
+    for n in folded:
+        g.node.remove(n)
+    return len(folded)
 
 
 def check_decoder(dec, path: Path, spec: DecoderSpec, atol: float = 1e-3) -> None:

@@ -113,3 +113,10 @@ def test_cli_run_and_eval(lm_bundle, capsys):
     rep = json.loads(capsys.readouterr().out.split("\nreport written")[0])
     assert set(rep["overall"]["experts"]) == set(EXPERTS) and rep["latency_ms"]["median_ms"]["moqe"] > 0
     assert (tmp / "ev" / "report.md").is_file()
+
+
+def test_inspect_renders_lm_bundle(lm_bundle):
+    from moqe_compile.cli.inspect import render
+
+    text = render(str(lm_bundle[0]))
+    assert "task causal-lm" in text and "MatMulNBits" in text and "w8a8-smoothquant-0.5" in text

@@ -1,0 +1,37 @@
+"""``moqe-compile inspect`` for ``causal-lm`` bundles."""
+
+from __future__ import annotations
+
+
+def render_lm(b) -> str:
+    m = b.manifest
+    d, r, g = m["model"]["decoder"], m["routing"], m["router"]["gate"]
+    L = [f"bundle      {b.root}",
+         f"schema      v{m['schema_version']}  built {m['created_at']} with moqe-compile {m['created_with']['moqe_compile']}"
+         f" (onnxruntime {m['created_with']['onnxruntime']}, transformers {m['created_with'].get('transformers')})",
+         f"model       {m['model']['source']}:{m['model']['origin']}  task causal-lm",
+         f"decoder     {d['layers']} layers, d {d['hidden_size']}, {d['kv_heads']} KV heads x {d['head_dim']}, "
+         f"vocab {d['vocab_size']}, max positions {d['max_positions']}; one graph (empty past = scoring)",
+         f"tokenizer   {m['task']['tokenizer']['path']} (eos {m['task']['eos_token_id']})",
+         "data        " + "; ".join(f"{s} {v['windows']} windows {v['per_corpus']}" for s, v in m["splits"].items()
+                                    if isinstance(v, dict)) + f" ({m['splits']['seq_len']} tokens, disjoint by document)",
+         f"routing     {'ROUTED' if r['enabled'] else 'single expert ' + r['default_expert']} per sequence on "
+         f"{r['routed_on']}; default (best on router_val) {r['default_expert']}",
+         f"gate        {g['decision']}{' FORCED' if g.get('forced') else ''}: {g['reason']}",
+         "experts"]
+    for e in m["experts"]:
+        rc, v = e["recipe"], e["variants"]["onnxruntime-cpu"]
+        t = e.get("metrics", {}).get("test", {})
+        knobs = [f"{rc['scheme']}", f"{rc['bits']}-bit", f"weights={rc['weights']}"]
+        knobs += [f"block={rc['block_size']}"] if rc["scheme"] == "nbits" else []
+        knobs += [f"smoothquant={rc['smoothquant_alpha']}"] if rc["smoothquant_alpha"] else []
+        knobs += ["awq"] if rc["awq"] else []
+        L.append(f"  {e['name']:<24} {' '.join(knobs)}")
+        if t:
+            L.append(f"  {'':<24} test ppl {t['perplexity']:.3f} [{t['perplexity_ci95'][0]:.3f}, "
+                     f"{t['perplexity_ci95'][1]:.3f}]  KL to FP {t['kl_to_fp']:.4g}  FP top-1 agree "
+                     f"{t['fp_top1_agreement']:.4f}")
+        L.append(f"  {'':<24} kernels {v['kernels']}")
+    total = sum(f["size"] for f in m["files"].values())
+    L.append(f"files       {len(m['files'])} files, {total / 1e6:.1f} MB, sha256-verified")
+    return "\n".join(L)
