@@ -39,7 +39,9 @@ LM_EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     # max|X_j|^a / max|W_j|^(1-a), folded into the preceding RMSNorm; then W8A8 as above.
     "w8a8-smoothquant-0.5": {"scheme": "w8a8-dynamic", "bits": 8, "weights": "rtn", "smoothquant_alpha": 0.5},
     "w8a8-smoothquant-0.85": {"scheme": "w8a8-dynamic", "bits": 8, "weights": "rtn", "smoothquant_alpha": 0.85},
-    # 8-bit weight-only GPTQ (Frantar et al. 2023) through ORT's MatMulNBits quantizer; FP activations.
+    # Weight-only GPTQ (Frantar et al. 2023) written as MatMulNBits; FP activations. "gptq" is ours
+    # (quantize/lm_gptq.py: one calibration pass for all Hessians), "gptq-ort" is ORT's (one
+    # pass per MatMul input: ~3 h for SmolLM2-135M on 2 shared cores).
     "w8-gptq": {"scheme": "nbits", "bits": 8, "weights": "gptq", "block_size": 128},
     # 4-bit weight-only (MatMulNBits), blockwise: ORT's RTN, HQQ (Badri & Shaji 2023) and GPTQ.
     "w4-rtn": {"scheme": "nbits", "bits": 4, "weights": "rtn", "block_size": 32},
@@ -50,7 +52,7 @@ LM_EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     "w4-awq": {"scheme": "nbits", "bits": 4, "weights": "rtn", "block_size": 32, "awq": True},
 }
 SCHEMES = ("w8a8-dynamic", "nbits")
-WEIGHT_ALGOS = ("rtn", "hqq", "gptq")
+WEIGHT_ALGOS = ("rtn", "hqq", "gptq", "gptq-ort")
 
 
 @dataclass

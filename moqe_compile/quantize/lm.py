@@ -7,8 +7,9 @@ Where the work is done:
   activation ranges vary per sequence; per-tensor scales also mean a score depends on what
   else is in the batch, so experts are scored one sequence at a time (score_lm.py).
 - ``nbits``: ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``, ORT's
-  own offline RTN (its DEFAULT blockwise quantizer), HQQ and GPTQ (ORT's vendored
+  own offline RTN (its DEFAULT blockwise quantizer), HQQ and, as ``gptq-ort``, its GPTQ (vendored
   neural-compressor code, fed our calibration windows) -> MatMulNBits, float activations.
+  ``gptq`` is ours (quantize/lm_gptq.py): ORT's runs the model once per MatMul input (hours here).
 - SmoothQuant and AWQ are *ours* (ORT's SmoothQuant needs the full neural-compressor package,
   its AWQ needs NVIDIA modelopt; neither installs here): both rescale the FP torch weights
   around each RMSNorm before export, so the exported graph is the same function in FP and
@@ -208,6 +209,11 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
         MatMulNBitsQuantizer,
     )
 
+    if recipe.weights == "gptq":  # ours: one calibration pass for all Hessians (quantize/lm_gptq.py)
+        from .lm_gptq import gptq_onnx
+
+        gptq_onnx(fp_onnx, out, calib_feeds, recipe.bits, recipe.block_size, recipe.gptq_damp, set(exclude))
+        return
     if recipe.weights == "rtn":
         algo = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric,
                                             bits=recipe.bits)

@@ -15,7 +15,7 @@ from moqe_compile.lm_config import LMBuildConfig  # noqa: E402
 
 from .tiny import make_tiny_lm, write_corpus  # noqa: E402
 
-EXPERTS = ["w8a8-rtn", "w8a8-smoothquant-0.5", "w4-rtn"]  # AWQ: test_lm_parts.py
+EXPERTS = ["w8a8-rtn", "w8a8-smoothquant-0.5", "w4-rtn", "w4-gptq"]  # AWQ: test_lm_parts.py
 
 
 def _cfg(tmp, **router):
@@ -67,6 +67,14 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
     assert t["fp"]["ppl_ci95"][0] <= t["fp"]["ppl"] <= t["fp"]["ppl_ci95"][1]
     assert t["oracle"]["ppl"] <= min(r["ppl"] for r in t["experts"].values()) + 1e-9
     assert m["splits"]["disjoint_by"] == "document"
+    # The export was checked against torch during the build; its dims must stay symbolic.
+    import onnx
+
+    g = onnx.load(str(b.file("fp/model.onnx")), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
+    assert dims["input_ids"] == ["batch", "sequence"]
+    d = m["model"]["decoder"]
+    assert dims["past_key_values.0.key"] == ["batch", d["kv_heads"], "past_sequence", d["head_dim"]]
 
 
 def test_runtime_score_matches_build_scores(lm_bundle):
