@@ -20,6 +20,7 @@ from . import __version__
 from .backends import OrtCpuSession
 from .bundle import BundleWriter
 from .config import BuildConfig
+from .errors import ConfigError
 from .data.datasets import SPLITS, build_splits, num_sources
 from .data.images import Preprocess
 from .models import load_fp_model
@@ -48,6 +49,14 @@ def log(msg: str) -> None:
 
 
 def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
+    rc = cfg.router
+    if rc.downsample == "subsample" and cfg.preprocessing.crop % rc.input_size:
+        # torch's and ONNX Resize's "nearest" pick different pixels for a non-integer factor,
+        # so the exported router would fail its check against torch after the whole build.
+        raise ConfigError(f"[router] downsample = 'subsample' needs crop = {cfg.preprocessing.crop} to be a multiple "
+                          f"of input_size = {rc.input_size}; choose input_size from "
+                          f"{[d for d in range(4, cfg.preprocessing.crop + 1, 4) if cfg.preprocessing.crop % d == 0]} "
+                          "or downsample = 'avgpool'.")
     t_start = time.perf_counter()
     stage_s: dict[str, float] = {}
     pre = Preprocess.from_dict(asdict(cfg.preprocessing))

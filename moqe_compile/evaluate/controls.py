@@ -57,7 +57,7 @@ def expert_cost(prepared: Path, excluded: list[str], weight_bits: int, high_prec
 @dataclass
 class Copies:
     names: list[str]
-    preset: str
+    preset: str  # what was copied: the expert's name, or the preset when no expert had one
     best: int  # chosen on router_val (lowest mean loss)
     calibration_per_copy: int
     splits: dict  # split -> {"loss": (N, Kc), "pred": (N, Kc), "route": (N,) | None}
@@ -100,13 +100,15 @@ def build_copies(cfg: BuildConfig, prepared: Path, input_name: str, splits: dict
 
     k = cfg.controls.copies
     base = copy_recipe(cfg)
+    # Label: the expert copied (its recipe may override its preset, e.g. 2-bit weights).
+    label = base.preset if base.name == "copy" else base.name
     calib = splits["calibration"].x
     parts = np.array_split(np.random.default_rng(cfg.controls.seed).permutation(len(calib)), k)
     names, sessions = [], []
     for i, idx in enumerate(parts):
         r = replace(base, name=f"copy{i}")
         out = work / f"copy{i}.onnx"
-        log(f"controls: copy {i + 1}/{k} of {base.preset or base.name} on {len(idx)} calibration samples")
+        log(f"controls: copy {i + 1}/{k} of {label} on {len(idx)} calibration samples")
         build_expert(prepared, input_name, calib[np.sort(idx)], r, ["onnxruntime-cpu"], {"onnxruntime-cpu": out},
                      work / f"copy{i}.json", work)
         names.append(r.name)
@@ -133,7 +135,7 @@ def build_copies(cfg: BuildConfig, prepared: Path, input_name: str, splits: dict
     for sess in sessions:
         sess.close()
     out_splits.pop("router_train", None)  # used for training only; not reported
-    return Copies(names, base.preset or base.name, best, int(len(parts[0])), out_splits)
+    return Copies(names, label, best, int(len(parts[0])), out_splits)
 
 
 def gate_decision(val_report: dict, alpha: float, force: bool) -> dict:
