@@ -6,71 +6,15 @@ stream/sync bookkeeping. The real GPU path runs in tests/gpu and bench/gpu_check
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
-from moqe_compile.backends.onnxruntime_cuda import OrtCudaSession
-from moqe_compile.bundle.manifest import sha256_file
 from moqe_compile.errors import BackendError, InputError
 from moqe_compile.runtime import Runtime
 from moqe_compile.runtime.gpu import GpuRuntime, _runs
 
 from .fakes import HostDevice
-
-C, S, K = 3, 8, 3
-
-
-def _graph(path, scale: float | None):
-    """(N, 3, 8, 8) -> channel means (N, 3); times ``scale``, or softmax when None."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", C, S, S])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", K])
-    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
-    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0)]
-    inits = [axes]
-    if scale is None:
-        nodes.append(helper.make_node("Softmax", ["m"], ["y"], axis=-1))
-    else:
-        inits.append(helper.make_tensor("s", TensorProto.FLOAT, [], [scale]))
-        nodes.append(helper.make_node("Mul", ["m", "s"], ["y"]))
-    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)])
-    onnx.save(m, str(path))
-
-
-@pytest.fixture
-def bundle(tmp_path):
-    root = tmp_path / "bundle"
-    names = ["e0", "e1", "e2"]
-    files = {"router/router.onnx": None, "task/labels.json": None}
-    (root / "router").mkdir(parents=True)
-    (root / "task").mkdir()
-    _graph(root / "router/router.onnx", None)
-    (root / "task/labels.json").write_text(json.dumps(["a", "b", "c"]))
-    experts = []
-    for k, n in enumerate(names):
-        (root / "experts" / n).mkdir(parents=True)
-        variants = {}
-        for b in ("onnxruntime-cpu", "tensorrt"):
-            rel = f"experts/{n}/{b}.onnx"
-            _graph(root / rel, float(k + 1))
-            files[rel] = None
-            variants[b] = {"path": rel}
-        experts.append({"name": n, "variants": variants})
-    manifest = {"schema_version": 1, "preprocessing": {"resize": S, "crop": S, "mean": [0.0] * C, "std": [1.0] * C},
-                "task": {"labels": {"path": "task/labels.json"}}, "experts": experts,
-                "router": {"path": "router/router.onnx"}, "backends": ["onnxruntime-cpu", "tensorrt"],
-                "routing": {"enabled": True, "default_expert": "e1", "fallback_threshold": 0.0}}
-    manifest["files"] = {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
-                         for rel in files}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
-def host_factory(name, path, device):
-    return OrtCudaSession(name, path, device=device, providers=["CPUExecutionProvider"], device_type="cpu")
+from .handmade import C, K, S, host_factory
 
 
 def batch_routed_to(experts: list[int]) -> np.ndarray:
