@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--repeats", type=int, default=3, help="latency rounds (interleaved medians)")
     ap.add_argument("--reuse", action="store_true", help="reuse bundles already built under --out")
+    ap.add_argument("--max-sequences", type=int, default=None, help="override [data] max_sequences")
+    ap.add_argument("--skip", default="", help="comma-separated presets to leave out of the menus")
     args = ap.parse_args(argv)
 
     from moqe_compile.bundle import read_bundle
@@ -42,7 +44,10 @@ def main(argv=None) -> int:
     results = {}
     for menu in args.menus.split(","):
         cfg = load_lm_recipe(args.recipe)
-        cfg.experts = [_expert({"name": p, "preset": p}) for p in MENUS[menu]]
+        skip = set(filter(None, args.skip.split(",")))
+        cfg.experts = [_expert({"name": p, "preset": p}) for p in MENUS[menu] if p not in skip]
+        if args.max_sequences is not None:
+            cfg.data.max_sequences = args.max_sequences
         out = Path(args.out) / menu
         if not (args.reuse and (out / "manifest.json").is_file()):
             build_lm(cfg, out)
