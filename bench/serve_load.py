@@ -111,13 +111,16 @@ async def closed_loop(url: str, name: str, samples: np.ndarray, clients: int, se
             "errors": sum(v for k, v in codes.items() if k != 200)}
 
 
-async def open_loop(url: str, name: str, samples: np.ndarray, rate: float, seconds: float) -> dict:
-    """Send at ``rate`` req/s regardless of answers; every request id must come back exactly once."""
+async def open_loop(url: str, name: str, samples: np.ndarray, rate: float, seconds: float,
+                    connections: int = 256) -> dict:
+    """Send at ``rate`` req/s regardless of answers; every request id must come back exactly once.
+    ``connections`` bounds the client's connection pool, as a real client's is (requests beyond
+    it wait in the client, and their latency counts from the scheduled send time)."""
     import aiohttp
 
     sent, answers, lat = [], {}, []
     other: list[str] = []
-    conn = aiohttp.TCPConnector(limit=0)
+    conn = aiohttp.TCPConnector(limit=connections)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
         async def one(rid: str, x: np.ndarray):

@@ -26,6 +26,9 @@ class ServeConfig:
     max_body_mb: float = 64.0
     retry_after_s: int = 1
     graceful_s: float = 30.0
+    # Longer than uvicorn's 5 s default: a client that reuses a pooled connection just as the
+    # server times it out sees a disconnect, not an answer (seen under overload in the bench).
+    keep_alive_s: float = 75.0
     log_level: str = "warning"
 
 
@@ -40,7 +43,8 @@ def build_server(rt: Runtime, name: str, cfg: ServeConfig):
 
     app = create_app(rt, name, max_body_bytes=int(cfg.max_body_mb * (1 << 20)), retry_after_s=cfg.retry_after_s)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                            timeout_graceful_shutdown=cfg.graceful_s, access_log=False)
+                            timeout_graceful_shutdown=cfg.graceful_s, timeout_keep_alive=cfg.keep_alive_s,
+                            access_log=False)
     return uvicorn.Server(config)
 
 
