@@ -15,7 +15,7 @@ from moqe_compile.lm_config import LMBuildConfig  # noqa: E402
 
 from .tiny import make_tiny_lm, write_corpus  # noqa: E402
 
-EXPERTS = ["w8a8-rtn", "w8a8-smoothquant-0.5", "w4-rtn", "w4-gptq"]  # AWQ: test_lm_parts.py
+EXPERTS = ["w8a8-rtn", "w4-awq", "w4-gptq"]  # w4-awq = rescale + re-export + ORT RTN; SmoothQuant: test_lm_parts.py
 
 
 def _cfg(tmp, **router):
@@ -62,6 +62,8 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
         expected = "MatMulNBits" if e["recipe"]["scheme"] == "nbits" else "MatMulIntegerToFloat"
         assert k.get(expected, 0) > 0, (e["name"], k)
         assert check["embedding_gathers"] >= 1  # the embedding stays an FP Gather
+    awq = next(e for e in m["experts"] if e["name"] == "w4-awq")
+    assert len(awq["awq_alphas"]) == 2 * m["model"]["decoder"]["layers"]  # one per norm -> linears group
     rep = json.loads(b.file("report/report.json").read_text())
     t = rep["splits"]["test"]["overall"]
     assert t["fp"]["ppl_ci95"][0] <= t["fp"]["ppl"] <= t["fp"]["ppl_ci95"][1]
@@ -127,4 +129,4 @@ def test_inspect_renders_lm_bundle(lm_bundle):
     from moqe_compile.cli.inspect import render
 
     text = render(str(lm_bundle[0]))
-    assert "task causal-lm" in text and "MatMulNBits" in text and "w8a8-smoothquant-0.5" in text
+    assert "task causal-lm" in text and "MatMulNBits" in text and "w4-gptq" in text
