@@ -162,6 +162,7 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
         best_k = int(va.loss.mean(0).argmin())
         strongest = strongest_expert(cfg.experts)
         costs = {e["name"]: e["cost"]["mean_weight_bits"] for e in experts}
+        val_loss = {n: float(v) for n, v in zip(names, va.loss.mean(0))}
         report = {"targets": cfg.data.targets, "splits": {}}
         for s in EVAL_SPLITS:  # router_val, test: bootstrap CIs and MoQE-vs-best tests (evaluate/report.py)
             sc, d = scores[s], splits[s]
@@ -169,7 +170,8 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
             report["splits"][s] = build_split_report(
                 fp_logits=sc.fp_logits, expert_logits=sc.expert_logits, expert_names=names, labels=d.labels,
                 loss=sc.loss, route=route, best_expert=best_k, targets=cfg.data.targets, split=s, groups=d.sources,
-                strongest=strongest, expert_costs=costs, copies=copies.for_split(s) if copies else None)
+                strongest=strongest, expert_costs=costs, expert_val_loss=val_loss,
+                copies=copies.for_split(s) if copies else None)
             report["splits"][s]["diversity"] = diversity(sc.expert_logits, names, sc.fp_logits, d.labels)
         gate = gate_decision(report["splits"]["router_val"], cfg.gate.p_value, cfg.gate.force_routing)
         report["gate"] = gate
@@ -219,6 +221,7 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
                        "eval_data": {"path": "report/eval_data.npz", "splits": list(EVAL_SPLITS),
                                      "storage": eval_storage},
                        "strongest_expert": strongest,
+                       "expert_val_loss": val_loss,  # cost-matched controls pick brackets by it
                        "controls": ({"path": CONTROLS_FILE, "copies": copies.names, "preset": copies.preset,
                                      "calibration_per_copy": copies.calibration_per_copy,
                                      "copies_router": cfg.controls.copies_router} if copies else None),

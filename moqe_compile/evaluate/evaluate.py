@@ -112,7 +112,8 @@ def evaluate_bundle(bundle: str | Path, data: str = "test", out: str | Path | No
                                  labels=y, loss=loss, route=route, best_expert=m["routing"]["default_expert"],
                                  targets=targets, split=data if data in EVAL_SPLITS else "user-data", groups=groups,
                                  n_boot=n_boot, seed=seed, strongest=m.get("report", {}).get("strongest_expert"),
-                                 expert_costs=costs or None, copies=copies)
+                                 expert_costs=costs or None, copies=copies,
+                                 expert_val_loss=m.get("report", {}).get("expert_val_loss"))
         score_s = time.perf_counter() - t0
         lat = None
         if latency:

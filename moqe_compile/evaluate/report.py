@@ -65,6 +65,7 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
                        targets: str = "fp", split: str = "test", best_chosen_on: str = "val",
                        groups=None, n_boot: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
                        level: float = 0.95, strongest: str | None = None, expert_costs: dict | None = None,
+                       expert_val_loss: dict | None = None,
                        copies: dict | None = None) -> dict:
     """Report of one split (see the module docstring for the keys).
 
@@ -134,7 +135,7 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
             extra["diff:moqe_vs_copies"] = ((moqe_v[metric] - best_v[metric])
                                             - (entries["copies_router"][metric] - c_best[metric]))
         extra["diff:copies_oracle_gain"] = entries["copies_oracle"][metric] - c_best[metric]
-    cost = _cost_matched(expert_names, expert_costs, route, entries, metric)
+    cost = _cost_matched(expert_names, expert_costs, route, entries, metric, expert_val_loss, split)
     if cost.get("applicable"):
         extra["diff:cost_matched"] = moqe_v[metric] - cost.pop("_vector")
 
@@ -235,9 +236,12 @@ def _diff_entry(stat: dict, key: str, metric: str) -> dict:
     return {"metric": metric, "diff": stat[key]["value"], "ci95": stat[key]["ci95"]}
 
 
-def _cost_matched(names: list[str], costs: dict | None, route: np.ndarray, entries: dict, metric: str) -> dict:
+def _cost_matched(names: list[str], costs: dict | None, route: np.ndarray, entries: dict, metric: str,
+                  val_loss: dict | None = None, split: str = "test") -> dict:
     """MoQE against single experts at its expected cost: the best single expert at or below
-    that cost and the best at or above it, linearly interpolated at the expected cost."""
+    that cost and the best at or above it, linearly interpolated at the expected cost.
+    "Best" is by mean validation loss (``val_loss``, from the build) so nothing is selected on
+    the split being reported; without it (old bundles) by this split's metric, and it says so."""
     if not costs or any(n not in costs for n in names):
         return {"applicable": False, "reason": "expert costs unknown"}
     c = np.array([float(costs[n]) for n in names])
@@ -248,18 +252,21 @@ def _cost_matched(names: list[str], costs: dict | None, route: np.ndarray, entri
     if np.ptp(c) == 0:
         return {"applicable": False, **base, "reason": "every expert has the same cost: the best single expert "
                                                         "is the cost-matched comparison"}
-    val = {n: entries[f"expert:{n}"][metric].mean() for n in names}
+    if val_loss and all(n in val_loss for n in names):
+        score, chosen_on = {n: -float(val_loss[n]) for n in names}, "val"
+    else:
+        score, chosen_on = {n: entries[f"expert:{n}"][metric].mean() for n in names}, split
     below = [n for n, ci in zip(names, c) if ci <= expected + 1e-9]
     above = [n for n, ci in zip(names, c) if ci >= expected - 1e-9]
-    lo = max(below, key=lambda n: val[n]) if below else None
-    hi = max(above, key=lambda n: val[n]) if above else None
+    lo = max(below, key=lambda n: score[n]) if below else None
+    hi = max(above, key=lambda n: score[n]) if above else None
     if lo is None or hi is None:  # cannot happen: the expected cost lies within [min c, max c]
         return {"applicable": False, **base, "reason": "no expert brackets the expected cost"}
     cl, ch = float(costs[lo]), float(costs[hi])
     wl = 1.0 if ch == cl else (ch - expected) / (ch - cl)
     vec = wl * entries[f"expert:{lo}"][metric] + (1 - wl) * entries[f"expert:{hi}"][metric]
     return {"applicable": True, **base, "cheaper": lo, "costlier": hi, "weight_cheaper": float(wl),
-            "_vector": vec}
+            "chosen_on": chosen_on, "_vector": vec}
 
 
 def _controls(stat, entry, entries, extra, metric, copies, cost, names) -> dict:

@@ -195,7 +195,14 @@ def test_controls_strongest_mixture_copies_and_cost_matched():
     cm = c["cost_matched"]
     usage = np.bincount(route, minlength=3) / 400
     assert cm["applicable"] and cm["moqe_expected_cost"] == pytest.approx(usage @ np.array([4.0, 8.0, 8.0]))
-    assert cm["cheaper"] == "a" and cm["costlier"] in ("b", "c")
+    assert cm["cheaper"] == "a" and cm["costlier"] in ("b", "c") and cm["chosen_on"] == "test"
+    # With the build's validation losses the bracket is chosen on them, not on this split:
+    # b and c cost the same, and whichever validation prefers is taken.
+    for pick, other in (("b", "c"), ("c", "b")):
+        r2 = build_split_report(**kw, route=route, best_expert=best, n_boot=200, expert_costs=costs,
+                                expert_val_loss={"a": 0.5, pick: 0.1, other: 0.9})
+        cm2 = r2["controls"]["cost_matched"]
+        assert cm2["costlier"] == pick and cm2["chosen_on"] == "val"
     md = to_markdown(r)
     assert "copies oracle" in md and "Cost-matched" in md and "Strongest-preset expert" in md
 
