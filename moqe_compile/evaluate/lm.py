@@ -70,7 +70,7 @@ def render_lm_markdown(report: dict, title: str = "") -> str:
         fmt = lambda r: f"{r['ppl']:.3f} | [{r['ppl_ci95'][0]:.3f}, {r['ppl_ci95'][1]:.3f}]"  # noqa: E731
         lines.append(f"| FP | {fmt(b['fp'])} | 0 | 1 | |")
         for e, r in b["experts"].items():
-            kl = f"{r['kl_to_fp']:.4f}" if "kl_to_fp" in r else ""
+            kl = f"{r['kl_to_fp']:.4g}" if "kl_to_fp" in r else ""
             ag = f"{r['fp_top1_agreement']:.4f}" if "fp_top1_agreement" in r else ""
             lines.append(f"| {e} | {fmt(r)} | {kl} | {ag} | {b['usage'][e]:.2f} / {b['oracle_usage'][e]:.2f} |")
         lines.append(f"| oracle | {fmt(b['oracle'])} | | | |")
