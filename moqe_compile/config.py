@@ -492,9 +492,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def load_recipe(path: str | Path) -> BuildConfig:
-    """Read a TOML recipe; ``~`` expands to the home folder and relative paths in it resolve
-    against the recipe's folder."""
+def read_recipe_toml(path: str | Path) -> tuple[dict, Path]:
+    """A recipe file's TOML table and the folder its relative paths resolve against."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file {str(p)!r} does not exist.")
@@ -502,8 +501,14 @@ def load_recipe(path: str | Path) -> BuildConfig:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"recipe file {str(p)!r} is not valid TOML: {e}.") from e
+    return data, p.resolve().parent
+
+
+def load_recipe(path: str | Path) -> BuildConfig:
+    """Read a TOML recipe; ``~`` expands to the home folder and relative paths in it resolve
+    against the recipe's folder."""
+    data, base = read_recipe_toml(path)
     cfg = BuildConfig.from_dict(data)
-    base = p.resolve().parent
     resolve = lambda s: str(base / Path(s).expanduser())  # noqa: E731 - absolute paths stay as they are
     m = cfg.model
     if m.path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SplitConfig, _build, _choice, _positive
+from .config import SplitConfig, _build, _choice, _positive, read_recipe_toml
 from .errors import ConfigError
 
 LM_CONFIG_VERSION = 1
@@ -256,15 +256,8 @@ def is_lm_recipe(data: dict) -> bool:
 
 def load_lm_recipe(path: str | Path) -> LMBuildConfig:
     """Read a ``task = "causal-lm"`` TOML recipe; relative paths resolve against its folder."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe file {str(p)!r} does not exist.")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"recipe file {str(p)!r} is not valid TOML: {e}.") from e
+    data, base = read_recipe_toml(path)
     cfg = LMBuildConfig.from_dict(data)
-    base = p.resolve().parent
     if not cfg.model.path.startswith("package:"):
         cfg.model.path = str(base / Path(cfg.model.path).expanduser())
     cfg.data.corpora = [c if c in BUILTIN_CORPORA else str(base / Path(c).expanduser()) for c in cfg.data.corpora]
