@@ -8,32 +8,22 @@ import torch
 from onnx import numpy_helper
 
 from moqe_compile.config import EXPERT_PRESETS, ExpertRecipe
-from moqe_compile.quantize import build_expert, check_qdq, prepare_for_quantization
+from moqe_compile.quantize import check_qdq
 from moqe_compile.quantize.adaround import adaround_layer
 from moqe_compile.quantize.calibrate import mse_ranges
 from moqe_compile.quantize.equalize import equalize
 from moqe_compile.quantize.graph import get_init, weight_layers
 from moqe_compile.quantize.weights import channel_scales, dequantize, quantize_nearest
 
-from ..conftest import CROP
+from .helpers import build, make_setup, run_ort
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_onnx, tmp_path_factory):
-    d = tmp_path_factory.mktemp("rec")
-    x = np.random.default_rng(1).normal(size=(48, 3, CROP, CROP)).astype(np.float32)
-    return prepare_for_quantization(tiny_onnx, d / "prep.onnx"), x, d
+    return make_setup(tiny_onnx, tmp_path_factory.mktemp("rec"), 48, seed=1)
 
 
-def _run(path, x):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-
-
-def _build(setup, recipe, backends=("onnxruntime-cpu", "tensorrt")):
-    prep, x, d = setup
-    outs = {b: d / f"{recipe.name}.{b}.onnx" for b in backends}
-    info = build_expert(prep, "input", x, recipe, list(backends), outs, d / f"{recipe.name}.json", d)
-    return info, outs
+_run, _build = run_ort, build
 
 
 @pytest.mark.parametrize("preset", sorted(EXPERT_PRESETS))

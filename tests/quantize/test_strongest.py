@@ -3,7 +3,6 @@ stream, and the preset that combines them, checked on numbers and on the written
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,13 +10,13 @@ from onnx import numpy_helper
 
 from moqe_compile.config import EXPERT_PRESETS, STRONGEST_PRESETS, ExpertRecipe, default_experts
 from moqe_compile.errors import ConfigError
-from moqe_compile.quantize import build_expert, check_qdq, prepare_for_quantization
+from moqe_compile.quantize import check_qdq
 from moqe_compile.quantize.graph import run_with_outputs, weight_layers
 from moqe_compile.quantize.gptq import Hessian, gptq_round
 from moqe_compile.quantize.sequential import fit_activation_mse
 from moqe_compile.quantize.weights import channel_scales, dequantize, quantize_nearest
 
-from ..conftest import CROP
+from .helpers import build, make_setup, run_ort
 
 
 def _correlated(n, c, hw, seed=0):
@@ -100,19 +99,10 @@ def test_strongest_presets_are_named_and_in_the_default_set():
 
 @pytest.fixture(scope="module")
 def setup(tiny_onnx, tmp_path_factory):
-    d = tmp_path_factory.mktemp("strong")
-    x = np.random.default_rng(3).normal(size=(64, 3, CROP, CROP)).astype(np.float32)
-    return prepare_for_quantization(tiny_onnx, d / "prep.onnx"), x, d
+    return make_setup(tiny_onnx, tmp_path_factory.mktemp("strong"), 64, seed=3)
 
 
-def _run(path, x):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-
-
-def _build(setup, recipe, backends=("onnxruntime-cpu", "tensorrt")):
-    prep, x, d = setup
-    outs = {b: d / f"{recipe.name}.{b}.onnx" for b in backends}
-    return build_expert(prep, "input", x, recipe, list(backends), outs, d / f"{recipe.name}.json", d), outs
+_run, _build = run_ort, build
 
 
 def test_w4a8_strongest_is_closer_to_fp_than_mse_bc_and_exports_plain_qdq(setup):
