@@ -40,7 +40,7 @@ from ..data.images import Preprocess
 from ..errors import BackendError, InputError, MoqeError
 from ..router.fallback import apply_fallback
 from .dispatch import group_by_expert, scatter
-from .runtime import RunResult
+from .runtime import RunResult, _BundleRuntime
 
 
 def _runs(members: np.ndarray) -> list[tuple[int, int, int]]:
@@ -75,7 +75,7 @@ def _out_shape(sess, n: int) -> tuple[int, ...]:
     return sess.output_shape(n) if hasattr(sess, "output_shape") else (n, *sess.output_tail)
 
 
-class GpuRuntime:
+class GpuRuntime(_BundleRuntime):
     """A loaded bundle on one GPU. ``run(batch)`` returns the CPU ``Runtime``'s ``RunResult``."""
 
     def __init__(self, root: Path, manifest: dict, backend: str = "onnxruntime-cuda", device=None,
@@ -147,14 +147,6 @@ class GpuRuntime:
         else ``onnxruntime-cpu``); ``only_expert``: that expert alone, no router."""
         b = read_bundle(path, verify=verify)
         return cls(b.root, b.manifest, backend, device, variant, only_expert, session_factory)
-
-    @property
-    def routed(self) -> bool:
-        return self._router is not None
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.preprocess.input_shape
 
     def describe(self) -> dict:
         """Device, backend and the execution provider each session really uses."""

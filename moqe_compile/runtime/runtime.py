@@ -90,7 +90,23 @@ class QueueConfig:
     workers: int = 1
 
 
-class Runtime:
+class _BundleRuntime:
+    """What the CPU and GPU runtimes both answer from the loaded manifest."""
+
+    preprocess: Preprocess
+    _router: object | None
+
+    @property
+    def routed(self) -> bool:
+        """False when the bundle serves one expert without running the router."""
+        return self._router is not None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.preprocess.input_shape
+
+
+class Runtime(_BundleRuntime):
     """A loaded bundle. ``run(batch)`` runs at once on the calling thread; ``submit(batch)``
     queues it for the dynamic batcher and returns a ``Future[RunResult]``. Both are safe from
     any number of threads. ``close()`` (or leaving a ``with`` block) drains queued requests,
@@ -146,34 +162,25 @@ class Runtime:
         return cls(b.root, b.manifest, name, intra_op_threads, router_threads, router_threads_max_batch, queue,
                    only_expert, route_only)
 
-    @property
-    def routed(self) -> bool:
-        """False when the bundle serves one expert without running the router."""
-        return self._router is not None
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.preprocess.input_shape
-
     def submit(self, batch: np.ndarray) -> Future:
         """Queue ``batch`` (checked now, so a bad one fails here and not in a merged batch) for
         the dynamic batcher; ``Future.result()`` gives this batch's ``RunResult``. Raises
         ``OverloadedError`` when the queue is full or the runtime is closing."""
         batch = self._check(batch)
+        return self.batcher.submit(batch)
+
+    @property
+    def batcher(self) -> DynamicBatcher:
+        """The batcher behind ``submit``, created on first use: queue depth, metrics hook."""
         with self._lock:
             if self._closed:
                 raise MoqeError("Runtime is closed.")
             if self._batcher is None:
                 q = self.queue_config
-                self._batcher = DynamicBatcher(self.run, RunResult.slice, q.max_batch, q.max_delay_ms,
+                # Inputs are checked in submit, so the worker runs them unchecked.
+                self._batcher = DynamicBatcher(self._run_counted, RunResult.slice, q.max_batch, q.max_delay_ms,
                                                q.max_queue, q.workers)
-            batcher = self._batcher
-        return batcher.submit(batch)
-
-    @property
-    def batcher(self) -> DynamicBatcher | None:
-        """The batcher behind ``submit`` (None until the first call): queue depth, metrics hook."""
-        return self._batcher
+            return self._batcher
 
     def __enter__(self) -> "Runtime":
         return self
@@ -209,12 +216,16 @@ class Runtime:
         return apply_fallback(self._router.run(batch), self.fallback_threshold, self.fallback_expert)
 
     def run(self, batch: np.ndarray) -> RunResult:
+        return self._run_counted(self._check(batch))
+
+    def _run_counted(self, batch: np.ndarray) -> RunResult:
+        """``_run`` on a checked batch, counted so ``close`` can wait for it."""
         with self._lock:
             if self._closed:
                 raise MoqeError("Runtime is closed.")
             self._running += 1
         try:
-            return self._run(self._check(batch))
+            return self._run(batch)
         finally:
             with self._lock:
                 self._running -= 1

@@ -71,10 +71,9 @@ def create_app(rt: Runtime, name: str, max_body_bytes: int = 64 << 20, retry_aft
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Create the batcher now (an empty submit would fail), so the first request pays nothing.
-        rt.submit(np.zeros((1, *rt.input_shape), np.float32)).result()
-        rt.batcher.on_batch = metrics.observe_batch
-        metrics.queue_depth.labels(name).set_function(lambda: rt.batcher.depth)
+        batcher = rt.batcher  # its worker threads start now, not on the first request
+        batcher.on_batch = metrics.observe_batch
+        metrics.queue_depth.labels(name).set_function(lambda: batcher.depth)
         state["ready"] = True
         try:
             yield

@@ -104,9 +104,10 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     if name not in INPUTS:
         raise ProtocolError(f"inputs[0].name {name!r} is not an input of this model; use one of {list(INPUTS)}.")
     tensor = _decode_tensor(tensor_req, blob, f"inputs[0] ({name})")
-    if len(blob) != (_binary_size(tensor_req) or 0):
+    declared = _binary_size(tensor_req) or 0
+    if len(blob) != declared:
         raise ProtocolError(f"the body has {len(blob)} binary bytes after the JSON header but "
-                            f"inputs[0].parameters.binary_data_size says {_binary_size(tensor_req) or 0}.")
+                            f"inputs[0].parameters.binary_data_size says {declared}.")
 
     binary_all = bool(params.get("binary_data_output", False))
     wanted = req.get("outputs")

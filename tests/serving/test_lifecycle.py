@@ -41,14 +41,14 @@ def _post(url, body, timeout=60):
 
 def test_full_queue_answers_503_with_retry_after_then_recovers(routed_bundle):
     rt = Runtime.load(routed_bundle, queue=QueueConfig(max_batch=1, max_delay_ms=0, max_queue=1))
-    gate, real_run = threading.Event(), rt.run
+    gate, real_run = threading.Event(), rt._run_counted
     gate.set()
 
     def held_run(x):  # holds the worker so the queue fills deterministically
         gate.wait(30)
         return real_run(x)
 
-    rt.run = held_run
+    rt._run_counted = held_run  # what the batcher worker calls
     with ServerThread(rt, "m", ServeConfig(port=0, retry_after_s=2)) as url:
         path = f"{url}/v2/models/m/infer"
         gate.clear()
