@@ -134,11 +134,13 @@ def export_decoder(model, out: Path, opset: int = 18) -> DecoderSpec:
     import onnx
     import torch
 
+    from .moe import export_form
+
     spec = DecoderSpec.from_hf_config(model.config)
-    dec = _decoder_module(model)
     ids, mask, kv = _example(spec, 2, 5, 3)
     b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
-    with tempfile.TemporaryDirectory(prefix="moqe-lm-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="moqe-lm-export-") as tmp, export_form(model):  # MoE: models/moe.py
+        dec = _decoder_module(model)
         raw = Path(tmp) / "decoder.onnx"
         try:
             torch.onnx.export(dec, (ids, mask, *kv), str(raw), input_names=[INPUT_IDS, ATTENTION_MASK,
@@ -149,9 +151,10 @@ def export_decoder(model, out: Path, opset: int = 18) -> DecoderSpec:
             raise BuildError(f"decoder ONNX export failed: {e}") from e
         model_proto = onnx.load(str(raw))
         fold_weight_transposes(model_proto)
+        gemm_to_matmul(model_proto)
         onnx.save(model_proto, str(out), save_as_external_data=False)
         del model_proto
-    check_decoder(dec, out, spec)
+    check_decoder(_decoder_module(model), out, spec)  # against the unmodified model (MoE: its sparse experts)
     return spec
 
 
@@ -178,6 +181,52 @@ def fold_weight_transposes(model) -> int:
     for n in folded:
         g.node.remove(n)
     return len(folded)
+
+
+def gemm_to_matmul(model) -> int:
+    """Rewrite ``Gemm(x, W)`` with a constant 2-D ``W`` (alpha = beta = 1, transA = 0) as
+    ``MatMul(x, W')`` (+ ``Add`` of the bias), in place. The exporter writes a linear layer fed a
+    2-D input (MoE blocks flatten tokens: gates, experts, Qwen2-MoE's shared expert) as ``Gemm``
+    with ``transB = 1``; the LM quantizers and the kernel check work on MatMuls. W' keeps W's
+    name (transposed in place) when nothing else reads W, so the weight stays identifiable."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    done = 0
+    for n in list(g.node):
+        if n.op_type != "Gemm" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if at.get("transA", 0) or at.get("alpha", 1.0) != 1.0 or at.get("beta", 1.0) != 1.0:
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        if w.ndim != 2:
+            continue
+        wname = n.input[1]
+        if at.get("transB", 0):
+            if readers.get(wname, 0) == 1:
+                inits[wname].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), wname))
+            else:
+                wname = f"{wname}.T"
+                if wname not in inits:
+                    inits[wname] = numpy_helper.from_array(np.ascontiguousarray(w.T), wname)
+                    g.initializer.append(inits[wname])
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        mm_out = f"{n.output[0]}_mm" if bias else n.output[0]
+        new = [helper.make_node("MatMul", [n.input[0], wname], [mm_out], name=n.name)]
+        if bias:
+            new.append(helper.make_node("Add", [mm_out, bias], [n.output[0]], name=f"{n.name}_bias"))
+        pos = list(g.node).index(n)
+        g.node.remove(n)
+        for k, m in enumerate(new):
+            g.node.insert(pos + k, m)
+        done += 1
+    return done
 
 
 def check_decoder(dec, path: Path, spec: DecoderSpec, atol: float = 1e-3) -> None:

@@ -191,12 +191,15 @@ class _CalibReader:
         self.i = 0
 
 
-def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds: list[dict]) -> None:
+def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds: list[dict],
+                  exclude_nodes=()) -> None:
+    """``exclude_nodes``: MatMul node names left in float (an MoE model's gates, models/moe.py)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     head = lm_head_node(fp_onnx)
     exclude = [head] if head and not recipe.quantize_lm_head else []
+    exclude += [n for n in exclude_nodes if n not in exclude]
     if recipe.scheme == "w8a8-dynamic":
         quantize_dynamic(str(fp_onnx), str(out), per_channel=True, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
@@ -228,9 +231,10 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
     q.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
-def check_kernels(path: Path, allow_fp_head: bool = False) -> dict:
+def check_kernels(path: Path, allow_fp_head: bool = False, allow_fp=()) -> dict:
     """ORT-optimize the expert (as the runtime will) and count its kernels; a float MatMul/Gemm
-    left with a constant weight means a layer silently stayed FP."""
+    left with a constant weight means a layer silently stayed FP. ``allow_fp``: node names
+    meant to stay float (an MoE model's gates), listed as ``float_by_design``."""
     import onnx
     import onnxruntime as ort
 
@@ -245,11 +249,16 @@ def check_kernels(path: Path, allow_fp_head: bool = False) -> dict:
     ops = collections.Counter(n.op_type for n in g.node)
     float_w = [n.name for n in g.node if n.op_type in FLOAT_MATMULS and len(n.input) > 1 and n.input[1] in inits
                and not (allow_fp_head and "logits" in n.output)]
+    by_design = [n for n in float_w if n in set(allow_fp)]
+    float_w = [n for n in float_w if n not in set(allow_fp)]
     kernels = {k: ops[k] for k in INTEGER_KERNELS if ops[k]}
     # MatMulNBits with float zero points (ORT's HQQ writes them) misses MLAS' fast 4-bit path:
     # measured here 0.7 vs 13 tokens/s decoding SmolLM2-135M. Recorded so the report can say so.
     init_type = {i.name: i.data_type for i in g.initializer}
     slow = sum(1 for n in g.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]
                and init_type.get(n.input[3]) == 1)
-    return {"ok": not float_w and bool(kernels), "kernels": kernels, "float_weight_matmuls": float_w,
-            "embedding_gathers": ops["Gather"], "matmulnbits_float_zero_points": slow}
+    out = {"ok": not float_w and bool(kernels), "kernels": kernels, "float_weight_matmuls": float_w,
+           "embedding_gathers": ops["Gather"], "matmulnbits_float_zero_points": slow}
+    if allow_fp:
+        out["float_by_design"] = by_design
+    return out
