@@ -50,7 +50,15 @@ LM_EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     # AWQ (Lin et al. 2024): per-input-channel scales s = mean|X|^a, a grid-searched per layer
     # group on calibration activations to minimize the 4-bit output error; then RTN MatMulNBits.
     "w4-awq": {"scheme": "nbits", "bits": 4, "weights": "rtn", "block_size": 32, "awq": True},
+    # Sparse MoE models only (quantize/moe_bits.py): a bit width per routed expert at a fixed average
+    # (Chowdhury et al. 2026): experts whose gate row changed least in l2 norm during training, and
+    # experts with a large max intra-neuron weight variance, get the wider width. ``bits`` is the
+    # width of every other MatMul (attention, shared expert, LM head); the gates stay FP.
+    "moe-expert-bits": {"scheme": "nbits", "bits": 4, "weights": "gptq", "block_size": 32, "moe_bits": 5.0,
+                        "moe_widths": [4, 8], "moe_allocation": "combined"},
 }
+MOE_ALLOCATIONS = ("combined", "gate-norm", "maxvar", "uniform", "random", "frequency")
+MOE_WIDTHS = {"rtn": (2, 4, 8), "gptq": (4, 8)}  # MatMulNBits widths each weight algorithm writes here
 SCHEMES = ("w8a8-dynamic", "nbits")
 WEIGHT_ALGOS = ("rtn", "hqq", "gptq", "gptq-ort")
 
@@ -64,6 +72,11 @@ class LMModelConfig:
     source: str = "gguf"
     path: str = SMOLLM2_GGUF
     opset: int = 18
+    # Sparse MoE models: a safetensors file with each gate weight at initialization ("init.<name>")
+    # and, optionally, at the end of training ("final.<name>"), <name> = the gate's state-dict name.
+    # "" = moe_gate_history.safetensors beside the model if present; without a history expert-wise
+    # bits fall back to the max-intra-neuron-variance criterion (and say so).
+    gate_history: str = ""
 
     def __post_init__(self) -> None:
         _choice("model", "source", self.source, LM_SOURCES)
@@ -125,6 +138,16 @@ class LMExpertRecipe:
     awq_grid: int = 10
     gptq_damp: float = 0.01
     quantize_lm_head: bool = True
+    # Expert-wise bits for sparse MoE models (preset "moe-expert-bits", quantize/moe_bits.py).
+    # moe_bits: target mean bits per routed-expert weight (0 = off); moe_widths: the widths an
+    # expert may get; moe_allocation: "combined" (the paper: gate-norm-change order, reordered by
+    # max intra-neuron variance with moe_zeta), "gate-norm", "maxvar", or the controls "uniform",
+    # "random" (seed moe_seed) and "frequency" (most often routed on calibration = most bits).
+    moe_bits: float = 0.0
+    moe_widths: list[int] = field(default_factory=lambda: [4, 8])
+    moe_allocation: str = "combined"
+    moe_zeta: float = 3.0
+    moe_seed: int = 0
 
     def __post_init__(self) -> None:
         import re
@@ -149,6 +172,28 @@ class LMExpertRecipe:
         if self.smoothquant_alpha and self.awq:
             raise ConfigError(f"[experts.{self.name}] choose smoothquant_alpha or awq, not both.")
         _positive(f"experts.{self.name}", "awq_grid", self.awq_grid)
+        if self.moe_bits:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        where = f"experts.{self.name}"
+        _choice(where, "moe_allocation", self.moe_allocation, MOE_ALLOCATIONS)
+        if self.scheme != "nbits" or self.weights not in MOE_WIDTHS:
+            raise ConfigError(f"[{where}] moe_bits needs scheme = 'nbits' and weights 'rtn' or 'gptq' "
+                              f"(got {self.scheme!r}, {self.weights!r}).")
+        widths = sorted(set(self.moe_widths))
+        if not widths or any(b not in MOE_WIDTHS[self.weights] for b in widths):
+            raise ConfigError(f"[{where}] moe_widths = {self.moe_widths}: weights = {self.weights!r} writes "
+                              f"MatMulNBits of {list(MOE_WIDTHS[self.weights])} bits.")
+        if not widths[0] <= self.moe_bits <= widths[-1]:
+            raise ConfigError(f"[{where}] moe_bits = {self.moe_bits} is outside moe_widths {widths}.")
+        if self.moe_allocation == "uniform" and self.moe_bits not in widths:
+            raise ConfigError(f"[{where}] moe_allocation = 'uniform' gives every expert moe_bits = "
+                              f"{self.moe_bits}, which is not one of moe_widths {widths}.")
+        if self.moe_zeta < 1:
+            raise ConfigError(f"[{where}] moe_zeta = {self.moe_zeta} must be >= 1.")
+        if self.smoothquant_alpha or self.awq:
+            raise ConfigError(f"[{where}] moe_bits cannot be combined with smoothquant_alpha or awq.")
 
 
 def default_lm_experts() -> list[LMExpertRecipe]:
@@ -260,6 +305,8 @@ def load_lm_recipe(path: str | Path) -> LMBuildConfig:
     cfg = LMBuildConfig.from_dict(data)
     if not cfg.model.path.startswith("package:"):
         cfg.model.path = str(base / Path(cfg.model.path).expanduser())
+    if cfg.model.gate_history:
+        cfg.model.gate_history = str(base / Path(cfg.model.gate_history).expanduser())
     cfg.data.corpora = [c if c in BUILTIN_CORPORA else str(base / Path(c).expanduser()) for c in cfg.data.corpora]
     return cfg
 
