@@ -148,6 +148,9 @@ class LMExpertRecipe:
     moe_allocation: str = "combined"
     moe_zeta: float = 3.0
     moe_seed: int = 0
+    # Calibrate on one corpus only (its label in [data] corpora: wiki, c4, tiny or a file's
+    # stem); "" = the calibration windows of every corpus. Per-domain experts (issue 10).
+    calibration_corpus: str = ""
 
     def __post_init__(self) -> None:
         import re
@@ -194,6 +197,11 @@ class LMExpertRecipe:
             raise ConfigError(f"[{where}] moe_zeta = {self.moe_zeta} must be >= 1.")
         if self.smoothquant_alpha or self.awq:
             raise ConfigError(f"[{where}] moe_bits cannot be combined with smoothquant_alpha or awq.")
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the quantized weights depend on the calibration text (copies can differ)."""
+        return self.weights in ("gptq", "gptq-ort") or self.awq or bool(self.smoothquant_alpha)
 
 
 def default_lm_experts() -> list[LMExpertRecipe]:
@@ -242,6 +250,24 @@ class LMGateConfig:
 
 
 @dataclass
+class LMControlsConfig:
+    """The copies control (issue 10) for LMs: ``copies`` copies of expert ``copies_of`` (default:
+    the first expert whose weights depend on calibration: GPTQ, AWQ or SmoothQuant; RTN and HQQ
+    copies would be identical), each calibrated on a disjoint random part of that expert's
+    calibration windows; scored on every split, never shipped. ``copies_router``: the bundle's
+    router trained on the copies, what routing gains from calibration noise alone. 0 = none."""
+
+    copies: int = 3
+    copies_of: str = ""
+    copies_router: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.copies == 1 or self.copies < 0:
+            raise ConfigError(f"[controls] copies = {self.copies} must be 0 (none) or >= 2.")
+
+
+@dataclass
 class LMBuildConfig:
     task: str = TASK
     model: LMModelConfig = field(default_factory=LMModelConfig)
@@ -249,10 +275,32 @@ class LMBuildConfig:
     experts: list[LMExpertRecipe] = field(default_factory=default_lm_experts)
     router: LMRouterConfig = field(default_factory=LMRouterConfig)
     gate: LMGateConfig = field(default_factory=LMGateConfig)
+    controls: LMControlsConfig = field(default_factory=LMControlsConfig)
 
     def __post_init__(self) -> None:
         if self.task != TASK:
             raise ConfigError(f"task = {self.task!r}: this recipe type is {TASK!r}.")
+        c = self.controls
+        if c.copies and c.copies_of:
+            base = next((e for e in self.experts if e.name == c.copies_of), None)
+            if base is None:
+                raise ConfigError(f"[controls] copies_of = {c.copies_of!r} is not an expert name; "
+                                  f"experts: {[e.name for e in self.experts]}.")
+            if not base.calibrated:
+                raise ConfigError(f"[controls] copies_of = {c.copies_of!r}: its weights ({base.weights}) do not "
+                                  "depend on calibration, so its copies would be identical; name a GPTQ, AWQ or "
+                                  "SmoothQuant expert, or set copies = 0.")
+        labels = [corpus_label(c) for c in self.data.corpora]
+        for e in self.experts:
+            if e.calibration_corpus and e.calibration_corpus not in labels:
+                raise ConfigError(f"[experts.{e.name}] calibration_corpus = {e.calibration_corpus!r} is not one of "
+                                  f"the recipe's corpora {labels}.")
+
+    def copies_base(self) -> LMExpertRecipe | None:
+        """The expert the copies control repeats (None: no calibration-dependent expert)."""
+        if self.controls.copies_of:
+            return next(e for e in self.experts if e.name == self.controls.copies_of)
+        return next((e for e in self.experts if e.calibrated), None)
         if len(self.experts) < 2:
             raise ConfigError(f"[[experts]] lists {len(self.experts)} expert(s); MoQE needs at least 2.")
         names = [e.name for e in self.experts]
@@ -289,10 +337,15 @@ def _with_experts(data: dict, experts: list[LMExpertRecipe]) -> LMBuildConfig:
         raise ConfigError(f"[recipe] unknown key(s) {unknown}; valid keys: {sorted(fields)}.")
     parts = {}
     for key, cls in (("model", LMModelConfig), ("data", LMDataConfig), ("router", LMRouterConfig),
-                     ("gate", LMGateConfig)):
+                     ("gate", LMGateConfig), ("controls", LMControlsConfig)):
         if key in data:
             parts[key] = _build(cls, data[key], key)
     return LMBuildConfig(task=data.get("task", TASK), experts=experts, **parts)
+
+
+def corpus_label(name: str) -> str:
+    """How windows of a corpus are labelled (data/text.py): the built-in name or the file's stem."""
+    return name if name in BUILTIN_CORPORA else Path(name).stem
 
 
 def is_lm_recipe(data: dict) -> bool:

@@ -65,14 +65,26 @@ class LMScores:
     loss: np.ndarray  # (N, K) experts' mean token NLL
     kl: np.ndarray  # (N, K) mean per-token KL(FP || expert)
     agree: np.ndarray  # (N, K) share of tokens whose argmax equals FP's
+    # (N,) mean token NLL of the output-averaging mixture of the first ``mix_of`` experts (the
+    # authors' soft mixture: every expert runs, next-token probabilities averaged): a control.
+    mix: np.ndarray | None = None
 
     def to_npz(self, prefix: str) -> dict:
-        return {f"{prefix}_{k}": getattr(self, k) for k in ("nll", "loss", "kl", "agree")}
+        return {f"{prefix}_{k}": getattr(self, k) for k in ("nll", "loss", "kl", "agree", "mix")
+                if getattr(self, k) is not None}
+
+    def columns(self, sl: slice) -> "LMScores":
+        """The same windows, experts ``sl`` only (the mixture column is not per expert: dropped)."""
+        return LMScores(self.nll, self.loss[:, sl], self.kl[:, sl], self.agree[:, sl])
 
 
-def score_windows(fp: DecoderSession, experts: list[DecoderSession], ids: np.ndarray, progress=None) -> LMScores:
+def score_windows(fp: DecoderSession, experts: list[DecoderSession], ids: np.ndarray, progress=None,
+                  mix_of: int | None = None) -> LMScores:
+    """``mix_of``: how many leading experts the mixture control averages (None: all; 0: none)."""
     n, k = len(ids), len(experts)
+    m = k if mix_of is None else mix_of
     nll, loss, kl, agree = np.zeros(n), np.zeros((n, k)), np.zeros((n, k)), np.zeros((n, k))
+    mix = np.zeros(n) if m else None
     for i in range(n):
         x = ids[i : i + 1]
         fl = fp.logits(x)
@@ -82,11 +94,19 @@ def score_windows(fp: DecoderSession, experts: list[DecoderSession], ids: np.nda
         fp_top = flp.argmax(-1)
         nll[i] = -np.take_along_axis(flp, x[:, 1:, None], -1).mean()
         p = np.exp(flp)
+        tgt = []
         for j, e in enumerate(experts):
             elp = _log_softmax(e.logits(x)[:, :-1])
-            loss[i, j] = -np.take_along_axis(elp, x[:, 1:, None], -1).mean()
+            t = np.take_along_axis(elp, x[:, 1:, None], -1)[..., 0].astype(np.float64)
+            loss[i, j] = -t.mean()
+            if j < m:
+                tgt.append(t)
             kl[i, j] = (p * (flp - elp)).sum(-1, dtype=np.float64).mean()
             agree[i, j] = (elp.argmax(-1) == fp_top).mean()
+        if m:
+            t = np.stack(tgt)  # (m, 1, T-1) log p_j(next token)
+            top = t.max(0)
+            mix[i] = -(top + np.log(np.exp(t - top).mean(0))).mean()
         if progress is not None:
             progress.update(1)
-    return LMScores(nll, loss, kl, agree)
+    return LMScores(nll, loss, kl, agree, mix)

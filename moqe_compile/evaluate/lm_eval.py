@@ -22,7 +22,8 @@ from ..errors import InputError
 from .lm import lm_split_report, render_lm_markdown
 
 
-def _windows(bundle, data: str, encode, eos) -> tuple[np.ndarray, np.ndarray, str]:
+def _windows(bundle, data: str, encode, eos) -> tuple[np.ndarray, np.ndarray, str, tuple | None]:
+    """(ids, corpus, description, (stored split, row index) or None when not the build's windows)."""
     from ..data.text import BUILTIN, build_text_splits, documents, read_corpus, windows
     from ..lm_config import LMBuildConfig
 
@@ -31,23 +32,38 @@ def _windows(bundle, data: str, encode, eos) -> tuple[np.ndarray, np.ndarray, st
     with np.load(bundle.file(m["report"]["eval_data"]["path"]), allow_pickle=False) as z:
         stored = {k: z[k] for k in z.files}
     if data in ("test", "router_val"):
-        return stored[f"{data}_ids"], stored[f"{data}_corpus"], f"stored {data} split"
+        return (stored[f"{data}_ids"], stored[f"{data}_corpus"], f"stored {data} split",
+                (data, np.arange(len(stored[f"{data}_ids"]))))
     if data in BUILTIN:
         keep = stored["test_corpus"] == data
         if keep.any():
-            return stored["test_ids"][keep], stored["test_corpus"][keep], f"stored test split, corpus {data}"
+            return (stored["test_ids"][keep], stored["test_corpus"][keep], f"stored test split, corpus {data}",
+                    ("test", np.flatnonzero(keep)))
         cfg = LMBuildConfig.from_manifest(m["build_config"])
         d = cfg.data
         s = build_text_splits(encode, eos, [data], asdict(d.split), seq_len, d.seed, d.max_sequences,
                               d.calibration_sequences)["test"]
-        return s.ids, s.corpus, f"corpus {data}: test documents (split with the build's seed {d.seed})"
+        return s.ids, s.corpus, f"corpus {data}: test documents (split with the build's seed {d.seed})", None
     p = Path(data)
     if not p.is_file():
         raise InputError(f"--data {data!r} is not test, router_val, one of {list(BUILTIN)} or a text file.")
     ids = windows(encode, eos, documents(read_corpus(str(p))), seq_len)
     if not len(ids):
         raise InputError(f"--data {data!r} holds fewer than {seq_len} tokens (the bundle's window length).")
-    return ids, np.array([p.stem] * len(ids)), f"file {p} (all windows)"
+    return ids, np.array([p.stem] * len(ids)), f"file {p} (all windows)", None
+
+
+def _copies(bundle, where: tuple | None) -> dict | None:
+    """The copies control's stored per-window losses for the build's own windows (copies are not
+    shipped, so other text cannot be scored by them)."""
+    rec = bundle.manifest["report"].get("controls")
+    if not rec or where is None:
+        return None
+    split, rows = where
+    with np.load(bundle.file(rec["path"]), allow_pickle=False) as z:
+        return {"of": str(z["of"]), "names": [str(n) for n in z["names"]], "best": int(z["best"]),
+                "loss": z[f"{split}_loss"][rows],
+                "route": z[f"{split}_route"][rows] if f"{split}_route" in z.files else None}
 
 
 def evaluate_lm(bundle_dir: str, data: str = "test", latency: bool = True, repeats: int = 5, n_boot: int = 10_000,
@@ -57,7 +73,7 @@ def evaluate_lm(bundle_dir: str, data: str = "test", latency: bool = True, repea
 
     rt = LMRuntime(read_bundle(bundle_dir, verify=verify))
     encode = lambda t: rt.tokenizer.encode(t, add_special_tokens=False).ids  # noqa: E731
-    ids, corpus, desc = _windows(rt.bundle, data, encode, rt.eos)
+    ids, corpus, desc, where = _windows(rt.bundle, data, encode, rt.eos)
     names = rt.expert_names
     with tqdm(total=len(ids), desc="score windows", disable=not progress, leave=False) as pb:
         sc = score_windows(rt.session("fp"), [rt.session(n) for n in names], ids, pb)
@@ -66,7 +82,10 @@ def evaluate_lm(bundle_dir: str, data: str = "test", latency: bool = True, repea
     route, _ = rt.route(list(ids))
     rt.routing_enabled = routing_was
     best = names.index(rt.manifest["routing"]["default_expert"])
-    rep = lm_split_report(sc.nll, sc.loss, names, route, best, corpus, sc.kl, sc.agree, n_boot, seed)
+    r = rt.manifest["report"]
+    rep = lm_split_report(sc.nll, sc.loss, names, route, best, corpus, sc.kl, sc.agree, n_boot, seed, mix=sc.mix,
+                          copies=_copies(rt.bundle, where), costs=r.get("expert_costs"),
+                          val_loss=r.get("expert_val_loss"))
     rep.update(data=desc, served="router" if routing_was else f"single expert {names[best]} (gate)",
                gate=rt.manifest["router"]["gate"]["reason"])
     if latency:

@@ -44,8 +44,15 @@ def test_config_rejects_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="HQQ"):
         LMBuildConfig.from_dict({"task": "causal-lm", "experts": [
             {"name": "a", "scheme": "nbits", "weights": "hqq", "bits": 8}, {"name": "b"}]})
+    with pytest.raises(ConfigError, match="calibration_corpus = 'tiny' is not one of"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "data": {"corpora": ["wiki", "c4"]}, "experts": [
+            {"name": "a", "preset": "w4-gptq", "calibration_corpus": "tiny"}, {"name": "b", "preset": "w4-rtn"}]})
+    with pytest.raises(ConfigError, match="copies would be identical"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "controls": {"copies_of": "b"}, "experts": [
+            {"name": "a", "preset": "w4-gptq"}, {"name": "b", "preset": "w4-rtn"}]})
     cfg = _cfg(tmp_path)
     assert LMBuildConfig.from_manifest(cfg.to_manifest()) == cfg
+    assert cfg.copies_base().name == "w4-awq"  # the first expert whose weights depend on calibration
 
 
 def test_manifest_kernels_and_tokenizer(lm_bundle):
@@ -69,6 +76,15 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
     assert t["fp"]["ppl_ci95"][0] <= t["fp"]["ppl"] <= t["fp"]["ppl_ci95"][1]
     assert t["oracle"]["ppl"] <= min(r["ppl"] for r in t["experts"].values()) + 1e-9
     assert m["splits"]["disjoint_by"] == "document"
+    # Controls: copies of the first calibration-dependent expert (w4-awq), never shipped as experts.
+    ctl = m["report"]["controls"]
+    assert ctl["of"] == "w4-awq" and len(ctl["copies"]) == 3 and "copy0" not in [e["name"] for e in m["experts"]]
+    co = t["controls"]["copies_oracle"]
+    assert co["of"] == "w4-awq" and co["router"]["ppl"] > 0 and "p_value" in co["moqe_vs_copies"]
+    assert co["ppl"] <= min(r["ppl"] for r in co["copies_metrics"].values()) + 1e-9
+    assert t["controls"]["mixture"]["cost_experts_run"] == len(EXPERTS)
+    assert m["router"]["gate"]["copies_control"] == "copies router"
+    assert t["controls"]["cost_matched"]["applicable"]  # w8a8 (8 bits) beside 4-bit experts
     # The export was checked against torch during the build; its dims must stay symbolic.
     import onnx
 
@@ -123,6 +139,12 @@ def test_cli_run_and_eval(lm_bundle, capsys):
     rep = json.loads(capsys.readouterr().out.split("\nreport written")[0])
     assert set(rep["overall"]["experts"]) == set(EXPERTS) and rep["latency_ms"]["median_ms"]["moqe"] > 0
     assert (tmp / "ev" / "report.md").is_file()
+    # A text file the build never saw: the copies (not shipped) cannot score it, and it says so.
+    assert rep["overall"]["controls"]["copies_oracle"] is None
+    assert compile_main(["eval", str(bundle), "--data", "test", "--json", "--no-latency", "--resamples", "200",
+                         "--out", str(tmp / "ev2")]) == 0
+    rep = json.loads(capsys.readouterr().out.split("\nreport written")[0])
+    assert rep["overall"]["controls"]["copies_oracle"]["copies"] == 3
 
 
 def test_inspect_renders_lm_bundle(lm_bundle):

@@ -1,4 +1,4 @@
-"""Perplexity report and routing gate on synthetic loss matrices (numpy only)."""
+"""Perplexity report, its controls and the routing gate on synthetic loss matrices (numpy only)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,15 @@ import numpy as np
 
 from moqe_compile.evaluate.lm import lm_split_report, render_lm_markdown
 from moqe_compile.lm_pipeline import gate_decision
+
+
+def _case(n=300, seed=0):
+    """Two experts, each better by 0.1 nats on its own half of the windows; the router is the oracle."""
+    rng = np.random.default_rng(seed)
+    fp = rng.normal(3.0, 0.3, n)
+    half = np.arange(n) % 2
+    loss = fp[:, None] + 0.05 + 0.1 * np.stack([half, 1 - half], 1) + rng.normal(0, 0.01, (n, 2))
+    return fp, loss, np.array(["wiki", "c4"] * (n // 2)), loss.argmin(1)
 
 
 def test_report_oracle_routes_and_intervals():
@@ -24,13 +33,52 @@ def test_report_oracle_routes_and_intervals():
     assert np.isclose(o["fp"]["ppl"], np.exp(fp.mean()))
     assert set(rep["per_corpus"]) == {"wiki", "c4"}
     assert "| MoQE |" in render_lm_markdown(rep, "t")
+    assert o["controls"]["copies_oracle"] is None  # none given: reported as absent, not invented
 
 
-def test_gate_needs_a_significant_gain():
-    rng = np.random.default_rng(1)
-    best = rng.normal(3, 0.2, 300)
-    assert gate_decision(best - 0.05, best, 0.05, False)["decision"] == "routed"
-    same = gate_decision(best + rng.normal(0, 0.01, 300), best, 0.05, False)
-    assert same["decision"] == "single-expert" and not same["forced"]
-    forced = gate_decision(best + 0.05, best, 0.05, True)
+def test_controls_random_router_mixture_copies_and_cost():
+    fp, loss, corpus, route = _case()
+    n = len(fp)
+    rng = np.random.default_rng(3)
+    copies = {"of": "a", "names": ["copy0", "copy1"], "best": 0,
+              "loss": loss[:, :1] + rng.normal(0, 0.01, (n, 2)), "route": rng.integers(0, 2, n)}
+    mix = loss.mean(1) - 0.01
+    rep = lm_split_report(fp, loss, ["a", "b"], route, 0, corpus, n_boot=500, mix=mix, copies=copies,
+                          costs={"a": 4.0, "b": 8.0}, val_loss={"a": 3.1, "b": 3.2})
+    c = rep["overall"]["controls"]
+    # The shuffled router keeps MoQE's usage but loses its input information: ~half the gain.
+    assert c["random_router"]["mean_nll"] > rep["overall"]["moqe"]["mean_nll"] + 0.03
+    assert np.isclose(c["mixture"]["mean_nll"], mix.mean()) and c["mixture"]["cost_experts_run"] == 2
+    co = c["copies_oracle"]
+    assert co["oracle_gain"]["diff"] < 0 and co["copies"] == 2
+    # MoQE gains ~0.05 nats over the best single; a random copies router gains ~0: diff-in-diff < 0.
+    assert co["moqe_vs_copies"]["diff"] < -0.03 and co["moqe_vs_copies"]["p_value"] < 0.01
+    cm = c["cost_matched"]
+    assert cm["applicable"] and np.isclose(cm["moqe_expected_cost"], 6.0, atol=0.5)
+    same = lm_split_report(fp, loss, ["a", "b"], route, 0, corpus, n_boot=200, costs={"a": 4.0, "b": 4.0})
+    assert not same["overall"]["controls"]["cost_matched"]["applicable"]
+    md = render_lm_markdown(rep, "t")
+    assert "copies router" in md and "random router" in md and "mixture" in md
+
+
+def _val(route_gain: bool, copies_route):
+    fp, loss, corpus, route = _case(seed=1)
+    if not route_gain:
+        route = np.zeros(len(fp), np.int64)
+    n = len(fp)
+    rng = np.random.default_rng(5)
+    closs = loss[:, :1] + 0.2 * np.stack([np.arange(n) % 2, 1 - np.arange(n) % 2], 1) + rng.normal(0, 0.01, (n, 2))
+    cr = closs.argmin(1) if copies_route == "oracle" else np.zeros(n, np.int64)
+    copies = {"of": "a", "names": ["c0", "c1"], "best": 0, "loss": closs, "route": cr}
+    return lm_split_report(fp, loss, ["a", "b"], route, 0, corpus, n_boot=500, copies=copies)["overall"]
+
+
+def test_gate_needs_a_significant_gain_beyond_the_copies_router():
+    assert gate_decision(_val(True, "none"), 0.05, False)["decision"] == "routed"
+    no_gain = gate_decision(_val(False, "none"), 0.05, False)
+    assert no_gain["decision"] == "single-expert" and not no_gain["forced"]
+    # The copies router gains as much from calibration noise alone: routing refused.
+    noise = gate_decision(_val(True, "oracle"), 0.05, False)
+    assert noise["decision"] == "single-expert" and "copies router" in noise["reason"]
+    forced = gate_decision(_val(False, "none"), 0.05, True)
     assert forced["decision"] == "routed" and forced["forced"]
