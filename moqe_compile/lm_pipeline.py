@@ -82,6 +82,8 @@ def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
     import torch
 
     from .models.lm import embedding_table, export_decoder, load_causal_lm, save_tokenizer
+    from .models.moe import find_moe, gate_nodes
+    from .quantize.moe_bits import build_moe_expert
     from .pipeline import _versions
     from .quantize.lm import awq, check_kernels, quantize_onnx, smoothquant
     from .router.nlp import NLPRouter, export_nlp_router, train_nlp_router
@@ -104,6 +106,8 @@ def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
         stage("export")
         model, tok = load_causal_lm(cfg.model.source, cfg.model.path)
         spec = export_decoder(model, w.path("fp/model.onnx"), cfg.model.opset)
+        moe = find_moe(model)  # sparse MoE blocks or None (models/moe.py); their gates stay FP in every expert
+        gates = gate_nodes(w.path("fp/model.onnx"), moe)
         tok_files = save_tokenizer(tok, w.path("tokenizer/tokenizer.json").parent)
         emb = embedding_table(model)
         done("export")
@@ -141,8 +145,12 @@ def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
                 src = work / f"{dest.stem}-scaled.onnx"
                 export_decoder(tm, src, cfg.model.opset)  # checked: the rescaled model is still the FP function
                 del tm
-            quantize_onnx(src, r, dest, calib_feeds(ids, spec))
-            check = check_kernels(dest, allow_fp_head=not r.quantize_lm_head)
+            if r.moe_bits:  # expert-wise bits (quantize/moe_bits.py)
+                extra["moe_bits"] = build_moe_expert(model, moe, r, cfg.model, ids, src, dest,
+                                                     calib_feeds(ids, spec), say)
+            else:
+                quantize_onnx(src, r, dest, calib_feeds(ids, spec), exclude_nodes=gates)
+            check = check_kernels(dest, allow_fp_head=not r.quantize_lm_head, allow_fp=gates)
             if not check["ok"]:
                 from .errors import BuildError
 
@@ -300,6 +308,7 @@ def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
                                    "other": [{"path": f"tokenizer/{f}"} for f in tok_files if f != "tokenizer.json"]},
                      "eos_token_id": spec.eos_token_id, "bos_token_id": spec.bos_token_id},
             "model": {"source": cfg.model.source, "origin": cfg.model.path, "fp": {"path": "fp/model.onnx"},
+                      **({"moe": moe.describe()} if moe else {}),
                       "decoder": asdict(spec)},
             "io": {"inputs": ["input_ids", "attention_mask", "past_key_values.<i>.key|value"],
                    "outputs": ["logits", "present.<i>.key|value"],

@@ -237,3 +237,12 @@ def onnx_moe_nodes(onnx_model, moe: MoEModel) -> dict:
                                      f"found {len(nodes)}.")
                 experts[(i, e)][m] = nodes[0]
     return {"gates": gates, "experts": experts}
+
+
+def gate_nodes(onnx_path, moe: MoEModel | None) -> list[str]:
+    """The gate MatMuls of an exported decoder (empty for a dense model): left FP by every recipe."""
+    if moe is None:
+        return []
+    import onnx
+
+    return onnx_moe_nodes(onnx.load(str(onnx_path), load_external_data=False), moe)["gates"]
