@@ -3,6 +3,31 @@
 from __future__ import annotations
 
 
+def _moe_model_line(moe: dict | None) -> list[str]:
+    if not moe:
+        return []
+    return [f"moe         {moe['layout']}: {len(moe['moe_layers'])} MoE layers x {moe['num_experts']} experts "
+            f"(top-{moe['top_k']}), {moe['expert_params'] / 1e6:.2f}M routed-expert params"
+            f"{', shared expert' if moe.get('shared_expert') else ''}; gates FP; exported dense"]
+
+
+def _moe_bits_lines(a: dict | None) -> list[str]:
+    """An expert-wise bit allocation (quantize/moe_bits.py): criterion, fallback, bits per layer."""
+    if not a:
+        return []
+    pad = " " * 27
+    crit = a["criterion"] + (f" (asked {a['requested']})" if a["requested"] != a["criterion"] else "")
+    size = a.get("expert_weight_bytes", {})
+    L = [f"{pad}moe bits {crit}: mean {a['mean_bits']:.3f} (target {a['target_bits']}) over widths {a['widths']}; "
+         f"other MatMuls {a.get('non_expert_bits')}-bit; gates FP"
+         + (f"; experts {size['allocated'] / 1e6:.2f} MB (fp32 {size['fp32'] / 1e6:.2f} MB)" if size else "")]
+    if a.get("fallback"):
+        L.append(f"{pad}FALLBACK {a['fallback']}")
+    for row in a["per_layer"]:
+        L.append(f"{pad}  layer {row['layer']:>2}: " + " ".join(str(b) for b in row["bits"]))
+    return L
+
+
 def render_lm(b) -> str:
     m = b.manifest
     d, r, g = m["model"]["decoder"], m["routing"], m["router"]["gate"]
@@ -12,6 +37,7 @@ def render_lm(b) -> str:
          f"model       {m['model']['source']}:{m['model']['origin']}  task causal-lm",
          f"decoder     {d['layers']} layers, d {d['hidden_size']}, {d['kv_heads']} KV heads x {d['head_dim']}, "
          f"vocab {d['vocab_size']}, max positions {d['max_positions']}; one graph (empty past = scoring)",
+         *_moe_model_line(m["model"].get("moe")),
          f"tokenizer   {m['task']['tokenizer']['path']} (eos {m['task']['eos_token_id']})",
          "data        " + "; ".join(f"{s} {v['windows']} windows {v['per_corpus']}" for s, v in m["splits"].items()
                                     if isinstance(v, dict)) + f" ({m['splits']['seq_len']} tokens, disjoint by document)",
@@ -32,6 +58,7 @@ def render_lm(b) -> str:
                      f"{t['perplexity_ci95'][1]:.3f}]  KL to FP {t['kl_to_fp']:.4g}  FP top-1 agree "
                      f"{t['fp_top1_agreement']:.4f}")
         L.append(f"  {'':<24} kernels {v['kernels']}")
+        L += _moe_bits_lines(e.get("moe_bits"))
     total = sum(f["size"] for f in m["files"].values())
     L.append(f"files       {len(m['files'])} files, {total / 1e6:.1f} MB, sha256-verified")
     return "\n".join(L)

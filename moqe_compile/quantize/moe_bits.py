@@ -297,6 +297,9 @@ def plan_for_recipe(model, moe, recipe, gate_history: str, model_path: str, cali
                     say=None) -> Allocation:
     """The build's allocation for one ``moe_bits`` recipe (history looked up, counts if needed)."""
     path = history_path(gate_history, model_path)
+    if gate_history and not path.is_file():
+        raise ConfigError(f"[model] gate_history = {gate_history!r} does not exist (leave it empty to look for "
+                          "moe_gate_history.safetensors beside the model, else fall back to max intra-neuron variance).")
     history, reason = load_gate_history(path, moe)
     meta = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()} if history else None
     counts = routing_stats(model, moe, calib_ids).counts if recipe.moe_allocation == "frequency" else None
