@@ -260,7 +260,7 @@ def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
         va = scores["router_val"]
         best_k = int(va.loss.mean(0).argmin())  # best single expert: chosen on validation
         val_loss = {n: float(v) for n, v in zip(names, va.loss.mean(0))}
-        costs = {e["name"]: float(e["recipe"]["bits"]) for e in experts}
+        costs = {e["name"]: float(e.get("moe_bits", {}).get("mean_weight_bits", e["recipe"]["bits"])) for e in experts}
 
         def copies_for(s: str) -> dict | None:
             if not copies:

@@ -320,12 +320,14 @@ def quantize_moe_onnx(fp_onnx: Path, recipe, out: Path, calib_feeds: list[dict],
     import onnx
 
     from ..models.moe import onnx_moe_nodes
-    from .lm import quantize_onnx
+    from .lm import lm_head_node, quantize_onnx
     from .lm_gptq import _const_matmuls
 
     m = onnx.load(str(fp_onnx), load_external_data=False)
     where = onnx_moe_nodes(m, moe)
-    const = [n.name for n in _const_matmuls(m, set())[0]]
+    nodes, inits = _const_matmuls(m, set())
+    const = [n.name for n in nodes]
+    numel = {n.name: int(np.prod(inits[n.input[1]].dims)) for n in nodes}
     del m
     gates = set(where["gates"])
     width = {node: alloc.bits[i][e] for (i, e), mats in where["experts"].items() for node in mats.values()}
@@ -344,8 +346,11 @@ def quantize_moe_onnx(fp_onnx: Path, recipe, out: Path, calib_feeds: list[dict],
             keep = set(groups[b])
             quantize_onnx(src, r, dst, calib_feeds, exclude_nodes=[n for n in const if n not in keep])
             src = dst
+    head = lm_head_node(fp_onnx)
+    bits_of = {n: (32 if n in gates or (n == head and not recipe.quantize_lm_head) else width[n]) for n in const}
+    mean_w = sum(numel[n] * b for n, b in bits_of.items()) / max(1, sum(numel.values()))
     return {"gate_nodes": sorted(gates), "matmuls_per_width": {str(b): len(v) for b, v in sorted(groups.items())},
-            "non_expert_bits": recipe.bits}
+            "non_expert_bits": recipe.bits, "mean_weight_bits": round(mean_w, 4)}
 
 
 # ---------------------------------------------------------------- the torch path (bench grid)
@@ -354,9 +359,9 @@ class ExpertFakeQuant:
     """Fake-quantized copies of every routed expert matrix, cached per width, written into the
     model's fused expert tensors on :meth:`apply` and put back on :meth:`restore`.
 
-    ``method``: ``"rtn"`` (quantize/lm.py's blockwise RTN; ``symmetric`` False = 2^b levels with
-    a zero point per group) or ``"gptq"`` (quantize/lm_gptq.py: symmetric groups, 2^b − 1
-    levels, Hessians of the tokens routed to the expert from :func:`routing_stats`)."""
+    ``method``: ``"rtn"`` (quantize/lm.py's blockwise RTN) or ``"gptq"`` (quantize/lm_gptq.py,
+    Hessians of the tokens routed to the expert from :func:`routing_stats`); ``symmetric`` True:
+    2^b − 1 levels around 0 per group, False: 2^b levels with a zero point per group."""
 
     def __init__(self, moe, method: str = "gptq", group: int = 32, symmetric: bool = True, damp: float = 0.01,
                  stats: RoutingStats | None = None):
@@ -394,9 +399,11 @@ class ExpertFakeQuant:
             W = np.pad(W, ((0, 0), (0, pad)))
             H = np.pad(H, ((0, pad), (0, pad)))
             H[K:, K:] = np.eye(pad)
-        q, s = gptq_weight(W, H, bits, self.group, self.damp)
-        deq = q.astype(np.float32) * np.repeat(s, self.group, axis=1)
-        return torch.from_numpy(np.ascontiguousarray(deq[:, :K]))
+        res = gptq_weight(W, H, bits, self.group, self.damp, **({} if self.symmetric else {"symmetric": False}))
+        q, s = res[0].astype(np.float32), np.repeat(res[1], self.group, axis=1)
+        z = res[2] if len(res) > 2 and res[2] is not None else None  # asymmetric: codes offset by a zero point
+        deq = (q - (0 if z is None else np.repeat(z, self.group, axis=1))) * s
+        return torch.from_numpy(np.ascontiguousarray(deq[:, :K], dtype=np.float32))
 
     def apply(self, table) -> None:
         """``table[i][e]``: an int width, or a float between two widths (the uniform control at
