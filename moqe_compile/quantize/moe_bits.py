@@ -8,8 +8,8 @@ Generalization Guarantees", ICLR 2026; the authors' code: github.com/nowazrabban
 1. **Gate-norm change** Λ_e = ||w_e(T)||_2 − ||w_e(0)||_2 of expert e's router row between
    initialization and the end of training. Experts whose row changed *least* learned rarer but
    critical features and are the most sensitive to quantization: ranked first (most bits).
-2. **MaxVar**: the variance, across its inputs, of the gate_proj (Mixtral ``w1``) neuron with the
-   largest l2 norm. An expert ranked low whose MaxVar exceeds ``zeta`` times that of an expert
+2. **MaxVar**: the maximum over the gate_proj (Mixtral ``w1``) neurons of the variance of each
+   neuron's input weights. An expert ranked low whose MaxVar exceeds ``zeta`` times that of an expert
    ranked above it moves up to that expert's place (large intra-neuron variance = large
    quantization noise at low width). ``combined`` = 1 then 2, as the paper; ``gate-norm`` and
    ``maxvar`` alone are offered too (``maxvar`` ranks large MaxVar first, as the paper's text
@@ -61,9 +61,10 @@ def gate_norm_change(init: np.ndarray, final: np.ndarray) -> np.ndarray:
 
 
 def max_intra_neuron_variance(gate_proj: np.ndarray) -> float:
-    """Variance over the inputs of the largest-l2-norm neuron (row) of gate_proj [I, d]."""
-    w = np.asarray(gate_proj, np.float64)
-    return float(w[int(np.linalg.norm(w, axis=1).argmax())].var())
+    """MaxVar: the largest, over the neurons (rows) of gate_proj [I, d], of the variance of the
+    neuron's input weights (as the authors' Switch Transformer script computes it; their Mixtral
+    helper takes the variance of the largest-l2-norm neuron instead)."""
+    return float(np.asarray(gate_proj, np.float64).var(axis=1).max())
 
 
 def combined_order(gate_order: list[int], maxvar: np.ndarray, zeta: float) -> list[int]:

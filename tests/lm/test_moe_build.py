@@ -52,8 +52,8 @@ def _cfg(tmp, experts, history=""):
 
 MOE_EXPERTS = [
     {"name": "moe-combined", "preset": "moe-expert-bits", "moe_bits": 6.0},  # GPTQ, 2 of 4 experts at 8 bits
-    {"name": "moe-frequency", "preset": "moe-expert-bits", "moe_bits": 6.0, "weights": "rtn",
-     "moe_allocation": "frequency", "moe_widths": [2, 4, 8]},
+    {"name": "moe-frequency", "preset": "moe-expert-bits", "moe_bits": 3.0, "weights": "rtn",  # 2 at 2 bits
+     "moe_allocation": "frequency", "moe_widths": [2, 4]},
     {"name": "w4-rtn", "preset": "w4-rtn"},
 ]
 
@@ -81,6 +81,9 @@ def test_manifest_records_the_allocation(moe_bundle):
     assert a["matmuls_per_width"] == {"4": 2 * (4 + 2 * 3) + 1, "8": 2 * 2 * 3}  # attention + head at 4 bits
     f = ex["moe-frequency"]["moe_bits"]
     assert f["criterion"] == "frequency" and len(f["per_layer"][0]["frequency"]) == 4
+    assert f["matmuls_per_width"]["2"] == 2 * 2 * 3 and f["mean_weight_bits"] < a["mean_weight_bits"]
+    usage = np.asarray(f["per_layer"][0]["frequency"])
+    assert f["per_layer"][0]["bits"][int(usage.argmax())] == 4  # most routed -> the wider width
     for e in m["experts"]:
         check = e["variants"]["onnxruntime-cpu"]["check"]
         assert check["ok"] and len(check["float_by_design"]) == 2  # the two layers' gates
