@@ -1,6 +1,7 @@
 """The FP model for the Fashion-MNIST bundle: a small ResNet-style CNN, trained once on CPU.
 
     python bench/fmnist_model.py --out ~/.cache/moqe/fmnist_cnn
+    python bench/fmnist_model.py --domains original inverted noise   # -> ~/.cache/moqe/fmnist_domains_cnn
 
 trains the network (unless ``weights.safetensors`` is already there; ``--force`` retrains)
 on the 60k Fashion-MNIST train images from the Debian ``dataset-fashion-mnist`` package and
@@ -12,6 +13,13 @@ writes into ``--out``:
 - ``weights.safetensors`` the trained state dict;
 - ``labels.txt``          the 10 class names, one per line;
 - ``train.json``          epochs, wall time, test top-1 (torch and ONNX Runtime).
+
+With ``--domains`` every train and test image is shown in its domain exactly as ``[data] source =
+"fashion-mnist-domains"`` shows it (``moqe_compile.data.fashion_mnist.apply_domains``: the domain
+fixed by the image's index), so the network is *trained* on the mixture of domains its bundle
+(``bundles/fmnist-domains.toml``) calibrates and tests on; random-crop padding repeats the border
+pixels (the background of every domain) instead of writing black; ``train.json`` adds the test
+top-1 per domain.
 
 ``bundles/fmnist-cnn.toml`` builds a MoQE bundle from these files. The network is not part
 of the ``moqe_compile`` package: it is a fixture for the statistically meaningful CV case.
@@ -36,6 +44,7 @@ from moqe_compile.data import fashion_mnist
 # Train-set statistics of pixel/255 (0.28604, 0.35302), rounded; bundles/fmnist-cnn.toml uses the same.
 MEAN, STD = 0.286, 0.353
 DEFAULT_OUT = Path("~/.cache/moqe/fmnist_cnn").expanduser()
+DOMAINS_OUT = Path("~/.cache/moqe/fmnist_domains_cnn").expanduser()
 
 
 class BasicBlock(nn.Module):
@@ -67,11 +76,13 @@ class FashionResNet(nn.Module):
         return self.fc(self.stages(self.stem(x)).mean(dim=(2, 3)))
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random crop with ``pad`` pixels of zero padding (in normalized units: the background) + h-flip."""
+def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2, replicate: bool = False) -> torch.Tensor:
+    """Random crop with ``pad`` pixels of zero padding (in normalized units: the background of the
+    original images; ``replicate``: the border pixels, the background of any domain) + h-flip."""
     B, _, H, W = x.shape
     bg = -MEAN / STD
-    xp = F.pad(x, (pad, pad, pad, pad), value=bg)
+    xp = (F.pad(x, (pad, pad, pad, pad), mode="replicate") if replicate
+          else F.pad(x, (pad, pad, pad, pad), value=bg))
     oy = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
     ox = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
     rows = (oy[:, None] + torch.arange(H))[:, :, None]  # (B, H, 1)
@@ -91,14 +102,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / len(x)
 
 
+def load_split(split: str, domains: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(uint8 images, labels, domain names or None) of "train" or "test", each image in its domain."""
+    x, y = fashion_mnist.load(split)
+    if not domains:
+        return x, y, None
+    x, names = fashion_mnist.apply_domains(x, np.arange(len(x)), domains, split)
+    return x, y, names
+
+
 def train(epochs: int = 8, batch: int = 256, max_lr: float = 4e-3, weight_decay: float = 0.05, seed: int = 0,
-          threads: int = 2, log=print) -> tuple[FashionResNet, dict]:
+          threads: int = 2, domains: list[str] | None = None, log=print) -> tuple[FashionResNet, dict]:
     """Train on the 60k train images; report top-1 on the official 10k test set."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    xtr, ytr = fashion_mnist.load("train")
-    xte, yte = fashion_mnist.load("test")
+    xtr, ytr, _ = load_split("train", domains)
+    xte, yte, dte = load_split("test", domains)
     xtr = torch.from_numpy(fashion_mnist.normalize(xtr, MEAN, STD))
     xte = torch.from_numpy(fashion_mnist.normalize(xte, MEAN, STD))
     ytr, yte = torch.from_numpy(ytr), torch.from_numpy(yte)
@@ -116,7 +136,7 @@ def train(epochs: int = 8, batch: int = 256, max_lr: float = 4e-3, weight_decay:
         total = 0.0
         for i in range(0, len(xtr), batch):
             b = perm[i : i + batch]
-            xb = _augment(xtr[b], gen).contiguous(memory_format=torch.channels_last)
+            xb = _augment(xtr[b], gen, replicate=bool(domains)).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(xb), ytr[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -133,16 +153,24 @@ def train(epochs: int = 8, batch: int = 256, max_lr: float = 4e-3, weight_decay:
             "batch_size": batch, "optimizer": "AdamW", "max_lr": max_lr, "weight_decay": weight_decay,
             "schedule": "OneCycle (pct_start 0.25)", "augmentation": "random crop (pad 2) + horizontal flip",
             "seed": seed, "threads": threads, "mean": MEAN, "std": STD,
+            **({"domains": list(domains), "domain_rule": "domains[index % len(domains)] (fashion_mnist.apply_domains)",
+                "noise_std": fashion_mnist.NOISE_STD, "blur_sigma": fashion_mnist.BLUR_SIGMA,
+                "augmentation": "random crop (pad 2, border replicated) + horizontal flip"} if domains else {}),
             "train_seconds": round(time.perf_counter() - t0, 1),
             "train_cpu_seconds": round(time.process_time() - c0, 1), "test_top1": history[-1]["test_top1"],
             "history": history}
+    if domains:
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(xte[i : i + 1000]).argmax(1) for i in range(0, len(xte), 1000)]).numpy()
+        info["test_top1_per_domain"] = {d: float((pred == yte.numpy())[dte == d].mean()) for d in domains}
     return model, info
 
 
-def onnx_top1(path: Path) -> float:
+def onnx_top1(path: Path, domains: list[str] | None = None) -> float:
     import onnxruntime as ort
 
-    xte, yte = fashion_mnist.load("test")
+    xte, yte, _ = load_split("test", domains)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     x = fashion_mnist.normalize(xte, MEAN, STD)
@@ -152,7 +180,10 @@ def onnx_top1(path: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"output folder (default {DEFAULT_OUT}, with --domains {DOMAINS_OUT})")
+    ap.add_argument("--domains", nargs="+", choices=fashion_mnist.DOMAINS, default=None,
+                    help="train and test on these visible domains (as [data] source = 'fashion-mnist-domains')")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="retrain even if weights.safetensors exists")
@@ -161,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from moqe_compile.models.loader import export_torch, save_inline
 
-    out = args.out.expanduser()
+    out = (args.out or (DOMAINS_OUT if args.domains else DEFAULT_OUT)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     wpath, jpath = out / "weights.safetensors", out / "train.json"
     log = lambda m: print(f"[fmnist_model] {m}", file=sys.stderr, flush=True)  # noqa: E731
@@ -171,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(load_file(str(wpath)))
         model.eval()
         info = json.loads(jpath.read_text())
+        if info.get("domains") != args.domains and (info.get("domains") or args.domains):
+            raise SystemExit(f"{jpath} was trained with domains = {info.get('domains')}, not {args.domains}; "
+                             "pass --force to retrain or another --out")
     else:
-        model, info = train(epochs=args.epochs, seed=args.seed, log=log)
+        model, info = train(epochs=args.epochs, seed=args.seed, domains=args.domains, log=log)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(wpath))
     (out / "labels.txt").write_text("\n".join(fashion_mnist.LABELS) + "\n")
     onnx_path = out / "model.onnx"
@@ -181,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = Path(tmp) / "model.onnx"
             export_torch(model, raw, fashion_mnist.IMAGE_SIZE, 18, channels=1)
             save_inline(raw, onnx_path)  # one self-contained file, no model.onnx.data beside it
-        info["onnx_test_top1"] = onnx_top1(onnx_path)
+        info["onnx_test_top1"] = onnx_top1(onnx_path, args.domains)
     jpath.write_text(json.dumps(info, indent=2))
     log(f"test top-1 {info['test_top1']:.4f} (ONNX Runtime {info['onnx_test_top1']:.4f}), "
         f"trained {info['epochs']} epochs in {info['train_seconds']} s -> {out}")

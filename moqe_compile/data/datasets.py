@@ -5,7 +5,10 @@ two splits (otherwise router validation would leak into training).
 
 ``source = "fashion-mnist"`` is different: calibration, router_train and router_val are
 disjoint parts of its 60k train set (``max_samples`` of them, 0 = all) and test is its
-official 10k test set; see :func:`fashion_mnist_splits`.
+official 10k test set; see :func:`fashion_mnist_splits`. ``source = "fashion-mnist-domains"``
+splits the same way and shows each image in its domain (``[data] domains``,
+:func:`fashion_mnist.apply_domains`), in every split alike; ``SplitData.domains`` names each
+sample's domain and :func:`calibration_inputs` restricts an expert's calibration set to one.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class SplitData:
     x: np.ndarray  # (N, channels, crop, crop) float32
     labels: np.ndarray | None  # (N,) int64, or None without labels
     sources: list[str]  # which source image each view came from
+    domains: np.ndarray | None = None  # (N,) str: each sample's domain (fashion-mnist-domains), else None
 
 
 def foolbox_dir() -> Path:
@@ -47,17 +51,35 @@ def foolbox_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+FASHION_MNIST_SOURCES = (fashion_mnist.SOURCE_NAME, fashion_mnist.DOMAINS_SOURCE)
+
+
+def calibration_inputs(split: SplitData, domain: str = "") -> np.ndarray:
+    """The calibration inputs of an expert: all of ``split``, or (``calibration_domain``) only
+    the samples of one domain."""
+    if not domain:
+        return split.x
+    if split.domains is None:
+        raise ConfigError(f"calibration_domain = {domain!r} needs [data] source = "
+                          f"{fashion_mnist.DOMAINS_SOURCE!r} (this data has no domains).")
+    keep = split.domains == domain
+    if not keep.any():
+        raise ConfigError(f"calibration_domain = {domain!r}: the calibration split holds no sample of that domain "
+                          f"(it has {sorted(set(split.domains.tolist()))}).")
+    return split.x[keep]
+
+
 def num_sources(cfg: DataConfig) -> int:
     """How many source images :func:`build_splits` will read (for a progress bar)."""
-    if cfg.source == fashion_mnist.SOURCE_NAME:
+    if cfg.source in FASHION_MNIST_SOURCES:
         n_train, n_test = fashion_mnist.size("train"), fashion_mnist.size("test")
         return (min(cfg.max_samples, n_train) if cfg.max_samples else n_train) + n_test
     return len(list_sources(cfg.source))
 
 
 def list_sources(source: str) -> list[Source]:
-    if source == fashion_mnist.SOURCE_NAME:
-        raise ConfigError("[data] source = 'fashion-mnist' holds arrays, not image files; use build_splits.")
+    if source in FASHION_MNIST_SOURCES:
+        raise ConfigError(f"[data] source = {source!r} holds arrays, not image files; use build_splits.")
     if source == "foolbox-imagenet":
         files = sorted(foolbox_dir().glob("imagenet_*_*.jpg"))
         # Files are named imagenet_<index>_<label>.jpg.
@@ -65,7 +87,8 @@ def list_sources(source: str) -> list[Source]:
     root = Path(source)
     if not root.is_dir():
         raise ConfigError(
-            f"[data] source = {source!r} is neither 'foolbox-imagenet', 'fashion-mnist' nor a directory."
+            f"[data] source = {source!r} is neither 'foolbox-imagenet', 'fashion-mnist', "
+            "'fashion-mnist-domains' nor a directory."
         )
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     if subdirs:
@@ -111,20 +134,27 @@ def fashion_mnist_splits(cfg: DataConfig, pre: Preprocess, progress=None) -> dic
 
     ``max_samples`` train images (0 = all 60k) are drawn with ``seed``; calibration and
     router_val take round(fraction * n) of them, router_train the rest (``[data.split]
-    test`` is ignored: the test split is always the official 10k test set).
+    test`` is ignored: the test split is always the official 10k test set). With
+    ``source = "fashion-mnist-domains"`` each image is then shown in its domain (by its index
+    in its file, the same in every split and for every seed).
     """
     fm = fashion_mnist
     if cfg.augmentations:
         raise ConfigError(
-            f"[data] augmentations = {cfg.augmentations}: source 'fashion-mnist' takes no augmented views; "
+            f"[data] augmentations = {cfg.augmentations}: source {cfg.source!r} takes no augmented views; "
             "set augmentations = 0."
         )
     size = fm.IMAGE_SIZE
     if (pre.channels, pre.resize, pre.crop) != (1, size, size):
         raise ConfigError(
             f"[preprocessing] channels = {pre.channels}, resize = {pre.resize}, crop = {pre.crop}: source "
-            f"'fashion-mnist' needs channels = 1, resize = {size}, crop = {size} (28x28 grayscale)."
+            f"{cfg.source!r} needs channels = 1, resize = {size}, crop = {size} (28x28 grayscale)."
         )
+    domains = cfg.domains if cfg.source == fm.DOMAINS_SOURCE else None
+
+    def shown(images: np.ndarray, idx: np.ndarray, file: str) -> tuple[np.ndarray, np.ndarray | None]:
+        return fm.apply_domains(images[idx], idx, domains, file) if domains else (images[idx], None)
+
     x_train, y_train = fm.load("train")
     x_test, y_test = fm.load("test")
     n_all = len(x_train)
@@ -142,19 +172,21 @@ def fashion_mnist_splits(cfg: DataConfig, pre: Preprocess, progress=None) -> dic
     result = {}
     for name, idx in parts.items():
         idx = np.sort(idx)
-        result[name] = SplitData(fm.normalize(x_train[idx], pre.mean[0], pre.std[0]), y_train[idx],
-                                 [f"train[{i}]" for i in idx])
+        images, names = shown(x_train, idx, "train")
+        result[name] = SplitData(fm.normalize(images, pre.mean[0], pre.std[0]), y_train[idx],
+                                 [f"train[{i}]" for i in idx], names)
         if progress:
             progress.update(len(idx))
-    result["test"] = SplitData(fm.normalize(x_test, pre.mean[0], pre.std[0]), y_test,
-                               [f"t10k[{i}]" for i in range(len(x_test))])
+    images, names = shown(x_test, np.arange(len(x_test)), "test")
+    result["test"] = SplitData(fm.normalize(images, pre.mean[0], pre.std[0]), y_test,
+                               [f"t10k[{i}]" for i in range(len(x_test))], names)
     if progress:
         progress.update(len(x_test))
     return result
 
 
 def build_splits(cfg: DataConfig, pre: Preprocess, progress=None) -> dict[str, SplitData]:
-    if cfg.source == fashion_mnist.SOURCE_NAME:
+    if cfg.source in FASHION_MNIST_SOURCES:
         return fashion_mnist_splits(cfg, pre, progress)
     sources = list_sources(cfg.source)
     parts = split_sources(sources, cfg)

@@ -2,6 +2,13 @@
 
 ``apt-get install -y dataset-fashion-mnist`` installs the four original idx files under
 :data:`DATA_DIR`; they are parsed here with numpy alone (no extra dependency).
+
+Visible domains (``[data] source = "fashion-mnist-domains"``, issue 10): every image is shown
+in one of several visibly different versions of itself (:data:`DOMAINS`), the domain fixed by
+its index in its file (``domains[index % len(domains)]``), so it is the same image in the same
+domain whichever split, subset or seed loads it, and the labels stay valid. The noise of the
+``noise`` domain is seeded by the image's file and index alone. The FP model these bundles use
+is trained on the same transformed train images (``bench/fmnist_model.py --domains ...``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,12 @@ from ..errors import ConfigError
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 APT_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
 SOURCE_NAME = "fashion-mnist"
+DOMAINS_SOURCE = "fashion-mnist-domains"
+# Each transform maps uint8 (N, 28, 28) images to uint8 images of the same shape.
+DOMAINS = ("original", "inverted", "blur", "noise", "rot90")
+BLUR_SIGMA = 1.5  # pixels; "blur" = Gaussian blur with this sigma (edges repeat the border pixel)
+NOISE_STD = 48.0  # pixel levels of 0..255; "noise" = additive Gaussian noise, clipped and rounded
+_NOISE_SEED = 10  # fixed: an image's noise never depends on a recipe (the FP model saw the same)
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
 LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -76,3 +89,46 @@ def normalize(images: np.ndarray, mean: float, std: float) -> np.ndarray:
     """
     x = images.astype(np.float32) / np.float32(255.0)
     return np.ascontiguousarray(((x - np.float32(mean)) / np.float32(std))[:, None])
+
+
+def domain_of(indices: np.ndarray, domains: list[str] | tuple[str, ...]) -> np.ndarray:
+    """The domain name of each image index (its position in the train or test file)."""
+    return np.asarray(domains)[np.asarray(indices, np.int64) % len(domains)]
+
+
+def _transform(domain: str, images: np.ndarray, indices: np.ndarray, split: str) -> np.ndarray:
+    if domain == "original":
+        return images
+    if domain == "inverted":
+        return 255 - images
+    if domain == "rot90":
+        return np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2)))
+    if domain == "blur":
+        from scipy.ndimage import gaussian_filter
+
+        out = gaussian_filter(images.astype(np.float32), sigma=(0, BLUR_SIGMA, BLUR_SIGMA), mode="nearest")
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if domain == "noise":
+        sid = list(_FILES).index(split)
+        noise = np.stack([np.random.default_rng([_NOISE_SEED, sid, int(i)]).normal(0.0, NOISE_STD, images.shape[1:])
+                          for i in indices]) if len(indices) else np.zeros(images.shape, np.float64)
+        return np.clip(np.rint(images.astype(np.float64) + noise), 0, 255).astype(np.uint8)
+    raise ConfigError(f"[data] domains: {domain!r} is not one of {list(DOMAINS)}.")
+
+
+def apply_domains(images: np.ndarray, indices: np.ndarray, domains: list[str] | tuple[str, ...],
+                  split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 28, 28) with their ``indices`` in the ``split`` file ("train" or "test")
+    -> (each image in its domain, uint8 (N, 28, 28); the domain names (N,))."""
+    if split not in _FILES:
+        raise ValueError(f"split {split!r} is not one of {list(_FILES)}")
+    indices = np.asarray(indices, np.int64)
+    if len(indices) != len(images):
+        raise ValueError(f"{len(images)} images but {len(indices)} indices")
+    names = domain_of(indices, domains)
+    out = np.array(images, dtype=np.uint8, copy=True)
+    for d in dict.fromkeys(domains):
+        m = names == d
+        if m.any():
+            out[m] = _transform(d, images[m], indices[m], split)
+    return out, names
