@@ -243,7 +243,8 @@ def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
             if cfg.controls.copies_router:
                 say("controls: training the same router on the copies")
                 torch.manual_seed(rc.seed)
-                cres = train_nlp_router(NLPRouter(torch.from_numpy(emb), k, layers=rc.layers, heads=rc.heads),
+                kc = len(copies["names"])
+                cres = train_nlp_router(NLPRouter(torch.from_numpy(emb), kc, layers=rc.layers, heads=rc.heads),
                                         pre("router_train"), ones(pre("router_train")),
                                         copy_scores["router_train"].loss, pre("router_val"), ones(pre("router_val")),
                                         cv, epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr,
@@ -332,4 +333,15 @@ def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
                                      "copies_router": cfg.controls.copies_router} if copies else None),
                        "build_seconds": secs},
         }
+        # The FP embedding table is in every graph (FP model, each expert, the router): store it once.
+        from .bundle.shared_weights import share
+
+        graphs = {"fp/model.onnx": w.path("fp/model.onnx"), manifest["router"]["path"]: w.path(manifest["router"]["path"])}
+        graphs |= {e["variants"]["onnxruntime-cpu"]["path"]: w.path(e["variants"]["onnxruntime-cpu"]["path"])
+                   for e in experts}
+        rec = share(graphs, emb, "embedding", w.tmp)
+        if rec["graphs"]:
+            manifest["model"]["shared_initializers"] = {"embedding": rec}
+        else:
+            w.path(rec["path"]).unlink()
         return w.commit(manifest)

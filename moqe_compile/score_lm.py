@@ -23,7 +23,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 class DecoderSession:
     """One ONNX decoder graph (models/lm.py layout) on ONNX Runtime CPU."""
 
-    def __init__(self, name: str, path: Path, layers: int, kv_heads: int, head_dim: int, threads: int = 0):
+    def __init__(self, name: str, path: Path, layers: int, kv_heads: int, head_dim: int, threads: int = 0,
+                 add_shared=None):
+        """``add_shared(SessionOptions)``: supplies initializers the bundle stores once
+        (bundle/shared_weights.py), e.g. the FP embedding table."""
         import onnxruntime as ort
 
         from .errors import BackendError
@@ -33,6 +36,8 @@ class DecoderSession:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see backends/onnxruntime_cpu.py
         if threads:
             so.intra_op_num_threads = threads
+        if add_shared is not None:
+            add_shared(so)
         try:
             self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own types

@@ -28,6 +28,11 @@ def cmd_build(args) -> int:
         from ..lm_pipeline import build_lm
 
         lm = load_lm_recipe(args.recipe)
+        if "tensorrt" in (args.backend or []):
+            from ..errors import ConfigError
+
+            raise ConfigError("--backend tensorrt: causal-LM bundles run on onnxruntime-cpu only (their 4-bit "
+                              "MatMulNBits experts have no TensorRT path here); drop --backend.")
         lm.gate.force_routing = lm.gate.force_routing or args.force_routing
         print(f"bundle written to {build_lm(lm, args.output, quiet=args.quiet)}")
         return 0
@@ -38,9 +43,49 @@ def cmd_build(args) -> int:
         cfg = load_recipe(p) if p else BuildConfig()  # the dataclass defaults are the same demo
     if args.force_routing:
         cfg.gate.force_routing = True
+    for b in args.backend or []:  # adds the backend's Q/DQ graph to every expert (tensorrt: S8S8)
+        if b not in cfg.backends.targets:
+            cfg.backends.targets.append(b)
     out = build(cfg, args.output, quiet=args.quiet)
     print(f"bundle written to {out}")
+    if "tensorrt" in (args.backend or []):
+        # TensorRT only builds: calibration is already in the S8S8 Q/DQ graphs (TensorRT 11 has
+        # no implicit INT8 calibration). The ONNX bundle is complete either way.
+        return _engines(out, args)
     return 0
+
+
+def _engines(bundle, args) -> int:
+    from ..backends.tensorrt import build_bundle_engines
+    from ..errors import BackendError
+
+    try:
+        recs = build_bundle_engines(bundle, max_batch=args.trt_max_batch, opt_batch=args.trt_opt_batch,
+                                    hardware_compatibility=args.trt_hardware_compatibility,
+                                    version_compatible=args.trt_version_compatible)
+    except BackendError as e:
+        print(f"moqe-compile: TensorRT engines not built: {e}\nThe bundle at {bundle} is complete for ONNX "
+              "backends and holds the S8S8 graphs; build its engines later on the target GPU with "
+              f"`moqe-compile engines {bundle}`.", file=sys.stderr)
+        return e.exit_code
+    for r in recs:
+        print(f"engine {r.path}: sm {r.compute_capability}, TensorRT {r.tensorrt_version}, {r.device_name}")
+    return 0
+
+
+def cmd_engines(args) -> int:
+    return _engines(args.bundle, args)
+
+
+def _trt_options(p) -> None:
+    from ..backends.tensorrt import HARDWARE_COMPAT
+
+    p.add_argument("--trt-max-batch", type=int, default=64, help="TensorRT profile max batch (default 64)")
+    p.add_argument("--trt-opt-batch", type=int, default=1, help="TensorRT profile optimum batch (default 1)")
+    p.add_argument("--trt-hardware-compatibility", default="none", choices=HARDWARE_COMPAT,
+                   help="engine hardware compatibility level, recorded in the manifest (default none)")
+    p.add_argument("--trt-version-compatible", action="store_true",
+                   help="version-compatible engines (lean runtime), recorded in the manifest")
 
 
 def cmd_inspect(args) -> int:
@@ -130,7 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     b.add_argument("--force-routing", action="store_true",
                    help="keep the router even where the significance gate refuses it (recorded in the manifest)")
+    b.add_argument("--backend", action="append", choices=["onnxruntime-cpu", "tensorrt"],
+                   help="also build for this backend (repeatable; tensorrt: S8S8 graphs, then engines on this GPU)")
+    _trt_options(b)
     b.set_defaults(fn=cmd_build)
+    en = sub.add_parser("engines", help="build TensorRT engines for a bundle's S8S8 experts on this GPU")
+    en.add_argument("bundle")
+    _trt_options(en)
+    en.set_defaults(fn=cmd_engines)
     i = sub.add_parser("inspect", help="print a bundle's manifest in human form")
     i.add_argument("bundle")
     i.add_argument("--no-verify", action="store_true", help="skip sha256 checks")

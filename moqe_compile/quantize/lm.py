@@ -215,7 +215,8 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
     if recipe.weights == "gptq":  # ours: one calibration pass for all Hessians (quantize/lm_gptq.py)
         from .lm_gptq import gptq_onnx
 
-        gptq_onnx(fp_onnx, out, calib_feeds, recipe.bits, recipe.block_size, recipe.gptq_damp, set(exclude))
+        gptq_onnx(fp_onnx, out, calib_feeds, recipe.bits, recipe.block_size, recipe.gptq_damp, set(exclude),
+                  symmetric=recipe.symmetric)
         return
     if recipe.weights == "rtn":
         algo = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric,

@@ -62,8 +62,12 @@ class LMRuntime:
         self.max_positions = d["max_positions"]
         self.eos = m["task"]["eos_token_id"]
         self.expert_names = [e["name"] for e in m["experts"]]
-        self._paths = {e["name"]: bundle.file(e["variants"]["onnxruntime-cpu"]["path"]) for e in m["experts"]}
-        self._paths["fp"] = bundle.file(m["model"]["fp"]["path"])
+        self._rel = {e["name"]: e["variants"]["onnxruntime-cpu"]["path"] for e in m["experts"]}
+        self._rel["fp"] = m["model"]["fp"]["path"]
+        self._paths = {k: bundle.file(v) for k, v in self._rel.items()}
+        from ..bundle.shared_weights import SharedTensors
+
+        self._shared = SharedTensors(bundle)  # the embedding table, once for every session
         r = m["routing"]
         self.routing_enabled = bool(r["enabled"])
         self.default_expert = self.expert_names.index(r["default_expert"])
@@ -93,8 +97,9 @@ class LMRuntime:
             if name not in self._sessions:
                 if name not in self._paths:
                     raise InputError(f"unknown expert {name!r}; this bundle has {self.expert_names}.")
+                add = (lambda so, rel=self._rel[name]: self._shared.add_to(so, rel))  # noqa: E731
                 self._sessions[name] = DecoderSession(name, self._paths[name], self.layers, self.kv_heads,
-                                                      self.head_dim, self.threads)
+                                                      self.head_dim, self.threads, add_shared=add)
             return self._sessions[name]
 
     def encode(self, text: str) -> np.ndarray:
@@ -115,6 +120,7 @@ class LMRuntime:
             so = ort.SessionOptions()
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.intra_op_num_threads = 1  # a few dozen tokens: threads cost more than they save
+            self._shared.add_to(so, self.manifest["router"]["path"])
             self._router = ort.InferenceSession(str(self.bundle.file(self.manifest["router"]["path"])), so,
                                                 providers=["CPUExecutionProvider"])
         idx, conf = np.zeros(len(seqs), np.int64), []

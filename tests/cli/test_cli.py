@@ -135,3 +135,28 @@ input_size = 8
     assert len(ranking) == 4 and {r["op"] for r in ranking} == {"Conv", "Gemm"}
     kls = [r["kl_to_fp"] for r in ranking]
     assert kls == sorted(kls, reverse=True)
+
+
+def test_build_backend_tensorrt_without_tensorrt(tiny_onnx, tiny_images, tmp_path, capsys, monkeypatch):
+    """No TensorRT here: the ONNX bundle (with every expert's S8S8 graph) is still written and
+    verified, and the command exits with BackendError's code naming what to run on a GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed: this checks the machine without it")
+    import moqe_compile.config as config
+    from moqe_compile.bundle import read_bundle
+    from moqe_compile.errors import BackendError
+
+    from ..conftest import tiny_config
+
+    monkeypatch.setattr(config, "load_recipe", lambda p: tiny_config(tiny_onnx, tiny_images))
+    out = tmp_path / "b"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("")  # replaced by the monkeypatched loader
+    code = compile_cli.main(["build", str(recipe), "-o", str(out), "-q", "--backend", "tensorrt"])
+    err = capsys.readouterr().err
+    assert code == BackendError.exit_code and "TensorRT" in err and f"moqe-compile engines {out}" in err
+    m = read_bundle(out, verify=True).manifest
+    assert all({"onnxruntime-cpu", "tensorrt"} <= set(e["variants"]) for e in m["experts"])
+    assert compile_cli.main(["engines", str(out)]) == BackendError.exit_code

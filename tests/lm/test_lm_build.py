@@ -23,7 +23,8 @@ def _cfg(tmp, **router):
         "task": "causal-lm", "model": {"source": "transformers", "path": str(tmp / "model")},
         "data": {"corpora": [str(tmp / "corpus.txt")], "seq_len": 32, "calibration_sequences": 4},
         "experts": [{"name": n, "preset": n} for n in EXPERTS],
-        "router": {"prefix_tokens": 8, "epochs": 2, **router}})
+        "router": {"prefix_tokens": 8, "epochs": 2, **router},
+        "controls": {"copies": 2}})  # fewer copies than experts: their router has its own width
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +79,19 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
     assert m["splits"]["disjoint_by"] == "document"
     # Controls: copies of the first calibration-dependent expert (w4-awq), never shipped as experts.
     ctl = m["report"]["controls"]
-    assert ctl["of"] == "w4-awq" and len(ctl["copies"]) == 3 and "copy0" not in [e["name"] for e in m["experts"]]
+    assert ctl["of"] == "w4-awq" and len(ctl["copies"]) == 2 and "copy0" not in [e["name"] for e in m["experts"]]
     co = t["controls"]["copies_oracle"]
     assert co["of"] == "w4-awq" and co["router"]["ppl"] > 0 and "p_value" in co["moqe_vs_copies"]
     assert co["ppl"] <= min(r["ppl"] for r in co["copies_metrics"].values()) + 1e-9
     assert t["controls"]["mixture"]["cost_experts_run"] == len(EXPERTS)
     assert m["router"]["gate"]["copies_control"] == "copies router"
     assert t["controls"]["cost_matched"]["applicable"]  # w8a8 (8 bits) beside 4-bit experts
-    # The export was checked against torch during the build; its dims must stay symbolic.
+    # The FP embedding table is stored once; every graph references it (never its own copy).
+    sh = m["model"]["shared_initializers"]["embedding"]
+    assert set(sh["graphs"]) == {"fp/model.onnx", m["router"]["path"],
+                                 *(e["variants"]["onnxruntime-cpu"]["path"] for e in m["experts"])}
+    assert b.file(sh["path"]).stat().st_size == np.prod(sh["shape"]) * 4
+        # The export was checked against torch during the build; its dims must stay symbolic.
     import onnx
 
     g = onnx.load(str(b.file("fp/model.onnx")), load_external_data=False).graph
@@ -144,7 +150,7 @@ def test_cli_run_and_eval(lm_bundle, capsys):
     assert compile_main(["eval", str(bundle), "--data", "test", "--json", "--no-latency", "--resamples", "200",
                          "--out", str(tmp / "ev2")]) == 0
     rep = json.loads(capsys.readouterr().out.split("\nreport written")[0])
-    assert rep["overall"]["controls"]["copies_oracle"]["copies"] == 3
+    assert rep["overall"]["controls"]["copies_oracle"]["copies"] == 2
 
 
 def test_inspect_renders_lm_bundle(lm_bundle):

@@ -20,8 +20,9 @@ def _matmul_model(path, W):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
-@pytest.mark.parametrize("bits,K", [(4, 64), (8, 64), (4, 48)])  # 48: padded to the group size
-def test_matmulnbits_packing_and_gptq_gain(tmp_path, bits, K):
+@pytest.mark.parametrize("bits,K,symmetric", [(4, 64, True), (8, 64, True), (4, 48, True),  # 48: padded
+                                              (4, 64, False), (8, 64, False), (4, 96, False)])  # 96: 3 blocks, odd
+def test_matmulnbits_packing_and_gptq_gain(tmp_path, bits, K, symmetric):
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
@@ -31,7 +32,7 @@ def test_matmulnbits_packing_and_gptq_gain(tmp_path, bits, K):
     X = (rng.normal(size=(512, K)) @ mix).astype(np.float32)
     _matmul_model(tmp_path / "fp.onnx", W)
     info = gptq_onnx(tmp_path / "fp.onnx", tmp_path / "q.onnx", [{"x": X[i : i + 128]} for i in range(0, 512, 128)],
-                     bits, group, 0.01)
+                     bits, group, 0.01, symmetric=symmetric)
     assert info["matmuls"] == 1
     sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
     assert [n.op_type for n in __import__("onnx").load(str(tmp_path / "q.onnx")).graph.node] == ["MatMulNBits"]
@@ -41,8 +42,10 @@ def test_matmulnbits_packing_and_gptq_gain(tmp_path, bits, K):
     Wp = np.pad(W, ((0, pad), (0, 0)))
     H = 2 * np.pad(X, ((0, 0), (0, pad))).T.astype(np.float64) @ np.pad(X, ((0, 0), (0, pad))) / len(X)
     H[K:, K:] += np.eye(pad)
-    q, s = gptq_weight(Wp.T, H, bits, group, 0.01)
-    deq = (q.reshape(N, -1, group) * s[..., None]).reshape(N, -1)[:, :K]
+    q, s, z = gptq_weight(Wp.T, H, bits, group, 0.01, symmetric=symmetric)
+    assert (z is None) == symmetric
+    zp = 0 if symmetric else z[..., None]
+    deq = ((q.reshape(N, -1, group) - zp) * s[..., None]).reshape(N, -1)[:, :K]
     assert np.allclose(got, X @ deq.T, rtol=1e-3, atol=1e-3 * np.abs(got).max())
     # GPTQ vs round-to-nearest with per-group absmax scales on the layer's output error.
     qmax = 2 ** (bits - 1) - 1
@@ -51,3 +54,5 @@ def test_matmulnbits_packing_and_gptq_gain(tmp_path, bits, K):
     rtn = (np.clip(np.round(Wt / sc), -qmax, qmax) * sc).reshape(N, -1)[:, :K]
     err = lambda Wq: float(((X @ (W - Wq.T)) ** 2).mean())  # noqa: E731
     assert err(deq) < err(rtn)
+    if not symmetric:  # every level used: codes span [0, 2^b - 1]
+        assert q.min() == 0 and q.max() == 2**bits - 1
