@@ -128,7 +128,17 @@ def fake_quant_grid(args) -> dict:
            "fp32_mb": 4 * (moe.expert_params() + non_expert) / 1e6,
            "gate_history": why or "present", "expert_usage": (stats.counts / stats.counts.sum(1, keepdims=True)).tolist(),
            "methods": {}}
-    print(f"FP ppl {res['fp']['ppl']:.3f}", flush=True)
+    from scipy.stats import spearmanr
+
+    from moqe_compile.quantize.moe_bits import expert_scores
+
+    sc = expert_scores(moe, hist, stats.counts)
+    res["criteria"] = {**sc, "spearman_vs_usage": {
+        k: [float(spearmanr(sc[k][i], stats.counts[i]).statistic) for i in range(len(moe.blocks))]
+        for k in ("gate_norm_change", "maxvar") if k in sc}}
+    print(f"FP ppl {res['fp']['ppl']:.3f}; Spearman with usage per layer: "
+          + json.dumps({k: [round(x, 2) for x in v] for k, v in res["criteria"]["spearman_vs_usage"].items()}),
+          flush=True)
     widths = [int(w) for w in args.widths.split(",")]
     for method in args.methods.split(","):
         if method not in METHODS:
