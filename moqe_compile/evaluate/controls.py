@@ -167,6 +167,18 @@ def gate_decision(val_report: dict, alpha: float, force: bool) -> dict:
         reasons.append(f"no gain over {val_report['best_expert']['name']} ({fmt(gain)})")
     if copies_gain is not None and not gain > copies_gain:
         reasons.append(f"gain {fmt(gain)} does not exceed the {copies_kind}'s {fmt(copies_gain)}")
+    # The best single expert is chosen by loss (what the bundle serves when routing is refused);
+    # MoQE must also beat the single expert that is best on the headline metric itself, or a
+    # router that mostly serves that expert "wins" against a weaker default (found on W2A8).
+    each = val_report.get("moqe_vs_each") or {}
+    if each:
+        vals = {n: val_report["experts"][n][metric]["value"] for n in each}
+        top = max(vals, key=vals.get)
+        t = each[top]
+        if top != val_report["best_expert"]["name"] and not (t["diff"] > 0 and t["p_value"] is not None
+                                                            and t["p_value"] < alpha):
+            reasons.append(f"does not significantly beat {top}, the best single expert on {metric} "
+                           f"({fmt(t['diff'])}, p = {t['p_value']:.3g})")
     routed = not reasons
     if routed:
         reason = (f"MoQE beats {val_report['best_expert']['name']} on val by {fmt(gain)} (p = {p:.3g} < {alpha})"

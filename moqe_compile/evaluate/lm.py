@@ -106,11 +106,9 @@ def _cost_matched(loss, names, route, costs, val_loss, n_boot, seed) -> dict:
                                                         "expert is the cost-matched comparison"}
     if not val_loss or any(n not in val_loss for n in names):
         return {"applicable": False, **base, "reason": "no validation losses to choose the bracketing experts on"}
-    key = lambda n: -float(val_loss[n])  # noqa: E731
-    lo = max((n for n, v in zip(names, c) if v <= expected + 1e-9), key=key)
-    hi = max((n for n, v in zip(names, c) if v >= expected - 1e-9), key=key)
-    cl, ch = float(costs[lo]), float(costs[hi])
-    wl = 1.0 if ch == cl else (ch - expected) / (ch - cl)
+    from .report import frontier_pair
+
+    lo, hi, wl = frontier_pair(names, c, expected, {n: -float(val_loss[n]) for n in names})
     vec = wl * loss[:, names.index(lo)] + (1 - wl) * loss[:, names.index(hi)]
     return {"applicable": True, **base, "cheaper": lo, "costlier": hi, "weight_cheaper": float(wl), "chosen_on": "val",
             "moqe_minus_interpolated": _diff(loss[np.arange(len(loss)), route], vec, n_boot, seed)}

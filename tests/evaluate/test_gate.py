@@ -153,3 +153,25 @@ def test_cost_aware_router_and_cost_matched_control(tmp_path_factory, tiny_onnx,
     cm = rep["controls"]["cost_matched"]
     assert cm["applicable"] and cm["moqe_expected_cost"] < 4.5
     assert m["router"]["gate"]["copies_val_gain"] is None  # no copies: the gate says it tested without them
+
+
+def test_gate_also_needs_the_best_single_expert_on_the_metric():
+    """The default expert is the lowest-loss one; a router that mostly serves a different expert,
+    better on top-1, must beat *that* expert too (found on the W2A8 cost-aware case)."""
+    rep = _val_report((0.02, 0.01, 0.0))
+    rep["experts"] = {"e": {"top1": {"value": 0.90}}, "stem": {"top1": {"value": 0.92}}}
+    rep["moqe_vs_each"] = {"e": {"diff": 0.02, "p_value": 0.01}, "stem": {"diff": 0.0, "p_value": 1.0}}
+    g = gate_decision(rep, 0.05, force=False)
+    assert g["decision"] == "single" and "stem" in g["reason"]
+    rep["moqe_vs_each"]["stem"] = {"diff": 0.01, "p_value": 0.01}
+    assert gate_decision(rep, 0.05, force=False)["decision"] == "routed"
+
+
+def test_cost_matched_uses_the_best_mix_not_the_best_on_each_side():
+    from moqe_compile.evaluate.report import frontier_pair
+
+    # w2-all at 2.000 bits, w2-hp-stem at 2.011 (as good as MoQE), w2-hp-stage1 at 4.27 (lowest
+    # loss): at an expected 2.010 bits the matched single-expert mix is w2-all/w2-hp-stem.
+    names, costs = ["all", "stem", "stage1"], [2.0, 2.011, 4.27]
+    lo, hi, w = frontier_pair(names, costs, 2.010, {"all": 0.897, "stem": 0.907, "stage1": 0.909})
+    assert (lo, hi) == ("all", "stem") and w == pytest.approx(1 / 11)
