@@ -154,12 +154,12 @@ def test_fake_quant_apply_restore_and_bits_order(tiny_moe):
     with torch.no_grad():
         ref = model(x).logits
     errs = {}
-    for method in ("rtn", "gptq"):
-        q = ExpertFakeQuant(moe, method, group=32, stats=stats)
+    for method, sym in (("rtn", True), ("gptq", True), ("gptq", False)):  # GPTQ without / with zero points
+        q = ExpertFakeQuant(moe, method, group=32, symmetric=sym, stats=stats)
         for b in (2, 3, 4):
             q.apply([[b] * 8 for _ in moe.blocks])
             with torch.no_grad():
-                errs[(method, b)] = float((model(x).logits - ref).pow(2).mean())
+                errs[(method, sym, b)] = float((model(x).logits - ref).pow(2).mean())
         q.apply([[2.5] * 8 for _ in moe.blocks])  # fractional: rows split between 2 and 3 bits
         w = moe.blocks[0].expert(0)["gate_proj"]
         assert torch.equal(w[:32], q.matrix(0, 0, "gate_proj", 3)[:32])
@@ -167,5 +167,5 @@ def test_fake_quant_apply_restore_and_bits_order(tiny_moe):
         q.restore()
         with torch.no_grad():
             assert torch.equal(model(x).logits, ref)
-        assert errs[(method, 2)] > errs[(method, 3)] > errs[(method, 4)] > 0
+        assert errs[(method, sym, 2)] > errs[(method, sym, 3)] > errs[(method, sym, 4)] > 0
     assert expert_bytes(moe, [[4] * 8] * 2) == pytest.approx(2 * 8 * 3 * 64 * 64 * (0.5 + 2 / 32))

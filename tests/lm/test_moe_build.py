@@ -104,19 +104,28 @@ def test_experts_differ_and_inspect_shows_bits(moe_bundle):
 
 
 def test_no_history_falls_back_to_maxvar(tmp_path):
-    from moqe_compile.bundle import read_bundle
+    """A checkpoint without gate history (a download): the build's hook says so, allocates by
+    MaxVar and records why; an explicit gate_history that does not exist is a recipe error."""
+    from moqe_compile.cli.inspect_lm import _moe_bits_lines
     from moqe_compile.errors import ConfigError
-    from moqe_compile.lm_pipeline import build_lm
+    from moqe_compile.lm_config import LMModelConfig, _expert
+    from moqe_compile.lm_pipeline import calib_feeds
+    from moqe_compile.models.lm import export_decoder, load_causal_lm
+    from moqe_compile.models.moe import find_moe
+    from moqe_compile.quantize.moe_bits import build_moe_expert
 
-    make_tiny_moe(tmp_path / "model", "olmoe", steps=0, history=False, layers=1)
-    write_corpus(tmp_path / "corpus.txt", docs=24)
-    experts = [{"name": "moe-gate-norm", "preset": "moe-expert-bits", "weights": "rtn", "moe_allocation": "gate-norm"},
-               {"name": "w4-rtn", "preset": "w4-rtn"}]
+    d = make_tiny_moe(tmp_path / "model", "olmoe", steps=0, history=False, layers=1)
+    model, _ = load_causal_lm("transformers", str(d))
+    moe, fp = find_moe(model), tmp_path / "fp.onnx"
+    spec = export_decoder(model, fp)
+    ids = np.random.default_rng(0).integers(3, 33, (2, 16))
+    r = _expert({"name": "g", "preset": "moe-expert-bits", "weights": "rtn", "moe_allocation": "gate-norm"})
+    cfg = LMModelConfig(source="transformers", path=str(d))
+    said = []
+    rec = build_moe_expert(model, moe, r, cfg, ids, fp, tmp_path / "q.onnx", calib_feeds(ids, spec), said.append)
+    assert rec["requested"] == "gate-norm" and rec["criterion"] == "maxvar" and "not found" in rec["fallback"]
+    assert any("max intra-neuron variance" in m for m in said) and (tmp_path / "q.onnx").is_file()
+    assert any(line.strip().startswith("FALLBACK") for line in _moe_bits_lines(rec))
+    cfg.gate_history = str(tmp_path / "nope.safetensors")
     with pytest.raises(ConfigError, match="gate_history"):
-        build_lm(_cfg(tmp_path, experts, history=str(tmp_path / "nope.safetensors")), tmp_path / "b0", quiet=True)
-    m = read_bundle(build_lm(_cfg(tmp_path, experts), tmp_path / "b", quiet=True)).manifest
-    a = m["experts"][0]["moe_bits"]
-    assert a["requested"] == "gate-norm" and a["criterion"] == "maxvar" and "not found" in a["fallback"]
-    from moqe_compile.cli.inspect import render
-
-    assert "FALLBACK" in render(str(tmp_path / "b"))
+        build_moe_expert(model, moe, r, cfg, ids, fp, tmp_path / "q2.onnx", calib_feeds(ids, spec))
