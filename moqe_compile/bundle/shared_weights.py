@@ -29,15 +29,16 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def externalize(graph: Path, table: np.ndarray, location: str) -> list[str]:
+def externalize(graph: Path, table: np.ndarray, location: str, digest: str | None = None) -> list[str]:
     """Mark every initializer of ``graph`` that equals ``table`` (shape, dtype, bytes) as external
-    data at ``location``; rewrites the file. Returns the initializer names (possibly none)."""
+    data at ``location``; rewrites the file. Returns the initializer names (possibly none).
+    ``digest``: ``table``'s sha256 when the caller already has it (one hash for many graphs)."""
     import onnx
     from onnx import TensorProto, numpy_helper
     from onnx.external_data_helper import set_external_data
 
     model = onnx.load(str(graph))
-    want, names = _digest(table), []
+    want, names = digest or _digest(table), []
     for t in model.graph.initializer:
         if tuple(t.dims) != table.shape or t.data_type != onnx.helper.np_dtype_to_tensor_dtype(table.dtype):
             continue
@@ -67,7 +68,8 @@ def share(graphs: dict[str, Path], table: np.ndarray, name: str, out_dir: Path) 
     dest.parent.mkdir(parents=True, exist_ok=True)
     table.astype(table.dtype.newbyteorder("<"), copy=False).tofile(dest)
     location = f"{name}.bin"
-    per_graph = {g: externalize(p, table, location) for g, p in graphs.items()}
+    digest = _digest(table)
+    per_graph = {g: externalize(p, table, location, digest) for g, p in graphs.items()}
     return {"path": rel, "dtype": dtype, "shape": list(table.shape), "location": location,
             "graphs": {g: n for g, n in per_graph.items() if n}}
 
