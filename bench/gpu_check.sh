@@ -11,14 +11,23 @@
 #      bundle at batch 1 and 64 on ONNX Runtime CUDA, checked against the CPU Runtime.
 # Each step's log and JSON go to $OUT (the device tool's folder; /tmp/gpu_check otherwise).
 #
-# Here, before the call:   bash bench/gpu_check.sh --prepare
-#   copies bundles/mobilenetv2-demo without its reports, with 64 test images (43 MB instead
-#   of 54), to bundles/gpucheck-slim (ignored by git like every bundle); carry that folder.
-#   Its manifest no longer matches report/: the bench loads it with --no-verify.
-# There:                   bash bench/gpu_check.sh
+# Here, before the calls:
+#   bash bench/gpu_check.sh --prepare
+#     copies bundles/mobilenetv2-demo without its reports and calibration histograms, with 16
+#     test images, to bundles/gpucheck-slim (ignored by git like every bundle; about 29 MB).
+#     Its manifest no longer matches its files: the bench loads it with --no-verify.
+#   bash bench/gpu_check.sh --pack-ortgpu onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+#     unpacks the wheel (255 MB), packs it as one tar.xz (about 204 MB) and splits that into
+#     62 MB parts, one per git-ignored folder .ortchunks1/ .. .ortchunks4/: one folder per
+#     device call (64 MiB a call), the last one beside bundles/gpucheck-slim.
+# There, one call per folder, back to back (the machine goes back after 30 s idle; what a
+# call carried stays for the next):
+#   call 1, carry [.ortchunks1]:                     bash bench/gpu_check.sh --stage kernels
+#   calls 2..N-1, carry [.ortchunksK]:               ls -la .ortchunks*
+#   call N, carry [.ortchunksN, bundles/gpucheck-slim]: bash bench/gpu_check.sh --stage ort
+# (--stage all, the default, runs both stages in one call.)
 # Environment: MOQE_BUNDLE (default bundles/gpucheck-slim, else bundles/mobilenetv2-demo),
-#   ORTGPU_DIR (default /tmp/ortgpu), ORTGPU_WHEEL (a wheel file) or ORTGPU_CHUNKS (a folder
-#   whose sorted *.part* files concatenate to the wheel named in its file NAME).
+#   ORTGPU_DIR (default /tmp/ortgpu), ORTGPU_WHEEL (a wheel file to install instead of the parts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,22 +36,45 @@ if [[ "${1:-}" == "--prepare" ]]; then
     [[ -f $src/manifest.json ]] || { echo "no $src: build it first (README quick start)"; exit 1; }
     rm -rf "$dst" && mkdir -p "$dst/report"
     cp -r "$src/manifest.json" "$src/experts" "$src/router" "$src/fp" "$src/task" "$dst/"
-    # 64 test-split images (as pixels) so the latency bench routes real photos, not noise
+    rm -f "$dst"/experts/*/calibration.json  # histograms: the build's record, not read to serve
+    # 16 test-split images (as pixels) so the latency bench routes real photos, not noise
     ${PYTHON:-python3} - "$src/report/eval_data.npz" "$dst/report/eval_data.npz" <<'PY'
 import sys
 import numpy as np
 with np.load(sys.argv[1], allow_pickle=False) as z:
-    keep = {k: z[k][:64] for k in ("test_pixels", "test_y", "test_groups") if k in z}
+    keep = {k: z[k][:16] for k in ("test_pixels", "test_y", "test_groups") if k in z}
     np.savez(sys.argv[2], splits=np.array(["test"]), mean=z["mean"], std=z["std"], **keep)
 PY
     du -sh "$dst"
-    echo "carry: [\"$dst\"]   command: bash bench/gpu_check.sh"
     exit 0
 fi
+
+if [[ "${1:-}" == "--pack-ortgpu" ]]; then
+    wheel=${2:?usage: gpu_check.sh --pack-ortgpu WHEEL [PART_BYTES]}
+    part=${3:-62000000}
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    unzip -q "$wheel" -d "$tmp/w"
+    # xz packs the CUDA provider library no smaller than deflate; the gain is one whole tar
+    tar -C "$tmp/w" -cf - . | xz -T0 -6 > "$tmp/ortgpu.tar.xz"
+    rm -rf .ortchunks*/
+    split -b "$part" -d -a 2 "$tmp/ortgpu.tar.xz" "$tmp/part"
+    i=0
+    for f in "$tmp"/part*; do
+        i=$((i + 1)); mkdir -p ".ortchunks$i"; mv "$f" ".ortchunks$i/"
+    done
+    ls -la .ortchunks*/
+    exit 0
+fi
+
+STAGE=all
+[[ "${1:-}" == "--stage" ]] && STAGE=${2:?--stage kernels|ort|all}
 
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# this script runs where a GPU is: the GPU tests must run, not skip on a device-node check
+[[ -e /dev/nvidia0 ]] || nvidia-smi -L >/dev/null 2>&1 && export MOQE_GPU_TESTS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 declare -A RC
@@ -59,21 +91,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 nvcc --version | tail -2 || true
 
 ORTGPU_DIR=${ORTGPU_DIR:-/tmp/ortgpu}
-if [[ ! -d $ORTGPU_DIR/onnxruntime ]]; then
-    wheel=${ORTGPU_WHEEL:-}
-    chunks=${ORTGPU_CHUNKS:-.ortgpu}
-    if [[ -z $wheel && -f $chunks/NAME ]] && compgen -G "$chunks/*.part*" >/dev/null; then
-        wheel=/tmp/$(cat "$chunks/NAME")
-        cat $(ls "$chunks"/*.part* | sort) > "$wheel"
-    fi
-    if [[ -n $wheel && -f $wheel ]]; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --target "$ORTGPU_DIR" "$wheel" \
-            || echo "onnxruntime-gpu install from $wheel failed"
+if [[ $STAGE != kernels && ! -d $ORTGPU_DIR/onnxruntime ]]; then
+    if [[ -n ${ORTGPU_WHEEL:-} && -f $ORTGPU_WHEEL ]]; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --target "$ORTGPU_DIR" "$ORTGPU_WHEEL" \
+            || echo "onnxruntime-gpu install from $ORTGPU_WHEEL failed"
+    elif compgen -G ".ortchunks*/part*" >/dev/null; then
+        # the parts in order of their own names (part00, part01, ...), whatever folder holds them
+        parts=$(ls .ortchunks*/part* | awk -F/ '{print $NF" "$0}' | sort | cut -d' ' -f2)
+        echo "unpacking onnxruntime-gpu from: $parts"
+        mkdir -p "$ORTGPU_DIR"
+        cat $parts | $PY -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1])" "$ORTGPU_DIR" \
+            || echo "unpacking the onnxruntime-gpu parts failed"
     fi
 fi
 if [[ -d $ORTGPU_DIR/onnxruntime ]]; then
     export PYTHONPATH="$ORTGPU_DIR:$PYTHONPATH"
-else
+elif [[ $STAGE != kernels ]]; then
     echo "no onnxruntime-gpu in $ORTGPU_DIR: the ONNX Runtime CUDA parts will skip or fail (see above)"
 fi
 $PY - <<'EOF'
@@ -91,23 +124,33 @@ v["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
 print(json.dumps(v))
 EOF
 
-step kernel_build make -j3 -C kernels all ref check
-if [[ ${RC[kernel_build]} == 0 ]]; then
-    step kernel_check kernels/build/router_attention_check
+if [[ $STAGE != ort ]]; then
+    step kernel_build make -j3 -C kernels all ref check
+    if [[ ${RC[kernel_build]} == 0 ]]; then
+        step kernel_check kernels/build/router_attention_check
+    fi
+fi
+if [[ -f kernels/build/libmoqe_router_attention.so ]]; then
     export MOQE_ROUTER_ATTENTION_LIB=$PWD/kernels/build/libmoqe_router_attention.so
     export MOQE_ROUTER_ATTENTION_REF_LIB=$PWD/kernels/build/libmoqe_router_attention_ref.so
 fi
-step tests_gpu $PY -m pytest -q -rs -p no:cacheprovider tests/gpu tests/test_kernels_ref.py
-step bench_attention_fp16 $PY bench/router_attention.py --dtype float16 --json "$OUT/router_attention_fp16.json"
-step bench_attention_fp32 $PY bench/router_attention.py --dtype float32 --batches 1,1024 --json "$OUT/router_attention_fp32.json"
-
-BUNDLE=${MOQE_BUNDLE:-bundles/gpucheck-slim}
-[[ -f $BUNDLE/manifest.json ]] || BUNDLE=bundles/mobilenetv2-demo
-if [[ -f $BUNDLE/manifest.json ]]; then
-    step bench_latency $PY bench/gpu_latency.py "$BUNDLE" --no-verify --batches 1,64 --json "$OUT/gpu_latency.json"
-else
-    echo "no MobileNetV2 bundle carried (run bench/gpu_check.sh --prepare here and carry bundles/gpucheck-slim)"
-    RC[bench_latency]=missing
+if [[ $STAGE != ort ]]; then
+    step tests_kernels $PY -m pytest -q -rs -p no:cacheprovider tests/gpu/test_router_attention_gpu.py tests/test_kernels_ref.py
+    step bench_attention_fp16 $PY bench/router_attention.py --dtype float16 --json "$OUT/router_attention_fp16.json"
+    step bench_attention_fp32 $PY bench/router_attention.py --dtype float32 --batches 1,1024 --json "$OUT/router_attention_fp32.json"
+    step cuda_device $PY -c "from moqe_compile.backends.cuda_device import CudaDevice; print(CudaDevice().describe())"
+fi
+if [[ $STAGE != kernels ]]; then
+    step tests_gpu $PY -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu_backends.py
+    BUNDLE=${MOQE_BUNDLE:-bundles/gpucheck-slim}
+    [[ -f $BUNDLE/manifest.json ]] || BUNDLE=bundles/mobilenetv2-demo
+    if [[ -f $BUNDLE/manifest.json ]]; then
+        step bench_latency $PY bench/gpu_latency.py "$BUNDLE" --no-verify --batches 1,64 --repeats 100 \
+            --json "$OUT/gpu_latency.json"
+    else
+        echo "no MobileNetV2 bundle carried (run bench/gpu_check.sh --prepare here and carry bundles/gpucheck-slim)"
+        RC[bench_latency]=missing
+    fi
 fi
 
 echo; echo "=== summary (exit status per step)"

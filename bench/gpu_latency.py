@@ -9,7 +9,11 @@ Candidates, all timed interleaved round by round in one process on the same batc
 - ``expert:<default>``: the bundle's default (best-on-validation) expert alone, the same
   path without the router: the issue's goal is moqe within 1.10x of it;
 - ``router``: the router alone; ``fp32`` / ``fp16`` / ``fp16_nhwc`` (``prefer_nhwc``): the FP
-  model through the same kind of session.
+  model through the same kind of session;
+- with CUDA graphs (``--no-graphs`` leaves them out): ``moqe_graph``, ``expert_graph:<default>``
+  and ``fp16_nhwc_graph``, the same paths replaying ONNX Runtime CUDA graphs per batch size.
+  Their outputs are checked against the plain GPU paths on a second, different batch of the
+  same size, so a replay that read stale buffers would show.
 ONNX Runtime's CUDA provider has no integer convolutions (DESIGN.md section 6): the INT8
 experts run as dequantize -> float conv, so compare MoQE with one expert, and INT8 with
 FP16 only to see what fake quantization costs here, never as a speed-up.
@@ -42,6 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", action="store_true", help="skip sha256 checks and files the bench does not read "
                                                            "(a copy without report/, to carry less)")
     ap.add_argument("--no-cpu-check", action="store_true", help="skip the comparison with the CPU Runtime")
+    ap.add_argument("--no-graphs", action="store_true", help="leave out the CUDA-graph candidates")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed calls per candidate and batch size "
+                                                        "(algorithm search, graph capture)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -67,13 +74,29 @@ def main(argv=None) -> int:
     single = load(only_expert=best)
     router = moqe._router
     fp32 = OrtCudaSession("fp32", root / manifest["model"]["fp"]["path"], device=dev)
+    graphed, graph_error = {}, None
     with tempfile.TemporaryDirectory() as tmp:
         f16 = fp16_model(root / manifest["model"]["fp"]["path"], Path(tmp) / "fp16.onnx")
         fp16 = OrtCudaSession("fp16", f16, device=dev)
         # channels-last convolutions: the fastest FP16 configuration measured (DESIGN.md section 6)
         fp16_nhwc = OrtCudaSession("fp16_nhwc", f16, device=dev, provider_options={"prefer_nhwc": "1"})
+        if not args.no_graphs:
+            try:
+                graphed = {"moqe_graph": load(cuda_graph=True),
+                           f"expert_graph:{best}": load(only_expert=best, cuda_graph=True),
+                           "fp16_nhwc_graph": OrtCudaSession("fp16_nhwc_graph", f16, device=dev, cuda_graph=True,
+                                                             provider_options={"prefer_nhwc": "1"})}
+            except Exception as e:  # noqa: BLE001 - report it; the plain candidates still run
+                graph_error = f"{type(e).__name__}: {e}"
+                print(f"CUDA-graph candidates left out: {graph_error}")
     info = {**moqe.describe(), "onnxruntime": ort.__version__, "bundle": str(root), "default_expert": best,
             "routed": moqe.routed}
+    if graphed:
+        info["graphs"] = graphed["moqe_graph"].describe().get("cuda_graphs")
+        info["fp16_graph"] = ("on" if graphed["fp16_nhwc_graph"].cuda_graph
+                              else f"refused: {graphed['fp16_nhwc_graph'].graph_error}")
+    if graph_error:
+        info["graph_error"] = graph_error
     print(json.dumps(info))
 
     eval_path = root / "report" / "eval_data.npz"
@@ -87,7 +110,7 @@ def main(argv=None) -> int:
         c, h, w = moqe.input_shape
         pool = np.random.default_rng(0).standard_normal((64, c, h, w), dtype=np.float32)
 
-    results = {"meta": {**info, "input": source, "repeats": args.repeats}, "batches": {}}
+    results = {"meta": {**info, "input": source, "repeats": args.repeats, "warmup": args.warmup}, "batches": {}}
     cpu = None
     if not args.no_cpu_check:
         from moqe_compile.runtime import Runtime
@@ -99,11 +122,32 @@ def main(argv=None) -> int:
                  "fp16": lambda: fp16.run(x), "fp16_nhwc": lambda: fp16_nhwc.run(x)}
         if router is not None:
             cands["router"] = lambda: router.run(x)
+        for name, obj in graphed.items():
+            cands[name] = (lambda o=obj: o.run(x))
+        for fn in cands.values():  # warm-up beyond time_interleaved's one call: cuDNN search, capture
+            for _ in range(max(args.warmup - 1, 0)):
+                fn()
         t = time_interleaved(cands, args.repeats)
         res = moqe.run(x)
         usage = {n: int((np.asarray(res.experts) == n).sum()) for n in moqe.expert_names}
         row = {"timing": t, "usage": usage,
                "moqe_over_expert": round(t["moqe"]["median_ms"] / t[f"expert:{best}"]["median_ms"], 3)}
+        # where MoQE's time goes: the runtime's own split over a few calls
+        splits = [moqe.run(x).timing_ms for _ in range(max(args.repeats // 3, 1))]
+        row["moqe_split_ms"] = {k: round(float(np.median([sp[k] for sp in splits])), 3) for k in splits[0]}
+        if graphed:
+            row["graph_over_expert_graph"] = round(t["moqe_graph"]["median_ms"]
+                                                   / t[f"expert_graph:{best}"]["median_ms"], 3)
+            row["moqe_graph_over_expert"] = round(t["moqe_graph"]["median_ms"] / t[f"expert:{best}"]["median_ms"], 3)
+            # a second, different batch of the same size: replays must read the new input
+            x2 = np.ascontiguousarray(np.roll(x, 1, axis=0) * 0.9)
+            plain, graph = moqe.run(x2), graphed["moqe_graph"].run(x2)
+            row["graph_vs_plain"] = {
+                "routing_agreement": float((plain.expert_index == graph.expert_index).mean()),
+                "max_abs_logit_diff": float(np.abs(plain.logits - graph.logits).max()),
+                "expert_max_abs_diff": float(np.abs(single.run(x2).logits
+                                                    - graphed[f"expert_graph:{best}"].run(x2).logits).max()),
+                "fp16_max_abs_diff": float(np.abs(fp16_nhwc.run(x2) - graphed["fp16_nhwc_graph"].run(x2)).max())}
         if cpu is not None:
             ref = cpu.run(x)
             row["vs_cpu_runtime"] = {
@@ -112,9 +156,14 @@ def main(argv=None) -> int:
                 "max_abs_logit_diff": float(np.abs(ref.logits - res.logits).max())}
         results["batches"][str(b)] = row
         print(f"batch {b:>3}: " + "  ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in t.items())
-              + f"  | moqe/expert {row['moqe_over_expert']:.3f}  usage {usage}"
+              + f"  | moqe/expert {row['moqe_over_expert']:.3f}  usage {usage}  split {row['moqe_split_ms']}"
+              + (f"  | graphs: moqe_graph/expert_graph {row['graph_over_expert_graph']:.3f} "
+                 f"moqe_graph/expert {row['moqe_graph_over_expert']:.3f} vs plain {row['graph_vs_plain']}"
+                 if graphed else "")
               + (f"  | vs CPU {row['vs_cpu_runtime']}" if cpu is not None else ""))
-    for s in (moqe, single, fp32, fp16, fp16_nhwc):
+    if graphed:
+        results["meta"]["graphs_after"] = graphed["moqe_graph"].describe().get("cuda_graphs")
+    for s in (moqe, single, fp32, fp16, fp16_nhwc, *graphed.values()):
         s.close()
     if cpu is not None:
         cpu.close()

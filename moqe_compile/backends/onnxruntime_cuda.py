@@ -13,6 +13,16 @@ provider has no integer convolutions. It runs a Q/DQ graph as DequantizeLinear -
 Conv, about 2x slower than FP32, so an INT8 expert here is judged on correctness and on
 MoQE's overhead over one expert, never on speed; :func:`fp16_model` makes the FP16 graph
 that reports put beside it.
+
+CUDA graphs (``cuda_graph=True``): ONNX Runtime's own capture (provider option
+``enable_cuda_graph``), one graph per batch size through the run option ``gpu_graph_id``
+(1, 2, ...; -1 runs without a graph). A graph replays the device addresses it was captured
+with, so graphs are keyed by (batch size, input address, output address): a replay always
+reads and writes the buffers bound now, and callers that want replays rather than new
+captures bind fixed buffers per batch size (``runtime/gpu.py`` does). At most
+``max_graphs`` are captured; later keys run without a graph. Where the provider refuses
+capture (a node left on the CPU, say) the session is made without it and
+:attr:`graph_error` says why.
 """
 
 from __future__ import annotations
@@ -70,7 +80,7 @@ class OrtCudaSession:
 
     def __init__(self, name: str, path: Path, intra_op_threads: int = 0, *, device=None,
                  provider_options: dict | None = None, providers: list[str] | None = None,
-                 device_type: str = "cuda"):
+                 device_type: str = "cuda", cuda_graph: bool = False, max_graphs: int = 8):
         import onnxruntime as ort
 
         self.name = name
@@ -89,16 +99,30 @@ class OrtCudaSession:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_threads:
             so.intra_op_num_threads = intra_op_threads
+        self.cuda_graph, self.graph_error, self.max_graphs = bool(cuda_graph), None, int(max_graphs)
         if providers is None:
             opts = {"device_id": str(device.device_id), "user_compute_stream": str(self.stream),
                     # ORT versions before 1.16 read this key instead of inferring it
                     "has_user_compute_stream": "1"}
             opts.update({k: str(v) for k, v in (provider_options or {}).items()})
+            if self.cuda_graph:
+                opts["enable_cuda_graph"] = "1"
             providers = [(CUDA_EP, opts), "CPUExecutionProvider"]
         try:
             self._sess = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise BackendError(f"{name}: ONNX Runtime (CUDA) could not load {str(path)!r}: {e}") from e
+            if not self.cuda_graph or not isinstance(providers[0], tuple):
+                raise BackendError(f"{name}: ONNX Runtime (CUDA) could not load {str(path)!r}: {e}") from e
+            # capture refused (e.g. a node ORT keeps on the CPU): serve without graphs, say why
+            self.cuda_graph, self.graph_error = False, str(e).strip().splitlines()[-1][:300]
+            log.warning("%s: CUDA graphs refused by ONNX Runtime (%s); running without them.", name,
+                        self.graph_error)
+            providers = [(CUDA_EP, {k: v for k, v in providers[0][1].items() if k != "enable_cuda_graph"}),
+                         "CPUExecutionProvider"]
+            try:
+                self._sess = ort.InferenceSession(str(path), so, providers=providers)
+            except Exception as e2:  # noqa: BLE001
+                raise BackendError(f"{name}: ONNX Runtime (CUDA) could not load {str(path)!r}: {e2}") from e2
         self.providers = self._sess.get_providers()
         inp, out = self._sess.get_inputs()[0], self._sess.get_outputs()[0]
         for what, t in (("input", inp), ("output", out)):
@@ -109,11 +133,33 @@ class OrtCudaSession:
         self.input_name, self.output_name = inp.name, out.name
         self.input_dtype, self.output_dtype = _ORT_TYPES[inp.type], _ORT_TYPES[out.type]
         self.input_tail, self.output_tail = tuple(inp.shape[1:]), tuple(out.shape[1:])
-        self._run_options = ort.RunOptions()
-        # return once the work is enqueued on our stream; the caller syncs once per batch
-        self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._ort = ort
+        self._run_options = self._make_run_options(-1 if self.cuda_graph else None)
+        self._graphs: dict[tuple[int, int, int], int] = {}  # (batch size, in_ptr, out_ptr) -> graph id
+        self._graph_options: dict[int, object] = {}
         self._io = self._sess.io_binding()
         self._lock = threading.Lock()
+
+    def _make_run_options(self, graph_id: int | None):
+        ro = self._ort.RunOptions()
+        # return once the work is enqueued on our stream; the caller syncs once per batch
+        ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        if graph_id is not None:
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return ro
+
+    def wants_graph(self, n: int) -> bool:
+        """Whether runs of ``n`` samples are worth fixed buffers: graphs are on and ``n``
+        already has one or a slot is free (at most :attr:`max_graphs`)."""
+        return self.cuda_graph and (n in self.graph_sizes or len(self._graphs) < self.max_graphs)
+
+    @property
+    def graph_sizes(self) -> list[int]:
+        return sorted({n for n, _, _ in self._graphs})
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs)
 
     def input_nbytes(self, n: int) -> int:
         return n * int(np.prod(self.input_tail)) * np.dtype(self.input_dtype).itemsize
@@ -121,16 +167,30 @@ class OrtCudaSession:
     def output_nbytes(self, n: int) -> int:
         return n * int(np.prod(self.output_tail)) * np.dtype(self.output_dtype).itemsize
 
-    def enqueue(self, in_ptr: int, n: int, out_ptr: int) -> None:
+    def enqueue(self, in_ptr: int, n: int, out_ptr: int, graph: bool = False) -> None:
         """Run on ``n`` samples already on the device at ``in_ptr`` into ``out_ptr``; returns
-        when the work is enqueued on :attr:`stream`. Callers hold :attr:`lock` (one binding)."""
+        when the work is enqueued on :attr:`stream`. Callers hold :attr:`lock` (one binding).
+
+        ``graph=True`` (with ``cuda_graph`` on): capture, then replay, the CUDA graph of
+        (``n``, ``in_ptr``, ``out_ptr``) while fewer than :attr:`max_graphs` exist; else run
+        without one."""
+        run_options = self._run_options
+        if graph and self.cuda_graph:
+            key = (n, in_ptr, out_ptr)
+            gid = self._graphs.get(key)
+            if gid is None and len(self._graphs) < self.max_graphs:
+                gid = self._graphs[key] = len(self._graphs) + 1
+            if gid is not None:
+                run_options = self._graph_options.get(gid)
+                if run_options is None:
+                    run_options = self._graph_options[gid] = self._make_run_options(gid)
         io = self._io
         io.bind_input(self.input_name, self.device_type, self.device.device_id, self.input_dtype,
                       [n, *self.input_tail], in_ptr)
         io.bind_output(self.output_name, self.device_type, self.device.device_id, self.output_dtype,
                        [n, *self.output_tail], out_ptr)
         try:
-            self._sess.run_with_iobinding(io, self._run_options)
+            self._sess.run_with_iobinding(io, run_options)
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"{self.name}: ONNX Runtime (CUDA) run failed on batch {n}: {e}") from e
 
@@ -145,13 +205,16 @@ class OrtCudaSession:
             raise InputError(f"{self.name}: batch shape {x.shape}; expected (N, {', '.join(map(str, self.input_tail))}).")
         n = len(x)
         with self._lock:
-            host_in = self.buffers.host_array("in", self.input_dtype, x.shape)
+            # a graphed batch size gets buffers of its own: its graph replays their addresses
+            graph = self.wants_graph(n)
+            sfx = f"@{n}" if graph else ""
+            host_in = self.buffers.host_array("in" + sfx, self.input_dtype, x.shape)
             host_in[...] = x  # also converts float32 -> float16 for an FP16 graph
-            d_in = self.buffers.device_ptr("in", self.input_nbytes(n))
-            d_out = self.buffers.device_ptr("out", self.output_nbytes(n))
-            host_out = self.buffers.host_array("out", self.output_dtype, (n, *self.output_tail))
+            d_in = self.buffers.device_ptr("in" + sfx, self.input_nbytes(n))
+            d_out = self.buffers.device_ptr("out" + sfx, self.output_nbytes(n))
+            host_out = self.buffers.host_array("out" + sfx, self.output_dtype, (n, *self.output_tail))
             self.device.copy(d_in, host_in.ctypes.data, self.input_nbytes(n), "h2d", self.stream)
-            self.enqueue(d_in, n, d_out)
+            self.enqueue(d_in, n, d_out, graph=graph)
             self.device.copy(host_out.ctypes.data, d_out, self.output_nbytes(n), "d2h", self.stream)
             self.device.synchronize(self.stream)
             return host_out.astype(np.float32, copy=True)

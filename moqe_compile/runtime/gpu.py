@@ -18,11 +18,18 @@ graphs on ONNX Runtime's CUDA provider, ``user_compute_stream`` = the expert's s
 ``tensorrt`` (engines from the bundle, ONNX Runtime CUDA where none fits). Device buffers
 are allocated for the largest batch seen and reused. ``run`` is safe from many threads;
 calls take turns (the buffers are shared), so use one runtime per concurrent stream of
-batches. CUDA graphs are not used: ONNX Runtime captures them only with fixed shapes and
-addresses, and per-expert group sizes change with every batch.
+batches.
 
-Written and tested on the CPU with a host-memory device (tests/backends/fakes.py) only;
-it has not run on a GPU in the session that wrote it (bench/gpu_check.sh runs it there).
+``cuda_graph=True`` (ONNX Runtime CUDA only): each session captures and replays a CUDA
+graph per (batch size, input buffer, output buffer), up to ``max_graphs`` of them (then it
+runs without one). So that replays happen, every buffer a graphed session binds is keyed by
+its batch size (``x@64``, ``y/2@17``) instead of being grown and moved; the router
+always takes the whole batch, and an expert usually does, so serving at a few fixed batch
+sizes stays on graphs. It cuts the host's per-node launch cost, which is most of a
+MobileNetV2-sized model's time at batch 1.
+
+Tested on the CPU with a host-memory device (tests/backends/fakes.py); the GPU runs are in
+tests/gpu and bench/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -71,6 +78,17 @@ def _device_session(sess, name: str):
     return inner
 
 
+def _wants_graph(sess, n: int) -> bool:
+    return bool(getattr(sess, "wants_graph", None) and sess.wants_graph(n))
+
+
+def _enqueue(sess, src: int, n: int, dst: int, graph: bool) -> None:
+    if graph:
+        sess.enqueue(src, n, dst, graph=True)
+    else:
+        sess.enqueue(src, n, dst)
+
+
 def _out_shape(sess, n: int) -> tuple[int, ...]:
     return sess.output_shape(n) if hasattr(sess, "output_shape") else (n, *sess.output_tail)
 
@@ -79,7 +97,8 @@ class GpuRuntime(_BundleRuntime):
     """A loaded bundle on one GPU. ``run(batch)`` returns the CPU ``Runtime``'s ``RunResult``."""
 
     def __init__(self, root: Path, manifest: dict, backend: str = "onnxruntime-cuda", device=None,
-                 variant: str | None = None, only_expert: str | None = None, session_factory=None):
+                 variant: str | None = None, only_expert: str | None = None, session_factory=None,
+                 cuda_graph: bool = False, max_graphs: int = 8):
         if backend not in GPU_BACKENDS:
             raise BackendError(f"unknown GPU backend {backend!r}; supported: {sorted(GPU_BACKENDS)}.")
         self.root, self.manifest, self.backend = Path(root), manifest, backend
@@ -100,11 +119,14 @@ class GpuRuntime(_BundleRuntime):
 
             device = CudaDevice()
         self.device = device
+        if cuda_graph and backend != "onnxruntime-cuda":
+            raise BackendError(f"cuda_graph needs the 'onnxruntime-cuda' backend, not {backend!r}.")
         if session_factory is None:
             cls = GPU_BACKENDS[backend]
+            graph_kw = {"cuda_graph": True, "max_graphs": max_graphs} if cuda_graph else {}
 
             def session_factory(name, path, dev):
-                return cls(name, path, device=dev)
+                return cls(name, path, device=dev, **graph_kw)
 
         self._sessions = []  # everything to close, wrappers included
         self._experts = []
@@ -141,17 +163,25 @@ class GpuRuntime(_BundleRuntime):
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime-cuda", verify: bool = True, device=None,
-             variant: str | None = None, only_expert: str | None = None, session_factory=None) -> "GpuRuntime":
+             variant: str | None = None, only_expert: str | None = None, session_factory=None,
+             cuda_graph: bool = False, max_graphs: int = 8) -> "GpuRuntime":
         """Open a bundle (hashes verified unless ``verify=False``) and create every GPU session
         once. ``variant``: which expert graphs (default: ``tensorrt`` where the bundle has it,
-        else ``onnxruntime-cpu``); ``only_expert``: that expert alone, no router."""
+        else ``onnxruntime-cpu``); ``only_expert``: that expert alone, no router;
+        ``cuda_graph``: replay CUDA graphs per batch size (see the module docstring)."""
         b = read_bundle(path, verify=verify)
-        return cls(b.root, b.manifest, backend, device, variant, only_expert, session_factory)
+        return cls(b.root, b.manifest, backend, device, variant, only_expert, session_factory, cuda_graph,
+                   max_graphs)
 
     def describe(self) -> dict:
         """Device, backend and the execution provider each session really uses."""
-        return {**self.device.describe(), "backend": self.backend, "variant": self.variant,
-                "sessions": {s.name: getattr(s, "providers", ["?"])[0] for s in self._sessions}}
+        out = {**self.device.describe(), "backend": self.backend, "variant": self.variant,
+               "sessions": {s.name: getattr(s, "providers", ["?"])[0] for s in self._sessions}}
+        live = [s for s in [self._router, *self._experts] if s is not None]
+        if any(getattr(s, "cuda_graph", False) or getattr(s, "graph_error", None) for s in live):
+            out["cuda_graphs"] = {s.name: (f"sizes {s.graph_sizes}" if s.cuda_graph else f"refused: {s.graph_error}")
+                                  for s in live}
+        return out
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
         shape = self.input_shape
@@ -176,18 +206,20 @@ class GpuRuntime(_BundleRuntime):
         n = len(batch)
         row = int(np.prod(batch.shape[1:])) * 4
         t0 = time.perf_counter()
+        first = self._router or self._experts[self.default_expert]
+        gx = _wants_graph(first, n)
+        kx = f"@{n}" if gx else ""  # a graphed size binds buffers of its own (fixed addresses)
         host_x = buf.host_array("x", np.float32, batch.shape)
         host_x[...] = batch
-        d_x = buf.device_ptr("x", n * row)
-        first = self._router or self._experts[self.default_expert]
+        d_x = buf.device_ptr("x" + kx, n * row)
         dev.copy(d_x, host_x.ctypes.data, n * row, "h2d", first.stream)
         dev.record(self._input_ready, first.stream)
         if self._router is not None:
             r = self._router
             with r.lock:  # a TensorRT context's shapes are set per call: shape and run together
                 host_p = buf.host_array("probs", np.float32, _out_shape(r, n))
-                d_p = buf.device_ptr("probs", host_p.nbytes)
-                r.enqueue(d_x, n, d_p)
+                d_p = buf.device_ptr("probs" + kx, host_p.nbytes)
+                _enqueue(r, d_x, n, d_p, gx)
             dev.copy(host_p.ctypes.data, d_p, host_p.nbytes, "d2h", r.stream)
             dev.synchronize(r.stream)  # host sync 1: grouping needs the probabilities here
             idx, conf = apply_fallback(np.array(host_p), self.fallback_threshold, self.fallback_expert)
@@ -201,17 +233,19 @@ class GpuRuntime(_BundleRuntime):
             if s is None:
                 raise InputError(f"expert {self.expert_names[k]!r} was not loaded.")
             m = len(members)
+            gk = _wants_graph(s, m)
+            km = f"@{m}" if gk else ""
             dev.wait(s.stream, self._input_ready)
             if m == n:  # one expert takes the whole batch: read the input where it is
                 src = d_x
             else:
-                src = buf.device_ptr(f"x/{k}", m * row)
+                src = buf.device_ptr(f"x/{k}{km}", m * row)
                 for from_row, to_row, length in _runs(members):
                     dev.copy(src + to_row * row, d_x + from_row * row, length * row, "d2d", s.stream)
             with s.lock:
                 host_y = buf.host_array(f"y/{k}", np.float32, _out_shape(s, m))
-                d_y = buf.device_ptr(f"y/{k}", host_y.nbytes)
-                s.enqueue(src, m, d_y)
+                d_y = buf.device_ptr(f"y/{k}{km}", host_y.nbytes)
+                _enqueue(s, src, m, d_y, gk)
             dev.copy(host_y.ctypes.data, d_y, host_y.nbytes, "d2h", s.stream)
             dev.record(self._done[id(s)], s.stream)
             dev.wait(self._join, self._done[id(s)])

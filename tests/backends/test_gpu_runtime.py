@@ -140,3 +140,35 @@ def test_a_failed_load_releases_the_sessions_already_made(bundle):
     with pytest.raises(BackendError, match="e1 does not load"):
         GpuRuntime.load(bundle, device=dev, session_factory=factory)
     assert dev.count("stream") == dev.count("destroy_stream") == 1
+
+
+def graph_factory(name, path, device):
+    from moqe_compile.backends.onnxruntime_cuda import OrtCudaSession
+
+    return OrtCudaSession(name, path, device=device, providers=["CPUExecutionProvider"], device_type="cpu",
+                          cuda_graph=True, max_graphs=3)
+
+
+def test_cuda_graph_mode_binds_fixed_buffers_per_batch_size(bundle):
+    # Batch sizes that grow and shrink: with shared buffers, which grow and move, every
+    # return to a size would bind new addresses and use up the graph slots.
+    dev = HostDevice()
+    batches = [[0, 0, 1, 0, 0], [2] * 8, [0, 0, 1, 0, 0], [1], [2] * 8, [1], [0, 2, 1, 0, 1, 2, 0, 0], [1]]
+    with GpuRuntime.load(bundle, device=dev, session_factory=graph_factory) as g, Runtime.load(bundle) as cpu:
+        for route in batches:
+            x = batch_routed_to(route)
+            got, want = g.run(x), cpu.run(x)
+            assert list(got.expert_index) == route
+            np.testing.assert_allclose(got.logits, want.logits, rtol=1e-6)
+        assert g._router.graph_sizes == [1, 5, 8] and g._router.graph_count == 3
+        # e1 saw size 1 as a subset (own buffer) and as a whole batch (the input buffer)
+        assert g._experts[1].graph_sizes == [1, 2] and g._experts[1].graph_count == 3
+        assert "cuda_graphs" in g.describe()
+        dev.log.clear()
+        g.run(batch_routed_to([2] * 8))  # a size seen before: nothing allocated, no gather
+        assert dev.count("malloc") == 0 and not [e for e in dev.log if e[:2] == ("copy", "d2d")]
+
+
+def test_cuda_graph_needs_onnxruntime_cuda(bundle):
+    with pytest.raises(BackendError, match="cuda_graph needs the 'onnxruntime-cuda' backend"):
+        GpuRuntime.load(bundle, backend="tensorrt", device=HostDevice(), cuda_graph=True)

@@ -31,8 +31,10 @@ def _load(name: str):
 def test_gpu_latency_flow_with_stand_ins(bundle, tmp_path, monkeypatch):
     init = oc.OrtCudaSession.__init__
 
-    def host_init(self, name, path, intra_op_threads=0, *, device=None, provider_options=None, **kw):
-        init(self, name, path, intra_op_threads, device=device, providers=["CPUExecutionProvider"], device_type="cpu")
+    def host_init(self, name, path, intra_op_threads=0, *, device=None, provider_options=None, cuda_graph=False,
+                  max_graphs=8, **kw):
+        init(self, name, path, intra_op_threads, device=device, providers=["CPUExecutionProvider"], device_type="cpu",
+             cuda_graph=cuda_graph, max_graphs=max_graphs)
 
     monkeypatch.setattr(cuda_device, "CudaDevice", HostDevice)
     monkeypatch.setattr(oc, "require_cuda_provider", lambda: None)
@@ -42,8 +44,11 @@ def test_gpu_latency_flow_with_stand_ins(bundle, tmp_path, monkeypatch):
     res = json.loads(out.read_text())
     assert res["meta"]["default_expert"] == "e1" and set(res["batches"]) == {"1", "5"}
     row = res["batches"]["5"]
-    assert set(row["timing"]) == {"moqe", "expert:e1", "fp32", "fp16", "fp16_nhwc", "router"}
+    assert set(row["timing"]) == {"moqe", "expert:e1", "fp32", "fp16", "fp16_nhwc", "router", "moqe_graph",
+                                  "expert_graph:e1", "fp16_nhwc_graph"}
     assert sum(row["usage"].values()) == 5
+    assert row["graph_vs_plain"]["routing_agreement"] == 1.0 and row["graph_vs_plain"]["max_abs_logit_diff"] < 1e-5
+    assert set(row["moqe_split_ms"]) == {"router", "experts", "total"}
     assert row["vs_cpu_runtime"]["routing_agreement"] == 1.0 and row["vs_cpu_runtime"]["top1_agreement"] == 1.0
 
 

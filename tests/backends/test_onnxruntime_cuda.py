@@ -66,3 +66,27 @@ def test_fp16_model_keeps_float32_io(tiny_onnx, tmp_path):
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer)
+
+
+def test_graph_mode_keys_graphs_by_size_and_buffers(tiny_onnx):
+    dev = HostDevice()
+    s = OrtCudaSession("e", tiny_onnx, device=dev, providers=["CPUExecutionProvider"], device_type="cpu",
+                       cuda_graph=True, max_graphs=3)
+    ref = OrtCpuSession("ref", tiny_onnx)
+    rng = np.random.default_rng(2)
+    for n in (3, 1, 3, 1):  # run() keeps fixed buffers per graphed size: two graphs, replayed
+        x = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
+        np.testing.assert_allclose(s.run(x), ref.run(x), rtol=1e-5, atol=1e-5)
+    assert s.graph_sizes == [1, 3] and s.graph_count == 2
+    # other buffers for a size are another graph (a replay reads the addresses bound now)
+    x = rng.standard_normal((3, 3, 32, 32), dtype=np.float32)
+    d_in, d_out = dev.malloc(x.nbytes), dev.malloc(s.output_nbytes(3))
+    dev.copy(d_in, x.ctypes.data, x.nbytes, "h2d", s.stream)
+    s.enqueue(d_in, 3, d_out, graph=True)
+    assert s.graph_count == 3 and not s.wants_graph(5)
+    s.enqueue(d_in, 2, d_out, graph=True)  # no slot left: runs without a graph
+    assert s.graph_count == 3
+    out = np.empty((3, *s.output_tail), np.float32)
+    dev.copy(out.ctypes.data, d_out, out.nbytes, "d2h", s.stream)
+    np.testing.assert_allclose(out[:2], ref.run(x[:2]), rtol=1e-5, atol=1e-5)
+    s.close()

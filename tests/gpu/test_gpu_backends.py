@@ -60,6 +60,21 @@ def test_gpu_runtime_matches_cpu_runtime(tiny_bundle, device, need_ort_cuda):
         one.close()
 
 
+def test_cuda_graph_replays_match_the_plain_gpu_runtime(tiny_bundle, device, need_ort_cuda):
+    from moqe_compile.runtime.gpu import GpuRuntime
+
+    rng = np.random.default_rng(1)
+    with GpuRuntime.load(tiny_bundle, device=device) as plain, \
+            GpuRuntime.load(tiny_bundle, device=device, cuda_graph=True) as graphed:
+        for n in (1, 8, 1, 8, 3, 8, 1):  # sizes return: replays, each on a fresh input
+            x = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
+            want, got = plain.run(x), graphed.run(x)
+            assert (got.expert_index == want.expert_index).all()
+            np.testing.assert_allclose(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+        info = graphed.describe()["cuda_graphs"]
+        assert not any(v.startswith("refused") for v in info.values()), info
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed")
 def test_tensorrt_engine_builds_records_and_runs(tmp_path, tiny_onnx, device):
     from moqe_compile.backends import tensorrt as trtb
