@@ -10,8 +10,8 @@ Candidates, all timed interleaved round by round in one process on the same batc
   path without the router: the issue's goal is moqe within 1.10x of it;
 - ``router``: the router alone; ``fp32`` / ``fp16`` / ``fp16_nhwc`` (``prefer_nhwc``): the FP
   model through the same kind of session;
-- with CUDA graphs (``--no-graphs`` leaves them out): ``moqe_graph``, ``expert_graph:<default>``
-  and ``fp16_nhwc_graph``, the same paths replaying ONNX Runtime CUDA graphs per batch size.
+- with CUDA graphs (``--no-graphs`` leaves them out): ``moqe_graph``, ``expert_graph:<default>``,
+  ``router_graph`` and ``fp16_nhwc_graph``, the same paths replaying ONNX Runtime CUDA graphs per batch size.
   Their outputs are checked against the plain GPU paths on a second, different batch of the
   same size, so a replay that read stale buffers would show.
 ONNX Runtime's CUDA provider has no integer convolutions (DESIGN.md section 6): the INT8
@@ -124,6 +124,8 @@ def main(argv=None) -> int:
             cands["router"] = lambda: router.run(x)
         for name, obj in graphed.items():
             cands[name] = (lambda o=obj: o.run(x))
+        if graphed and graphed["moqe_graph"]._router is not None:
+            cands["router_graph"] = lambda: graphed["moqe_graph"]._router.run(x)
         for fn in cands.values():  # warm-up beyond time_interleaved's one call: cuDNN search, capture
             for _ in range(max(args.warmup - 1, 0)):
                 fn()

@@ -90,3 +90,33 @@ def test_graph_mode_keys_graphs_by_size_and_buffers(tiny_onnx):
     dev.copy(out.ctypes.data, d_out, out.nbytes, "d2h", s.stream)
     np.testing.assert_allclose(out[:2], ref.run(x[:2]), rtol=1e-5, atol=1e-5)
     s.close()
+
+
+def test_folding_constant_dequantize_is_exact_and_leaves_activation_qdq(tiny_bundle):
+    import json
+
+    from moqe_compile.backends.onnxruntime_cuda import fold_constant_dequantize
+
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    path = tiny_bundle / m["experts"][0]["variants"]["onnxruntime-cpu"]["path"]
+    model = onnx.load(str(path))
+    folded, n = fold_constant_dequantize(model)
+    inits = {t.name for t in folded.graph.initializer}
+    dq = [nd for nd in folded.graph.node if nd.op_type == "DequantizeLinear"]
+    # every Conv/Gemm weight and bias DQ is gone; the activations' Q/DQ pairs remain
+    assert n == sum(1 for nd in model.graph.node if nd.op_type == "DequantizeLinear" and nd.input[0] in
+                    {t.name for t in model.graph.initializer})
+    assert n > 0 and dq and not any(nd.input[0] in inits for nd in dq)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32)
+    import onnxruntime as ort
+
+    def run(proto):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no integer kernels
+        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+    np.testing.assert_allclose(run(folded), run(model), rtol=1e-5, atol=1e-5)
+    s = host_session(path)
+    assert s.folded == n
+    s.close()
