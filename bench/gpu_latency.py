@@ -8,6 +8,8 @@ Candidates, all timed interleaved round by round in one process on the same batc
 - ``moqe``: ``GpuRuntime.run`` (router, host grouping, experts on their streams);
 - ``expert:<default>``: the bundle's default (best-on-validation) expert alone, the same
   path without the router: the issue's goal is moqe within 1.10x of it;
+- ``copy_in``: the batch's host-to-device transfer alone (pinned staging, copy, sync), the
+  floor under every candidate, which all take host arrays and return host arrays;
 - ``router``: the router alone; ``fp32`` / ``fp16`` / ``fp16_nhwc`` (``prefer_nhwc``): the FP
   model through the same kind of session;
 - with CUDA graphs (``--no-graphs`` leaves them out): ``moqe_graph``, ``expert_graph:<default>``,
@@ -116,6 +118,16 @@ def main(argv=None) -> int:
         from moqe_compile.runtime import Runtime
 
         cpu = Runtime(root, manifest, "onnxruntime-cpu")
+    from moqe_compile.backends.cuda_device import Buffers
+
+    copy_bufs, copy_stream = Buffers(dev), dev.stream()
+
+    def copy_in(x):  # what each run does before computing: pinned staging, host->device, sync
+        h = copy_bufs.host_array("x", np.float32, x.shape)
+        h[...] = x
+        dev.copy(copy_bufs.device_ptr("x", x.nbytes), h.ctypes.data, x.nbytes, "h2d", copy_stream)
+        dev.synchronize(copy_stream)
+
     for b in [int(s) for s in args.batches.split(",")]:
         x = tile_batch(pool, b)
         cands = {"moqe": lambda: moqe.run(x), f"expert:{best}": lambda: single.run(x), "fp32": lambda: fp32.run(x),
@@ -124,6 +136,7 @@ def main(argv=None) -> int:
             cands["router"] = lambda: router.run(x)
         for name, obj in graphed.items():
             cands[name] = (lambda o=obj: o.run(x))
+        cands["copy_in"] = lambda: copy_in(x)  # the transfer floor every candidate above pays
         if graphed and graphed["moqe_graph"]._router is not None:
             cands["router_graph"] = lambda: graphed["moqe_graph"]._router.run(x)
         for fn in cands.values():  # warm-up beyond time_interleaved's one call: cuDNN search, capture
@@ -167,6 +180,8 @@ def main(argv=None) -> int:
         results["meta"]["graphs_after"] = graphed["moqe_graph"].describe().get("cuda_graphs")
     for s in (moqe, single, fp32, fp16, fp16_nhwc, *graphed.values()):
         s.close()
+    copy_bufs.close()
+    dev.destroy_stream(copy_stream)
     if cpu is not None:
         cpu.close()
     if args.json:

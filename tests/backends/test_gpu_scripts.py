@@ -45,7 +45,8 @@ def test_gpu_latency_flow_with_stand_ins(bundle, tmp_path, monkeypatch):
     assert res["meta"]["default_expert"] == "e1" and set(res["batches"]) == {"1", "5"}
     row = res["batches"]["5"]
     assert set(row["timing"]) == {"moqe", "expert:e1", "fp32", "fp16", "fp16_nhwc", "router", "moqe_graph",
-                                  "expert_graph:e1", "fp16_nhwc_graph", "router_graph"}
+                                  "expert_graph:e1", "fp16_nhwc_graph", "router_graph",
+                                  "copy_in"}
     assert sum(row["usage"].values()) == 5
     assert row["graph_vs_plain"]["routing_agreement"] == 1.0 and row["graph_vs_plain"]["max_abs_logit_diff"] < 1e-5
     assert set(row["moqe_split_ms"]) == {"router", "experts", "total"}
