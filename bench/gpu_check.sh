@@ -145,9 +145,9 @@ if [[ $STAGE != kernels ]]; then
     BUNDLE=${MOQE_BUNDLE:-bundles/gpucheck-slim}
     [[ -f $BUNDLE/manifest.json ]] || BUNDLE=bundles/mobilenetv2-demo
     if [[ -f $BUNDLE/manifest.json ]]; then
-        step bench_latency $PY bench/gpu_latency.py "$BUNDLE" --no-verify --batches 1,64 --repeats 100 \
+        step bench_latency $PY bench/gpu_latency.py "$BUNDLE" --no-verify --batches 1,64 --repeats ${REPEATS:-100} \
             --json "$OUT/gpu_latency.json"
-        step bench_torch_anchor $PY bench/torch_anchor.py --json "$OUT/torch_anchor.json"
+        [[ ${ANCHOR:-1} == 0 ]] || step bench_torch_anchor $PY bench/torch_anchor.py --json "$OUT/torch_anchor.json"
     else
         echo "no MobileNetV2 bundle carried (run bench/gpu_check.sh --prepare here and carry bundles/gpucheck-slim)"
         RC[bench_latency]=missing

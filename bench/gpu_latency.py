@@ -15,7 +15,9 @@ Candidates, all timed interleaved round by round in one process on the same batc
 - with CUDA graphs (``--no-graphs`` leaves them out): ``moqe_graph``, ``expert_graph:<default>``,
   ``router_graph`` and ``fp16_nhwc_graph``, the same paths replaying ONNX Runtime CUDA graphs per batch size.
   Their outputs are checked against the plain GPU paths on a second, different batch of the
-  same size, so a replay that read stale buffers would show.
+  same size, so a replay that read stale buffers would show;
+- ``moqe_speculative`` (batches up to ``--speculate-below``): graphs, and every expert runs
+  beside the router (K experts' GPU work for one expert's latency; runtime/gpu.py).
 ONNX Runtime's CUDA provider has no integer convolutions (DESIGN.md section 6): the INT8
 experts run as dequantize -> float conv, so compare MoQE with one expert, and INT8 with
 FP16 only to see what fake quantization costs here, never as a speed-up.
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
                                                            "(a copy without report/, to carry less)")
     ap.add_argument("--no-cpu-check", action="store_true", help="skip the comparison with the CPU Runtime")
     ap.add_argument("--no-graphs", action="store_true", help="leave out the CUDA-graph candidates")
+    ap.add_argument("--speculate-below", type=int, default=1,
+                    help="moqe_speculative runs every expert beside the router on batches up to this size")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls per candidate and batch size "
                                                         "(algorithm search, graph capture)")
     ap.add_argument("--json", default=None)
@@ -87,7 +91,8 @@ def main(argv=None) -> int:
                 graphed = {"moqe_graph": load(cuda_graph=True),
                            f"expert_graph:{best}": load(only_expert=best, cuda_graph=True),
                            "fp16_nhwc_graph": OrtCudaSession("fp16_nhwc_graph", f16, device=dev, cuda_graph=True,
-                                                             provider_options={"prefer_nhwc": "1"})}
+                                                             provider_options={"prefer_nhwc": "1"}),
+                           "moqe_speculative": load(cuda_graph=True, speculate_below=args.speculate_below)}
             except Exception as e:  # noqa: BLE001 - report it; the plain candidates still run
                 graph_error = f"{type(e).__name__}: {e}"
                 print(f"CUDA-graph candidates left out: {graph_error}")
@@ -135,7 +140,8 @@ def main(argv=None) -> int:
         if router is not None:
             cands["router"] = lambda: router.run(x)
         for name, obj in graphed.items():
-            cands[name] = (lambda o=obj: o.run(x))
+            if name != "moqe_speculative" or b <= args.speculate_below:
+                cands[name] = (lambda o=obj: o.run(x))
         cands["copy_in"] = lambda: copy_in(x)  # the transfer floor every candidate above pays
         if graphed and graphed["moqe_graph"]._router is not None:
             cands["router_graph"] = lambda: graphed["moqe_graph"]._router.run(x)
@@ -163,6 +169,13 @@ def main(argv=None) -> int:
                 "expert_max_abs_diff": float(np.abs(single.run(x2).logits
                                                     - graphed[f"expert_graph:{best}"].run(x2).logits).max()),
                 "fp16_max_abs_diff": float(np.abs(fp16_nhwc.run(x2) - graphed["fp16_nhwc_graph"].run(x2)).max())}
+            if b <= args.speculate_below:
+                spec = graphed["moqe_speculative"].run(x2)
+                row["speculative_vs_plain"] = {
+                    "routing_agreement": float((plain.expert_index == spec.expert_index).mean()),
+                    "max_abs_logit_diff": float(np.abs(plain.logits - spec.logits).max())}
+                row["speculative_over_expert_graph"] = round(t["moqe_speculative"]["median_ms"]
+                                                             / t[f"expert_graph:{best}"]["median_ms"], 3)
         if cpu is not None:
             ref = cpu.run(x)
             row["vs_cpu_runtime"] = {

@@ -28,6 +28,13 @@ always takes the whole batch, and an expert usually does, so serving at a few fi
 sizes stays on graphs. It cuts the host's per-node launch cost, which is most of a
 MobileNetV2-sized model's time at batch 1.
 
+``speculate_below=N`` (batches of at most N samples, N >= 1; off by default): every loaded
+expert runs on the whole batch at once, on its own stream, *while* the router runs, and the
+routed expert's rows are kept. Latency becomes the slowest of router and experts instead of
+router + expert, at the price of K experts' GPU work for each such batch, which a big GPU
+at batch 1 mostly has idle. The results are the routed path's exactly (same graphs, same
+rows kept); it is a latency/compute trade, and reports name it.
+
 Tested on the CPU with a host-memory device (tests/backends/fakes.py); the GPU runs are in
 tests/gpu and bench/gpu_check.sh.
 """
@@ -98,7 +105,7 @@ class GpuRuntime(_BundleRuntime):
 
     def __init__(self, root: Path, manifest: dict, backend: str = "onnxruntime-cuda", device=None,
                  variant: str | None = None, only_expert: str | None = None, session_factory=None,
-                 cuda_graph: bool = False, max_graphs: int = 8):
+                 cuda_graph: bool = False, max_graphs: int = 8, speculate_below: int = 0):
         if backend not in GPU_BACKENDS:
             raise BackendError(f"unknown GPU backend {backend!r}; supported: {sorted(GPU_BACKENDS)}.")
         self.root, self.manifest, self.backend = Path(root), manifest, backend
@@ -154,6 +161,9 @@ class GpuRuntime(_BundleRuntime):
         self.default_expert = self.expert_names.index(only_expert or routing["default_expert"])
         self.fallback_threshold = float(routing.get("fallback_threshold", 0.0))
         self.fallback_expert = self.expert_names.index(routing.get("fallback_expert", routing["default_expert"]))
+        if speculate_below < 0:
+            raise InputError(f"speculate_below = {speculate_below}; expected 0 (off) or a batch size >= 1.")
+        self.speculate_below = int(speculate_below)
         self._buffers = Buffers(device)
         self._join = device.stream()
         self._input_ready = device.event()
@@ -164,14 +174,15 @@ class GpuRuntime(_BundleRuntime):
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime-cuda", verify: bool = True, device=None,
              variant: str | None = None, only_expert: str | None = None, session_factory=None,
-             cuda_graph: bool = False, max_graphs: int = 8) -> "GpuRuntime":
+             cuda_graph: bool = False, max_graphs: int = 8, speculate_below: int = 0) -> "GpuRuntime":
         """Open a bundle (hashes verified unless ``verify=False``) and create every GPU session
         once. ``variant``: which expert graphs (default: ``tensorrt`` where the bundle has it,
         else ``onnxruntime-cpu``); ``only_expert``: that expert alone, no router;
-        ``cuda_graph``: replay CUDA graphs per batch size (see the module docstring)."""
+        ``cuda_graph``: replay CUDA graphs per batch size; ``speculate_below``: run every expert
+        beside the router on batches this small (both in the module docstring)."""
         b = read_bundle(path, verify=verify)
         return cls(b.root, b.manifest, backend, device, variant, only_expert, session_factory, cuda_graph,
-                   max_graphs)
+                   max_graphs, speculate_below)
 
     def describe(self) -> dict:
         """Device, backend and the execution provider each session really uses."""
@@ -214,6 +225,8 @@ class GpuRuntime(_BundleRuntime):
         d_x = buf.device_ptr("x" + kx, n * row)
         dev.copy(d_x, host_x.ctypes.data, n * row, "h2d", first.stream)
         dev.record(self._input_ready, first.stream)
+        if self._router is not None and n <= self.speculate_below:
+            return self._run_speculative(d_x, n, gx, kx, t0)
         if self._router is not None:
             r = self._router
             with r.lock:  # a TensorRT context's shapes are set per call: shape and run together
@@ -256,6 +269,44 @@ class GpuRuntime(_BundleRuntime):
         timing = {"router": (t1 - t0) * 1e3, "experts": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
         fell_back = (conf < self.fallback_threshold) if self._router is not None else np.zeros(n, bool)
         return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing, fell_back)
+
+    def _run_speculative(self, d_x: int, n: int, gx: bool, kx: str, t0: float) -> RunResult:
+        """Router and every loaded expert on the whole batch at once; keep the routed rows."""
+        dev, buf, r = self.device, self._buffers, self._router
+        with r.lock:  # the router first: its result is the one the host waits for
+            host_p = buf.host_array("probs", np.float32, _out_shape(r, n))
+            d_p = buf.device_ptr("probs" + kx, host_p.nbytes)
+            _enqueue(r, d_x, n, d_p, gx)
+        dev.copy(host_p.ctypes.data, d_p, host_p.nbytes, "d2h", r.stream)
+        outs = {}
+        for k, s in enumerate(self._experts):
+            if s is None:
+                continue
+            dev.wait(s.stream, self._input_ready)
+            gk = _wants_graph(s, n)
+            with s.lock:
+                host_y = buf.host_array(f"y/{k}", np.float32, _out_shape(s, n))
+                d_y = buf.device_ptr(f"y/{k}" + (f"@{n}" if gk else ""), host_y.nbytes)
+                _enqueue(s, d_x, n, d_y, gk and gx)  # d_x is fixed only where the router graphs n
+            dev.copy(host_y.ctypes.data, d_y, host_y.nbytes, "d2h", s.stream)
+            dev.record(self._done[id(s)], s.stream)
+            dev.wait(self._join, self._done[id(s)])
+            outs[k] = host_y
+        dev.synchronize(r.stream)  # host sync 1: the routing decision
+        idx, conf = apply_fallback(np.array(host_p), self.fallback_threshold, self.fallback_expert)
+        t1 = time.perf_counter()
+        dev.synchronize(self._join)  # host sync 2: every expert's rows are back
+        missing = sorted({int(k) for k in idx} - set(outs))
+        if missing:
+            raise InputError(f"expert {self.expert_names[missing[0]]!r} was not loaded.")
+        out = np.empty((n, *outs[int(idx[0])].shape[1:]), np.float32)
+        for k, y in outs.items():
+            rows = idx == k
+            out[rows] = y[rows]
+        t2 = time.perf_counter()
+        timing = {"router": (t1 - t0) * 1e3, "experts": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
+        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing,
+                         conf < self.fallback_threshold)
 
     def run_expert(self, name: str, batch: np.ndarray) -> np.ndarray:
         """One expert alone through its session's own ``run`` (benchmarks' single-expert baseline)."""

@@ -172,3 +172,26 @@ def test_cuda_graph_mode_binds_fixed_buffers_per_batch_size(bundle):
 def test_cuda_graph_needs_onnxruntime_cuda(bundle):
     with pytest.raises(BackendError, match="cuda_graph needs the 'onnxruntime-cuda' backend"):
         GpuRuntime.load(bundle, backend="tensorrt", device=HostDevice(), cuda_graph=True)
+
+
+def test_speculative_small_batches_run_every_expert_and_keep_the_routed_rows(bundle):
+    dev = HostDevice()
+    with GpuRuntime.load(bundle, device=dev, session_factory=graph_factory, speculate_below=2) as g, \
+            Runtime.load(bundle) as cpu:
+        for route in ([1], [2, 0], [0], [0, 1, 2, 2]):  # the last is above the threshold: routed path
+            x = batch_routed_to(route)
+            dev.log.clear()
+            got, want = g.run(x), cpu.run(x)
+            assert list(got.expert_index) == route and got.experts == want.experts
+            np.testing.assert_allclose(got.logits, want.logits, rtol=1e-6)
+            np.testing.assert_allclose(got.confidence, want.confidence, rtol=1e-6)
+            ran = {e[1] for e in dev.log if e[0] == "wait" and e[1] != g._join}  # streams that took input
+            experts_ran = {s.stream for s in g._experts} & ran
+            if len(route) <= 2:  # every expert ran, on the whole batch: no gathers
+                assert experts_ran == {s.stream for s in g._experts}
+                assert not [e for e in dev.log if e[:2] == ("copy", "d2d")]
+            else:
+                assert experts_ran == {g._experts[k].stream for k in set(route)}
+            assert dev.count("sync") == 2
+    with pytest.raises(InputError, match="speculate_below = -1"):
+        GpuRuntime.load(bundle, device=HostDevice(), session_factory=graph_factory, speculate_below=-1)

@@ -48,6 +48,8 @@ def test_gpu_latency_flow_with_stand_ins(bundle, tmp_path, monkeypatch):
                                   "expert_graph:e1", "fp16_nhwc_graph", "router_graph",
                                   "copy_in"}
     assert sum(row["usage"].values()) == 5
+    assert "moqe_speculative" in res["batches"]["1"]["timing"] and "moqe_speculative" not in row["timing"]
+    assert res["batches"]["1"]["speculative_vs_plain"]["max_abs_logit_diff"] < 1e-5
     assert row["graph_vs_plain"]["routing_agreement"] == 1.0 and row["graph_vs_plain"]["max_abs_logit_diff"] < 1e-5
     assert set(row["moqe_split_ms"]) == {"router", "experts", "total"}
     assert row["vs_cpu_runtime"]["routing_agreement"] == 1.0 and row["vs_cpu_runtime"]["top1_agreement"] == 1.0

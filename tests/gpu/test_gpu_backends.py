@@ -73,6 +73,12 @@ def test_cuda_graph_replays_match_the_plain_gpu_runtime(tiny_bundle, device, nee
             np.testing.assert_allclose(got.logits, want.logits, rtol=1e-4, atol=1e-4)
         info = graphed.describe()["cuda_graphs"]
         assert not any(v.startswith("refused") for v in info.values()), info
+        with GpuRuntime.load(tiny_bundle, device=device, cuda_graph=True, speculate_below=2) as spec:
+            for n in (1, 2, 1, 5):
+                x = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
+                want, got = plain.run(x), spec.run(x)
+                assert (got.expert_index == want.expert_index).all()
+                np.testing.assert_allclose(got.logits, want.logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed")
