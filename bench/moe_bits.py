@@ -83,7 +83,6 @@ def fake_quant_grid(args) -> dict:
     from moqe_compile.quantize.moe_bits import (
         ExpertFakeQuant,
         allocate,
-        expert_bytes,
         history_path,
         load_gate_history,
         routing_stats,
