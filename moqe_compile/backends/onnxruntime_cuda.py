@@ -150,6 +150,7 @@ class OrtCudaSession:
         self._ort = ort
         self._run_options = self._make_run_options(-1 if self.cuda_graph else None)
         self._graphs: dict[tuple[int, int, int], int] = {}  # (batch size, in_ptr, out_ptr) -> graph id
+        self._graph_sizes: set[int] = set()  # the batch sizes among those keys (asked on every run)
         self._graph_options: dict[int, object] = {}
         self._io = self._sess.io_binding()
         self._bound: tuple[int, int, int] | None = None
@@ -166,11 +167,11 @@ class OrtCudaSession:
     def wants_graph(self, n: int) -> bool:
         """Whether runs of ``n`` samples are worth fixed buffers: graphs are on and ``n``
         already has one or a slot is free (at most :attr:`max_graphs`)."""
-        return self.cuda_graph and (n in self.graph_sizes or len(self._graphs) < self.max_graphs)
+        return self.cuda_graph and (n in self._graph_sizes or len(self._graphs) < self.max_graphs)
 
     @property
     def graph_sizes(self) -> list[int]:
-        return sorted({n for n, _, _ in self._graphs})
+        return sorted(self._graph_sizes)
 
     @property
     def graph_count(self) -> int:
@@ -195,6 +196,7 @@ class OrtCudaSession:
             gid = self._graphs.get(key)
             if gid is None and len(self._graphs) < self.max_graphs:
                 gid = self._graphs[key] = len(self._graphs) + 1
+                self._graph_sizes.add(n)
             if gid is not None:
                 run_options = self._graph_options.get(gid)
                 if run_options is None:

@@ -228,14 +228,10 @@ class GpuRuntime(_BundleRuntime):
         dev.copy(d_x, host_x.ctypes.data, n * row, "h2d", first.stream)
         dev.record(self._input_ready, first.stream)
         if self._router is not None and n <= self.speculate_below:
-            return self._run_speculative(d_x, n, gx, kx, t0)
+            return self._run_speculative(d_x, n, gx, t0)
         if self._router is not None:
             r = self._router
-            with r.lock:  # a TensorRT context's shapes are set per call: shape and run together
-                host_p = buf.host_array("probs", np.float32, _out_shape(r, n))
-                d_p = buf.device_ptr("probs" + kx, host_p.nbytes)
-                _enqueue(r, d_x, n, d_p, gx)
-            dev.copy(host_p.ctypes.data, d_p, host_p.nbytes, "d2h", r.stream)
+            host_p = self._launch(r, "probs", d_x, n, keyed=gx, graph=gx)
             dev.synchronize(r.stream)  # host sync 1: grouping needs the probabilities here
             idx, conf = apply_fallback(np.array(host_p), self.fallback_threshold, self.fallback_expert)
         else:
@@ -249,22 +245,15 @@ class GpuRuntime(_BundleRuntime):
                 raise InputError(f"expert {self.expert_names[k]!r} was not loaded.")
             m = len(members)
             gk = _wants_graph(s, m)
-            km = f"@{m}" if gk else ""
             dev.wait(s.stream, self._input_ready)
             if m == n:  # one expert takes the whole batch: read the input where it is
                 src = d_x
             else:
-                src = buf.device_ptr(f"x/{k}{km}", m * row)
+                src = buf.device_ptr(f"x/{k}" + (f"@{m}" if gk else ""), m * row)
                 for from_row, to_row, length in _runs(members):
                     dev.copy(src + to_row * row, d_x + from_row * row, length * row, "d2d", s.stream)
-            with s.lock:
-                host_y = buf.host_array(f"y/{k}", np.float32, _out_shape(s, m))
-                d_y = buf.device_ptr(f"y/{k}{km}", host_y.nbytes)
-                _enqueue(s, src, m, d_y, gk)
-            dev.copy(host_y.ctypes.data, d_y, host_y.nbytes, "d2h", s.stream)
-            dev.record(self._done[id(s)], s.stream)
-            dev.wait(self._join, self._done[id(s)])
-            outs.append(host_y)
+            outs.append(self._launch(s, f"y/{k}", src, m, keyed=gk, graph=gk))
+            self._join_on(s)
         dev.synchronize(self._join)  # host sync 2: once for every expert of the batch
         out = scatter(groups, outs, n)  # copies out of the pinned buffers
         t2 = time.perf_counter()
@@ -272,28 +261,37 @@ class GpuRuntime(_BundleRuntime):
         fell_back = (conf < self.fallback_threshold) if self._router is not None else np.zeros(n, bool)
         return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing, fell_back)
 
-    def _run_speculative(self, d_x: int, n: int, gx: bool, kx: str, t0: float) -> RunResult:
+    def _launch(self, s, name: str, src: int, n: int, keyed: bool, graph: bool) -> np.ndarray:
+        """Enqueue session ``s`` on ``n`` rows at ``src`` into the device buffer ``name`` (keyed
+        by batch size where a graph will replay it) and the copy back into a pinned buffer,
+        which is returned (valid after the stream syncs)."""
+        buf = self._buffers
+        with s.lock:  # a TensorRT context's shapes are set per call: shape and run together
+            host = buf.host_array(name, np.float32, _out_shape(s, n))
+            dst = buf.device_ptr(name + (f"@{n}" if keyed else ""), host.nbytes)
+            _enqueue(s, src, n, dst, graph)
+        self.device.copy(host.ctypes.data, dst, host.nbytes, "d2h", s.stream)
+        return host
+
+    def _join_on(self, s) -> None:
+        """The join stream (host sync 2) waits for everything enqueued on ``s`` so far."""
+        self.device.record(self._done[id(s)], s.stream)
+        self.device.wait(self._join, self._done[id(s)])
+
+    def _run_speculative(self, d_x: int, n: int, gx: bool, t0: float) -> RunResult:
         """Router and every loaded expert on the whole batch at once; keep the routed rows."""
-        dev, buf, r = self.device, self._buffers, self._router
-        with r.lock:  # the router first: its result is the one the host waits for
-            host_p = buf.host_array("probs", np.float32, _out_shape(r, n))
-            d_p = buf.device_ptr("probs" + kx, host_p.nbytes)
-            _enqueue(r, d_x, n, d_p, gx)
-        dev.copy(host_p.ctypes.data, d_p, host_p.nbytes, "d2h", r.stream)
+        dev, r = self.device, self._router
+        # the router first: its result is the one the host waits for
+        host_p = self._launch(r, "probs", d_x, n, keyed=gx, graph=gx)
         outs = {}
         for k, s in enumerate(self._experts):
             if s is None:
                 continue
             dev.wait(s.stream, self._input_ready)
             gk = _wants_graph(s, n)
-            with s.lock:
-                host_y = buf.host_array(f"y/{k}", np.float32, _out_shape(s, n))
-                d_y = buf.device_ptr(f"y/{k}" + (f"@{n}" if gk else ""), host_y.nbytes)
-                _enqueue(s, d_x, n, d_y, gk and gx)  # d_x is fixed only where the router graphs n
-            dev.copy(host_y.ctypes.data, d_y, host_y.nbytes, "d2h", s.stream)
-            dev.record(self._done[id(s)], s.stream)
-            dev.wait(self._join, self._done[id(s)])
-            outs[k] = host_y
+            # d_x is fixed only where the router graphs n
+            outs[k] = self._launch(s, f"y/{k}", d_x, n, keyed=gk, graph=gk and gx)
+            self._join_on(s)
         dev.synchronize(r.stream)  # host sync 1: the routing decision
         idx, conf = apply_fallback(np.array(host_p), self.fallback_threshold, self.fallback_expert)
         t1 = time.perf_counter()
