@@ -1,7 +1,8 @@
-"""Quality, cost and diversity of every expert preset on one model (the Experts issue's figures).
+"""Quality, cost and diversity of every expert preset on one model.
 
-    python bench/expert_quality.py bundles/fmnist-cnn.toml --json fmnist_experts.json
-    python bench/expert_quality.py bundles/mobilenetv2-demo.toml --presets minmax,mse,mse-bc --split test
+    python bench/expert_quality.py moqe_compile/recipes/fmnist-cnn.toml \\
+        --json bench/results/epyc-2core/fmnist-experts.json
+    python bench/expert_quality.py moqe_compile/recipes/mobilenetv2-demo.toml --presets minmax,mse,mse-bc --split test
 
 For each preset: top-1 on the split (labelled data) with a bootstrap 95% CI, FP top-1
 agreement, output cosine, mean KL to FP, build (calibration + weights) time, and ONNX Runtime
@@ -14,7 +15,6 @@ of the set is right; without labels, the lowest KL) vs the best single expert of
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,14 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from moqe_compile.backends import OrtCpuSession
-from moqe_compile.config import EXPERT_PRESETS, ExpertRecipe, load_recipe
-from moqe_compile.data.datasets import build_splits
+from moqe_compile.tasks.image.config import EXPERT_PRESETS, ExpertRecipe, load_recipe
+from moqe_compile.tasks.image.data import build_splits
 from moqe_compile.evaluate.latency import time_interleaved
 from moqe_compile.evaluate.stats import bootstrap_ci
-from moqe_compile.data.images import Preprocess
-from moqe_compile.models import load_fp_model
+from moqe_compile.tasks.image.preprocess import Preprocess
+from moqe_compile.tasks.image.model import load_fp_model
 from moqe_compile.quantize import build_expert, prepare_for_quantization
-from moqe_compile.score import diversity, expert_metrics, run_batched
+from moqe_compile.tasks.image.score import diversity, expert_metrics, run_batched
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
+from common import add_json_option, write_json  # noqa: E402
 
 
 def latency(sessions: dict, x: np.ndarray, batches: list[int], repeats: int) -> dict:
@@ -48,14 +51,14 @@ def set_diversity(names: list[str], logits: dict, fp: np.ndarray, labels: np.nda
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("--presets", default="all", help="comma-separated preset names, or 'all'")
     ap.add_argument("--split", default="test", choices=["test", "router_val", "router_train"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--adaround-iters", type=int, default=300)
-    ap.add_argument("--json")
+    add_json_option(ap)
     args = ap.parse_args()
 
     cfg = load_recipe(args.recipe)
@@ -110,8 +113,7 @@ def main() -> None:
         if d:
             print(f"\n{k} set: best single {d['best_single']} {d['best_single_value']:.4f}, oracle {d['oracle_value']:.4f} "
                   f"(+{100 * d['oracle_gain']:.2f} points), mean pairwise disagreement {d['mean_pairwise_disagreement']:.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """Held-out perplexity vs average expert bits for each expert-wise bit allocation of
-``moe-expert-bits`` (quantize/moe_bits.py), with paired intervals against uniform and random
+``moe-expert-bits`` (tasks/causal_lm/moe_bits.py), with paired intervals against uniform and random
 allocation, plus model size; on the MoE LM bench/moe_train.py trains.
 
     nice -n 10 python bench/moe_train.py                   # once: trains and caches the model (~13 min)
-    nice -n 10 python bench/moe_bits.py --json bench/results-moe-bits.json
-    nice -n 10 python bench/moe_bits.py --onnx --json bench/results-moe-bits-onnx.json   # {4, 8}, built bundle
+    nice -n 10 python bench/moe_bits.py --work WORK --json bench/results/epyc-2core/moe-bits.json
+    nice -n 10 python bench/moe_bits.py --onnx --work WORK --json bench/results/epyc-2core/moe-bits-onnx.json
+
+``--work DIR`` keeps what a rerun can resume from: ``nll-cache.npz`` (the per-window NLL of every
+allocation evaluated so far) and, with ``--onnx``, the built ``bundle/``; without it they live
+in a temporary folder for one run.
 
 **Fake-quant grid** (default): widths {2, 3, 4}, averages 2.5 / 3 / 3.5, every routed expert matrix
 fake-quantized in torch with the LM quantizers (``--methods``: ``gptq-asym`` = quantize/lm_gptq.py
 with a zero point per group of 32 (the GPTQ paper's default), Hessians of the tokens routed to
-each expert on the calibration windows; ``rtn-asym`` = quantize/lm.py's blockwise RTN with a
+each expert on the calibration windows; ``rtn-asym`` = quantize/nbits.py's blockwise RTN with a
 zero point, groups of 32; ``gptq`` / ``rtn``: symmetric, 2^b − 1 levels); attention,
 embeddings and the gates stay FP (the allocation is the only thing that differs between rows).
 Allocations: ``combined`` (the paper), ``gate-norm``, ``maxvar``, the controls ``frequency``,
@@ -19,7 +23,7 @@ around it) and ``random`` (``--random-seeds`` permutations). Perplexity on the t
 windows against uniform, and against random with windows *and* seeds resampled (the random
 control's own spread); a positive difference = the allocation's NLL is lower.
 
-**ONNX grid** (``--onnx``): builds ``bundles/moe-mixtral-8x4m.toml`` (widths {4, 8} at 5 bits:
+**ONNX grid** (``--onnx``): builds ``moqe_compile/recipes/moe-mixtral-8x4m.toml`` (widths {4, 8} at 5 bits:
 combined, random x 3, frequency; uniform 4 and 8 as brackets; MatMulNBits on ONNX Runtime CPU,
 attention and head at 4 bits, gates FP) with the compiler and compares the experts' per-window
 test losses from the bundle's loss matrix, same statistics.
@@ -32,12 +36,14 @@ import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py, moe_train.py
+from common import add_json_option, write_json  # noqa: E402
 
 ALLOCS = ("combined", "gate-norm", "maxvar", "frequency", "uniform")
 METHODS = {"gptq-asym": ("gptq", False), "gptq": ("gptq", True), "rtn-asym": ("rtn", False), "rtn": ("rtn", True)}
@@ -76,11 +82,11 @@ def fake_quant_grid(args) -> dict:
     import torch
 
     import moe_train
-    from moqe_compile.data.text import build_text_splits
+    from moqe_compile.tasks.causal_lm.data import build_text_splits
     from moqe_compile.evaluate.stats import paired_bootstrap
-    from moqe_compile.models.lm import load_causal_lm
-    from moqe_compile.models.moe import find_moe
-    from moqe_compile.quantize.moe_bits import (
+    from moqe_compile.tasks.causal_lm.model import load_causal_lm
+    from moqe_compile.tasks.causal_lm.moe import find_moe
+    from moqe_compile.tasks.causal_lm.moe_bits import (
         ExpertFakeQuant,
         allocate,
         history_path,
@@ -104,7 +110,8 @@ def fake_quant_grid(args) -> dict:
     stats = routing_stats(model, moe, calib, hessians=True)
     print(f"routing stats + Hessians {time.time() - t0:.0f}s; expert usage per layer (share of picks): "
           + "; ".join(" ".join(f"{x:.2f}" for x in row / row.sum()) for row in stats.counts), flush=True)
-    cache = np.load(args.cache, allow_pickle=False) if args.cache.is_file() else None
+    cache_path = args.work / "nll-cache.npz"
+    cache = np.load(cache_path, allow_pickle=False) if cache_path.is_file() else None
     cached = {k: cache[k] for k in cache.files} if cache is not None else {}
     key_base = hashlib.sha256((args.model / "model.safetensors").read_bytes()).hexdigest()[:12]
 
@@ -115,7 +122,7 @@ def fake_quant_grid(args) -> dict:
             q.apply(table)
             cached[k] = window_nll(model, test)
             q.restore()
-            np.savez(args.cache, **cached)
+            np.savez(cache_path, **cached)
             print(f"  {tag}: ppl {math.exp(cached[k].mean()):.3f} ({time.time() - t:.0f}s)", flush=True)
         return cached[k]
 
@@ -129,7 +136,7 @@ def fake_quant_grid(args) -> dict:
            "methods": {}}
     from scipy.stats import spearmanr
 
-    from moqe_compile.quantize.moe_bits import expert_scores
+    from moqe_compile.tasks.causal_lm.moe_bits import expert_scores
 
     sc = expert_scores(moe, hist, stats.counts)
     res["criteria"] = {**sc, "spearman_vs_usage": {
@@ -181,7 +188,7 @@ def fake_quant_grid(args) -> dict:
 
 
 def _row(v: np.ndarray, table, moe, symmetric: bool) -> dict:
-    from moqe_compile.quantize.moe_bits import expert_bytes
+    from moqe_compile.tasks.causal_lm.moe_bits import expert_bytes
 
     return {"ppl": math.exp(v.mean()), "mean_nll": float(v.mean()), "mean_bits": float(np.mean(table)),
             "expert_mb": expert_bytes(moe, table, 32, symmetric) / 1e6}
@@ -191,10 +198,10 @@ def onnx_grid(args) -> dict:
     """Build the {4, 8} bundle with the compiler and compare its experts' per-window test losses."""
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import paired_bootstrap
-    from moqe_compile.lm_config import load_lm_recipe
-    from moqe_compile.lm_pipeline import build_lm
+    from moqe_compile.tasks.causal_lm.config import load_lm_recipe
+    from moqe_compile.tasks.causal_lm.pipeline import build_lm
 
-    out = Path(args.bundle_out)
+    out = args.work / "bundle"
     if not (out / "manifest.json").is_file():
         build_lm(load_lm_recipe(args.recipe), out)
     b = read_bundle(out)
@@ -231,7 +238,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=moe_train.DEFAULT_OUT)
-    ap.add_argument("--json", type=Path)
+    add_json_option(ap)
     ap.add_argument("--widths", default="2,3,4")
     ap.add_argument("--averages", default="2.5,3,3.5")
     ap.add_argument("--methods", default="gptq-asym,rtn-asym", help=f"of {list(METHODS)}")
@@ -239,18 +246,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-test", type=int, default=96, help="test windows per corpus (0 = all)")
     ap.add_argument("--calibration", type=int, default=32, help="calibration windows per corpus")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/moqe-moe-bits-cache.npz"),
-                    help="per-window NLL of every evaluated allocation (resumes an interrupted run)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keeps the NLL cache and the --onnx bundle, so a rerun resumes (default: a temporary folder)")
     ap.add_argument("--onnx", action="store_true", help="the {4, 8} bundle instead of the fake-quant grid")
-    ap.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "bundles/moe-mixtral-8x4m.toml"))
-    ap.add_argument("--bundle-out", default="/tmp/moqe-moe-bundle")
+    ap.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "moqe_compile" / "recipes"
+                                            / "moe-mixtral-8x4m.toml"))
     args = ap.parse_args(argv)
     if not moe_train.is_complete(args.model):
         print(f"no trained model in {args.model}: run bench/moe_train.py first", file=sys.stderr)
         return 2
-    res = onnx_grid(args) if args.onnx else fake_quant_grid(args)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
+    with tempfile.TemporaryDirectory(prefix="moqe-moe-bits-") as tmp:
+        args.work = args.work or Path(tmp)
+        args.work.mkdir(parents=True, exist_ok=True)
+        res = onnx_grid(args) if args.onnx else fake_quant_grid(args)
+    write_json(args.json, res)
     return 0
 
 

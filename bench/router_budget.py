@@ -1,8 +1,8 @@
 """Router latency budget: each router preset (float and INT8) against one expert of a bundle,
 on ONNX Runtime CPU, at batch 1 and 32. The design's budget: router <= 5% of one expert.
 
-    python bench/router_budget.py bundles/mobilenetv2-demo --presets default small \
-        --batches 1 32 --repeats 30 [--threads 0 1] [--json out.json]
+    python bench/router_budget.py bundles/mobilenetv2-demo --presets default small \\
+        --batches 1 32 --repeats 30 [--threads 0 1] [--json PATH]
 
 Routers are built here from ``RouterConfig(preset=...)`` with random weights (latency does
 not depend on the weights; INT8 ranges come from the same inputs) and exported through
@@ -17,8 +17,8 @@ the default count (``t0``) above, so the deployed figures are t1 at batch 1, t0 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,8 +26,11 @@ import numpy as np
 
 from moqe_compile import Runtime
 from moqe_compile.backends import OrtCpuSession
-from moqe_compile.data.datasets import foolbox_dir
+from moqe_compile.tasks.image.data import foolbox_dir
 from moqe_compile.evaluate.latency import tile_batch, time_interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
+from common import add_json_option, write_json  # noqa: E402
 
 
 def sample_batch(rt: Runtime, n: int) -> np.ndarray:
@@ -38,9 +41,9 @@ def sample_batch(rt: Runtime, n: int) -> np.ndarray:
 def build_router(preset: str, quantize: str, rt: Runtime, out: Path, calib: np.ndarray) -> Path:
     import torch
 
-    from moqe_compile.config import RouterConfig
-    from moqe_compile.router.cv import CVRouterCore
-    from moqe_compile.router.export import export_router
+    from moqe_compile.tasks.image.config import RouterConfig
+    from moqe_compile.tasks.image.router import CVRouterCore
+    from moqe_compile.tasks.image.router_export import export_router
 
     cfg = RouterConfig(preset=preset, quantize=quantize)
     torch.manual_seed(0)
@@ -52,7 +55,7 @@ def build_router(preset: str, quantize: str, rt: Runtime, out: Path, calib: np.n
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
     ap.add_argument("--presets", nargs="+", default=["default", "small"])
     ap.add_argument("--quantize", nargs="+", default=["none", "int8"])
@@ -60,7 +63,7 @@ def main() -> None:
     ap.add_argument("--expert", default=None, help="expert to compare with (default: the bundle's default expert)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--json")
+    add_json_option(ap)
     args = ap.parse_args()
 
     rt = Runtime.load(args.bundle)
@@ -91,8 +94,7 @@ def main() -> None:
             ok = "meets" if r["ratio_to_expert"] <= 0.05 else "over"
             print(f"  router {k:<22} median {r['median_ms']:8.3f} ms  IQR {r['iqr_ms']}  "
                   f"ratio {r['ratio_to_expert']:.3f}  ({ok} the 5% budget)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

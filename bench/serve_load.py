@@ -1,7 +1,8 @@
 """Load test of moqe-serve over loopback: the MoQE server vs the same server holding one
 expert only, at 1, 8 and 32 concurrent closed-loop clients, then a bounded overload run.
 
-    python bench/serve_load.py bundles/mobilenetv2-demo --seconds 10 --rounds 3 --out bench/results-serve.json
+    python bench/serve_load.py bundles/mobilenetv2-demo --seconds 10 --rounds 3 \\
+        --json bench/results/epyc-2core/serve-default-router.json
 
 Both servers run at once as separate ``moqe-serve`` processes with the same batching
 settings; the load alternates between them round by round (A/B interleaved, so drift in
@@ -31,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
+from common import add_json_option, write_json  # noqa: E402
 
 
 def _free_port() -> int:
@@ -181,7 +183,7 @@ def main() -> int:
     ap.add_argument("--overload-factor", type=float, default=4.0)
     ap.add_argument("--overload-seconds", type=float, default=30.0)
     ap.add_argument("--samples", type=int, default=64, help="distinct test inputs cycled through")
-    ap.add_argument("--out", default="")
+    add_json_option(ap)
     args = ap.parse_args()
 
     from moqe_compile.runtime import Runtime
@@ -191,11 +193,12 @@ def main() -> int:
         shape = rt.input_shape
         routed = rt.routed
     samples = _test_inputs(args.bundle, shape, args.samples)
-    common = ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-              "--max-queue", str(args.max_queue)]
-    servers = {"moqe": start_server(args.bundle, "moqe", common),
-               "single": start_server(args.bundle, "single", [*common, "--only-expert", single])}
-    results: dict = {"bundle": args.bundle, "routed": routed, "single_expert": single, "settings": vars(args),
+    batching = ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
+                "--max-queue", str(args.max_queue)]
+    servers = {"moqe": start_server(args.bundle, "moqe", batching),
+               "single": start_server(args.bundle, "single", [*batching, "--only-expert", single])}
+    settings = {k: v for k, v in vars(args).items() if k != "json"}
+    results: dict = {"bundle": args.bundle, "routed": routed, "single_expert": single, "settings": settings,
                      "machine": {"cpus": os.cpu_count()}, "closed_loop": {}}
     try:
         for c in args.clients:
@@ -250,15 +253,13 @@ def main() -> int:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_json(args.json, results)
     return 0
 
 
 def _test_inputs(bundle: str, shape: tuple, n: int) -> np.ndarray:
     """The bundle's own test-split inputs (report/eval_data.npz), cycled to ``n``."""
-    from moqe_compile.evaluate.data import load_eval_data
+    from moqe_compile.tasks.image.eval_data import load_eval_data
 
     p = Path(bundle) / "report" / "eval_data.npz"
     if p.is_file():

@@ -1,8 +1,9 @@
-"""The strongest single expert and what each of its components adds (issue 10).
+"""The strongest single expert and what each of its components adds.
 
-    python bench/strongest_ablation.py bundles/fmnist-cnn.toml --json bench/results-fmnist-strongest.json
-    python bench/strongest_ablation.py bundles/fmnist-cnn.toml --bits 4 --split router_val --candidates \
-        --json bench/results-fmnist-strongest-val-candidates.json
+    python bench/strongest_ablation.py moqe_compile/recipes/fmnist-cnn.toml \\
+        --json bench/results/epyc-2core/fmnist-strongest.json
+    python bench/strongest_ablation.py moqe_compile/recipes/fmnist-cnn.toml --bits 4 --split router_val --candidates \\
+        --json bench/results/epyc-2core/fmnist-strongest-val-candidates.json
 
 For each weight width (W8A8, W4A8) it builds, on the recipe's calibration split, the chain
 (one component added per row) and the leave-one-out variants of the ``strongest`` preset:
@@ -23,7 +24,6 @@ Nothing is chosen on the test split: the recipes are fixed before this runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -33,13 +33,16 @@ from pathlib import Path
 import numpy as np
 
 from moqe_compile.backends import OrtCpuSession
-from moqe_compile.config import STRONGEST, ExpertRecipe, load_recipe
-from moqe_compile.data.datasets import build_splits
-from moqe_compile.data.images import Preprocess
+from moqe_compile.tasks.image.config import STRONGEST, ExpertRecipe, load_recipe
+from moqe_compile.tasks.image.data import build_splits
+from moqe_compile.tasks.image.preprocess import Preprocess
 from moqe_compile.evaluate.stats import bootstrap_ci, paired_compare
-from moqe_compile.models import load_fp_model
+from moqe_compile.tasks.image.model import load_fp_model
 from moqe_compile.quantize import build_expert, prepare_for_quantization
-from moqe_compile.score import expert_metrics, run_batched
+from moqe_compile.tasks.image.score import expert_metrics, run_batched
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
+from common import add_json_option, write_json  # noqa: E402
 
 BASE = {"calibration": "mse", "weight_clip": "minmax", "weight_rounding": "nearest", "sequential_activations": False,
         "bias_correction": False}
@@ -74,13 +77,13 @@ def candidates(bits: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     ap.add_argument("--split", default="test", choices=["test", "router_val"])
     ap.add_argument("--candidates", action="store_true",
                     help="compare the preset's alternatives (use with --split router_val) instead of the ablation")
-    ap.add_argument("--json")
+    add_json_option(ap)
     args = ap.parse_args()
 
     cfg = load_recipe(args.recipe)
@@ -130,8 +133,7 @@ def main() -> None:
         print(f"| {k} | {100 * m['top1']:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}] | {100 * d['diff']:+.2f} "
               f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | {d['p_value']:.3g} | "
               f"{m['fp_top1_agreement']:.4f} | {m['kl_to_fp']:.4f} | {m['build_s']:.1f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

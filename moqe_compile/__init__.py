@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in ("Runtime", "RunResult"):
-        from . import runtime
+        from moqe_compile import runtime
 
         return getattr(runtime, name)
     raise AttributeError(f"module 'moqe_compile' has no attribute {name!r}")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from moqe_compile.config import (BuildConfig, ControlsConfig, DataConfig, ExpertRecipe, GateConfig, ModelConfig,
+from moqe_compile.tasks.image.config import (BuildConfig, ControlsConfig, DataConfig, ExpertRecipe, GateConfig, ModelConfig,
                                  PreprocessConfig, RouterConfig)
 
 CROP = 32
@@ -44,7 +44,7 @@ class TinyCNN(nn.Module):
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory) -> Path:
-    from moqe_compile.models.loader import export_torch
+    from moqe_compile.tasks.image.model import export_torch
 
     torch.manual_seed(0)
     m = TinyCNN().eval()
@@ -93,7 +93,7 @@ def tiny_config(model_path: Path, images: Path, **data_kw) -> BuildConfig:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_onnx, tiny_images) -> Path:
-    from moqe_compile.pipeline import build
+    from moqe_compile.tasks.image.pipeline import build
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return build(tiny_config(tiny_onnx, tiny_images), out, quiet=True)
@@ -105,7 +105,7 @@ GRAY_CROP = 28
 @pytest.fixture(scope="session")
 def tiny_gray_onnx(tmp_path_factory) -> Path:
     """TinyCNN with a 1-channel stem: input (batch, 1, 28, 28), NUM_CLASSES outputs."""
-    from moqe_compile.models.loader import export_torch
+    from moqe_compile.tasks.image.model import export_torch
 
     torch.manual_seed(0)
     m = TinyCNN()

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from moqe_compile.config import BuildConfig, ExpertRecipe, load_recipe
+from moqe_compile.tasks.image.config import BuildConfig, ExpertRecipe, load_recipe
 from moqe_compile.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_default_recipe_file_equals_dataclass_defaults():
     # The shipped, documented recipe and the code defaults must not drift apart.
-    assert load_recipe(ROOT / "bundles" / "mobilenetv2-demo.toml").to_dict() == BuildConfig().to_dict()
+    assert load_recipe(ROOT / "moqe_compile" / "recipes" / "mobilenetv2-demo.toml").to_dict() == BuildConfig().to_dict()
 
 
 def test_unknown_key_is_named_with_valid_keys(tmp_path):

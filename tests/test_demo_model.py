@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from moqe_compile.data.datasets import foolbox_dir
-from moqe_compile.config import BuildConfig, ControlsConfig, ExpertRecipe, RouterConfig
-from moqe_compile.pipeline import build
+from moqe_compile.tasks.image.data import foolbox_dir
+from moqe_compile.tasks.image.config import BuildConfig, ControlsConfig, ExpertRecipe, RouterConfig
+from moqe_compile.tasks.image.pipeline import build
 from moqe_compile.runtime import Runtime
 
 

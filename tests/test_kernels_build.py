@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from moqe_compile import kernels
+from moqe_compile.backends import kernels
 from moqe_compile.errors import BackendError
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

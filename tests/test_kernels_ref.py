@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from moqe_compile import kernels
+from moqe_compile.backends import kernels
 from moqe_compile.errors import BackendError, InputError
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,

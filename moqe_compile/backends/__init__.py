@@ -8,10 +8,10 @@ drives with CUDA streams; ``onnxruntime-cuda`` runs a bundle's existing Q/DQ gra
 no variant of its own, so it is served by ``GpuRuntime``, not ``Runtime``.
 """
 
-from .base import Session
-from .onnxruntime_cpu import OrtCpuSession
-from .onnxruntime_cuda import OrtCudaSession
-from .tensorrt import TensorRTSession
+from moqe_compile.backends.base import Session
+from moqe_compile.backends.onnxruntime_cpu import OrtCpuSession
+from moqe_compile.backends.onnxruntime_cuda import OrtCudaSession
+from moqe_compile.backends.tensorrt import TensorRTSession
 
 BACKENDS = {"onnxruntime-cpu": OrtCpuSession, "tensorrt": TensorRTSession}
 GPU_BACKENDS = {"onnxruntime-cuda": OrtCudaSession, "tensorrt": TensorRTSession}
@@ -20,10 +20,10 @@ _NEEDS_GPU = {"tensorrt"}
 
 
 def resolve_backend(name: str, available: list[str]) -> str:
-    from ..errors import BackendError
+    from moqe_compile.errors import BackendError
 
     if name == "auto":
-        from .cuda_device import gpu_visible
+        from moqe_compile.backends.cuda_device import gpu_visible
 
         for candidate in BACKENDS:  # CPU first: a GPU backend is asked for by name
             if candidate in available and (candidate not in _NEEDS_GPU or gpu_visible()):
@@ -31,7 +31,7 @@ def resolve_backend(name: str, available: list[str]) -> str:
         raise BackendError(f"bundle offers backends {available}; this runtime supports {sorted(BACKENDS)}"
                            f"{' (tensorrt only on a machine with an NVIDIA GPU)' if 'tensorrt' in available else ''}.")
     if name in GPU_BACKENDS and name not in BACKENDS:
-        raise BackendError(f"backend {name!r} runs through moqe_compile.runtime.gpu.GpuRuntime.load(bundle, "
+        raise BackendError(f"backend {name!r} runs through moqe_compile.tasks.image.runtime_gpu.GpuRuntime.load(bundle, "
                            f"backend={name!r}); Runtime serves {sorted(BACKENDS)}.")
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; supported: {sorted(BACKENDS)} or 'auto'.")

@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from ..errors import BackendError
+from moqe_compile.errors import BackendError
 
 
 def gpu_visible() -> bool:

@@ -1,32 +1,73 @@
-"""ONNX Runtime CPU session. ``InferenceSession.run`` is thread-safe, so one session per model
-is shared by every caller; nothing here mutates after construction."""
+"""ONNX Runtime on the CPU: the one place that creates ``InferenceSession`` objects.
+
+``session()`` is the factory every stage uses (build-time checks, scoring, the runtime), so the
+options that matter for speed and correctness are set once. ``InferenceSession.run`` is
+thread-safe, so one session per model is shared by every caller.
+"""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BackendError
+from moqe_compile.errors import BackendError
+
+LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = "all",
+            add_shared: Callable[[ort.SessionOptions], None] | None = None,
+            optimized_path: str | Path | None = None, name: str = "") -> ort.InferenceSession:
+    """A CPU ``InferenceSession`` for a model path or serialized bytes.
+
+    ``threads``: intra-op threads (0: ONNX Runtime's default). ``optimization``: one of
+    ``LEVELS``. ``add_shared(options)`` supplies initializers a bundle stores once
+    (``bundle/shared_weights.py``). ``optimized_path``: where ONNX Runtime writes the graph it
+    executes (used to check which kernels run).
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[optimization]
+    # A MoQE call runs the router, then one session per expert group, back to back. With ORT's
+    # default spin-waiting, the previous session's idle threads keep spinning and starve the
+    # next one (docs/design.md#gpu-backends has the measurement).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    if add_shared is not None:
+        add_shared(so)
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        what = "an in-memory model" if isinstance(model, bytes) else repr(str(model))
+        raise BackendError(f"{name or 'model'}: ONNX Runtime could not load {what}: {e}") from e
+
+
+def optimized_model_bytes(model: str | Path, optimization: str = "extended") -> bytes:
+    """The serialized graph ONNX Runtime CPU executes after its optimizations at ``optimization``."""
+    with tempfile.TemporaryDirectory(prefix="moqe-opt-") as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        session(model, optimization=optimization, optimized_path=out)
+        return out.read_bytes()
 
 
 class OrtCpuSession:
+    """One model on the CPU behind the backend interface (``run(x) -> first output``)."""
+
     def __init__(self, name: str, path: Path, intra_op_threads: int = 0):
         self.name = name
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # A MoQE call runs the router, then one session per expert group, back to back. With
-        # ORT's default spin-waiting, the previous session's idle threads keep spinning and
-        # starve the next one: measured on 2 cores, MobileNetV2 INT8 two experts x batch 16
-        # took 115 ms with spinning vs 68 ms without (one expert alone at 32: 64 ms).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if intra_op_threads:
-            so.intra_op_num_threads = intra_op_threads
-        try:
-            self._sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise BackendError(f"{name}: ONNX Runtime could not load {str(path)!r}: {e}") from e
+        self._sess = session(path, threads=intra_op_threads, name=name)
         self._input = self._sess.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendError, InputError
-from .cuda_device import Buffers
+from moqe_compile.errors import BackendError, InputError
+from moqe_compile.backends.cuda_device import Buffers
 
 log = logging.getLogger(__name__)
 CUDA_EP = "CUDAExecutionProvider"
@@ -90,7 +90,7 @@ class OrtCudaSession:
         if providers is None:
             require_cuda_provider()
         if device is None:
-            from .cuda_device import CudaDevice
+            from moqe_compile.backends.cuda_device import CudaDevice
 
             device = CudaDevice()
         self.device = device

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendError, BundleError, InputError
+from moqe_compile.errors import BackendError, BundleError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def build_engine(onnx_path: Path, out_path: Path, *, min_batch: int = 1, opt_bat
     if hardware_compatibility not in HARDWARE_COMPAT:
         raise InputError(f"hardware_compatibility {hardware_compatibility!r}; expected one of {HARDWARE_COMPAT}.")
     if device is None:
-        from .cuda_device import CudaDevice
+        from moqe_compile.backends.cuda_device import CudaDevice
 
         device = CudaDevice()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -216,7 +216,7 @@ def build_engine(onnx_path: Path, out_path: Path, *, min_batch: int = 1, opt_bat
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(bytes(plan))
-    from ..bundle.manifest import sha256_file
+    from moqe_compile.bundle.manifest import sha256_file
 
     return EngineRecord(path=out_path.name, compute_capability="%d.%d" % device.compute_capability,
                         tensorrt_version=trt.__version__, hardware_compatibility=hardware_compatibility,
@@ -236,8 +236,8 @@ def add_engines(bundle_dir: str | Path, built: dict[str, tuple[Path, EngineRecor
     record in ``experts[].variants.tensorrt.engines`` (replacing one with the same key; exact
     builds first), its hash in ``files``; ``manifest.json`` is replaced atomically. The bundle
     must have the ``tensorrt`` variant (built with ``[backends] targets`` naming it)."""
-    from ..bundle import read_bundle
-    from ..bundle.manifest import sha256_file
+    from moqe_compile.bundle import read_bundle
+    from moqe_compile.bundle.manifest import sha256_file
 
     b = read_bundle(bundle_dir, verify=True)
     manifest = b.manifest
@@ -270,7 +270,7 @@ def build_bundle_engines(bundle_dir: str | Path, *, max_batch: int = 64, opt_bat
                          hardware_compatibility: str = "none", version_compatible: bool = False) -> list[EngineRecord]:
     """Build one engine per expert from its ``tensorrt`` (S8S8 Q/DQ) graph on this GPU and add
     them to the bundle (:func:`add_engines`). Needs TensorRT and a GPU."""
-    from ..bundle import read_bundle
+    from moqe_compile.bundle import read_bundle
 
     b = read_bundle(bundle_dir, verify=True)
     built = {}
@@ -305,14 +305,14 @@ def _bundle_engine_records(name: str, onnx_path: Path) -> tuple[Path | None, lis
 def onnx_fallback(name: str, path: Path, intra_op_threads: int = 0, device=None):
     """The ONNX session an engine-less expert runs on: ONNX Runtime CUDA where onnxruntime-gpu
     and a GPU are present, else ONNX Runtime CPU."""
-    from .onnxruntime_cuda import OrtCudaSession, cuda_provider_available
+    from moqe_compile.backends.onnxruntime_cuda import OrtCudaSession, cuda_provider_available
 
     if cuda_provider_available():
         try:
             return OrtCudaSession(name, path, intra_op_threads, device=device)
         except BackendError as e:
             log.warning("%s: ONNX Runtime CUDA unavailable (%s); using ONNX Runtime CPU.", name, e)
-    from .onnxruntime_cpu import OrtCpuSession
+    from moqe_compile.backends.onnxruntime_cpu import OrtCpuSession
 
     return OrtCpuSession(name, path, intra_op_threads)
 
@@ -356,7 +356,7 @@ class TensorRTSession:
             return str(e)
         try:
             if device is None:
-                from .cuda_device import CudaDevice
+                from moqe_compile.backends.cuda_device import CudaDevice
 
                 device = CudaDevice()
         except BackendError as e:
@@ -372,9 +372,9 @@ class TensorRTSession:
         return None
 
     def _load(self, trt, rec: EngineRecord, device) -> None:
-        from .cuda_device import Buffers
+        from moqe_compile.backends.cuda_device import Buffers
 
-        from ..bundle.manifest import safe_join
+        from moqe_compile.bundle.manifest import safe_join
 
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
@@ -466,7 +466,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hardware-compatibility", default="none", choices=HARDWARE_COMPAT)
     ap.add_argument("--version-compatible", action="store_true")
     args = ap.parse_args(argv)
-    from ..errors import MoqeError
+    from moqe_compile.errors import MoqeError
 
     try:
         recs = build_bundle_engines(args.bundle, max_batch=args.max_batch, opt_batch=args.opt_batch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path, PurePosixPath
 
-from ..errors import BundlePathError
+from moqe_compile.errors import BundlePathError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

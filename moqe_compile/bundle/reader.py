@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BundleError, BundleIntegrityError, SchemaVersionError
-from .manifest import MANIFEST, SCHEMA_VERSION, referenced_paths, safe_join, sha256_file
+from moqe_compile.errors import BundleError, BundleIntegrityError, SchemaVersionError
+from moqe_compile.bundle.manifest import MANIFEST, SCHEMA_VERSION, referenced_paths, safe_join, sha256_file
 
 
 @dataclass

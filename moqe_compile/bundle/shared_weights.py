@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError
+from moqe_compile.errors import BundleError
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 

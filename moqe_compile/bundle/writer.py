@@ -12,8 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import BuildError
-from .manifest import MANIFEST, SCHEMA_VERSION, referenced_paths, safe_join, sha256_file
+from moqe_compile.errors import BuildError
+from moqe_compile.bundle.manifest import MANIFEST, SCHEMA_VERSION, referenced_paths, safe_join, sha256_file
 
 
 class BundleWriter:

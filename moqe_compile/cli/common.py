@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ..errors import MoqeError
+from moqe_compile.errors import MoqeError
 
 
 def guarded(fn: Callable[[], int], prog: str) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..bundle import read_bundle
+from moqe_compile.bundle import read_bundle
 
 
 def _fmt(v) -> str:
@@ -44,7 +44,7 @@ def render(path: str, verify: bool = True) -> str:
     b = read_bundle(path, verify=verify)
     m = b.manifest
     if m.get("task", {}).get("kind") == "causal-lm":  # its own layout (cli/inspect_lm.py)
-        from .inspect_lm import render_lm
+        from moqe_compile.tasks.causal_lm.inspect import render_lm
 
         return render_lm(b)
     L = [f"bundle      {b.root}",

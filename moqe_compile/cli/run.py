@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from .common import guarded
+from moqe_compile.cli.common import guarded
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run_lm import maybe_main
+    from moqe_compile.cli.run_lm import maybe_main
 
     rc = maybe_main(argv)  # causal-LM bundles have their own options (cli/run_lm.py)
     if rc is not None:
@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from ..errors import InputError
-    from ..runtime import Runtime
+    from moqe_compile.errors import InputError
+    from moqe_compile.runtime import Runtime
 
     if args.top < 1:
         raise InputError(f"--top {args.top} must be >= 1.")

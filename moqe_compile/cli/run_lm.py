@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import guarded
+from moqe_compile.cli.common import guarded
 
 
 def is_lm_bundle(path: str) -> bool:
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from ..errors import InputError
-    from ..runtime.lm import LMRuntime
+    from moqe_compile.errors import InputError
+    from moqe_compile.tasks.causal_lm.runtime import LMRuntime
 
     if not args.score and args.max_new_tokens <= 0:
         raise InputError("say what to do: --score and/or --max-new-tokens N (N >= 1).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import guarded
+from moqe_compile.cli.common import guarded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args) -> int:
-    from ..errors import ConfigError
-    from ..runtime import QueueConfig
-    from ..serving.server import ServeConfig, serve
+    from moqe_compile.errors import ConfigError
+    from moqe_compile.runtime import QueueConfig
+    from moqe_compile.serving.server import ServeConfig, serve
 
     for flag, v, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                          ("--workers", args.workers, 1), ("--threads", args.threads, 0),
@@ -54,8 +54,8 @@ def _serve(args) -> int:
     cfg = ServeConfig(host=args.host, port=args.port, name=args.name, max_body_mb=args.max_body_mb,
                       log_level=args.log_level)
     if args.ray:
-        from ..serving.ray_serve import RayServeConfig, parse_replicas, run_ray
-        from ..serving.server import model_name
+        from moqe_compile.serving.ray_serve import RayServeConfig, parse_replicas, run_ray
+        from moqe_compile.serving.server import model_name
 
         rcfg = RayServeConfig(replicas=parse_replicas(args.replicas), num_cpus=args.num_cpus, threads=args.threads,
                               max_batch=args.max_batch, max_delay_ms=args.max_delay_ms)

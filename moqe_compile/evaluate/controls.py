@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..config import STRONGEST_PRESETS, BuildConfig, ExpertRecipe
-from ..quantize.graph import weight_layers
+from moqe_compile.tasks.image.config import STRONGEST_PRESETS, BuildConfig, ExpertRecipe
+from moqe_compile.quantize.graph import weight_layers
 
 CONTROLS_FILE = "report/controls.npz"
 
@@ -92,11 +92,11 @@ def build_copies(cfg: BuildConfig, prepared: Path, input_name: str, splits: dict
     """Build, score and (``[controls] copies_router``) route the copies control.
 
     ``fp_logits``: split -> FP logits (the loss is the build's: KL to FP or cross-entropy)."""
-    from ..backends import OrtCpuSession
-    from ..quantize import build_expert
-    from ..router.fallback import apply_fallback, choose_fallback
-    from ..router.train import predict, small_inputs, train_router
-    from ..score import run_batched, sample_losses
+    from moqe_compile.backends import OrtCpuSession
+    from moqe_compile.tasks.image.experts import build_expert
+    from moqe_compile.router.fallback import apply_fallback, choose_fallback
+    from moqe_compile.router.train import predict, small_inputs, train_router
+    from moqe_compile.tasks.image.score import run_batched, sample_losses
 
     k = cfg.controls.copies
     base = copy_recipe(cfg)

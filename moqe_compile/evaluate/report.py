@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..score import log_softmax, sample_losses
-from .stats import (DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_means, bootstrap_p_value, is_clustered,
+from moqe_compile.tasks.image.score import log_softmax, sample_losses
+from moqe_compile.evaluate.stats import (DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_means, bootstrap_p_value, is_clustered,
                     mcnemar_exact)
 
 MIN_UNITS = 30  # fewer independent samples (or source images) than this: intervals are not to be trusted

@@ -19,7 +19,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, c
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from ..config import ExpertRecipe
+from moqe_compile.tasks.image.config import ExpertRecipe
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from ..errors import ConfigError
+from moqe_compile.errors import ConfigError
 
 FLOAT_COMPUTE = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
 INT_COMPUTE = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",

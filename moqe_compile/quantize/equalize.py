@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .graph import get_init, set_init, weight_layers
+from moqe_compile.quantize.graph import get_init, set_init, weight_layers
 
 
 def equalize(model: onnx.ModelProto, iterations: int = 3) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import BuildError
+from moqe_compile.errors import BuildError
 
 
 def _conv_geometry(attrs: dict) -> tuple[tuple, tuple, list, int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BuildError
+from moqe_compile.errors import BuildError
 
 
 def _const_matmuls(model, exclude: set[str]):

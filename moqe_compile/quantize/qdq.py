@@ -14,9 +14,9 @@ from pathlib import Path
 
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-from ..config import ExpertRecipe
-from ..errors import ConfigError
-from .calibrate import METHODS
+from moqe_compile.tasks.image.config import ExpertRecipe
+from moqe_compile.errors import ConfigError
+from moqe_compile.quantize.calibrate import METHODS
 
 # backend -> (activation type, weight type, symmetric activations forced, format label)
 VARIANTS = {

@@ -10,11 +10,11 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from ..config import ExpertRecipe
-from ..score import sample_losses
-from .calibrate import calibrate_ranges
-from .graph import weight_layers
-from .qdq import write_expert
+from moqe_compile.tasks.image.config import ExpertRecipe
+from moqe_compile.tasks.image.score import sample_losses
+from moqe_compile.quantize.calibrate import calibrate_ranges
+from moqe_compile.quantize.graph import weight_layers
+from moqe_compile.quantize.qdq import write_expert
 
 
 def _run(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:

@@ -23,11 +23,11 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
-from ..config import ExpertRecipe
-from .calibrate import mse_ranges
-from .gptq import Hessian, gptq_clip_search, gptq_round
-from .weights import channel_scales
-from .graph import WeightLayer, get_init, run_with_outputs, weight_layers
+from moqe_compile.tasks.image.config import ExpertRecipe
+from moqe_compile.quantize.calibrate import mse_ranges
+from moqe_compile.quantize.gptq import Hessian, gptq_clip_search, gptq_round
+from moqe_compile.quantize.weights import channel_scales
+from moqe_compile.quantize.graph import WeightLayer, get_init, run_with_outputs, weight_layers
 
 # ORT's QDQ quantizer drops a Relu/Clip after a quantized node when activations are asymmetric
 # (the uint8 range clips instead); the QuantizeLinear then reads the pre-activation tensor, so

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import RouterConfig
-from .cv import CVRouterCore, downsample
+from moqe_compile.tasks.image.config import RouterConfig
+from moqe_compile.tasks.image.router import CVRouterCore, downsample
 
 
 # Routers are tiny: torch's intra-op threads cost more in hand-offs than they save, and far
@@ -74,7 +74,7 @@ def make_targets(matrix: np.ndarray, kind: str, temperature: float) -> torch.Ten
 
 def kl_to_fp_matrix(fp_logits: np.ndarray, expert_logits: np.ndarray) -> np.ndarray:
     """(N, K) per-sample KL(p_fp || p_k) from Scores' logits ((N, C) and (K, N, C))."""
-    from ..score import sample_losses
+    from moqe_compile.tasks.image.score import sample_losses
 
     return np.stack([sample_losses(e, fp_logits, None, "fp") for e in expert_logits], axis=1)
 

@@ -1,6 +1,6 @@
 """Serve a bundle: route each sample, run each expert once on its group, scatter back."""
 
-from .batcher import DynamicBatcher
-from .runtime import QueueConfig, RunResult, Runtime
+from moqe_compile.runtime.batcher import DynamicBatcher
+from moqe_compile.runtime.base import QueueConfig, RunResult, Runtime
 
 __all__ = ["Runtime", "RunResult", "QueueConfig", "DynamicBatcher"]

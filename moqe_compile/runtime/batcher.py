@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import MoqeError, OverloadedError
+from moqe_compile.errors import MoqeError, OverloadedError
 
 
 @dataclass

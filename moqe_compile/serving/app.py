@@ -24,11 +24,11 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from .. import __version__
-from ..errors import InputError, OverloadedError
-from ..runtime import Runtime
-from .metrics import Metrics
-from .protocol import DTYPES, OUTPUTS, ProtocolError, decode_images, encode_infer_response, parse_infer_request
+from moqe_compile import __version__
+from moqe_compile.errors import InputError, OverloadedError
+from moqe_compile.runtime import Runtime
+from moqe_compile.serving.metrics import Metrics
+from moqe_compile.serving.protocol import DTYPES, OUTPUTS, ProtocolError, decode_images, encode_infer_response, parse_infer_request
 
 VERSION = "1"
 

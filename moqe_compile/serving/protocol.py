@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError
+from moqe_compile.errors import InputError
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(bool), "UINT8": np.dtype(np.uint8), "INT8": np.dtype(np.int8),

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
-from ..runtime import Runtime
-from ..runtime.dispatch import group_by_expert, scatter, split_requests
-from ..runtime.runtime import RunResult
+from moqe_compile.errors import ConfigError, InputError
+from moqe_compile.runtime import Runtime
+from moqe_compile.runtime.dispatch import group_by_expert, scatter, split_requests
+from moqe_compile.runtime.base import RunResult
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def build_app(bundle: str, name: str, cfg: RayServeConfig):
     @serve.deployment(ray_actor_options=opts, num_replicas=cfg.router_replicas)
     class MoqeIngress:
         def __init__(self, bundle: str, model: str, experts: dict, max_batch: int, max_delay_ms: float):
-            from .app import model_metadata
+            from moqe_compile.serving.app import model_metadata
 
             self.rt = Runtime.load(bundle, route_only=True)
             self.model = model
@@ -95,8 +95,8 @@ def build_app(bundle: str, name: str, cfg: RayServeConfig):
         async def __call__(self, request):
             from starlette.responses import JSONResponse, Response
 
-            from .app import _to_batch
-            from .protocol import ProtocolError, encode_infer_response, parse_infer_request
+            from moqe_compile.serving.app import _to_batch
+            from moqe_compile.serving.protocol import ProtocolError, encode_infer_response, parse_infer_request
 
             if request.method == "GET":
                 return JSONResponse(self.meta)

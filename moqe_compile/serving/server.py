@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BackendError
-from ..runtime import QueueConfig, Runtime
+from moqe_compile.errors import BackendError
+from moqe_compile.runtime import QueueConfig, Runtime
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def model_name(bundle: str | Path, cfg: ServeConfig) -> str:
 def build_server(rt: Runtime, name: str, cfg: ServeConfig):
     import uvicorn
 
-    from .app import create_app
+    from moqe_compile.serving.app import create_app
 
     app = create_app(rt, name, max_body_bytes=int(cfg.max_body_mb * (1 << 20)), retry_after_s=cfg.retry_after_s)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,

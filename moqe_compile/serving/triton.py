@@ -19,8 +19,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bundle import read_bundle
-from ..errors import BundleError, ConfigError
+from moqe_compile.bundle import read_bundle
+from moqe_compile.errors import BundleError, ConfigError
 
 KINDS = ("KIND_CPU", "KIND_GPU")
 _DTYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",

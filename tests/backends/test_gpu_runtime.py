@@ -2,7 +2,7 @@
 so the input decides the routing; expert k = channel means times k + 1, so outputs show
 which expert ran) served through the IOBinding sessions under the CPU provider with a
 host-memory device. Checked against the CPU ``Runtime`` on the same bundle, plus the
-stream/sync bookkeeping. The real GPU path runs in tests/gpu and bench/gpu_check.sh."""
+stream/sync bookkeeping. The real GPU path runs in tests/gpu and bench/gpu/check.sh."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from moqe_compile.errors import BackendError, InputError
 from moqe_compile.runtime import Runtime
-from moqe_compile.runtime.gpu import GpuRuntime, _runs
+from moqe_compile.tasks.image.runtime_gpu import GpuRuntime, _runs
 
 from .fakes import HostDevice
 from .handmade import C, K, S, host_factory

@@ -1,6 +1,6 @@
-"""The GPU scripts stay runnable: bench/gpu_latency.py's whole flow on the hand-made bundle
+"""The GPU scripts stay runnable: bench/gpu/latency.py's whole flow on the hand-made bundle
 with the host-memory device and the CPU provider standing in for the GPU (its timings are
-CPU timings and are not looked at), the kernel bench's no-GPU exit, gpu_check.sh's syntax."""
+CPU timings and are not looked at), the kernel bench's no-GPU exit, gpu/check.sh's syntax."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from moqe_compile.backends import cuda_device
 
 from .fakes import HostDevice
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu"
 
 
 def _load(name: str):
@@ -40,7 +40,7 @@ def test_gpu_latency_flow_with_stand_ins(bundle, tmp_path, monkeypatch):
     monkeypatch.setattr(oc, "require_cuda_provider", lambda: None)
     monkeypatch.setattr(oc.OrtCudaSession, "__init__", host_init)
     out = tmp_path / "lat.json"
-    assert _load("gpu_latency").main([str(bundle), "--batches", "1,5", "--repeats", "2", "--json", str(out)]) == 0
+    assert _load("latency").main([str(bundle), "--batches", "1,5", "--repeats", "2", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["meta"]["default_expert"] == "e1" and set(res["batches"]) == {"1", "5"}
     row = res["batches"]["5"]
@@ -63,4 +63,4 @@ def test_kernel_bench_says_it_needs_a_gpu(capsys):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_script_parses():
-    subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+    subprocess.run(["bash", "-n", str(BENCH / "check.sh")], check=True)

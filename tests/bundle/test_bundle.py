@@ -6,7 +6,7 @@ import pytest
 from moqe_compile.bundle import BundleWriter, read_bundle
 from moqe_compile.errors import (BuildError, BundleError, BundleIntegrityError, BundlePathError,
                                  SchemaVersionError)
-from moqe_compile.pipeline import build
+from moqe_compile.tasks.image.pipeline import build
 
 from ..conftest import tiny_config
 
@@ -96,7 +96,7 @@ def test_not_a_bundle(tmp_path):
 
 
 def test_failed_build_leaves_nothing(tiny_onnx, tiny_images, tmp_path, monkeypatch):
-    import moqe_compile.pipeline as pipeline
+    import moqe_compile.tasks.image.pipeline as pipeline
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -108,7 +108,7 @@ def test_failed_build_leaves_nothing(tiny_onnx, tiny_images, tmp_path, monkeypat
 
 
 def test_failed_rebuild_keeps_previous_bundle(tiny_bundle, tiny_onnx, tiny_images, tmp_path, monkeypatch):
-    import moqe_compile.pipeline as pipeline
+    import moqe_compile.tasks.image.pipeline as pipeline
 
     dst = tmp_path / "b"
     shutil.copytree(tiny_bundle, dst)

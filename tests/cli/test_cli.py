@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from moqe_compile.cli import compile as compile_cli
+from moqe_compile.cli import main as compile_cli
 from moqe_compile.cli import run as run_cli
 
 from ..conftest import CROP
@@ -144,7 +144,7 @@ def test_build_backend_tensorrt_without_tensorrt(tiny_onnx, tiny_images, tmp_pat
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed: this checks the machine without it")
-    import moqe_compile.config as config
+    import moqe_compile.tasks.image.config as config
     from moqe_compile.bundle import read_bundle
     from moqe_compile.errors import BackendError
 

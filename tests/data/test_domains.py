@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from moqe_compile.config import BuildConfig, DataConfig, ExpertRecipe, load_recipe
-from moqe_compile.data import fashion_mnist as fm
-from moqe_compile.data.datasets import SPLITS, build_splits, calibration_inputs, num_sources
+from moqe_compile.tasks.image.config import BuildConfig, DataConfig, ExpertRecipe, load_recipe
+from moqe_compile.tasks.image import fashion_mnist as fm
+from moqe_compile.tasks.image.data import SPLITS, build_splits, calibration_inputs, num_sources
 from moqe_compile.errors import ConfigError
 
 from .test_fashion_mnist import MEAN, N_TEST, N_TRAIN, STD, fake_fmnist, gray_pre  # noqa: F401 - fixture
@@ -139,7 +139,7 @@ def test_manifest_round_trip_keeps_domains_and_calibration_domain():
 def test_shipped_domains_recipes_are_valid(recipe, bits):
     from pathlib import Path
 
-    cfg = load_recipe(Path(__file__).resolve().parents[2] / "bundles" / recipe)
+    cfg = load_recipe(Path(__file__).resolve().parents[2] / "moqe_compile" / "recipes" / recipe)
     assert cfg.data.source == fm.DOMAINS_SOURCE and len(cfg.data.domains) >= 3
     per_domain = {e.calibration_domain for e in cfg.experts if e.calibration_domain}
     assert per_domain == set(cfg.data.domains)

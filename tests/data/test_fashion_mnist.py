@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moqe_compile.config import (BuildConfig, DataConfig, ExpertRecipe, ModelConfig, PreprocessConfig,
+from moqe_compile.tasks.image.config import (BuildConfig, DataConfig, ExpertRecipe, ModelConfig, PreprocessConfig,
                                  RouterConfig, load_recipe)
-from moqe_compile.data import fashion_mnist as fm
-from moqe_compile.data.datasets import SPLITS, build_splits, num_sources
-from moqe_compile.data.images import Preprocess, load_inputs
+from moqe_compile.tasks.image import fashion_mnist as fm
+from moqe_compile.tasks.image.data import SPLITS, build_splits, num_sources
+from moqe_compile.tasks.image.preprocess import Preprocess, load_inputs
 from moqe_compile.errors import ConfigError
 
 from ..conftest import GRAY_CROP, NUM_CLASSES
@@ -171,7 +171,7 @@ def test_recipe_keeps_named_source_and_expands_home(tmp_path, monkeypatch):
 
 
 def test_shipped_fmnist_recipe_is_valid():
-    cfg = load_recipe(Path(__file__).resolve().parents[2] / "bundles" / "fmnist-cnn.toml")
+    cfg = load_recipe(Path(__file__).resolve().parents[2] / "moqe_compile" / "recipes" / "fmnist-cnn.toml")
     assert (cfg.preprocessing.channels, cfg.preprocessing.crop, cfg.router.input_size) == (1, 28, 28)
     assert cfg.data.source == "fashion-mnist" and cfg.data.augmentations == 0
     assert cfg.model.path.endswith("fmnist_cnn/model.onnx") and "~" not in cfg.model.path
@@ -179,7 +179,7 @@ def test_shipped_fmnist_recipe_is_valid():
 
 def test_grayscale_build_end_to_end(fake_fmnist, tiny_gray_onnx, tmp_path):
     from moqe_compile import Runtime
-    from moqe_compile.pipeline import build
+    from moqe_compile.tasks.image.pipeline import build
 
     cfg = BuildConfig(
         model=ModelConfig(source="onnx", path=str(tiny_gray_onnx), num_classes=NUM_CLASSES, labels=""),

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 
-from moqe_compile.config import BuildConfig, ExpertRecipe
+from moqe_compile.tasks.image.config import BuildConfig, ExpertRecipe
 from moqe_compile.evaluate.controls import Copies, copy_recipe, expert_cost, strongest_expert
 from moqe_compile.quantize import prepare_for_quantization
 from moqe_compile.quantize.graph import weight_layers

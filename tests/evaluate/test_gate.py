@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moqe_compile import Runtime, pipeline
+from moqe_compile import Runtime
+from moqe_compile.tasks.image import pipeline
 from moqe_compile.cli.inspect import render
-from moqe_compile.config import ControlsConfig, ExpertRecipe, RouterConfig
+from moqe_compile.tasks.image.config import ControlsConfig, ExpertRecipe, RouterConfig
 from moqe_compile.evaluate.controls import gate_decision
-from moqe_compile.score import Scores, sample_losses
+from moqe_compile.tasks.image.score import Scores, sample_losses
 
 from ..conftest import CROP, NUM_CLASSES, tiny_config
 

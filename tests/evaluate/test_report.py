@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moqe_compile.evaluate.report import build_split_report, flat_metrics, to_markdown, write_plots
-from moqe_compile.score import sample_losses
+from moqe_compile.tasks.image.score import sample_losses
 
 NAMES = ["a", "b", "c"]
 

@@ -8,14 +8,14 @@ import os
 import numpy as np
 import pytest
 
-from moqe_compile import kernels
+from moqe_compile.backends import kernels
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def libs(tmp_path_factory):
-    """Prebuilt libraries where $MOQE_ROUTER_ATTENTION_LIB / _REF_LIB name them (bench/gpu_check.sh
+    """Prebuilt libraries where $MOQE_ROUTER_ATTENTION_LIB / _REF_LIB name them (bench/gpu/check.sh
     builds them once), else a fresh build."""
     d = tmp_path_factory.mktemp("kbuild")
     lib = os.environ.get("MOQE_ROUTER_ATTENTION_LIB") or kernels.build("all", d)

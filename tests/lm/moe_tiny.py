@@ -36,7 +36,7 @@ def make_tiny_moe(out: Path, layout: str = "mixtral", seed: int = 0, steps: int 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from moqe_compile.models.moe import GATE_HISTORY_FILE, find_moe
+    from moqe_compile.tasks.causal_lm.moe import GATE_HISTORY_FILE, find_moe
 
     vocab = {"<unk>": 0, "<eos>": 1, ".": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

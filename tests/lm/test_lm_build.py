@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from moqe_compile.errors import ConfigError, InputError  # noqa: E402
-from moqe_compile.lm_config import LMBuildConfig  # noqa: E402
+from moqe_compile.tasks.causal_lm.config import LMBuildConfig  # noqa: E402
 
 from .tiny import make_tiny_lm, write_corpus  # noqa: E402
 
@@ -29,7 +29,7 @@ def _cfg(tmp, **router):
 
 @pytest.fixture(scope="module")
 def lm_bundle(tmp_path_factory):
-    from moqe_compile.lm_pipeline import build_lm
+    from moqe_compile.tasks.causal_lm.pipeline import build_lm
 
     tmp = tmp_path_factory.mktemp("lm")
     make_tiny_lm(tmp / "model")
@@ -102,7 +102,7 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
 
 
 def test_runtime_score_matches_build_scores(lm_bundle):
-    from moqe_compile.runtime.lm import LMRuntime
+    from moqe_compile.tasks.causal_lm.runtime import LMRuntime
 
     with LMRuntime.load(lm_bundle[0]) as rt, np.load(rt.bundle.file("report/eval_data.npz")) as z:
         ids = z["test_ids"][0]
@@ -117,7 +117,7 @@ def test_runtime_score_matches_build_scores(lm_bundle):
 
 
 def test_generation_with_kv_cache_equals_recompute(lm_bundle):
-    from moqe_compile.runtime.lm import LMRuntime
+    from moqe_compile.tasks.causal_lm.runtime import LMRuntime
 
     with LMRuntime.load(lm_bundle[0]) as rt:
         streamed = []
@@ -131,7 +131,7 @@ def test_generation_with_kv_cache_equals_recompute(lm_bundle):
 
 
 def test_cli_run_and_eval(lm_bundle, capsys):
-    from moqe_compile.cli.compile import main as compile_main
+    from moqe_compile.cli.main import main as compile_main
     from moqe_compile.cli.run import main as run_main
 
     bundle, tmp = lm_bundle

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from moqe_compile.data.text import documents, split_documents, windows  # noqa: E402
+from moqe_compile.tasks.causal_lm.data import documents, split_documents, windows  # noqa: E402
 
 from .tiny import make_tiny_lm  # noqa: E402
 
@@ -26,7 +26,7 @@ def test_documents_and_disjoint_splits():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from moqe_compile.models.lm import load_causal_lm
+    from moqe_compile.tasks.causal_lm.model import load_causal_lm
 
     d = make_tiny_lm(tmp_path_factory.mktemp("m") / "model")
     return load_causal_lm("transformers", str(d))
@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
 def test_scaling_keeps_the_fp_function(tiny, kind):
     import torch
 
-    from moqe_compile.quantize.lm import awq, smoothquant
+    from moqe_compile.quantize.nbits import awq, smoothquant
 
     model, _ = tiny
     ids = np.random.default_rng(0).integers(0, 64, (3, 16))
@@ -49,9 +49,9 @@ def test_scaling_keeps_the_fp_function(tiny, kind):
 
 
 def test_lm_recipe_file_is_recognized_and_paths_resolve(tmp_path):
-    from moqe_compile.config import load_recipe
+    from moqe_compile.tasks.image.config import load_recipe
     from moqe_compile.errors import ConfigError
-    from moqe_compile.lm_config import SMOLLM2_GGUF, load_lm_recipe, recipe_is_lm
+    from moqe_compile.tasks.causal_lm.config import SMOLLM2_GGUF, load_lm_recipe, recipe_is_lm
 
     p = tmp_path / "r.toml"
     p.write_text('task = "causal-lm"\n[model]\nsource = "transformers"\npath = "m"\n'
@@ -63,7 +63,7 @@ def test_lm_recipe_file_is_recognized_and_paths_resolve(tmp_path):
     assert cfg.experts[1].smoothquant_alpha == 0.85 and cfg.experts[0].scheme == "nbits"
     with pytest.raises(ConfigError):  # the image recipe loader rejects it, naming the key
         load_recipe(p)
-    from moqe_compile.models.lm import resolve_model_path
+    from moqe_compile.tasks.causal_lm.model import resolve_model_path
 
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_model_path(str(tmp_path / "nope.gguf"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moqe_compile.evaluate.lm import lm_split_report, render_lm_markdown
-from moqe_compile.lm_pipeline import gate_decision
+from moqe_compile.tasks.causal_lm.report import lm_split_report, render_lm_markdown
+from moqe_compile.tasks.causal_lm.pipeline import gate_decision
 
 
 def _case(n=300, seed=0):

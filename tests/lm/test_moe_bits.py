@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from moqe_compile.errors import BuildError, ConfigError  # noqa: E402
-from moqe_compile.quantize.moe_bits import (  # noqa: E402
+from moqe_compile.tasks.causal_lm.moe_bits import (  # noqa: E402
     allocate,
     combined_order,
     gate_norm_change,
@@ -51,8 +51,8 @@ def test_criteria():
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
-    from moqe_compile.models.lm import load_causal_lm
-    from moqe_compile.models.moe import find_moe
+    from moqe_compile.tasks.causal_lm.model import load_causal_lm
+    from moqe_compile.tasks.causal_lm.moe import find_moe
 
     d = make_tiny_moe(tmp_path_factory.mktemp("moe") / "model", experts=8, layers=2)
     model, _ = load_causal_lm("transformers", str(d))
@@ -64,7 +64,7 @@ def test_layouts_are_found(layout):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moqe_compile.models.moe import find_moe
+    from moqe_compile.tasks.causal_lm.moe import find_moe
 
     from .moe_tiny import tiny_moe_config
 
@@ -81,8 +81,8 @@ def test_layouts_are_found(layout):
 
 
 def test_dense_model_is_not_moe(tmp_path):
-    from moqe_compile.models.lm import load_causal_lm
-    from moqe_compile.models.moe import find_moe
+    from moqe_compile.tasks.causal_lm.model import load_causal_lm
+    from moqe_compile.tasks.causal_lm.moe import find_moe
 
     from .tiny import make_tiny_lm
 
@@ -91,7 +91,7 @@ def test_dense_model_is_not_moe(tmp_path):
 
 
 def test_allocations_and_fallback(tiny_moe, tmp_path):
-    from moqe_compile.quantize.moe_bits import history_path, routing_stats
+    from moqe_compile.tasks.causal_lm.moe_bits import history_path, routing_stats
 
     model, moe, d = tiny_moe
     hist, reason = load_gate_history(history_path("", str(d)), moe)
@@ -131,7 +131,7 @@ def test_allocations_and_fallback(tiny_moe, tmp_path):
 def test_history_of_another_checkpoint_is_refused(tiny_moe, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from moqe_compile.models.moe import GATE_HISTORY_FILE
+    from moqe_compile.tasks.causal_lm.moe import GATE_HISTORY_FILE
 
     _, moe, d = tiny_moe
     t = load_file(str(d / GATE_HISTORY_FILE))
@@ -144,7 +144,7 @@ def test_history_of_another_checkpoint_is_refused(tiny_moe, tmp_path):
 def test_fake_quant_apply_restore_and_bits_order(tiny_moe):
     import torch
 
-    from moqe_compile.quantize.moe_bits import ExpertFakeQuant, expert_bytes, routing_stats
+    from moqe_compile.tasks.causal_lm.moe_bits import ExpertFakeQuant, expert_bytes, routing_stats
 
     model, moe, _ = tiny_moe
     ids = np.random.default_rng(1).integers(3, 33, (4, 16))

@@ -20,10 +20,10 @@ from .tiny import write_corpus  # noqa: E402
 def test_export_keeps_gates_fp_and_experts_quantizable(layout, tmp_path):
     import onnx
 
-    from moqe_compile.lm_config import _expert
-    from moqe_compile.models.lm import export_decoder, load_causal_lm
-    from moqe_compile.models.moe import find_moe, gate_nodes, onnx_moe_nodes
-    from moqe_compile.quantize.lm import check_kernels, quantize_onnx
+    from moqe_compile.tasks.causal_lm.config import _expert
+    from moqe_compile.tasks.causal_lm.model import export_decoder, load_causal_lm
+    from moqe_compile.tasks.causal_lm.moe import find_moe, gate_nodes, onnx_moe_nodes
+    from moqe_compile.quantize.nbits import check_kernels, quantize_onnx
 
     model, _ = load_causal_lm("transformers", str(make_tiny_moe(tmp_path / "m", layout, steps=5, layers=1)))
     moe = find_moe(model)
@@ -40,7 +40,7 @@ def test_export_keeps_gates_fp_and_experts_quantizable(layout, tmp_path):
 
 
 def _cfg(tmp, experts, history=""):
-    from moqe_compile.lm_config import LMBuildConfig
+    from moqe_compile.tasks.causal_lm.config import LMBuildConfig
 
     return LMBuildConfig.from_dict({
         "task": "causal-lm", "model": {"source": "transformers", "path": str(tmp / "model"), "gate_history": history},
@@ -60,7 +60,7 @@ MOE_EXPERTS = [
 
 @pytest.fixture(scope="module")
 def moe_bundle(tmp_path_factory):
-    from moqe_compile.lm_pipeline import build_lm
+    from moqe_compile.tasks.causal_lm.pipeline import build_lm
 
     tmp = tmp_path_factory.mktemp("moe-lm")
     make_tiny_moe(tmp / "model", "mixtral", steps=30)
@@ -106,13 +106,13 @@ def test_experts_differ_and_inspect_shows_bits(moe_bundle):
 def test_no_history_falls_back_to_maxvar(tmp_path):
     """A checkpoint without gate history (a download): the build's hook says so, allocates by
     MaxVar and records why; an explicit gate_history that does not exist is a recipe error."""
-    from moqe_compile.cli.inspect_lm import _moe_bits_lines
+    from moqe_compile.tasks.causal_lm.inspect import _moe_bits_lines
     from moqe_compile.errors import ConfigError
-    from moqe_compile.lm_config import LMModelConfig, _expert
-    from moqe_compile.lm_pipeline import calib_feeds
-    from moqe_compile.models.lm import export_decoder, load_causal_lm
-    from moqe_compile.models.moe import find_moe
-    from moqe_compile.quantize.moe_bits import build_moe_expert
+    from moqe_compile.tasks.causal_lm.config import LMModelConfig, _expert
+    from moqe_compile.tasks.causal_lm.pipeline import calib_feeds
+    from moqe_compile.tasks.causal_lm.model import export_decoder, load_causal_lm
+    from moqe_compile.tasks.causal_lm.moe import find_moe
+    from moqe_compile.tasks.causal_lm.moe_bits import build_moe_expert
 
     d = make_tiny_moe(tmp_path / "model", "olmoe", steps=0, history=False, layers=1)
     model, _ = load_causal_lm("transformers", str(d))

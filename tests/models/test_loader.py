@@ -3,10 +3,10 @@ import pytest
 import timm
 import torch
 
-from moqe_compile.config import ModelConfig, PreprocessConfig
+from moqe_compile.tasks.image.config import ModelConfig, PreprocessConfig
 from moqe_compile.errors import BuildError, ConfigError
-from moqe_compile.models import load_fp_model
-from moqe_compile.models.loader import check_fp_onnx
+from moqe_compile.tasks.image.model import load_fp_model
+from moqe_compile.tasks.image.model import check_fp_onnx
 
 from ..conftest import CROP, TinyCNN
 

@@ -4,7 +4,8 @@ and a plain ONNX Runtime run."""
 import numpy as np
 import onnxruntime as ort
 
-from moqe_compile.quantize import build_expert, prepare_for_quantization
+from moqe_compile.quantize import prepare_for_quantization
+from moqe_compile.tasks.image.experts import build_expert
 
 from ..conftest import CROP
 

@@ -6,12 +6,12 @@ from dataclasses import asdict
 
 import numpy as np
 
-from moqe_compile import pipeline
-from moqe_compile.config import (BuildConfig, ControlsConfig, DataConfig, ExpertRecipe, ModelConfig,
+from moqe_compile.tasks.image import pipeline
+from moqe_compile.tasks.image.config import (BuildConfig, ControlsConfig, DataConfig, ExpertRecipe, ModelConfig,
                                  PreprocessConfig, RouterConfig)
-from moqe_compile.data import fashion_mnist as fm
-from moqe_compile.data.datasets import build_splits
-from moqe_compile.data.images import Preprocess
+from moqe_compile.tasks.image import fashion_mnist as fm
+from moqe_compile.tasks.image.data import build_splits
+from moqe_compile.tasks.image.preprocess import Preprocess
 
 from ..conftest import GRAY_CROP, NUM_CLASSES
 from ..data.test_fashion_mnist import MEAN, STD, fake_fmnist  # noqa: F401 - fixture

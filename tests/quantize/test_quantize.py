@@ -2,7 +2,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from moqe_compile.config import ExpertRecipe
+from moqe_compile.tasks.image.config import ExpertRecipe
 from moqe_compile.quantize import calibrate_ranges, count_integer_kernels, prepare_for_quantization, write_expert
 
 from ..conftest import CROP

@@ -7,7 +7,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from moqe_compile.config import EXPERT_PRESETS, ExpertRecipe
+from moqe_compile.tasks.image.config import EXPERT_PRESETS, ExpertRecipe
 from moqe_compile.quantize import check_qdq
 from moqe_compile.quantize.adaround import adaround_layer
 from moqe_compile.quantize.calibrate import mse_ranges

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from moqe_compile.config import EXPERT_PRESETS, STRONGEST_PRESETS, ExpertRecipe, default_experts
+from moqe_compile.tasks.image.config import EXPERT_PRESETS, STRONGEST_PRESETS, ExpertRecipe, default_experts
 from moqe_compile.errors import ConfigError
 from moqe_compile.quantize import check_qdq
 from moqe_compile.quantize.graph import run_with_outputs, weight_layers

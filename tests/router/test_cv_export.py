@@ -6,9 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moqe_compile.config import RouterConfig
-from moqe_compile.router.cv import CVRouter, CVRouterCore, TemperatureAttention
-from moqe_compile.router.export import export_router
+from moqe_compile.tasks.image.config import RouterConfig
+from moqe_compile.tasks.image.router import CVRouter, CVRouterCore, TemperatureAttention
+from moqe_compile.tasks.image.router_export import export_router
 
 
 @pytest.mark.parametrize("heads,head_dim", [(8, 8), (2, 16), (1, 32)])
@@ -59,7 +59,7 @@ def test_export_matches_torch_with_symbolic_batch(tmp_path, preset, pool_op):
 
 
 def test_subsample_takes_the_centre_pixel_of_each_cell():
-    from moqe_compile.router.cv import downsample
+    from moqe_compile.tasks.image.router import downsample
 
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     torch.testing.assert_close(downsample(x, 2, "subsample"), x[:, :, 2::4, 2::4])

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moqe_compile.router.nlp import (ATTENTION_MASK, INPUT_IDS, NLPRouter, check_symbolic_dims, export_nlp_router,
+from moqe_compile.tasks.causal_lm.router import (ATTENTION_MASK, INPUT_IDS, NLPRouter, check_symbolic_dims, export_nlp_router,
                                      predict_nlp, train_nlp_router)
 
 V, D, K, T = 64, 32, 3, 12

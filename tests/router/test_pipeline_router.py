@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from moqe_compile import Runtime, pipeline
-from moqe_compile.config import RouterConfig
+from moqe_compile import Runtime
+from moqe_compile.tasks.image import pipeline
+from moqe_compile.tasks.image.config import RouterConfig
 
 from ..conftest import CROP, tiny_config
 

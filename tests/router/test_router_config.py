@@ -1,6 +1,6 @@
 import pytest
 
-from moqe_compile.config import BuildConfig, RouterConfig, load_recipe
+from moqe_compile.tasks.image.config import BuildConfig, RouterConfig, load_recipe
 from moqe_compile.errors import ConfigError
 
 

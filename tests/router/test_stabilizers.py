@@ -10,7 +10,7 @@ stabilizers the router keeps using the others where the signal says so.
 import numpy as np
 import pytest
 
-from moqe_compile.config import RouterConfig
+from moqe_compile.tasks.image.config import RouterConfig
 from moqe_compile.router.train import predict, small_inputs, train_router, usage_entropy
 
 SEEDS = (0, 1, 2)

@@ -1,7 +1,7 @@
 import numpy as np
 
 from moqe_compile.router.train import kl_to_fp_matrix, make_targets
-from moqe_compile.score import sample_losses, score
+from moqe_compile.tasks.image.score import sample_losses, score
 
 
 def _L():
@@ -47,7 +47,7 @@ def test_kl_matrix_equals_the_fp_loss_without_labels():
 def test_train_router_uses_the_target_matrix():
     # Inputs carry which of two experts wins; loss_train says expert 0 everywhere, the target
     # matrix says the truth: the router must follow target_matrix, and validate on loss_val.
-    from moqe_compile.config import RouterConfig
+    from moqe_compile.tasks.image.config import RouterConfig
     from moqe_compile.router.train import predict, small_inputs, train_router
 
     rng = np.random.default_rng(0)

@@ -12,8 +12,8 @@ def routed_bundle(tiny_bundle):
 @pytest.fixture(scope="session")
 def single_bundle(tmp_path_factory, tiny_onnx, tiny_images):
     """A tiny bundle whose gate refused routing (a threshold no paired test can pass)."""
-    from moqe_compile.config import ControlsConfig, GateConfig
-    from moqe_compile.pipeline import build
+    from moqe_compile.tasks.image.config import ControlsConfig, GateConfig
+    from moqe_compile.tasks.image.pipeline import build
 
     cfg = tiny_config(tiny_onnx, tiny_images)
     cfg.gate = GateConfig(p_value=1e-12)

@@ -208,7 +208,7 @@ def test_config_parse_error_names_the_file():
 
 
 def test_cli_export_triton(routed_bundle, tmp_path, capsys):
-    from moqe_compile.cli.compile import main
+    from moqe_compile.cli.main import main
 
     assert main(["export-triton", str(routed_bundle), "-o", str(tmp_path / "r"), "--name", "m"]) == 0
     assert "Triton model repository written" in capsys.readouterr().out

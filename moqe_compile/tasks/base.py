@@ -1,0 +1,15 @@
+"""What every task plug-in package exposes (checked by the tests for each registered task).
+
+- ``KIND``: the task kind string (``task`` in recipes, ``task.kind`` in manifests).
+- ``load_recipe(path) -> config``: read and validate a TOML recipe of this task.
+- ``default_config() -> config``: the task's defaults.
+- ``build(config, out, quiet=False) -> Path``: compile a bundle.
+- ``runtime(bundle_dir, **options)``: the bundle's runtime (``run``/``submit``/``close``).
+- ``inspect(bundle) -> str``: the human summary of a read bundle.
+- ``evaluate(args) -> int``: ``moqe-compile eval`` for a bundle of this task.
+- ``SERVING_CODEC``: ``True`` when ``moqe-serve`` can serve the task over the v2 protocol.
+"""
+
+from __future__ import annotations
+
+PLUGIN_NAMES = ("KIND", "load_recipe", "default_config", "build", "runtime", "inspect", "evaluate", "SERVING_CODEC")

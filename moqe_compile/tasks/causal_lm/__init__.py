@@ -1,0 +1,42 @@
+"""Causal language models: transformers directories or GGUF files, per-sequence routing."""
+
+from __future__ import annotations
+
+KIND = "causal-lm"
+SERVING_CODEC = False  # the v2 server's codec is for image tensors; text serving is not built
+
+
+def load_recipe(path):
+    from moqe_compile.tasks.causal_lm.config import load_lm_recipe
+
+    return load_lm_recipe(path)
+
+
+def default_config():
+    from moqe_compile.tasks.causal_lm.config import LMBuildConfig
+
+    return LMBuildConfig()
+
+
+def build(cfg, out, quiet: bool = False):
+    from moqe_compile.tasks.causal_lm.pipeline import build_lm
+
+    return build_lm(cfg, out, quiet=quiet)
+
+
+def runtime(bundle_dir, **options):
+    from moqe_compile.tasks.causal_lm.runtime import LMRuntime
+
+    return LMRuntime(bundle_dir, **options)
+
+
+def inspect(bundle) -> str:
+    from moqe_compile.tasks.causal_lm.inspect import render_lm
+
+    return render_lm(bundle)
+
+
+def evaluate(args) -> int:
+    from moqe_compile.tasks.causal_lm.eval import cmd_eval_lm
+
+    return cmd_eval_lm(args)

@@ -1,0 +1,190 @@
+"""Perplexity reports of a causal-LM bundle: FP, each expert, the oracle and MoQE, per corpus,
+with bootstrap 95% intervals and a paired test of MoQE against the best single expert
+(chosen on router_val, never on test).
+
+Every window has the same length, so corpus perplexity = exp(mean over windows of the mean
+token NLL); intervals resample windows (paired across rows) and are mapped through exp.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moqe_compile.evaluate.stats import bootstrap_means, paired_bootstrap, percentile_interval
+
+
+def _ppl(v: np.ndarray, boot: np.ndarray) -> dict:
+    lo, hi = percentile_interval(boot)
+    return {"ppl": float(np.exp(v.mean())), "ppl_ci95": [float(np.exp(lo)), float(np.exp(hi))],
+            "mean_nll": float(v.mean())}
+
+
+def lm_split_report(fp_nll: np.ndarray, loss: np.ndarray, names: list[str], route: np.ndarray, best: int,
+                    corpus: np.ndarray, kl: np.ndarray | None = None, agree: np.ndarray | None = None,
+                    n_boot: int = 10_000, seed: int = 0, *, mix: np.ndarray | None = None,
+                    copies: dict | None = None, costs: dict | None = None, val_loss: dict | None = None) -> dict:
+    """One split: overall and per corpus.
+
+    Controls (issue 10), each a per-window NLL vector resampled with the rest: ``random_router``
+    (MoQE's own usage shuffled across windows), ``mix`` (the output-averaging mixture, runs every
+    expert), ``copies`` (``{"names", "best", "loss": (N, Kc), "route": (N,) | None, "of"}``: K
+    copies of one recipe on disjoint calibration parts, their oracle and a router trained on them)
+    and, when experts differ in weight bits (``costs``), single experts at MoQE's expected cost
+    (brackets chosen by ``val_loss``, never on this split)."""
+    def sub(m):
+        if copies is None:
+            return None
+        return {**copies, "loss": np.asarray(copies["loss"])[m],
+                "route": None if copies.get("route") is None else np.asarray(copies["route"])[m]}
+
+    ctl = dict(mix=mix, costs=costs, val_loss=val_loss)
+    out = {"n": int(len(fp_nll)), "best_expert": names[best],
+           "overall": _block(fp_nll, loss, names, route, best, kl, agree, n_boot, seed, copies=copies, **ctl)}
+    labels = sorted(set(corpus.tolist()))
+    if len(labels) > 1:
+        out["per_corpus"] = {}
+        for c in labels:
+            m = corpus == c
+            out["per_corpus"][c] = _block(fp_nll[m], loss[m], names, route[m], best,
+                                          None if kl is None else kl[m], None if agree is None else agree[m],
+                                          n_boot, seed, copies=sub(m), **{**ctl, "mix": None if mix is None else mix[m]})
+    return out
+
+
+def _diff(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict:
+    t = paired_bootstrap(a, b, n_boot, seed)
+    t["ppl_ratio"] = float(np.exp(t["diff"]))  # exp of a mean-NLL difference = perplexity ratio
+    return t
+
+
+def _controls(loss, names, route, best, n_boot, seed, mix, copies, costs, val_loss) -> dict:
+    n = len(loss)
+    idx = np.arange(n)
+    best_v = loss[:, best]
+    rand = np.random.default_rng(seed).permutation(route)
+    out = {"random_router": {**_ppl(loss[idx, rand], bootstrap_means(loss[idx, rand], n_boot, seed)),
+                             "vs_best": _diff(loss[idx, rand], best_v, n_boot, seed)}}
+    if mix is not None:
+        out["mixture"] = {**_ppl(mix, bootstrap_means(mix, n_boot, seed)), "cost_experts_run": len(names),
+                          "vs_best": _diff(mix, best_v, n_boot, seed)}
+    if copies is not None:
+        cl = np.asarray(copies["loss"], np.float64)
+        bc = int(copies["best"])
+        c_or = cl.min(1)
+        co = {"of": copies.get("of"), "copies": len(copies["names"]), "best_copy": copies["names"][bc],
+              "best_copy_chosen_on": "val",
+              "copies_metrics": {c: _ppl(cl[:, j], bootstrap_means(cl[:, j], n_boot, seed))
+                                 for j, c in enumerate(copies["names"])},
+              **_ppl(c_or, bootstrap_means(c_or, n_boot, seed)),
+              "oracle_gain": _diff(c_or, cl[:, bc], n_boot, seed)}
+        if copies.get("route") is not None:
+            cr = cl[idx, np.asarray(copies["route"]).astype(np.int64)]
+            co["router"] = {**_ppl(cr, bootstrap_means(cr, n_boot, seed)), "vs_best_copy": _diff(cr, cl[:, bc], n_boot, seed)}
+            moqe = loss[idx, route]
+            co["moqe_vs_copies"] = {**_diff(moqe - best_v, cr - cl[:, bc], n_boot, seed),
+                                    "meaning": "(MoQE - best single) - (copies router - best copy), mean token "
+                                               "NLL per window; negative = MoQE gains more than calibration noise"}
+        out["copies_oracle"] = co
+    else:
+        out["copies_oracle"] = None
+    out["cost_matched"] = _cost_matched(loss, names, route, costs, val_loss, n_boot, seed)
+    return out
+
+
+def _cost_matched(loss, names, route, costs, val_loss, n_boot, seed) -> dict:
+    """MoQE against single experts at its expected cost (mean weight bits), as for images
+    (evaluate/report.py): the best expert (by val loss) at or below and at or above the expected
+    cost, interpolated linearly."""
+    if not costs or any(n not in costs for n in names):
+        return {"applicable": False, "reason": "expert costs unknown"}
+    c = np.array([float(costs[n]) for n in names])
+    usage = np.bincount(route, minlength=len(names)) / len(route)
+    expected = float(usage @ c)
+    base = {"cost": "weight bits", "expert_costs": dict(zip(names, c.tolist())), "moqe_expected_cost": expected}
+    if np.ptp(c) == 0:
+        return {"applicable": False, **base, "reason": "every expert has the same weight bits: the best single "
+                                                        "expert is the cost-matched comparison"}
+    if not val_loss or any(n not in val_loss for n in names):
+        return {"applicable": False, **base, "reason": "no validation losses to choose the bracketing experts on"}
+    from moqe_compile.evaluate.report import frontier_pair
+
+    lo, hi, wl = frontier_pair(names, c, expected, {n: -float(val_loss[n]) for n in names})
+    vec = wl * loss[:, names.index(lo)] + (1 - wl) * loss[:, names.index(hi)]
+    return {"applicable": True, **base, "cheaper": lo, "costlier": hi, "weight_cheaper": float(wl), "chosen_on": "val",
+            "moqe_minus_interpolated": _diff(loss[np.arange(len(loss)), route], vec, n_boot, seed)}
+
+
+def _block(fp_nll, loss, names, route, best, kl, agree, n_boot, seed, *, mix=None, copies=None, costs=None,
+           val_loss=None) -> dict:
+    n = len(fp_nll)
+    idx = np.arange(n)
+    routed = loss[idx, route]
+    oracle = loss.min(1)
+    rows = np.vstack([fp_nll, loss.T, oracle, routed])  # (m, n), resampled together: paired intervals
+    boot = bootstrap_means(rows, n_boot, seed)
+    res = {"n": int(n), "fp": _ppl(fp_nll, boot[:, 0]), "experts": {}, "oracle": _ppl(oracle, boot[:, -2]),
+           "moqe": _ppl(routed, boot[:, -1])}
+    for j, name in enumerate(names):
+        res["experts"][name] = _ppl(loss[:, j], boot[:, 1 + j])
+        if kl is not None:
+            res["experts"][name]["kl_to_fp"] = float(kl[:, j].mean())
+        if agree is not None:
+            res["experts"][name]["fp_top1_agreement"] = float(agree[:, j].mean())
+    res["moqe_vs_best"] = paired_bootstrap(routed, loss[:, best], n_boot, seed)
+    head = float(loss[:, best].mean() - oracle.mean())
+    res["moqe_vs_best"]["headroom_captured"] = (float(loss[:, best].mean() - routed.mean()) / head) if head > 0 else None
+    res["usage"] = {name: float((route == j).mean()) for j, name in enumerate(names)}
+    res["oracle_usage"] = {name: float((loss.argmin(1) == j).mean()) for j, name in enumerate(names)}
+    res["router_accuracy"] = float((route == loss.argmin(1)).mean())
+    res["controls"] = _controls(loss, names, route, best, n_boot, seed, mix, copies, costs, val_loss)
+    return res
+
+
+def _controls_markdown(ctl: dict, fmt) -> list[str]:
+    if not ctl:
+        return []
+    d = lambda t: f"{t['diff']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}], p = {t['p_value']:.3g}"  # noqa: E731
+    L = ["", "| control | perplexity | 95% CI | − best single (mean NLL) [95% CI], p |", "|---|---:|---|---|"]
+    L.append(f"| random router (MoQE's usage, shuffled) | {fmt(ctl['random_router'])} | {d(ctl['random_router']['vs_best'])} |")
+    if ctl.get("mixture"):
+        mx = ctl["mixture"]
+        L.append(f"| output-averaging mixture (runs all {mx['cost_experts_run']} experts) | {fmt(mx)} | {d(mx['vs_best'])} |")
+    co = ctl.get("copies_oracle")
+    if co:
+        L.append(f"| oracle of {co['copies']} copies of {co['of']} | {fmt(co)} | vs best copy: {d(co['oracle_gain'])} |")
+        if co.get("router"):
+            L.append(f"| router trained on the copies | {fmt(co['router'])} | vs best copy: {d(co['router']['vs_best_copy'])} |")
+            L.append(f"\nMoQE's gain minus the copies router's gain: {d(co['moqe_vs_copies'])}")
+    else:
+        L.append("\nNo copies control (none built, or the data are not the build's stored splits).")
+    cm = ctl.get("cost_matched") or {}
+    if cm.get("applicable"):
+        L.append(f"Cost-matched: MoQE at {cm['moqe_expected_cost']:.2f} expected weight bits − {cm['cheaper']} / "
+                 f"{cm['costlier']} interpolated: {d(cm['moqe_minus_interpolated'])}")
+    elif cm:
+        L.append(f"Cost-matched: not applicable ({cm['reason']}).")
+    return L
+
+
+def render_lm_markdown(report: dict, title: str = "") -> str:
+    lines = [f"## {title}" if title else ""]
+    blocks = [("all", report["overall"])] + list(report.get("per_corpus", {}).items())
+    for name, b in blocks:
+        lines.append(f"\n**{name}** (n = {b['n']} windows; best single expert on router_val: {report['best_expert']})\n")
+        lines.append("| model | perplexity | 95% CI | KL to FP | FP top-1 agree | usage (router / oracle) |")
+        lines.append("|---|---:|---|---:|---:|---|")
+        fmt = lambda r: f"{r['ppl']:.3f} | [{r['ppl_ci95'][0]:.3f}, {r['ppl_ci95'][1]:.3f}]"  # noqa: E731
+        lines.append(f"| FP | {fmt(b['fp'])} | 0 | 1 | |")
+        for e, r in b["experts"].items():
+            kl = f"{r['kl_to_fp']:.4g}" if "kl_to_fp" in r else ""
+            ag = f"{r['fp_top1_agreement']:.4f}" if "fp_top1_agreement" in r else ""
+            lines.append(f"| {e} | {fmt(r)} | {kl} | {ag} | {b['usage'][e]:.2f} / {b['oracle_usage'][e]:.2f} |")
+        lines.append(f"| oracle | {fmt(b['oracle'])} | | | |")
+        lines.append(f"| MoQE | {fmt(b['moqe'])} | | | |")
+        t = b["moqe_vs_best"]
+        cap = "n/a" if t["headroom_captured"] is None else f"{t['headroom_captured']:.2f}"
+        lines.append(f"\nMoQE − best (mean token NLL): {t['diff']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}], "
+                     f"paired bootstrap p = {t['p_value']:.3g}; oracle headroom captured {cap}; "
+                     f"router = oracle on {b['router_accuracy']:.2f} of windows")
+        lines += _controls_markdown(b.get("controls") or {}, fmt)
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""NLP router (DESIGN.md section 4): routes a whole token sequence to one expert.
+
+    ids (B, T) --frozen FP embedding--> (B, T, d)
+        --2 x pre-LN transformer encoder layer (4 heads, feed-forward 2d, GELU, dropout 0.1)-->
+        --self-attention refinement block (pre-LN, learnable temperature)-->
+        --mean over non-pad tokens--> (B, d) --MLP d -> d/2 -> K--> logits
+
+The embedding table is the FP model's (passed in as a tensor, never trained): the language
+experts keep their embeddings in FP, so router and experts read the same vectors. The
+exported ONNX graph carries its own copy of the table, so it is self-contained; for a large
+vocabulary (SmolLM2-135M: 49152 x 576 floats = 113 MB) that copy dominates its size.
+
+ONNX interface: inputs ``input_ids`` (int64, [batch, sequence]) and ``attention_mask``
+(int64, [batch, sequence], 1 = token, 0 = padding, as Hugging Face tokenizers return),
+output ``expert_probs`` ([batch, K]); batch and sequence stay symbolic (checked on export).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moqe_compile.errors import BuildError
+
+INPUT_IDS, ATTENTION_MASK, OUTPUT_NAME = "input_ids", "attention_mask", "expert_probs"
+NEG = -1e4  # additive attention bias on padding keys (finite: no NaN when a row is all padding)
+
+
+class MaskedSelfAttention(nn.Module):
+    """Multi-head self-attention over (B, T, d) with an additive key-padding bias (B, 1, 1, T).
+
+    ``learn_temperature``: the logit scale is a learned temperature (init 1/sqrt(head_dim)),
+    as in the CV router; otherwise the fixed 1/sqrt(head_dim)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, learn_temperature: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model width {dim} is not divisible by heads = {heads}.")
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        log_tau = torch.tensor(math.log(1.0 / math.sqrt(self.head_dim)))
+        self.log_tau = nn.Parameter(log_tau) if learn_temperature else None
+        if self.log_tau is None:
+            self.register_buffer("fixed_log_tau", log_tau, persistent=False)
+
+    def forward(self, x, bias):  # x: (B, T, d), bias: (B, 1, 1, T)
+        B, T, d = x.shape
+        H, D = self.heads, self.head_dim
+        q, k, v = self.qkv(x).reshape(B, T, 3 * H, D).transpose(1, 2).split(H, dim=1)  # (B, H, T, D) each
+        scale = (self.log_tau if self.log_tau is not None else self.fixed_log_tau).exp()
+        att = torch.softmax((q @ k.transpose(-2, -1)) * scale + bias, dim=-1)  # (B, H, T, T)
+        y = (self.drop(att) @ v).transpose(1, 2).reshape(B, T, d)
+        return self.proj(y)
+
+
+class PreLNEncoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ff_mult: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = MaskedSelfAttention(dim, heads, dropout)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(ff_mult * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, bias):
+        x = x + self.drop(self.attn(self.ln1(x), bias))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+class NLPRouter(nn.Module):
+    """``forward(input_ids, attention_mask) -> logits`` (B, K); ``probs`` for the exported form."""
+
+    def __init__(self, embedding: torch.Tensor, num_experts: int, layers: int = 2, heads: int = 4,
+                 ff_mult: int = 2, dropout: float = 0.1):
+        super().__init__()
+        if embedding.ndim != 2:
+            raise ValueError(f"embedding table must be (vocab, d), got shape {tuple(embedding.shape)}.")
+        d = embedding.shape[1]
+        # Frozen: a buffer, so no optimizer ever sees it; saved with the router.
+        self.register_buffer("embedding", embedding.detach().float().clone())
+        self.encoder = nn.ModuleList(PreLNEncoderLayer(d, heads, ff_mult, dropout) for _ in range(layers))
+        self.refine_norm = nn.LayerNorm(d)
+        self.refine = MaskedSelfAttention(d, heads, dropout, learn_temperature=True)
+        self.final_norm = nn.LayerNorm(d)
+        self.head = nn.Sequential(nn.Linear(d, d // 2), nn.GELU(), nn.Linear(d // 2, num_experts))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embedding)  # (B, T, d)
+        m = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(x.dtype)  # (B, T)
+        bias = ((1.0 - m) * NEG)[:, None, None, :]  # (B, 1, 1, T)
+        for layer in self.encoder:
+            x = layer(x, bias)
+        x = x + self.refine(self.refine_norm(x), bias)
+        x = self.final_norm(x)
+        pooled = (x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # mean over tokens
+        return self.head(pooled)
+
+
+class _Exported(nn.Module):
+    def __init__(self, router: NLPRouter):
+        super().__init__()
+        self.router = router
+
+    def forward(self, input_ids, attention_mask):
+        return torch.softmax(self.router(input_ids, attention_mask), dim=-1)
+
+
+@torch.no_grad()
+def predict_nlp(router: NLPRouter, ids: np.ndarray, mask: np.ndarray, batch: int = 128) -> np.ndarray:
+    router.eval()
+    out = [torch.softmax(router(torch.from_numpy(ids[i : i + batch]), torch.from_numpy(mask[i : i + batch])), -1)
+           for i in range(0, len(ids), batch)]
+    return torch.cat(out).numpy()
+
+
+@dataclass
+class NLPTrainResult:
+    router: NLPRouter
+    best_epoch: int
+    history: list[dict]
+
+
+def train_nlp_router(router: NLPRouter, ids: np.ndarray, mask: np.ndarray, loss: np.ndarray,
+                     val_ids: np.ndarray, val_mask: np.ndarray, val_loss: np.ndarray, *, epochs: int = 10,
+                     batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, targets: str = "hard",
+                     temperature: float = 0.1, seed: int = 0) -> NLPTrainResult:
+    """AdamW + cosine schedule on per-sequence targets from the (N, K) loss matrix (``hard``,
+    or ``soft``/``fp-teacher`` = softmax(-M/T) of the matrix passed); keeps the epoch with the
+    lowest validation routed loss, like the CV router."""
+    from moqe_compile.router.train import make_targets
+
+    torch.manual_seed(seed)
+    y = make_targets(loss, "hard" if targets == "hard" else "soft", temperature)
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    params = [p for p in router.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_loss, best_epoch, history = None, float("inf"), -1, []
+    iv = np.arange(len(val_loss))
+    for epoch in range(epochs):
+        router.train()
+        perm = torch.randperm(len(ids_t), generator=gen)
+        for i in range(0, len(perm), batch_size):
+            b = perm[i : i + batch_size]
+            ce = -(y[b] * F.log_softmax(router(ids_t[b], mask_t[b]), -1)).sum(-1).mean()
+            opt.zero_grad()
+            ce.backward()
+            opt.step()
+        sched.step()
+        route = predict_nlp(router, val_ids, val_mask).argmax(1)
+        vl = float(val_loss[iv, route].mean())
+        history.append({"epoch": epoch, "val_routed_loss": vl,
+                        "val_router_accuracy": float((route == val_loss.argmin(1)).mean())})
+        if vl < best_loss:
+            best, best_loss, best_epoch = copy.deepcopy(router.state_dict()), vl, epoch
+    router.load_state_dict(best)
+    router.eval()
+    return NLPTrainResult(router, best_epoch, history)
+
+
+def export_nlp_router(router: NLPRouter, onnx_path: Path, opset: int = 18, atol: float = 1e-4) -> None:
+    """ONNX with symbolic batch and sequence dims (checked), outputs checked against torch on
+    padded batches of two different shapes."""
+    from moqe_compile.tasks.image.model import save_inline
+
+    if opset < 17:
+        raise BuildError(f"NLP router ONNX export needs opset >= 17 (LayerNormalization), got {opset}.")
+    model = _Exported(router).eval()
+    vocab = router.embedding.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 5), generator=g)
+    mask = torch.ones(2, 5, dtype=torch.int64)
+    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=8192)
+    with tempfile.TemporaryDirectory(prefix="moqe-nlp-router-") as tmp:
+        raw = Path(tmp) / "router.onnx"
+        try:
+            torch.onnx.export(model, (ids, mask), str(raw), input_names=[INPUT_IDS, ATTENTION_MASK],
+                              output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
+                              dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), verbose=False)
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types
+            raise BuildError(f"NLP router ONNX export failed: {e}") from e
+        save_inline(raw, onnx_path)
+    check_symbolic_dims(onnx_path)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for B, T in ((3, 7), (1, 13)):
+        ids = torch.randint(0, vocab, (B, T), generator=g)
+        mask = torch.ones(B, T, dtype=torch.int64)
+        mask[0, T // 2 :] = 0  # a padded row
+        with torch.no_grad():
+            ref = model(ids, mask).numpy()
+        got = sess.run(None, {INPUT_IDS: ids.numpy(), ATTENTION_MASK: mask.numpy()})[0]
+        if not np.allclose(ref, got, atol=atol):
+            raise BuildError(f"NLP router ONNX differs from torch at batch {B}, sequence {T}: "
+                             f"max |diff| {np.abs(ref - got).max():.3g}.")
+
+
+def check_symbolic_dims(onnx_path: Path) -> None:
+    import onnx
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    for inp in g.input:
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) != 2 or not dims[0].dim_param or not dims[1].dim_param:
+            raise BuildError(f"NLP router ONNX input {inp.name!r} lost its symbolic batch/sequence dims: "
+                             f"{[d.dim_param or d.dim_value for d in dims]}.")
+    out = g.output[0].type.tensor_type.shape.dim
+    if not out[0].dim_param:
+        raise BuildError("NLP router ONNX output lost its symbolic batch dimension.")

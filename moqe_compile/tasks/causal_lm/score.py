@@ -1,0 +1,117 @@
+"""Language models: run the FP decoder and every expert over token windows -> per-sequence loss
+matrix (mean next-token NLL, DESIGN.md §1) plus per-sequence KL(FP || expert) and top-1 agreement.
+
+numpy + onnxruntime only: the runtime and ``moqe-compile eval`` score with this same code.
+Sequences run one at a time: dynamic W8A8 experts quantize activations per tensor, so a
+batched score would depend on which other sequences share the batch (and a served request
+runs alone too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class DecoderSession:
+    """One ONNX decoder graph (models/lm.py layout) on ONNX Runtime CPU."""
+
+    def __init__(self, name: str, path: Path, layers: int, kv_heads: int, head_dim: int, threads: int = 0,
+                 add_shared=None):
+        """``add_shared(SessionOptions)``: supplies initializers the bundle stores once
+        (bundle/shared_weights.py), e.g. the FP embedding table."""
+        import onnxruntime as ort
+
+        from moqe_compile.errors import BackendError
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see backends/onnxruntime_cpu.py
+        if threads:
+            so.intra_op_num_threads = threads
+        if add_shared is not None:
+            add_shared(so)
+        try:
+            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types
+            raise BackendError(f"{name}: ONNX Runtime could not load {str(path)!r}: {e}") from e
+        self.name, self.layers, self.kv_heads, self.head_dim = name, layers, kv_heads, head_dim
+        self.past_names = [i.name for i in self.sess.get_inputs()][2:]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = self.sess.run(None, {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past))})
+        return out[0], out[1:]
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """(B, T, V) logits of whole sequences (no padding), empty past."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        return self.step(ids, np.ones_like(ids), self.empty_past(len(ids)))[0]
+
+
+def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(B, T-1) next-token negative log-likelihood."""
+    lp = _log_softmax(logits[:, :-1])
+    return -np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0]
+
+
+@dataclass
+class LMScores:
+    nll: np.ndarray  # (N,) FP mean token NLL
+    loss: np.ndarray  # (N, K) experts' mean token NLL
+    kl: np.ndarray  # (N, K) mean per-token KL(FP || expert)
+    agree: np.ndarray  # (N, K) share of tokens whose argmax equals FP's
+    # (N,) mean token NLL of the output-averaging mixture of the first ``mix_of`` experts (the
+    # authors' soft mixture: every expert runs, next-token probabilities averaged): a control.
+    mix: np.ndarray | None = None
+
+    def to_npz(self, prefix: str) -> dict:
+        return {f"{prefix}_{k}": getattr(self, k) for k in ("nll", "loss", "kl", "agree", "mix")
+                if getattr(self, k) is not None}
+
+    def columns(self, sl: slice) -> "LMScores":
+        """The same windows, experts ``sl`` only (the mixture column is not per expert: dropped)."""
+        return LMScores(self.nll, self.loss[:, sl], self.kl[:, sl], self.agree[:, sl])
+
+
+def score_windows(fp: DecoderSession, experts: list[DecoderSession], ids: np.ndarray, progress=None,
+                  mix_of: int | None = None) -> LMScores:
+    """``mix_of``: how many leading experts the mixture control averages (None: all; 0: none)."""
+    n, k = len(ids), len(experts)
+    m = k if mix_of is None else mix_of
+    nll, loss, kl, agree = np.zeros(n), np.zeros((n, k)), np.zeros((n, k)), np.zeros((n, k))
+    mix = np.zeros(n) if m else None
+    for i in range(n):
+        x = ids[i : i + 1]
+        fl = fp.logits(x)
+        # float32 throughout: a 256-token window is 12.6 M logits for SmolLM2, and float64 here
+        # cost about as much as the expert's forward pass on 2 cores.
+        flp = _log_softmax(fl[:, :-1])
+        fp_top = flp.argmax(-1)
+        nll[i] = -np.take_along_axis(flp, x[:, 1:, None], -1).mean()
+        p = np.exp(flp)
+        tgt = []
+        for j, e in enumerate(experts):
+            elp = _log_softmax(e.logits(x)[:, :-1])
+            t = np.take_along_axis(elp, x[:, 1:, None], -1)[..., 0].astype(np.float64)
+            loss[i, j] = -t.mean()
+            if j < m:
+                tgt.append(t)
+            kl[i, j] = (p * (flp - elp)).sum(-1, dtype=np.float64).mean()
+            agree[i, j] = (elp.argmax(-1) == fp_top).mean()
+        if m:
+            t = np.stack(tgt)  # (m, 1, T-1) log p_j(next token)
+            top = t.max(0)
+            mix[i] = -(top + np.log(np.exp(t - top).mean(0))).mean()
+        if progress is not None:
+            progress.update(1)
+    return LMScores(nll, loss, kl, agree, mix)

@@ -1,0 +1,42 @@
+"""Image classification: torchvision/timm CNNs or ONNX files, per-input routing."""
+
+from __future__ import annotations
+
+KIND = "image-classification"
+SERVING_CODEC = True
+
+
+def load_recipe(path):
+    from moqe_compile.tasks.image.config import load_recipe as load
+
+    return load(path)
+
+
+def default_config():
+    from moqe_compile.tasks.image.config import BuildConfig
+
+    return BuildConfig()
+
+
+def build(cfg, out, quiet: bool = False):
+    from moqe_compile.tasks.image.pipeline import build as run
+
+    return run(cfg, out, quiet=quiet)
+
+
+def runtime(bundle_dir, **options):
+    from moqe_compile.runtime.base import Runtime
+
+    return Runtime(bundle_dir, **options)
+
+
+def inspect(bundle) -> str:
+    from moqe_compile.cli.inspect import render
+
+    return render(bundle)
+
+
+def evaluate(args) -> int:
+    from moqe_compile.cli.eval import cmd_eval
+
+    return cmd_eval(args)
