@@ -60,7 +60,7 @@ def measure_menu(args, menu: str, out: Path) -> dict:
     from moqe_compile.tasks.causal_lm.report import render_lm_markdown
     from moqe_compile.tasks.causal_lm.eval import _latency
     from moqe_compile.tasks.causal_lm.config import _expert, load_lm_recipe
-    from moqe_compile.tasks.causal_lm.pipeline import build_lm
+    from moqe_compile.build import build as build_lm
     from moqe_compile.tasks.causal_lm.runtime import LMRuntime
 
     cfg = load_lm_recipe(args.recipe)

@@ -199,7 +199,7 @@ def onnx_grid(args) -> dict:
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import paired_bootstrap
     from moqe_compile.tasks.causal_lm.config import load_lm_recipe
-    from moqe_compile.tasks.causal_lm.pipeline import build_lm
+    from moqe_compile.build import build as build_lm
 
     out = args.work / "bundle"
     if not (out / "manifest.json").is_file():

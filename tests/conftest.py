@@ -93,7 +93,7 @@ def tiny_config(model_path: Path, images: Path, **data_kw) -> BuildConfig:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_onnx, tiny_images) -> Path:
-    from moqe_compile.tasks.image.pipeline import build
+    from moqe_compile.build import build
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return build(tiny_config(tiny_onnx, tiny_images), out, quiet=True)

@@ -7,7 +7,7 @@ import pytest
 
 from moqe_compile.tasks.image.data import foolbox_dir
 from moqe_compile.tasks.image.config import BuildConfig, ControlsConfig, ExpertRecipe, RouterConfig
-from moqe_compile.tasks.image.pipeline import build
+from moqe_compile.build import build
 from moqe_compile.runtime import Runtime
 
 

@@ -3,7 +3,9 @@
 - ``KIND``: the task kind string (``task`` in recipes, ``task.kind`` in manifests).
 - ``load_recipe(path) -> config``: read and validate a TOML recipe of this task.
 - ``default_config() -> config``: the task's defaults.
-- ``build(config, out, quiet=False) -> Path``: compile a bundle.
+- ``build(config, out, quiet=False) -> Path``: compile a bundle (``moqe_compile.build.build``).
+- ``build_steps(config, writer, work, stages)``: the object whose ``ORDER`` names the step methods
+  the build runs, then ``gate``, ``extra_versions()`` and ``manifest()``.
 - ``runtime(bundle_dir, **options)``: the bundle's runtime (``run``/``submit``/``close``).
 - ``inspect(bundle) -> str``: the human summary of a read bundle.
 - ``evaluate(args) -> int``: ``moqe-compile eval`` for a bundle of this task.
@@ -12,4 +14,4 @@
 
 from __future__ import annotations
 
-PLUGIN_NAMES = ("KIND", "load_recipe", "default_config", "build", "runtime", "inspect", "evaluate", "SERVING_CODEC")
+PLUGIN_NAMES = ("KIND", "load_recipe", "default_config", "build", "build_steps", "runtime", "inspect", "evaluate", "SERVING_CODEC")

@@ -6,7 +6,7 @@ import pytest
 from moqe_compile.bundle import BundleWriter, read_bundle
 from moqe_compile.errors import (BuildError, BundleError, BundleIntegrityError, BundlePathError,
                                  SchemaVersionError)
-from moqe_compile.tasks.image.pipeline import build
+from moqe_compile.build import build
 
 from ..conftest import tiny_config
 
@@ -96,24 +96,24 @@ def test_not_a_bundle(tmp_path):
 
 
 def test_failed_build_leaves_nothing(tiny_onnx, tiny_images, tmp_path, monkeypatch):
-    import moqe_compile.tasks.image.pipeline as pipeline
+    import moqe_compile.tasks.image.steps as steps
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "train_router", interrupted)
+    monkeypatch.setattr(steps, "train_router", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(tiny_config(tiny_onnx, tiny_images), tmp_path / "out", quiet=True)
     assert list(tmp_path.iterdir()) == []  # no bundle, no .partial directory
 
 
 def test_failed_rebuild_keeps_previous_bundle(tiny_bundle, tiny_onnx, tiny_images, tmp_path, monkeypatch):
-    import moqe_compile.tasks.image.pipeline as pipeline
+    import moqe_compile.tasks.image.steps as steps
 
     dst = tmp_path / "b"
     shutil.copytree(tiny_bundle, dst)
     before = (dst / "manifest.json").read_text()
-    monkeypatch.setattr(pipeline, "train_router", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(steps, "train_router", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         build(tiny_config(tiny_onnx, tiny_images), dst, quiet=True)
     assert (dst / "manifest.json").read_text() == before

@@ -179,7 +179,7 @@ def test_shipped_fmnist_recipe_is_valid():
 
 def test_grayscale_build_end_to_end(fake_fmnist, tiny_gray_onnx, tmp_path):
     from moqe_compile import Runtime
-    from moqe_compile.tasks.image.pipeline import build
+    from moqe_compile.build import build
 
     cfg = BuildConfig(
         model=ModelConfig(source="onnx", path=str(tiny_gray_onnx), num_classes=NUM_CLASSES, labels=""),

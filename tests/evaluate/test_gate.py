@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from moqe_compile import Runtime
-from moqe_compile.tasks.image import pipeline
+from moqe_compile.build import build
+from moqe_compile.tasks.image import steps
 from moqe_compile.cli.inspect import render
 from moqe_compile.tasks.image.config import ControlsConfig, ExpertRecipe, RouterConfig
 from moqe_compile.evaluate.controls import gate_decision
@@ -71,9 +72,9 @@ def _build(tmp_path_factory, tiny_onnx, images, kind, force=False):
     cfg.controls = ControlsConfig(copies=2)
     cfg.gate.force_routing = force
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "score", _fake_score(kind))
+    mp.setattr(steps, "score", _fake_score(kind))
     try:
-        return pipeline.build(cfg, tmp_path_factory.mktemp("gate") / kind, quiet=True)
+        return build(cfg, tmp_path_factory.mktemp("gate") / kind, quiet=True)
     finally:
         mp.undo()
 
@@ -142,9 +143,9 @@ def test_cost_aware_router_and_cost_matched_control(tmp_path_factory, tiny_onnx,
     cfg.router = RouterConfig(preset="small", input_size=8, epochs=8, batch_size=8, cost_weight=10.0)
     cfg.controls = ControlsConfig(copies=0)
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "score", _fake_score("regions"))
+    mp.setattr(steps, "score", _fake_score("regions"))
     try:
-        out = pipeline.build(cfg, tmp_path_factory.mktemp("gate") / "cost", quiet=True)
+        out = build(cfg, tmp_path_factory.mktemp("gate") / "cost", quiet=True)
     finally:
         mp.undo()
     m = json.loads((out / "manifest.json").read_text())

@@ -29,7 +29,7 @@ def _cfg(tmp, **router):
 
 @pytest.fixture(scope="module")
 def lm_bundle(tmp_path_factory):
-    from moqe_compile.tasks.causal_lm.pipeline import build_lm
+    from moqe_compile.build import build as build_lm
 
     tmp = tmp_path_factory.mktemp("lm")
     make_tiny_lm(tmp / "model")

@@ -60,7 +60,7 @@ MOE_EXPERTS = [
 
 @pytest.fixture(scope="module")
 def moe_bundle(tmp_path_factory):
-    from moqe_compile.tasks.causal_lm.pipeline import build_lm
+    from moqe_compile.build import build as build_lm
 
     tmp = tmp_path_factory.mktemp("moe-lm")
     make_tiny_moe(tmp / "model", "mixtral", steps=30)
@@ -109,7 +109,7 @@ def test_no_history_falls_back_to_maxvar(tmp_path):
     from moqe_compile.tasks.causal_lm.inspect import _moe_bits_lines
     from moqe_compile.errors import ConfigError
     from moqe_compile.tasks.causal_lm.config import LMModelConfig, _expert
-    from moqe_compile.tasks.causal_lm.pipeline import calib_feeds
+    from moqe_compile.tasks.causal_lm.steps import calib_feeds
     from moqe_compile.tasks.causal_lm.model import export_decoder, load_causal_lm
     from moqe_compile.tasks.causal_lm.moe import find_moe
     from moqe_compile.tasks.causal_lm.moe_bits import build_moe_expert

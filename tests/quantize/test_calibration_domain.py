@@ -6,7 +6,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from moqe_compile.tasks.image import pipeline
+from moqe_compile.build import build
+from moqe_compile.tasks.image import steps
 from moqe_compile.tasks.image.config import (BuildConfig, ControlsConfig, DataConfig, ExpertRecipe, ModelConfig,
                                  PreprocessConfig, RouterConfig)
 from moqe_compile.tasks.image import fashion_mnist as fm
@@ -21,13 +22,13 @@ DOMAINS = ["original", "inverted"]
 
 def test_build_calibrates_each_expert_on_its_domain(fake_fmnist, tiny_gray_onnx, tmp_path, monkeypatch):
     seen = {}
-    real = pipeline.build_expert
+    real = steps.build_expert
 
     def spy(prepared, input_name, calib, recipe, *a, **kw):
         seen[recipe.name] = np.array(calib)
         return real(prepared, input_name, calib, recipe, *a, **kw)
 
-    monkeypatch.setattr(pipeline, "build_expert", spy)
+    monkeypatch.setattr(steps, "build_expert", spy)
     cfg = BuildConfig(
         model=ModelConfig(source="onnx", path=str(tiny_gray_onnx), num_classes=NUM_CLASSES, labels=""),
         preprocessing=PreprocessConfig(resize=GRAY_CROP, crop=GRAY_CROP, mean=[MEAN], std=[STD], channels=1),
@@ -38,7 +39,7 @@ def test_build_calibrates_each_expert_on_its_domain(fake_fmnist, tiny_gray_onnx,
         router=RouterConfig(input_size=GRAY_CROP, epochs=1, batch_size=16),
         controls=ControlsConfig(copies=0),
     )
-    out = pipeline.build(cfg, tmp_path / "b", quiet=True)
+    out = build(cfg, tmp_path / "b", quiet=True)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["calibration"]["samples"] == 30
     # "mix": the whole calibration split (both domains); "inv": its inverted samples only.

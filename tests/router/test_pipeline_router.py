@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from moqe_compile import Runtime
-from moqe_compile.tasks.image import pipeline
+from moqe_compile.build import build
+from moqe_compile.tasks.image import steps
 from moqe_compile.tasks.image.config import RouterConfig
 
 from ..conftest import CROP, tiny_config
@@ -19,16 +20,16 @@ def built(tmp_path_factory, tiny_onnx, tiny_images):
     cfg.router = RouterConfig(preset="small", input_size=8, epochs=3, batch_size=8, targets="fp-teacher",
                               stabilizers=["balance", "usage-bias", "noise"])
     seen = {}
-    real = pipeline.train_router
+    real = steps.train_router
 
     def spy(rc, x_train, loss_train, x_val, loss_val, progress=None, target_matrix=None):
         seen.update(loss_train=loss_train, target_matrix=target_matrix)
         return real(rc, x_train, loss_train, x_val, loss_val, progress, target_matrix=target_matrix)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "train_router", spy)
+    mp.setattr(steps, "train_router", spy)
     try:
-        out = pipeline.build(cfg, tmp_path_factory.mktemp("b") / "small", quiet=True)
+        out = build(cfg, tmp_path_factory.mktemp("b") / "small", quiet=True)
     finally:
         mp.undo()
     return out, seen

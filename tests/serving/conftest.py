@@ -13,7 +13,7 @@ def routed_bundle(tiny_bundle):
 def single_bundle(tmp_path_factory, tiny_onnx, tiny_images):
     """A tiny bundle whose gate refused routing (a threshold no paired test can pass)."""
     from moqe_compile.tasks.image.config import ControlsConfig, GateConfig
-    from moqe_compile.tasks.image.pipeline import build
+    from moqe_compile.build import build
 
     cfg = tiny_config(tiny_onnx, tiny_images)
     cfg.gate = GateConfig(p_value=1e-12)

@@ -19,9 +19,16 @@ def default_config():
 
 
 def build(cfg, out, quiet: bool = False):
-    from moqe_compile.tasks.causal_lm.pipeline import build_lm
+    from moqe_compile.build import build as run
 
-    return build_lm(cfg, out, quiet=quiet)
+    return run(cfg, out, quiet=quiet)
+
+
+def build_steps(cfg, writer, work, stages):
+    """The task's steps for ``moqe_compile.build.build`` (export, data, quantize, ..., manifest)."""
+    from moqe_compile.tasks.causal_lm.steps import LMSteps
+
+    return LMSteps(cfg, writer, work, stages)
 
 
 def runtime(bundle_dir, **options):

@@ -19,9 +19,16 @@ def default_config():
 
 
 def build(cfg, out, quiet: bool = False):
-    from moqe_compile.tasks.image.pipeline import build as run
+    from moqe_compile.build import build as run
 
     return run(cfg, out, quiet=quiet)
+
+
+def build_steps(cfg, writer, work, stages):
+    """The task's steps for ``moqe_compile.build.build`` (export, data, quantize, ..., manifest)."""
+    from moqe_compile.tasks.image.steps import ImageSteps
+
+    return ImageSteps(cfg, writer, work, stages)
 
 
 def runtime(bundle_dir, **options):
