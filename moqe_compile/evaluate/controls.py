@@ -87,57 +87,6 @@ class Copies:
             return cls(names, str(z["preset"]), int(z["best"]), int(z["calibration_per_copy"]), splits)
 
 
-def build_copies(cfg: BuildConfig, prepared: Path, input_name: str, splits: dict, fp_logits: dict, work: Path,
-                 score_splits: tuple[str, ...], log=lambda msg: None) -> Copies:
-    """Build, score and (``[controls] copies_router``) route the copies control.
-
-    ``fp_logits``: split -> FP logits (the loss is the build's: KL to FP or cross-entropy)."""
-    from moqe_compile.backends import OrtCpuSession
-    from moqe_compile.tasks.image.experts import build_expert
-    from moqe_compile.router.fallback import apply_fallback, choose_fallback
-    from moqe_compile.router.train import predict, small_inputs, train_router
-    from moqe_compile.tasks.image.score import run_batched, sample_losses
-
-    k = cfg.controls.copies
-    base = copy_recipe(cfg)
-    # Label: the expert copied (its recipe may override its preset, e.g. 2-bit weights).
-    label = base.preset if base.name == "copy" else base.name
-    calib = splits["calibration"].x
-    parts = np.array_split(np.random.default_rng(cfg.controls.seed).permutation(len(calib)), k)
-    names, sessions = [], []
-    for i, idx in enumerate(parts):
-        r = replace(base, name=f"copy{i}")
-        out = work / f"copy{i}.onnx"
-        log(f"controls: copy {i + 1}/{k} of {label} on {len(idx)} calibration samples")
-        build_expert(prepared, input_name, calib[np.sort(idx)], r, ["onnxruntime-cpu"], {"onnxruntime-cpu": out},
-                     work / f"copy{i}.json", work)
-        names.append(r.name)
-        sessions.append(OrtCpuSession(r.name, out))
-    out_splits = {}
-    for s in score_splits:
-        d = splits[s]
-        logits = [run_batched(sess, d.x) for sess in sessions]
-        out_splits[s] = {"loss": np.stack([sample_losses(l, fp_logits[s], d.labels, cfg.data.targets)
-                                           for l in logits], axis=1),
-                         "pred": np.stack([l.argmax(-1) for l in logits], axis=1).astype(np.int64), "route": None}
-    best = int(out_splits["router_val"]["loss"].mean(0).argmin())
-    if cfg.controls.copies_router and "router_train" in out_splits:
-        rc = cfg.router
-        log("controls: training the same router on the copies")
-        res = train_router(rc, splits["router_train"].x, out_splits["router_train"]["loss"],
-                           splits["router_val"].x, out_splits["router_val"]["loss"])
-        probs = {s: predict(res.core, small_inputs(splits[s].x, rc.input_size, rc.downsample))
-                 for s in out_splits if s != "router_train"}
-        fb = (choose_fallback(probs["router_val"], out_splits["router_val"]["loss"]) if rc.fallback
-              else {"threshold": 0.0, "expert": best})
-        for s, p in probs.items():
-            out_splits[s]["route"] = apply_fallback(p, fb["threshold"], fb["expert"])[0].astype(np.int64)
-    for sess in sessions:
-        sess.close()
-    out_splits.pop("router_train", None)  # used for training only; not reported
-    return Copies(names, label, best, int(len(parts[0])), out_splits)
-
-
 def gate_decision(val_report: dict, alpha: float, force: bool) -> dict:
     """``router.gate`` from the router_val split report.
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moqe_compile.tasks.causal_lm.router import (ATTENTION_MASK, INPUT_IDS, NLPRouter, check_symbolic_dims, export_nlp_router,
-                                     predict_nlp, train_nlp_router)
+                                     predict_probs, train_router)
 
 V, D, K, T = 64, 32, 3, 12
 SETS = [np.arange(1, 21), np.arange(21, 41), np.arange(41, 61)]  # token 0 is padding
@@ -34,7 +34,7 @@ def trained():
     router = NLPRouter(emb, K)
     ti, tm, tl, _ = _data(240, 0)
     vi, vm, vl, _ = _data(120, 1)
-    res = train_nlp_router(router, ti, tm, tl, vi, vm, vl, epochs=4, batch_size=16, lr=2e-3)
+    res = train_router(router, ti, tm, tl, vi, vm, vl, epochs=4, batch_size=16, lr=2e-3)
     return emb, res
 
 
@@ -51,9 +51,9 @@ def test_architecture_follows_the_design():
 def test_learns_which_token_set_a_sequence_draws_from(trained):
     emb, res = trained
     ids, mask, _, k = _data(300, 2)
-    acc = (predict_nlp(res.router, ids, mask).argmax(1) == k).mean()
+    acc = (predict_probs(res.model, ids, mask).argmax(1) == k).mean()
     assert acc >= 0.9, acc
-    torch.testing.assert_close(res.router.embedding, emb)  # unchanged by training
+    torch.testing.assert_close(res.model.embedding, emb)  # unchanged by training
 
 
 def test_padding_does_not_change_the_route(trained):
@@ -61,14 +61,14 @@ def test_padding_does_not_change_the_route(trained):
     ids, mask, _, _ = _data(8, 3)
     wide_ids = np.concatenate([ids, np.full((8, 5), 7, np.int64)], 1)  # junk tokens under mask 0
     wide_mask = np.concatenate([mask, np.zeros((8, 5), np.int64)], 1)
-    np.testing.assert_allclose(predict_nlp(res.router, ids, mask), predict_nlp(res.router, wide_ids, wide_mask),
+    np.testing.assert_allclose(predict_probs(res.model, ids, mask), predict_probs(res.model, wide_ids, wide_mask),
                                atol=1e-5)
 
 
 def test_onnx_round_trip_with_symbolic_batch_and_sequence(trained, tmp_path):
     _, res = trained
     p = tmp_path / "nlp_router.onnx"
-    export_nlp_router(res.router, p)
+    export_nlp_router(res.model, p)
     g = onnx.load(str(p))
     assert max(o.version for o in g.opset_import if o.domain in ("", "ai.onnx")) >= 17
     dims = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in g.graph.input}
@@ -78,7 +78,7 @@ def test_onnx_round_trip_with_symbolic_batch_and_sequence(trained, tmp_path):
         ids, mask, _, _ = _data(n, 10 + n)
         ids, mask = np.resize(ids, (n, t)), np.resize(mask, (n, t))
         got = sess.run(None, {INPUT_IDS: ids, ATTENTION_MASK: mask})[0]
-        np.testing.assert_allclose(got, predict_nlp(res.router, ids, mask), atol=1e-4)
+        np.testing.assert_allclose(got, predict_probs(res.model, ids, mask), atol=1e-4)
 
 
 def test_symbolic_dims_check_rejects_a_fixed_sequence(tmp_path):

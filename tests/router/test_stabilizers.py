@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from moqe_compile.tasks.image.config import RouterConfig
-from moqe_compile.router.train import predict, small_inputs, train_router, usage_entropy
+from moqe_compile.router.train import usage_entropy
+from moqe_compile.tasks.image.router import predict_probs, small_inputs, train_router
 
 SEEDS = (0, 1, 2)
 
@@ -40,7 +41,7 @@ def runs():
             cfg = RouterConfig(preset="small", input_size=8, epochs=5, batch_size=32, targets="hard",
                                stabilizers=stab, seed=seed)
             res = train_router(cfg, xt, lt, xv, lv)
-            route = predict(res.core, small_inputs(xv, cfg.input_size, cfg.downsample)).argmax(1)
+            route = predict_probs(res.model, small_inputs(xv, cfg.input_size, cfg.downsample)).argmax(1)
             out[name, seed] = {"usage": np.bincount(route, minlength=3) / len(route),
                                "entropy": usage_entropy(route, 3),
                                "routed_loss": float(lv[np.arange(len(lv)), route].mean())}

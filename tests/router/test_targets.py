@@ -1,6 +1,7 @@
 import numpy as np
 
-from moqe_compile.router.train import kl_to_fp_matrix, make_targets
+from moqe_compile.router.train import make_targets
+from moqe_compile.tasks.image.router import kl_to_fp_matrix
 from moqe_compile.tasks.image.score import sample_losses, score
 
 
@@ -48,7 +49,7 @@ def test_train_router_uses_the_target_matrix():
     # Inputs carry which of two experts wins; loss_train says expert 0 everywhere, the target
     # matrix says the truth: the router must follow target_matrix, and validate on loss_val.
     from moqe_compile.tasks.image.config import RouterConfig
-    from moqe_compile.router.train import predict, small_inputs, train_router
+    from moqe_compile.tasks.image.router import predict_probs, small_inputs, train_router
 
     rng = np.random.default_rng(0)
     k = rng.integers(0, 2, 96)
@@ -58,5 +59,5 @@ def test_train_router_uses_the_target_matrix():
     misleading = np.tile([0.0, 1.0], (96, 1))
     cfg = RouterConfig(preset="small", input_size=4, epochs=6, batch_size=16, targets="fp-teacher")
     res = train_router(cfg, x[:64], misleading[:64], x[64:], truth[64:], target_matrix=truth[:64])
-    route = predict(res.core, small_inputs(x[64:], 4, cfg.downsample)).argmax(1)
+    route = predict_probs(res.model, small_inputs(x[64:], 4, cfg.downsample)).argmax(1)
     assert (route == k[64:]).mean() >= 0.9

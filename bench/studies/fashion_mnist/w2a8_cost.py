@@ -50,7 +50,7 @@ from moqe_compile.evaluate.report import build_split_report
 from moqe_compile.evaluate.stats import paired_bootstrap, paired_compare
 from moqe_compile.tasks.image.router_export import export_router
 from moqe_compile.router.fallback import apply_fallback, choose_fallback
-from moqe_compile.router.train import train_router
+from moqe_compile.tasks.image.router import train_router
 from moqe_compile.tasks.image.score import run_batched, score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
@@ -106,7 +106,7 @@ def route_val(cfg: BuildConfig, w: float, splits, tr, va, costs: np.ndarray, wor
     tr_loss, va_loss = tr.loss + pen, va.loss + pen
     res = train_router(rc, splits["router_train"].x, tr_loss, splits["router_val"].x, va_loss)
     path = work / f"router-{w:g}.onnx"
-    export_router(res.core, rc.input_size, cfg.preprocessing.crop, path, work / f"router-{w:g}.safetensors",
+    export_router(res.model, rc.input_size, cfg.preprocessing.crop, path, work / f"router-{w:g}.safetensors",
                   channels=cfg.preprocessing.channels, mode=rc.downsample, quantize=rc.quantize,
                   calib_x=splits["router_train"].x)
     sess = OrtCpuSession("router", path, 1)

@@ -1,4 +1,4 @@
-"""NLP router (DESIGN.md section 4): routes a whole token sequence to one expert.
+"""The language router (``docs/design.md#routers``): routes a whole token sequence to one expert.
 
     ids (B, T) --frozen FP embedding--> (B, T, d)
         --2 x pre-LN transformer encoder layer (4 heads, feed-forward 2d, GELU, dropout 0.1)-->
@@ -17,10 +17,8 @@ output ``expert_probs`` ([batch, K]); batch and sequence stay symbolic (checked 
 
 from __future__ import annotations
 
-import copy
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moqe_compile.errors import BuildError
+from moqe_compile.router.train import FitResult, fit, make_targets, predict
 
 INPUT_IDS, ATTENTION_MASK, OUTPUT_NAME = "input_ids", "attention_mask", "expert_probs"
 NEG = -1e4  # additive attention bias on padding keys (finite: no NaN when a row is all padding)
@@ -115,58 +114,22 @@ class _Exported(nn.Module):
         return torch.softmax(self.router(input_ids, attention_mask), dim=-1)
 
 
-@torch.no_grad()
-def predict_nlp(router: NLPRouter, ids: np.ndarray, mask: np.ndarray, batch: int = 128) -> np.ndarray:
-    router.eval()
-    out = [torch.softmax(router(torch.from_numpy(ids[i : i + batch]), torch.from_numpy(mask[i : i + batch])), -1)
-           for i in range(0, len(ids), batch)]
-    return torch.cat(out).numpy()
+def predict_probs(router: NLPRouter, ids: np.ndarray, mask: np.ndarray, batch: int = 128) -> np.ndarray:
+    """Router probabilities (N, K) for token windows ``ids`` with attention ``mask``."""
+    return predict(router, (torch.from_numpy(ids), torch.from_numpy(mask)), batch)
 
 
-@dataclass
-class NLPTrainResult:
-    router: NLPRouter
-    best_epoch: int
-    history: list[dict]
-
-
-def train_nlp_router(router: NLPRouter, ids: np.ndarray, mask: np.ndarray, loss: np.ndarray,
-                     val_ids: np.ndarray, val_mask: np.ndarray, val_loss: np.ndarray, *, epochs: int = 10,
-                     batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, targets: str = "hard",
-                     temperature: float = 0.1, seed: int = 0) -> NLPTrainResult:
-    """AdamW + cosine schedule on per-sequence targets from the (N, K) loss matrix (``hard``,
-    or ``soft``/``fp-teacher`` = softmax(-M/T) of the matrix passed); keeps the epoch with the
-    lowest validation routed loss, like the CV router."""
-    from moqe_compile.router.train import make_targets
-
-    torch.manual_seed(seed)
+def train_router(router: NLPRouter, ids: np.ndarray, mask: np.ndarray, loss: np.ndarray,
+                 val_ids: np.ndarray, val_mask: np.ndarray, val_loss: np.ndarray, *, epochs: int = 10,
+                 batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, targets: str = "hard",
+                 temperature: float = 0.1, seed: int = 0, threads: int | None = None) -> FitResult:
+    """Train ``router`` on per-sequence targets from the (N, K) loss matrix (``hard``, or
+    ``soft``/``fp-teacher`` = softmax(-M/T)) with the one training loop (``router/train.py``)."""
     y = make_targets(loss, "hard" if targets == "hard" else "soft", temperature)
-    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-    params = [p for p in router.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    gen = torch.Generator().manual_seed(seed)
-    best, best_loss, best_epoch, history = None, float("inf"), -1, []
-    iv = np.arange(len(val_loss))
-    for epoch in range(epochs):
-        router.train()
-        perm = torch.randperm(len(ids_t), generator=gen)
-        for i in range(0, len(perm), batch_size):
-            b = perm[i : i + batch_size]
-            ce = -(y[b] * F.log_softmax(router(ids_t[b], mask_t[b]), -1)).sum(-1).mean()
-            opt.zero_grad()
-            ce.backward()
-            opt.step()
-        sched.step()
-        route = predict_nlp(router, val_ids, val_mask).argmax(1)
-        vl = float(val_loss[iv, route].mean())
-        history.append({"epoch": epoch, "val_routed_loss": vl,
-                        "val_router_accuracy": float((route == val_loss.argmin(1)).mean())})
-        if vl < best_loss:
-            best, best_loss, best_epoch = copy.deepcopy(router.state_dict()), vl, epoch
-    router.load_state_dict(best)
-    router.eval()
-    return NLPTrainResult(router, best_epoch, history)
+    return fit(router, (torch.from_numpy(ids), torch.from_numpy(mask)), y,
+               (torch.from_numpy(val_ids), torch.from_numpy(val_mask)), val_loss, epochs=epochs,
+               batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, predict_batch=128,
+               threads=threads)
 
 
 def export_nlp_router(router: NLPRouter, onnx_path: Path, opset: int = 18, atol: float = 1e-4) -> None:

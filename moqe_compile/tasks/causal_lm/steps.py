@@ -166,12 +166,12 @@ class LMSteps:
     def _train(self, num_experts: int, train_loss: np.ndarray, val_loss: np.ndarray):
         import torch
 
-        from moqe_compile.tasks.causal_lm.router import NLPRouter, train_nlp_router
+        from moqe_compile.tasks.causal_lm.router import NLPRouter, train_router
 
         rc = self.cfg.router
         tr, va = self._prefix("router_train"), self._prefix("router_val")
         router = NLPRouter(torch.from_numpy(self.emb), num_experts, layers=rc.layers, heads=rc.heads)
-        return train_nlp_router(router, tr, np.ones_like(tr), train_loss, va, np.ones_like(va), val_loss,
+        return train_router(router, tr, np.ones_like(tr), train_loss, va, np.ones_like(va), val_loss,
                                 epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr, weight_decay=rc.weight_decay,
                                 targets=rc.targets, temperature=rc.temperature, seed=rc.seed)
 
@@ -183,9 +183,9 @@ class LMSteps:
 
         w = self.w
         self.trained = self._train(len(self.experts), self.scores["router_train"].loss, self.scores["router_val"].loss)
-        export_nlp_router(self.trained.router, w.path("router/router.onnx"), opset=max(self.cfg.model.opset, 17))
+        export_nlp_router(self.trained.model, w.path("router/router.onnx"), opset=max(self.cfg.model.opset, 17))
         # The embedding buffer is the FP model's (in fp/model.onnx): not duplicated here.
-        save_file({k: v.contiguous() for k, v in self.trained.router.state_dict().items() if k != "embedding"},
+        save_file({k: v.contiguous() for k, v in self.trained.model.state_dict().items() if k != "embedding"},
                   str(w.path("router/router.safetensors")))
         rs = session(w.path("router/router.onnx"), name="router")
         self.routes = {}
@@ -207,11 +207,11 @@ class LMSteps:
         self.st.say("controls: training the same router on the copies")
         torch.manual_seed(self.cfg.router.seed)
         res = self._train(len(self.copies["names"]), self.copy_scores["router_train"].loss, cv)
-        res.router.eval()
+        res.model.eval()
         with torch.no_grad():
             for s in REPORTED:
                 ids_t = torch.from_numpy(self._prefix(s))
-                self.copies["route"][s] = res.router(ids_t, torch.ones_like(ids_t)).argmax(1).numpy()
+                self.copies["route"][s] = res.model(ids_t, torch.ones_like(ids_t)).argmax(1).numpy()
 
     def _copies_for(self, s: str) -> dict | None:
         c = self.copies

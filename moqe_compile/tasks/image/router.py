@@ -1,4 +1,4 @@
-"""CV router (DESIGN.md section 4): SE-ResNet-8 over a downsampled image + multi-head attention.
+"""The image router (``docs/design.md#routers``): SE-ResNet-8 over a downsampled image + multi-head attention.
 
 The downsampling is part of the exported graph, so the router ONNX takes the same
 preprocessed NCHW tensor as the experts and the runtime feeds one array to both.
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moqe_compile.router.train import FitResult, Stabilizers, fit, make_targets, predict
 from moqe_compile.tasks.image.config import RouterConfig
 
 
@@ -124,3 +126,39 @@ class CVRouter(nn.Module):
 
     def forward(self, x):
         return torch.softmax(self.core(downsample(x, self.input_size, self.mode)), dim=-1)
+
+
+def small_inputs(x: np.ndarray, size: int, mode: str = "avgpool") -> torch.Tensor:
+    """The router's downsampled view of preprocessed images, computed once for training."""
+    with torch.no_grad():
+        return torch.cat([downsample(torch.from_numpy(x[i : i + 64]), size, mode) for i in range(0, len(x), 64)])
+
+
+def predict_probs(core: CVRouterCore, xs: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """Router probabilities for downsampled images ``xs`` (from :func:`small_inputs`)."""
+    return predict(core, (xs,), batch)
+
+
+def kl_to_fp_matrix(fp_logits: np.ndarray, expert_logits: np.ndarray) -> np.ndarray:
+    """(N, K) per-sample KL(p_fp || p_k) from scored logits ((N, C) and (K, N, C))."""
+    from moqe_compile.tasks.image.score import sample_losses
+
+    return np.stack([sample_losses(e, fp_logits, None, "fp") for e in expert_logits], axis=1)
+
+
+def train_router(cfg: RouterConfig, x_train: np.ndarray, loss_train: np.ndarray, x_val: np.ndarray,
+                 loss_val: np.ndarray, progress=None, target_matrix: np.ndarray | None = None,
+                 threads: int | None = 1) -> FitResult:
+    """Train the image router on the (N, K) loss matrices (the build's L) with the one training
+    loop (``router/train.py``). ``target_matrix``: the matrix the targets are made from when it
+    is not ``loss_train`` (``fp-teacher`` on labelled data: the KL-to-FP matrix)."""
+    torch.manual_seed(cfg.seed)
+    core = CVRouterCore(cfg, loss_train.shape[1], in_channels=x_train.shape[1])
+    xt = small_inputs(x_train, cfg.input_size, cfg.downsample)
+    xv = small_inputs(x_val, cfg.input_size, cfg.downsample)
+    yt = make_targets(loss_train if target_matrix is None else target_matrix, cfg.targets, cfg.temperature)
+    stab = Stabilizers(tuple(cfg.stabilizers), cfg.balance_weight, cfg.usage_bias_strength, cfg.usage_bias_decay,
+                       cfg.noise_std)
+    return fit(core, (xt,), yt, (xv,), loss_val, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+               weight_decay=cfg.weight_decay, seed=cfg.seed, stabilizers=stab, min_batch=2, progress=progress,
+               threads=threads)

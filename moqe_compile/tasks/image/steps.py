@@ -14,12 +14,12 @@ from moqe_compile.evaluate.controls import CONTROLS_FILE, Copies, copy_recipe, e
 from moqe_compile.evaluate.report import build_split_report, flat_metrics
 from moqe_compile.quantize import prepare_for_quantization
 from moqe_compile.router.fallback import apply_fallback, choose_fallback
-from moqe_compile.router.train import kl_to_fp_matrix, predict, small_inputs, train_router
 from moqe_compile.tasks.image.data import SPLITS, build_splits, calibration_inputs, num_sources
 from moqe_compile.tasks.image.eval_data import EVAL_SPLITS, save_eval_data
 from moqe_compile.tasks.image.experts import build_expert
 from moqe_compile.tasks.image.model import load_fp_model, write_labels
 from moqe_compile.tasks.image.preprocess import Preprocess
+from moqe_compile.tasks.image.router import kl_to_fp_matrix, predict_probs, small_inputs, train_router
 from moqe_compile.tasks.image.router_export import export_router
 from moqe_compile.tasks.image.score import diversity, run_batched, sample_losses, score
 
@@ -143,7 +143,7 @@ class ImageSteps:
         self.st.say("controls: training the same router on the copies")
         res = train_router(rc, self.splits["router_train"].x, splits["router_train"]["loss"],
                            self.splits["router_val"].x, splits["router_val"]["loss"])
-        probs = {s: predict(res.core, small_inputs(self.splits[s].x, rc.input_size, rc.downsample))
+        probs = {s: predict_probs(res.model, small_inputs(self.splits[s].x, rc.input_size, rc.downsample))
                  for s in splits if s != "router_train"}
         fb = (choose_fallback(probs["router_val"], splits["router_val"]["loss"]) if rc.fallback
               else {"threshold": 0.0, "expert": best})
@@ -165,7 +165,7 @@ class ImageSteps:
         with self.st.bar(rc.epochs, "router epochs") as pb:
             self.trained = train_router(rc, self.splits["router_train"].x, tr_loss, self.splits["router_val"].x,
                                         va_loss, pb, target_matrix=None if teacher is None else teacher + pen)
-        export_router(self.trained.core, rc.input_size, cfg.preprocessing.crop, w.path("router/router.onnx"),
+        export_router(self.trained.model, rc.input_size, cfg.preprocessing.crop, w.path("router/router.onnx"),
                       w.path("router/router.safetensors"), channels=cfg.preprocessing.channels,
                       mode=rc.downsample, quantize=rc.quantize, calib_x=self.splits["router_train"].x)
         # From here on, route exactly as the Runtime does: the exported graph + the confidence
