@@ -59,14 +59,14 @@ def measure_menu(args, menu: str, out: Path) -> dict:
     from moqe_compile.bundle import read_bundle
     from moqe_compile.tasks.causal_lm.report import render_lm_markdown
     from moqe_compile.tasks.causal_lm.eval import _latency
-    from moqe_compile.tasks.causal_lm.config import _expert, load_lm_recipe
+    from moqe_compile.tasks.causal_lm.config import expert_from_dict, load_lm_recipe
     from moqe_compile.build import build as build_lm
     from moqe_compile.tasks.causal_lm.runtime import LMRuntime
 
     cfg = load_lm_recipe(args.recipe)
     if menu != "recipe":
         skip = set(filter(None, args.skip.split(",")))
-        cfg.experts = [_expert({"name": p, "preset": p}) for p in MENUS[menu] if p not in skip]
+        cfg.experts = [expert_from_dict({"name": p, "preset": p}) for p in MENUS[menu] if p not in skip]
     if args.max_sequences is not None:
         cfg.data.max_sequences = args.max_sequences
     if not (args.reuse and (out / "manifest.json").is_file()):

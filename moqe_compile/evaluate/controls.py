@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moqe_compile.tasks.image.config import STRONGEST_PRESETS, BuildConfig, ExpertRecipe
+from moqe_compile.tasks.image.config import BuildConfig, ExpertRecipe
+from moqe_compile.tasks.image.presets import STRONGEST_PRESETS
 from moqe_compile.quantize.graph import weight_layers
 
 CONTROLS_FILE = "report/controls.npz"
@@ -32,9 +33,9 @@ def strongest_expert(experts: list[ExpertRecipe]) -> str | None:
 
 
 def copy_recipe(cfg: BuildConfig) -> ExpertRecipe:
-    """The recipe the copies repeat: the strongest expert's, else the ``strongest`` preset at
-    the first expert's weight width."""
-    name = strongest_expert(cfg.experts)
+    """The recipe the copies repeat: ``[controls] copies_of``'s, else the strongest expert's,
+    else the ``strongest`` preset at the first expert's weight width."""
+    name = cfg.controls.copies_of or strongest_expert(cfg.experts)
     if name is not None:
         return next(r for r in cfg.experts if r.name == name)
     preset = "w4a8-strongest" if cfg.experts[0].weight_bits == 4 else "strongest"

@@ -8,9 +8,12 @@ so a runtime-only install can dispatch on a bundle without the build stack.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from moqe_compile.errors import ConfigError
+from moqe_compile.recipe import read_recipe_toml
 
 DEFAULT_TASK = "image-classification"
 
@@ -37,3 +40,9 @@ def kind_of(doc: dict) -> str:
 def task_of(doc: dict) -> ModuleType:
     """The plug-in package for a recipe table or a manifest."""
     return importlib.import_module(TASKS[kind_of(doc)])
+
+
+def load_recipe(path: str | Path) -> Any:
+    """Read and validate a TOML recipe of any registered task (its ``task`` key picks the plug-in)."""
+    doc, _ = read_recipe_toml(path)
+    return task_of(doc).load_recipe(path)

@@ -1,5 +1,6 @@
-"""Causal-LM vertical slice on a tiny random Llama: config, data splits, export, experts,
-bundle, runtime (score + KV-cache generation), moqe-run and moqe-compile eval."""
+"""Causal-LM vertical slice on a tiny random Llama: data splits, export, experts,
+bundle, runtime (score + KV-cache generation), moqe-run and moqe-compile eval (the recipe itself:
+tests/tasks/causal_lm/test_config.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from moqe_compile.errors import ConfigError, InputError  # noqa: E402
+from moqe_compile.errors import InputError  # noqa: E402
 from moqe_compile.tasks.causal_lm.config import LMBuildConfig  # noqa: E402
 
 from .tiny import make_tiny_lm, write_corpus  # noqa: E402
@@ -35,25 +36,6 @@ def lm_bundle(tmp_path_factory):
     make_tiny_lm(tmp / "model")
     write_corpus(tmp / "corpus.txt")
     return build_lm(_cfg(tmp), tmp / "bundle", quiet=True), tmp
-
-
-def test_config_rejects_bad_values(tmp_path):
-    with pytest.raises(ConfigError, match="preset = 'nope'"):
-        LMBuildConfig.from_dict({"task": "causal-lm", "experts": [{"name": "a", "preset": "nope"}] * 2})
-    with pytest.raises(ConfigError, match="unknown key"):
-        LMBuildConfig.from_dict({"task": "causal-lm", "modle": {}})
-    with pytest.raises(ConfigError, match="HQQ"):
-        LMBuildConfig.from_dict({"task": "causal-lm", "experts": [
-            {"name": "a", "scheme": "nbits", "weights": "hqq", "bits": 8}, {"name": "b"}]})
-    with pytest.raises(ConfigError, match="calibration_corpus = 'tiny' is not one of"):
-        LMBuildConfig.from_dict({"task": "causal-lm", "data": {"corpora": ["wiki", "c4"]}, "experts": [
-            {"name": "a", "preset": "w4-gptq", "calibration_corpus": "tiny"}, {"name": "b", "preset": "w4-rtn"}]})
-    with pytest.raises(ConfigError, match="copies would be identical"):
-        LMBuildConfig.from_dict({"task": "causal-lm", "controls": {"copies_of": "b"}, "experts": [
-            {"name": "a", "preset": "w4-gptq"}, {"name": "b", "preset": "w4-rtn"}]})
-    cfg = _cfg(tmp_path)
-    assert LMBuildConfig.from_manifest(cfg.to_manifest()) == cfg
-    assert cfg.copies_base().name == "w4-awq"  # the first expert whose weights depend on calibration
 
 
 def test_manifest_kernels_and_tokenizer(lm_bundle):

@@ -48,21 +48,9 @@ def test_scaling_keeps_the_fp_function(tiny, kind):
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, new.model.layers[0].self_attn.q_proj.weight)
 
 
-def test_lm_recipe_file_is_recognized_and_paths_resolve(tmp_path):
-    from moqe_compile.tasks.image.config import load_recipe
+def test_missing_model_file_is_named(tmp_path):
     from moqe_compile.errors import ConfigError
-    from moqe_compile.tasks.causal_lm.config import SMOLLM2_GGUF, load_lm_recipe, recipe_is_lm
-
-    p = tmp_path / "r.toml"
-    p.write_text('task = "causal-lm"\n[model]\nsource = "transformers"\npath = "m"\n'
-                 '[data]\ncorpora = ["wiki", "my.txt"]\n[[experts]]\nname = "a"\npreset = "w4-rtn"\n'
-                 '[[experts]]\nname = "b"\npreset = "w8a8-smoothquant-0.85"\nbits = 8\n')
-    assert recipe_is_lm(p) and not recipe_is_lm(tmp_path / "missing.toml")
-    cfg = load_lm_recipe(p)
-    assert cfg.model.path == str(tmp_path / "m") and cfg.data.corpora == ["wiki", str(tmp_path / "my.txt")]
-    assert cfg.experts[1].smoothquant_alpha == 0.85 and cfg.experts[0].scheme == "nbits"
-    with pytest.raises(ConfigError):  # the image recipe loader rejects it, naming the key
-        load_recipe(p)
+    from moqe_compile.tasks.causal_lm.config import SMOLLM2_GGUF
     from moqe_compile.tasks.causal_lm.model import resolve_model_path
 
     with pytest.raises(ConfigError, match="does not exist"):

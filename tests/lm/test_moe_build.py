@@ -20,7 +20,7 @@ from .tiny import write_corpus  # noqa: E402
 def test_export_keeps_gates_fp_and_experts_quantizable(layout, tmp_path):
     import onnx
 
-    from moqe_compile.tasks.causal_lm.config import _expert
+    from moqe_compile.tasks.causal_lm.config import expert_from_dict
     from moqe_compile.tasks.causal_lm.model import export_decoder, load_causal_lm
     from moqe_compile.tasks.causal_lm.moe import find_moe, gate_nodes, onnx_moe_nodes
     from moqe_compile.quantize.nbits import check_kernels, quantize_onnx
@@ -33,7 +33,7 @@ def test_export_keeps_gates_fp_and_experts_quantizable(layout, tmp_path):
     assert len(where["experts"]) == 4 and len(where["gates"]) == (2 if layout == "qwen2_moe" else 1)
     gates = gate_nodes(fp, moe)
     q = tmp_path / "q.onnx"
-    quantize_onnx(fp, _expert({"name": "a", "preset": "w4-rtn"}), q, [], exclude_nodes=gates)
+    quantize_onnx(fp, expert_from_dict({"name": "a", "preset": "w4-rtn"}), q, [], exclude_nodes=gates)
     check = check_kernels(q, allow_fp=gates)
     assert check["ok"] and sorted(check["float_by_design"]) == sorted(gates)
     assert not check_kernels(q)["ok"]  # without the allowance the FP gates are reported
@@ -108,7 +108,7 @@ def test_no_history_falls_back_to_maxvar(tmp_path):
     MaxVar and records why; an explicit gate_history that does not exist is a recipe error."""
     from moqe_compile.tasks.causal_lm.inspect import _moe_bits_lines
     from moqe_compile.errors import ConfigError
-    from moqe_compile.tasks.causal_lm.config import LMModelConfig, _expert
+    from moqe_compile.tasks.causal_lm.config import LMModelConfig, expert_from_dict
     from moqe_compile.tasks.causal_lm.steps import calib_feeds
     from moqe_compile.tasks.causal_lm.model import export_decoder, load_causal_lm
     from moqe_compile.tasks.causal_lm.moe import find_moe
@@ -119,7 +119,7 @@ def test_no_history_falls_back_to_maxvar(tmp_path):
     moe, fp = find_moe(model), tmp_path / "fp.onnx"
     spec = export_decoder(model, fp)
     ids = np.random.default_rng(0).integers(3, 33, (2, 16))
-    r = _expert({"name": "g", "preset": "moe-expert-bits", "weights": "rtn", "moe_allocation": "gate-norm"})
+    r = expert_from_dict({"name": "g", "preset": "moe-expert-bits", "weights": "rtn", "moe_allocation": "gate-norm"})
     cfg = LMModelConfig(source="transformers", path=str(d))
     said = []
     rec = build_moe_expert(model, moe, r, cfg, ids, fp, tmp_path / "q.onnx", calib_feeds(ids, spec), said.append)

