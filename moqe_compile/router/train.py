@@ -74,7 +74,7 @@ def make_targets(matrix: np.ndarray, kind: str, temperature: float) -> torch.Ten
 
 def kl_to_fp_matrix(fp_logits: np.ndarray, expert_logits: np.ndarray) -> np.ndarray:
     """(N, K) per-sample KL(p_fp || p_k) from Scores' logits ((N, C) and (K, N, C))."""
-    from moqe_compile.tasks.image.score import sample_losses
+    from moqe_compile.evaluate.losses import sample_losses
 
     return np.stack([sample_losses(e, fp_logits, None, "fp") for e in expert_logits], axis=1)
 

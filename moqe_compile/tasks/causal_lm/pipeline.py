@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from moqe_compile.bundle import BundleWriter
 from moqe_compile.tasks.causal_lm.data import build_text_splits
-from moqe_compile.tasks.causal_lm.report import lm_split_report
+from moqe_compile.tasks.causal_lm.report import gate_decision, lm_split_report
 from moqe_compile.tasks.causal_lm.config import TASK, LMBuildConfig
 from moqe_compile.tasks.causal_lm.score import DecoderSession, LMScores, score_windows
 
@@ -37,45 +37,6 @@ def calib_feeds(ids: np.ndarray, spec) -> list[dict]:
     empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32)
     return [{"input_ids": row[None].copy(), "attention_mask": np.ones((1, len(row)), np.int64),
              **{n: empty for n in past_names(spec.layers)}} for row in ids]
-
-
-def gate_decision(val: dict, p_value: float, force: bool) -> dict:
-    """``router.gate`` from the router_val report block (mean token NLL; lower is better).
-
-    As for images (evaluate/controls.py): routing is kept only if MoQE beats the best single
-    expert with a paired bootstrap p below ``p_value`` *and* gains more than the router trained
-    on the copies gains over the best copy (calibration noise alone); without a copies router,
-    more than the copies oracle's headroom; without copies, the first test only."""
-    t = val["moqe_vs_best"]
-    gain = -float(t["diff"])  # NLL saved per token
-    co = (val.get("controls") or {}).get("copies_oracle")
-    copies_gain = kind = None
-    if co:
-        if co.get("router"):
-            copies_gain, kind = -float(co["router"]["vs_best_copy"]["diff"]), "copies router"
-        else:
-            copies_gain, kind = -float(co["oracle_gain"]["diff"]), "copies oracle headroom"
-    reasons = []
-    if not t["p_value"] < p_value:
-        reasons.append(f"paired test vs the best single expert: p = {t['p_value']:.3g} >= {p_value}")
-    if not gain > 0:
-        reasons.append(f"no gain over the best single expert ({-gain:+.4f} nats/token)")
-    if copies_gain is not None and not gain > copies_gain:
-        reasons.append(f"gain {gain:+.4f} nats/token does not exceed the {kind}'s {copies_gain:+.4f}")
-    wins = not reasons
-    head = f"router_val MoQE − best single = {t['diff']:+.4f} nats/token, p = {t['p_value']:.3g}"
-    if wins:
-        tail = (f"routing kept: more than the {kind}'s gain {copies_gain:+.4f}" if kind
-                else "routing kept; no copies control was built")
-    else:
-        tail = "; ".join(reasons)
-    gate = {"decision": "routed" if wins else "single-expert", "forced": False, "p_value": float(t["p_value"]),
-            "val_gain": gain, "metric": "mean_nll", "threshold": p_value, "copies_val_gain": copies_gain,
-            "copies_control": kind, "reason": f"{head}; {tail}", "test": t, "split": "router_val"}
-    if force and not wins:
-        gate.update(decision="routed", forced=True,
-                    reason=f"forced by --force-routing; the gate would have served the single expert: {head}; {tail}")
-    return gate
 
 
 def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
@@ -276,7 +237,7 @@ def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
             report["splits"][s] = lm_split_report(sc.nll, sc.loss, names, routes[s], best_k, splits[s].corpus,
                                                   sc.kl, sc.agree, mix=sc.mix, copies=copies_for(s), costs=costs,
                                                   val_loss=val_loss)
-        gate = gate_decision(report["splits"]["router_val"]["overall"], cfg.gate.p_value, cfg.gate.force_routing)
+        gate = gate_decision(report["splits"]["router_val"], cfg.gate.p_value, cfg.gate.force_routing)
         report["gate"] = gate
         say(f"gate: {gate['decision']} ({gate['reason']})")
         for j, e in enumerate(experts):

@@ -30,9 +30,10 @@ from moqe_compile.tasks.image.experts import build_expert
 from moqe_compile.tasks.image.router_export import export_router
 from moqe_compile.router.fallback import apply_fallback, choose_fallback
 from moqe_compile.router.train import kl_to_fp_matrix, train_router
-from moqe_compile.evaluate.controls import CONTROLS_FILE, build_copies, expert_cost, gate_decision, strongest_expert
-from moqe_compile.tasks.image.eval_data import EVAL_SPLITS, save_eval_data
-from moqe_compile.evaluate.report import build_split_report, flat_metrics
+from moqe_compile.evaluate.controls import CONTROLS_FILE, build_copies, expert_cost, strongest_expert
+from moqe_compile.tasks.image.eval import EVAL_SPLITS, save_eval_data
+from moqe_compile.evaluate.report import flat_metrics
+from moqe_compile.tasks.image.report import build_split_report, gate_decision
 from moqe_compile.tasks.image.score import diversity, run_batched, score
 
 
