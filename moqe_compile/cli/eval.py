@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     e.add_argument("bundle", help="bundle directory")
     e.add_argument("--data", default="test",
                    help="'test' (default) or 'router_val' (the bundle's stored splits), a directory of images in "
-                        "class-index sub-folders (or flat, unlabelled), or a .npz with x (float32 N,C,H,W) and optional y; "
+                        "class-index sub-folders (or flat, unlabelled), or a .npz with x (float32 N,C,H,W) and optional "
+                        "y; "
                         "causal-LM bundles: also wiki, c4, tiny (a corpus's test windows) or a UTF-8 text file")
     e.add_argument("--out", help="output directory (default: <bundle>-eval next to the bundle; never inside it)")
     e.add_argument("--json", action="store_true", help="print the report as JSON instead of the Markdown table")

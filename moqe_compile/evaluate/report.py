@@ -113,3 +113,53 @@ def latency_markdown(lat: dict) -> str:
     for bs, row in rows.items():
         L.append(f"| {bs} | " + " | ".join(f"{row[c]['median_ms']:.2f}" for c in cands) + " |")
     return "\n".join(L)
+
+
+class ControlsText:
+    """How a task phrases each control of a report's ``controls`` in Markdown. Each method
+    returns the lines of its control; the defaults say nothing. :func:`controls_markdown`
+    walks the controls in one order for every task."""
+
+    def random_router(self, r: dict) -> list[str]:
+        return []
+
+    def mixture(self, m: dict) -> list[str]:
+        return []
+
+    def copies(self, co: dict) -> list[str]:
+        return []
+
+    def copies_router(self, co: dict) -> list[str]:
+        return []
+
+    def no_copies(self) -> list[str]:
+        return []
+
+    def cost_matched(self, cm: dict) -> list[str]:
+        return []
+
+    def cost_not_applicable(self, cm: dict) -> list[str]:
+        return []
+
+
+def controls_markdown(ctl: dict, text: ControlsText) -> list[str]:
+    """The Markdown lines of a report's ``controls``: random router, mixture, copies (their
+    oracle, the router trained on them), cost-matched."""
+    L = []
+    if ctl.get("random_router"):
+        L += text.random_router(ctl["random_router"])
+    if ctl.get("mixture"):
+        L += text.mixture(ctl["mixture"])
+    co = ctl.get("copies_oracle")
+    if co:
+        L += text.copies(co)
+        if co.get("router"):
+            L += text.copies_router(co)
+    else:
+        L += text.no_copies()
+    cm = ctl.get("cost_matched") or {}
+    if cm.get("applicable"):
+        L += text.cost_matched(cm)
+    elif cm:
+        L += text.cost_not_applicable(cm)
+    return L

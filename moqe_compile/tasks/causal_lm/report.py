@@ -12,6 +12,7 @@ import numpy as np
 
 from moqe_compile.evaluate.controls import (copies_entries, copies_summary, cost_matched, interpolate,
                                             random_route)
+from moqe_compile.evaluate.report import ControlsText, controls_markdown
 from moqe_compile.evaluate.stats import bootstrap_means, paired_bootstrap, percentile_interval
 from moqe_compile.gate import Comparison, decide
 
@@ -28,9 +29,9 @@ def lm_split_report(fp_nll: np.ndarray, loss: np.ndarray, names: list[str], rout
                     copies: dict | None = None, costs: dict | None = None, val_loss: dict | None = None) -> dict:
     """One split: overall and per corpus.
 
-    Controls (docs/design.md#controls-and-the-gate), each a per-window NLL vector resampled with the rest: ``random_router``
-    (MoQE's own usage shuffled across windows), ``mix`` (the output-averaging mixture, runs every
-    expert), ``copies`` (``{"names", "best", "loss": (N, Kc), "route": (N,) | None, "of"}``: K
+    Controls (docs/design.md#controls-and-the-gate), each a per-window NLL vector resampled with
+    the rest: ``random_router`` (MoQE's own usage shuffled across windows), ``mix`` (the
+    output-averaging mixture, runs every expert), ``copies`` (``{"names", "best", "loss": (N, Kc), "route": (N,) | None, "of"}``: K
     copies of one recipe on disjoint calibration parts, their oracle and a router trained on them)
     and, when experts differ in weight bits (``costs``), single experts at MoQE's expected cost
     (brackets chosen by ``val_loss``, never on this split)."""
@@ -127,30 +128,41 @@ def _test_text(t: dict) -> str:
     return f"{t['diff']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}], p = {t['p_value']:.3g}"
 
 
+def _row(label: str, r: dict, test: dict, against: str = "") -> list[str]:
+    return [f"| {label} | {_ppl_cells(r)} | {against}{_test_text(test)} |"]
+
+
+class _ControlsText(ControlsText):
+    def random_router(self, r: dict) -> list[str]:
+        return _row("random router (MoQE's usage, shuffled)", r, r["vs_best"])
+
+    def mixture(self, m: dict) -> list[str]:
+        return _row(f"output-averaging mixture (runs all {m['cost_experts_run']} experts)", m, m["vs_best"])
+
+    def copies(self, co: dict) -> list[str]:
+        return _row(f"oracle of {co['copies']} copies of {co['of']}", co, co["oracle_gain"], "vs best copy: ")
+
+    def copies_router(self, co: dict) -> list[str]:
+        r = co["router"]
+        return (_row("router trained on the copies", r, r["vs_best_copy"], "vs best copy: ")
+                + [f"\nMoQE's gain minus the copies router's gain: {_test_text(co['moqe_vs_copies'])}"])
+
+    def no_copies(self) -> list[str]:
+        return ["\nNo copies control (none built, or the data are not the build's stored splits)."]
+
+    def cost_matched(self, cm: dict) -> list[str]:
+        return [f"Cost-matched: MoQE at {cm['moqe_expected_cost']:.2f} expected weight bits − {cm['cheaper']} / "
+                f"{cm['costlier']} interpolated: {_test_text(cm['moqe_minus_interpolated'])}"]
+
+    def cost_not_applicable(self, cm: dict) -> list[str]:
+        return [f"Cost-matched: not applicable ({cm['reason']})."]
+
+
 def _controls_markdown(ctl: dict) -> list[str]:
     if not ctl:
         return []
-    fmt, d = _ppl_cells, _test_text
-    L = ["", "| control | perplexity | 95% CI | − best single (mean NLL) [95% CI], p |", "|---|---:|---|---|"]
-    L.append(f"| random router (MoQE's usage, shuffled) | {fmt(ctl['random_router'])} | {d(ctl['random_router']['vs_best'])} |")
-    if ctl.get("mixture"):
-        mx = ctl["mixture"]
-        L.append(f"| output-averaging mixture (runs all {mx['cost_experts_run']} experts) | {fmt(mx)} | {d(mx['vs_best'])} |")
-    co = ctl.get("copies_oracle")
-    if co:
-        L.append(f"| oracle of {co['copies']} copies of {co['of']} | {fmt(co)} | vs best copy: {d(co['oracle_gain'])} |")
-        if co.get("router"):
-            L.append(f"| router trained on the copies | {fmt(co['router'])} | vs best copy: {d(co['router']['vs_best_copy'])} |")
-            L.append(f"\nMoQE's gain minus the copies router's gain: {d(co['moqe_vs_copies'])}")
-    else:
-        L.append("\nNo copies control (none built, or the data are not the build's stored splits).")
-    cm = ctl.get("cost_matched") or {}
-    if cm.get("applicable"):
-        L.append(f"Cost-matched: MoQE at {cm['moqe_expected_cost']:.2f} expected weight bits − {cm['cheaper']} / "
-                 f"{cm['costlier']} interpolated: {d(cm['moqe_minus_interpolated'])}")
-    elif cm:
-        L.append(f"Cost-matched: not applicable ({cm['reason']}).")
-    return L
+    return (["", "| control | perplexity | 95% CI | − best single (mean NLL) [95% CI], p |", "|---|---:|---|---|"]
+            + controls_markdown(ctl, _ControlsText()))
 
 
 def render_lm_markdown(report: dict, title: str = "") -> str:

@@ -1,5 +1,5 @@
 """Language models: run the FP decoder and every expert over token windows -> per-sequence loss
-matrix (mean next-token NLL, DESIGN.md §1) plus per-sequence KL(FP || expert) and top-1 agreement.
+matrix (mean next-token NLL, docs/design.md#the-loss-matrix) plus per-sequence KL(FP || expert) and top-1 agreement.
 
 numpy + onnxruntime only: the runtime and ``moqe-compile eval`` score with this same code.
 Sequences run one at a time: dynamic W8A8 experts quantize activations per tensor, so a

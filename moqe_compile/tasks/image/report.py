@@ -32,9 +32,10 @@ import numpy as np
 
 from moqe_compile.evaluate.controls import copies_entries, copies_summary, cost_matched, interpolate, random_route
 from moqe_compile.evaluate.losses import log_softmax, sample_losses
-from moqe_compile.evaluate.report import (METRIC_TITLES, RATE_METRICS, BootstrapTable, cell, diff_text, headroom,
-                                          latency_markdown, loss_title, p_text, unit_warnings)
-from moqe_compile.evaluate.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_p_value, mcnemar_exact
+from moqe_compile.evaluate.report import (METRIC_TITLES, RATE_METRICS, BootstrapTable, ControlsText, cell,
+                                          controls_markdown, diff_text, headroom, latency_markdown, loss_title,
+                                          p_text, unit_warnings)
+from moqe_compile.evaluate.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, mcnemar_exact
 from moqe_compile.gate import Comparison, decide
 
 
@@ -118,7 +119,8 @@ def build_split_report(*, fp_logits: np.ndarray, expert_logits, expert_names: li
     if strongest_k is not None:
         extra["diff:strongest_fp"] = entries[f"expert:{strongest}"][metric] - entries["fp"][metric]
     if copies is not None:
-        entries.update(_copies_vectors(copies, labels if labels is not None else np.asarray(fp_logits).argmax(-1), metric))
+        target = labels if labels is not None else np.asarray(fp_logits).argmax(-1)
+        entries.update(_copies_vectors(copies, target, metric))
         c_best = entries[f"copy:{copies['names'][copies['best']]}"]
         if "copies_router" in entries:
             # Difference in differences, per sample: MoQE's gain over its best single expert
@@ -324,38 +326,46 @@ def to_markdown(rep: dict, title: str | None = None, latency: dict | None = None
     return "\n".join(L) + "\n"
 
 
+class _ControlsText(ControlsText):
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def mixture(self, m: dict) -> list[str]:
+        return [f"Output-averaging mixture minus best single: {diff_text(self.metric, m['vs_best'])} "
+                f"(costs all {m['cost_experts_run']} experts per input)."]
+
+    def copies(self, co: dict) -> list[str]:
+        return [f"Copies control: oracle of {co['copies']} copies minus the best copy "
+                f"{diff_text(self.metric, co['oracle_gain'])} (the headroom calibration noise alone leaves)."]
+
+    def copies_router(self, co: dict) -> list[str]:
+        d = co["moqe_vs_copies"]
+        return [f"MoQE's gain over its best single expert minus the copies router's gain over the best copy: "
+                f"{diff_text(self.metric, d)}, paired-bootstrap p = {p_text(d['p_value'])}."]
+
+    def no_copies(self) -> list[str]:
+        return ["Copies control: not available for this data (the copies are stored for the bundle's own splits "
+                "only)."]
+
+    def cost_matched(self, cm: dict) -> list[str]:
+        d = cm["moqe_minus_interpolated"]
+        return [f"Cost-matched: MoQE's expected cost {cm['moqe_expected_cost']:.2f} {cm['cost']} lies between "
+                f"{cm['cheaper']} ({cm['expert_costs'][cm['cheaper']]:g}) and {cm['costlier']} "
+                f"({cm['expert_costs'][cm['costlier']]:g}); MoQE minus their interpolation at that cost: "
+                f"{diff_text(self.metric, d)}, p = {p_text(d['p_value'])}."]
+
+    def cost_not_applicable(self, cm: dict) -> list[str]:
+        return [f"Cost-matched control: not applicable ({cm.get('reason')})."]
+
+
 def _controls_markdown(rep: dict, metric: str) -> list[str]:
-    L = []
     st = rep.get("strongest_expert")
     if st:
-        L.append(f"Strongest-preset expert {st['name']}: {METRIC_TITLES[metric]} minus FP "
-                 f"{diff_text(metric, st['distance_to_fp'])}.")
+        L = [f"Strongest-preset expert {st['name']}: {METRIC_TITLES[metric]} minus FP "
+             f"{diff_text(metric, st['distance_to_fp'])}."]
     else:
-        L.append("No strongest-preset expert in this set: the baseline routing must beat is missing.")
-    ctl = rep.get("controls") or {}
-    if ctl.get("mixture"):
-        L.append(f"Output-averaging mixture minus best single: {diff_text(metric, ctl['mixture']['vs_best'])} "
-                 f"(costs all {ctl['mixture']['cost_experts_run']} experts per input).")
-    co = ctl.get("copies_oracle")
-    if co:
-        L.append(f"Copies control: oracle of {co['copies']} copies minus the best copy "
-                 f"{diff_text(metric, co['oracle_gain'])} (the headroom calibration noise alone leaves).")
-        if co.get("moqe_vs_copies"):
-            d = co["moqe_vs_copies"]
-            L.append(f"MoQE's gain over its best single expert minus the copies router's gain over the best copy: "
-                     f"{diff_text(metric, d)}, paired-bootstrap p = {p_text(d['p_value'])}.")
-    else:
-        L.append("Copies control: not available for this data (the copies are stored for the bundle's own splits only).")
-    cm = ctl.get("cost_matched") or {}
-    if cm.get("applicable"):
-        d = cm["moqe_minus_interpolated"]
-        L.append(f"Cost-matched: MoQE's expected cost {cm['moqe_expected_cost']:.2f} {cm['cost']} lies between "
-                 f"{cm['cheaper']} ({cm['expert_costs'][cm['cheaper']]:g}) and {cm['costlier']} "
-                 f"({cm['expert_costs'][cm['costlier']]:g}); MoQE minus their interpolation at that cost: "
-                 f"{diff_text(metric, d)}, p = {p_text(d['p_value'])}.")
-    elif cm:
-        L.append(f"Cost-matched control: not applicable ({cm.get('reason')}).")
-    return L
+        L = ["No strongest-preset expert in this set: the baseline routing must beat is missing."]
+    return L + controls_markdown(rep.get("controls") or {}, _ControlsText(metric))
 
 
 # ---------------------------------------------------------------- plots
