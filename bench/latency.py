@@ -6,7 +6,7 @@ whole MoQE path (route + grouped dispatch), at several batch sizes, measured sid
 All variants run interleaved in one process on the same inputs (the demo photos shipped in
 the foolbox package); medians and IQR over ``--repeats`` rounds. Ratios (INT8/FP32,
 MoQE/expert) are taken from these medians. The measuring code lives in
-``moqe_compile.evaluate.latency`` (``moqe-compile eval`` uses it too); this is its CLI.
+``moqe_compile.tasks.image.eval.measure_bundle`` (``moqe-compile eval`` uses it too); this is its CLI.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 from moqe_compile import Runtime
 from moqe_compile.backends import OrtCpuSession
 from moqe_compile.tasks.image.data import foolbox_dir
-from moqe_compile.evaluate.latency import format_batch, measure_bundle
+from moqe_compile.evaluate.latency import format_batch
+from moqe_compile.tasks.image.eval import measure_bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
 from common import add_json_option, write_json  # noqa: E402

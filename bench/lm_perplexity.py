@@ -58,7 +58,7 @@ def measure_menu(args, menu: str, out: Path) -> dict:
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.tasks.causal_lm.report import render_lm_markdown
-    from moqe_compile.tasks.causal_lm.eval import _latency
+    from moqe_compile.tasks.causal_lm.eval import latency
     from moqe_compile.tasks.causal_lm.config import expert_from_dict, load_lm_recipe
     from moqe_compile.build import build as build_lm
     from moqe_compile.tasks.causal_lm.runtime import LMRuntime
@@ -76,7 +76,7 @@ def measure_menu(args, menu: str, out: Path) -> dict:
     rt = LMRuntime(b)
     with np.load(b.file("report/eval_data.npz"), allow_pickle=False) as z:
         window = z["test_ids"][0]
-    lat = _latency(rt, window, args.repeats)
+    lat = latency(rt, window, args.repeats)
     rt.close()
     print(render_lm_markdown(rep["splits"]["test"], f"{menu}: test split"))
     print(f"gate: {rep['gate']['decision']} ({rep['gate']['reason']})")

@@ -259,7 +259,7 @@ def main() -> int:
 
 def _test_inputs(bundle: str, shape: tuple, n: int) -> np.ndarray:
     """The bundle's own test-split inputs (report/eval_data.npz), cycled to ``n``."""
-    from moqe_compile.tasks.image.eval_data import load_eval_data
+    from moqe_compile.tasks.image.eval import load_eval_data
 
     p = Path(bundle) / "report" / "eval_data.npz"
     if p.is_file():

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     eval_path = root / "report" / "eval_data.npz"
     pool, source = None, "noise"
     if eval_path.is_file() and eval_path.stat().st_size > 0:
-        from moqe_compile.tasks.image.eval_data import load_eval_data
+        from moqe_compile.tasks.image.eval import load_eval_data
 
         pool = load_eval_data(eval_path, "test")[0]
         source = "test split"

@@ -1,9 +1,10 @@
-"""``moqe-compile eval``: argument parsing and output of :mod:`moqe_compile.tasks.image.eval`."""
+"""``moqe-compile eval``: argument parsing; the bundle's task (``tasks/<task>/eval.py``) does the rest."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -11,7 +12,9 @@ def add_parser(sub) -> None:
     e.add_argument("bundle", help="bundle directory")
     e.add_argument("--data", default="test",
                    help="'test' (default) or 'router_val' (the bundle's stored splits), a directory of images in "
-                        "class-index sub-folders (or flat, unlabelled), or a .npz with x (float32 N,C,H,W) and optional y")
+                        "class-index sub-folders (or flat, unlabelled), or a .npz with x (float32 N,C,H,W) and optional "
+                        "y; "
+                        "causal-LM bundles: also wiki, c4, tiny (a corpus's test windows) or a UTF-8 text file")
     e.add_argument("--out", help="output directory (default: <bundle>-eval next to the bundle; never inside it)")
     e.add_argument("--json", action="store_true", help="print the report as JSON instead of the Markdown table")
     e.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
@@ -25,20 +28,18 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from moqe_compile.tasks.image.eval import evaluate_bundle, render_markdown
-    from moqe_compile.cli.run_lm import is_lm_bundle
+    """Read the bundle's manifest and hand ``args`` to its task's ``evaluate``."""
+    from moqe_compile.tasks import task_of
 
-    if is_lm_bundle(args.bundle):  # perplexity report (evaluate/lm_eval.py)
-        from moqe_compile.tasks.causal_lm.eval import cmd_eval_lm
+    return task_of(_manifest(args.bundle)).evaluate(args)
 
-        return cmd_eval_lm(args)
 
-    report, out = evaluate_bundle(args.bundle, data=args.data, out=args.out, latency=args.latency,
-                                  repeats=args.repeats, batches=tuple(args.batches), n_boot=args.resamples,
-                                  seed=args.seed, verify=not args.no_verify)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(render_markdown(report))
-        print(f"report written to {out}/ (report.json, report.md, metric.png, usage.png)")
-    return 0
+def _manifest(bundle: str) -> dict:
+    """The bundle's manifest as JSON, unchecked: the task's reader checks it (hashes, format)
+    and reports what is wrong with it."""
+    path = Path(bundle) / "manifest.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # the image reader names the missing or broken manifest
+    return doc if isinstance(doc, dict) else {}

@@ -1,10 +1,11 @@
-"""Honest statistics for MoQE: bootstrap intervals, paired tests, reports, latency, ``eval``.
+"""Task-free statistics of MoQE: bootstrap intervals, paired tests, losses, controls, report
+tables, interleaved latency. Each task's ``report.py`` and ``eval.py`` build on them.
 
 - :mod:`.stats`: bootstrap CI of a mean, paired bootstrap of a difference, exact McNemar.
-- :mod:`.report`: the per-split report dict (used by ``build`` and ``eval``), Markdown, PNGs.
-- :mod:`.latency`: interleaved latency of router, experts, FP32 and the MoQE path.
-- :mod:`.data`: the bundle's stored eval splits and user data for ``eval``.
-- :mod:`.evaluate`: ``moqe-compile eval``.
+- :mod:`.losses`: per-sample losses against a reference (the loss matrix's entries).
+- :mod:`.controls`: the random router, the copies control, the cost-matched comparison.
+- :mod:`.report`: one paired bootstrap table per split and its Markdown formatting.
+- :mod:`.latency`: candidates timed interleaved, median and IQR.
 
-Submodules import their heavy dependencies (scipy, matplotlib) lazily.
+Nothing here imports a build stage; heavy dependencies (scipy) are imported lazily.
 """

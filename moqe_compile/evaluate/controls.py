@@ -1,15 +1,19 @@
-"""Build-time controls (issue 10, DESIGN.md section 8): what a MoQE gain must be measured against.
+"""The controls a MoQE gain is measured against (docs/design.md#controls-and-the-gate).
 
-- **Copies control**: K copies of the strongest expert's recipe, each calibrated on a disjoint
-  random subset of the calibration split. They differ only by calibration noise, so their
-  oracle headroom is a lottery, and a router trained on them (same architecture, targets and
-  fallback as the bundle's router) shows what routing gains from noise alone. The copies are
-  scored at build time and stored as per-sample losses and predicted classes
-  (``report/controls.npz``); they are not shipped as experts.
-- **Expert cost**: mean weight bits per weight parameter (layers kept in FP count 32), the
-  cost unit of ``controls.cost_matched``.
-- **Significance gate**: :func:`gate_decision` turns the router_val report into the
-  manifest's ``router.gate``.
+Task-free, on per-sample vectors (both reports call these):
+
+- :func:`random_route`: the router's own expert mix shuffled across inputs (same usage, no
+  input information). A router that does not beat it has learned nothing about the inputs.
+- :func:`copies_entries`: the **copies control**, K copies of one recipe calibrated on disjoint
+  random subsets of the calibration split. They differ only by calibration noise, so their
+  oracle headroom is a lottery, and a router trained on them shows what routing gains from
+  noise alone. Copies are scored at build time and stored (``report/controls.npz``); they are
+  not shipped as experts.
+- :func:`cost_matched` and :func:`frontier_pair`: MoQE against the best random mix of two
+  single experts that costs what MoQE costs on average (cost: mean weight bits per weight).
+
+The image build's copies (:func:`build_copies`) and expert cost (:func:`expert_cost`) are
+below them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,99 @@ from moqe_compile.tasks.image.presets import STRONGEST_PRESETS
 from moqe_compile.quantize.graph import weight_layers
 
 CONTROLS_FILE = "report/controls.npz"
+
+
+def random_route(route: np.ndarray, seed: int) -> np.ndarray:
+    """MoQE's expert choices shuffled across inputs: the random-router control."""
+    return np.random.default_rng(seed).permutation(route)
+
+
+def copies_entries(copies: dict, measure) -> dict:
+    """Per-sample vectors of the copies control: ``measure(choice)`` for each copy, for their
+    oracle (argmin loss per sample) and, when given, for the router trained on the copies.
+
+    ``copies``: ``{"names", "loss": (N, Kc), "route": (N,) | None, ...}``; ``choice``: (N,)
+    index of the copy used per sample. Keys: ``copy:<name>``, ``copies_oracle``,
+    ``copies_router``."""
+    loss = np.asarray(copies["loss"], np.float64)
+    n = len(loss)
+    choices = {f"copy:{name}": np.full(n, j) for j, name in enumerate(copies["names"])}
+    choices["copies_oracle"] = loss.argmin(1)
+    if copies.get("route") is not None:
+        choices["copies_router"] = np.asarray(copies["route"]).astype(np.int64)
+    return {k: measure(c) for k, c in choices.items()}
+
+
+def copies_summary(copies: dict, label: str, summary, oracle_gain: dict) -> dict:
+    """The report's ``controls.copies_oracle`` block (without the copies router's rows).
+
+    ``label``: the key naming what was copied (``preset`` or ``of``); ``summary(key)``: the
+    report entry of a :func:`copies_entries` vector."""
+    names = list(copies["names"])
+    return {label: copies.get(label), "copies": len(names), "best_copy": names[copies["best"]],
+            "best_copy_chosen_on": "val", "copies_metrics": {n: summary(f"copy:{n}") for n in names},
+            **summary("copies_oracle"), "oracle_gain": oracle_gain}
+
+
+def cost_matched(names: list[str], costs: dict | None, route: np.ndarray, val_loss: dict | None = None,
+                 split_score: dict | None = None, split: str = "test", unit: str = "mean weight bits",
+                 unit_name: str = "cost") -> dict:
+    """MoQE against single experts at its expected cost: the best random mix of an expert at
+    or below that cost and one at or above it (:func:`frontier_pair`).
+
+    "Best" is by mean validation loss (``val_loss``, from the build) so nothing is selected on
+    the split being reported; without it by ``split_score`` (higher is better) on ``split``,
+    and the result says so; without either the control is not applicable. When applicable,
+    :func:`interpolate` gives the matched per-sample vector."""
+    if not costs or any(n not in costs for n in names):
+        return {"applicable": False, "reason": "expert costs unknown"}
+    c = np.array([float(costs[n]) for n in names])
+    usage = np.bincount(route, minlength=len(names)) / len(route)
+    expected = float(usage @ c)
+    base = {"cost": unit, "expert_costs": {n: float(v) for n, v in zip(names, c)}, "moqe_expected_cost": expected}
+    if np.ptp(c) == 0:
+        return {"applicable": False, **base, "reason": f"every expert has the same {unit_name}: the best single "
+                                                        "expert is the cost-matched comparison"}
+    if val_loss and all(n in val_loss for n in names):
+        score, chosen_on = {n: -float(val_loss[n]) for n in names}, "val"
+    elif split_score is not None:
+        score, chosen_on = split_score, split
+    else:
+        return {"applicable": False, **base, "reason": "no validation losses to choose the bracketing experts on"}
+    pair = frontier_pair(names, c, expected, score)
+    if pair is None:  # cannot happen: the expected cost lies within [min c, max c]
+        return {"applicable": False, **base, "reason": "no expert brackets the expected cost"}
+    lo, hi, wl = pair
+    return {"applicable": True, **base, "cheaper": lo, "costlier": hi, "weight_cheaper": float(wl),
+            "chosen_on": chosen_on}
+
+
+def interpolate(cm: dict, vector) -> np.ndarray:
+    """The per-sample vector of an applicable :func:`cost_matched` mix; ``vector(name)`` is
+    one expert's."""
+    wl = cm["weight_cheaper"]
+    return wl * vector(cm["cheaper"]) + (1 - wl) * vector(cm["costlier"])
+
+
+def frontier_pair(names: list[str], costs, expected: float, score: dict) -> tuple[str, str, float] | None:
+    """The random mix of two single experts that costs ``expected`` on average and scores best:
+    over every pair (cheaper <= expected <= costlier), the one whose linear interpolation of
+    ``score`` at ``expected`` is highest -> (cheaper, costlier, weight of the cheaper).
+
+    Not "the best expert on each side": that skips an expert that costs a hair more than MoQE
+    and is as good as MoQE, and so flatters a router that mostly serves that expert."""
+    c = [float(v) for v in costs]
+    best = None
+    for i, lo in enumerate(names):
+        for j, hi in enumerate(names):
+            if not (c[i] <= expected + 1e-9 and c[j] >= expected - 1e-9):
+                continue
+            wl = 1.0 if c[j] == c[i] else min(1.0, max(0.0, (c[j] - expected) / (c[j] - c[i])))
+            v = wl * score[lo] + (1 - wl) * score[hi]
+            if best is None or v > best[0]:
+                best = (v, lo, hi, wl)
+    return None if best is None else best[1:]
+
 
 
 def strongest_expert(experts: list[ExpertRecipe]) -> str | None:
@@ -88,62 +185,3 @@ class Copies:
             return cls(names, str(z["preset"]), int(z["best"]), int(z["calibration_per_copy"]), splits)
 
 
-def gate_decision(val_report: dict, alpha: float, force: bool) -> dict:
-    """``router.gate`` from the router_val split report.
-
-    Routing is kept only if MoQE beats the best single expert (chosen on val) with a paired
-    p-value below ``alpha`` *and* its gain exceeds the copies router's gain over the best copy
-    (what routing gains from calibration noise alone; when there is no copies router, the
-    copies oracle's headroom, a stricter bar). Without a copies control only the first test
-    applies, and the reason says so. Both are measured on router_val, which also chose the
-    router's epoch and fallback: optimistic for MoQE, so a refusal is conservative.
-    """
-    vb = val_report["moqe_vs_best"]
-    gain, p = float(vb["diff"]), float(vb["p_value"])
-    co = (val_report.get("controls") or {}).get("copies_oracle")
-    copies_gain, copies_kind = None, None
-    if co:
-        if co.get("router"):
-            best_copy = co["copies_metrics"][co["best_copy"]][vb["metric"]]["value"]
-            copies_gain, copies_kind = co["router"][vb["metric"]]["value"] - best_copy, "copies router"
-        else:
-            copies_gain, copies_kind = co["oracle_gain"]["diff"], "copies oracle headroom"
-    metric = vb["metric"]
-    fmt = lambda v: f"{100 * v:+.2f} points" if metric in ("top1", "fp_top1_agreement") else f"{v:+.4g}"  # noqa: E731
-    reasons = []
-    if not (p < alpha):
-        reasons.append(f"paired test vs {val_report['best_expert']['name']}: p = {p:.3g} >= {alpha}")
-    if not gain > 0:
-        reasons.append(f"no gain over {val_report['best_expert']['name']} ({fmt(gain)})")
-    if copies_gain is not None and not gain > copies_gain:
-        reasons.append(f"gain {fmt(gain)} does not exceed the {copies_kind}'s {fmt(copies_gain)}")
-    # The best single expert is chosen by loss (what the bundle serves when routing is refused);
-    # MoQE must also beat the single expert that is best on the headline metric itself, or a
-    # router that mostly serves that expert "wins" against a weaker default (found on W2A8).
-    each = val_report.get("moqe_vs_each") or {}
-    if each:
-        vals = {n: val_report["experts"][n][metric]["value"] for n in each}
-        top = max(vals, key=vals.get)
-        t = each[top]
-        if top != val_report["best_expert"]["name"] and not (t["diff"] > 0 and t["p_value"] is not None
-                                                            and t["p_value"] < alpha):
-            reasons.append(f"does not significantly beat {top}, the best single expert on {metric} "
-                           f"({fmt(t['diff'])}, p = {t['p_value']:.3g})")
-    routed = not reasons
-    if routed:
-        reason = (f"MoQE beats {val_report['best_expert']['name']} on val by {fmt(gain)} (p = {p:.3g} < {alpha})"
-                  + (f", more than the {copies_kind}'s {fmt(copies_gain)}" if copies_gain is not None
-                     else "; no copies control was built"))
-    else:
-        reason = "; ".join(reasons)
-    gate = {"decision": "routed" if routed else "single", "p_value": p, "val_gain": gain, "metric": metric,
-            "threshold": alpha, "copies_val_gain": copies_gain, "copies_control": copies_kind,
-            "reason": reason, "forced": False, "split": "router_val"}
-    if force and not routed:
-        gate.update(decision="routed", forced=True,
-                    reason=f"forced by --force-routing; the gate would have served the single expert: {reason}")
-    return gate
-
-
-__all__ = ["CONTROLS_FILE", "Copies", "build_copies", "copy_recipe", "expert_cost", "gate_decision",
-           "strongest_expert"]

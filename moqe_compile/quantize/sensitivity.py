@@ -11,7 +11,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from moqe_compile.tasks.image.config import ExpertRecipe
-from moqe_compile.tasks.image.score import sample_losses
+from moqe_compile.evaluate.losses import sample_losses
 from moqe_compile.quantize.calibrate import calibrate_ranges
 from moqe_compile.quantize.graph import weight_layers
 from moqe_compile.quantize.qdq import write_expert

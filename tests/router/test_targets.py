@@ -2,7 +2,8 @@ import numpy as np
 
 from moqe_compile.router.train import make_targets
 from moqe_compile.tasks.image.router import kl_to_fp_matrix
-from moqe_compile.tasks.image.score import sample_losses, score
+from moqe_compile.evaluate.losses import sample_losses
+from moqe_compile.tasks.image.score import score
 
 
 def _L():

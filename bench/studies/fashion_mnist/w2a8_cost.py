@@ -45,8 +45,8 @@ from moqe_compile.bundle import read_bundle
 from moqe_compile.tasks.image.config import BuildConfig
 from moqe_compile.tasks.image.data import build_splits
 from moqe_compile.tasks.image.preprocess import Preprocess
-from moqe_compile.tasks.image.eval_data import load_eval_data
-from moqe_compile.evaluate.report import build_split_report
+from moqe_compile.tasks.image.eval import load_eval_data
+from moqe_compile.tasks.image.report import build_split_report
 from moqe_compile.evaluate.stats import paired_bootstrap, paired_compare
 from moqe_compile.tasks.image.router_export import export_router
 from moqe_compile.router.fallback import apply_fallback, choose_fallback

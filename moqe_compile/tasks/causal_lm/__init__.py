@@ -44,6 +44,6 @@ def inspect(bundle) -> str:
 
 
 def evaluate(args) -> int:
-    from moqe_compile.tasks.causal_lm.eval import cmd_eval_lm
+    from moqe_compile.tasks.causal_lm.eval import cmd_eval
 
-    return cmd_eval_lm(args)
+    return cmd_eval(args)

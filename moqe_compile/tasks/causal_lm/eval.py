@@ -66,13 +66,16 @@ def _copies(bundle, where: tuple | None) -> dict | None:
                 "route": z[f"{split}_route"][rows] if f"{split}_route" in z.files else None}
 
 
-def evaluate_lm(bundle_dir: str, data: str = "test", latency: bool = True, repeats: int = 5, n_boot: int = 10_000,
+def evaluate_lm(bundle_dir: str, data: str = "test", with_latency: bool = True, repeats: int = 5, n_boot: int = 10_000,
                 seed: int = 0, verify: bool = True, progress: bool = True) -> dict:
     from moqe_compile.tasks.causal_lm.runtime import LMRuntime
     from moqe_compile.tasks.causal_lm.score import score_windows
 
     rt = LMRuntime(read_bundle(bundle_dir, verify=verify))
-    encode = lambda t: rt.tokenizer.encode(t, add_special_tokens=False).ids  # noqa: E731
+
+    def encode(text: str) -> list[int]:
+        return rt.tokenizer.encode(text, add_special_tokens=False).ids
+
     ids, corpus, desc, where = _windows(rt.bundle, data, encode, rt.eos)
     names = rt.expert_names
     with tqdm(total=len(ids), desc="score windows", disable=not progress, leave=False) as pb:
@@ -88,13 +91,13 @@ def evaluate_lm(bundle_dir: str, data: str = "test", latency: bool = True, repea
                           val_loss=r.get("expert_val_loss"))
     rep.update(data=desc, served="router" if routing_was else f"single expert {names[best]} (gate)",
                gate=rt.manifest["router"]["gate"]["reason"])
-    if latency:
-        rep["latency_ms"] = _latency(rt, ids[0], repeats)
+    if with_latency:
+        rep["latency_ms"] = latency(rt, ids[0], repeats)
     rt.close()
     return rep
 
 
-def _latency(rt, window: np.ndarray, repeats: int) -> dict:
+def latency(rt, window: np.ndarray, repeats: int) -> dict:
     """Median ms per sequence (one window of the bundle's length), candidates interleaved per round."""
     x = window[None]
     rt.routing_enabled, was = True, rt.routing_enabled
@@ -117,8 +120,9 @@ def _latency(rt, window: np.ndarray, repeats: int) -> dict:
             "moqe_over_its_expert": med["moqe"] / med[routed], "expert_of_timed_window": routed}
 
 
-def cmd_eval_lm(args) -> int:
-    rep = evaluate_lm(args.bundle, data=args.data, latency=args.latency, repeats=args.repeats,
+def cmd_eval(args) -> int:
+    """``moqe-compile eval`` on a causal-LM bundle (arguments: :mod:`moqe_compile.cli.eval`)."""
+    rep = evaluate_lm(args.bundle, data=args.data, with_latency=args.latency, repeats=args.repeats,
                       n_boot=args.resamples, seed=args.seed, verify=not args.no_verify)
     b = Path(args.bundle).resolve()
     out = Path(args.out) if args.out else b.with_name(b.name + "-eval")

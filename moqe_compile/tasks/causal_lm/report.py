@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from moqe_compile.evaluate.controls import (copies_entries, copies_summary, cost_matched, interpolate,
+                                            random_route)
+from moqe_compile.evaluate.report import ControlsText, controls_markdown
 from moqe_compile.evaluate.stats import bootstrap_means, paired_bootstrap, percentile_interval
+from moqe_compile.gate import Comparison, decide
 
 
 def _ppl(v: np.ndarray, boot: np.ndarray) -> dict:
@@ -25,9 +29,9 @@ def lm_split_report(fp_nll: np.ndarray, loss: np.ndarray, names: list[str], rout
                     copies: dict | None = None, costs: dict | None = None, val_loss: dict | None = None) -> dict:
     """One split: overall and per corpus.
 
-    Controls (issue 10), each a per-window NLL vector resampled with the rest: ``random_router``
-    (MoQE's own usage shuffled across windows), ``mix`` (the output-averaging mixture, runs every
-    expert), ``copies`` (``{"names", "best", "loss": (N, Kc), "route": (N,) | None, "of"}``: K
+    Controls (docs/design.md#controls-and-the-gate), each a per-window NLL vector resampled with
+    the rest: ``random_router`` (MoQE's own usage shuffled across windows), ``mix`` (the
+    output-averaging mixture, runs every expert), ``copies`` (``{"names", "best", "loss": (N, Kc), "route": (N,) | None, "of"}``: K
     copies of one recipe on disjoint calibration parts, their oracle and a router trained on them)
     and, when experts differ in weight bits (``costs``), single experts at MoQE's expected cost
     (brackets chosen by ``val_loss``, never on this split)."""
@@ -58,60 +62,36 @@ def _diff(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict:
 
 
 def _controls(loss, names, route, best, n_boot, seed, mix, copies, costs, val_loss) -> dict:
-    n = len(loss)
-    idx = np.arange(n)
+    idx = np.arange(len(loss))
     best_v = loss[:, best]
-    rand = np.random.default_rng(seed).permutation(route)
-    out = {"random_router": {**_ppl(loss[idx, rand], bootstrap_means(loss[idx, rand], n_boot, seed)),
-                             "vs_best": _diff(loss[idx, rand], best_v, n_boot, seed)}}
+
+    def ppl(v: np.ndarray) -> dict:
+        return _ppl(v, bootstrap_means(v, n_boot, seed))
+
+    rand = loss[idx, random_route(route, seed)]
+    out = {"random_router": {**ppl(rand), "vs_best": _diff(rand, best_v, n_boot, seed)}}
     if mix is not None:
-        out["mixture"] = {**_ppl(mix, bootstrap_means(mix, n_boot, seed)), "cost_experts_run": len(names),
-                          "vs_best": _diff(mix, best_v, n_boot, seed)}
+        out["mixture"] = {**ppl(mix), "cost_experts_run": len(names), "vs_best": _diff(mix, best_v, n_boot, seed)}
+    out["copies_oracle"] = None
     if copies is not None:
         cl = np.asarray(copies["loss"], np.float64)
-        bc = int(copies["best"])
-        c_or = cl.min(1)
-        co = {"of": copies.get("of"), "copies": len(copies["names"]), "best_copy": copies["names"][bc],
-              "best_copy_chosen_on": "val",
-              "copies_metrics": {c: _ppl(cl[:, j], bootstrap_means(cl[:, j], n_boot, seed))
-                                 for j, c in enumerate(copies["names"])},
-              **_ppl(c_or, bootstrap_means(c_or, n_boot, seed)),
-              "oracle_gain": _diff(c_or, cl[:, bc], n_boot, seed)}
-        if copies.get("route") is not None:
-            cr = cl[idx, np.asarray(copies["route"]).astype(np.int64)]
-            co["router"] = {**_ppl(cr, bootstrap_means(cr, n_boot, seed)), "vs_best_copy": _diff(cr, cl[:, bc], n_boot, seed)}
-            moqe = loss[idx, route]
-            co["moqe_vs_copies"] = {**_diff(moqe - best_v, cr - cl[:, bc], n_boot, seed),
+        vec = copies_entries(copies, lambda choice: cl[idx, choice])
+        best_copy = vec[f"copy:{copies['names'][int(copies['best'])]}"]
+        co = copies_summary({**copies, "best": int(copies["best"])}, "of", lambda k: ppl(vec[k]),
+                            _diff(vec["copies_oracle"], best_copy, n_boot, seed))
+        if "copies_router" in vec:
+            cr = vec["copies_router"]
+            co["router"] = {**ppl(cr), "vs_best_copy": _diff(cr, best_copy, n_boot, seed)}
+            co["moqe_vs_copies"] = {**_diff(loss[idx, route] - best_v, cr - best_copy, n_boot, seed),
                                     "meaning": "(MoQE - best single) - (copies router - best copy), mean token "
                                                "NLL per window; negative = MoQE gains more than calibration noise"}
         out["copies_oracle"] = co
-    else:
-        out["copies_oracle"] = None
-    out["cost_matched"] = _cost_matched(loss, names, route, costs, val_loss, n_boot, seed)
+    cm = cost_matched(names, costs, route, val_loss, unit="weight bits", unit_name="weight bits")
+    if cm["applicable"]:
+        matched = interpolate(cm, lambda n: loss[:, names.index(n)])
+        cm["moqe_minus_interpolated"] = _diff(loss[idx, route], matched, n_boot, seed)
+    out["cost_matched"] = cm
     return out
-
-
-def _cost_matched(loss, names, route, costs, val_loss, n_boot, seed) -> dict:
-    """MoQE against single experts at its expected cost (mean weight bits), as for images
-    (evaluate/report.py): the best expert (by val loss) at or below and at or above the expected
-    cost, interpolated linearly."""
-    if not costs or any(n not in costs for n in names):
-        return {"applicable": False, "reason": "expert costs unknown"}
-    c = np.array([float(costs[n]) for n in names])
-    usage = np.bincount(route, minlength=len(names)) / len(route)
-    expected = float(usage @ c)
-    base = {"cost": "weight bits", "expert_costs": dict(zip(names, c.tolist())), "moqe_expected_cost": expected}
-    if np.ptp(c) == 0:
-        return {"applicable": False, **base, "reason": "every expert has the same weight bits: the best single "
-                                                        "expert is the cost-matched comparison"}
-    if not val_loss or any(n not in val_loss for n in names):
-        return {"applicable": False, **base, "reason": "no validation losses to choose the bracketing experts on"}
-    from moqe_compile.evaluate.report import frontier_pair
-
-    lo, hi, wl = frontier_pair(names, c, expected, {n: -float(val_loss[n]) for n in names})
-    vec = wl * loss[:, names.index(lo)] + (1 - wl) * loss[:, names.index(hi)]
-    return {"applicable": True, **base, "cheaper": lo, "costlier": hi, "weight_cheaper": float(wl), "chosen_on": "val",
-            "moqe_minus_interpolated": _diff(loss[np.arange(len(loss)), route], vec, n_boot, seed)}
 
 
 def _block(fp_nll, loss, names, route, best, kl, agree, n_boot, seed, *, mix=None, copies=None, costs=None,
@@ -140,30 +120,49 @@ def _block(fp_nll, loss, names, route, best, kl, agree, n_boot, seed, *, mix=Non
     return res
 
 
-def _controls_markdown(ctl: dict, fmt) -> list[str]:
+def _ppl_cells(r: dict) -> str:
+    return f"{r['ppl']:.3f} | [{r['ppl_ci95'][0]:.3f}, {r['ppl_ci95'][1]:.3f}]"
+
+
+def _test_text(t: dict) -> str:
+    return f"{t['diff']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}], p = {t['p_value']:.3g}"
+
+
+def _row(label: str, r: dict, test: dict, against: str = "") -> list[str]:
+    return [f"| {label} | {_ppl_cells(r)} | {against}{_test_text(test)} |"]
+
+
+class _ControlsText(ControlsText):
+    def random_router(self, r: dict) -> list[str]:
+        return _row("random router (MoQE's usage, shuffled)", r, r["vs_best"])
+
+    def mixture(self, m: dict) -> list[str]:
+        return _row(f"output-averaging mixture (runs all {m['cost_experts_run']} experts)", m, m["vs_best"])
+
+    def copies(self, co: dict) -> list[str]:
+        return _row(f"oracle of {co['copies']} copies of {co['of']}", co, co["oracle_gain"], "vs best copy: ")
+
+    def copies_router(self, co: dict) -> list[str]:
+        r = co["router"]
+        return (_row("router trained on the copies", r, r["vs_best_copy"], "vs best copy: ")
+                + [f"\nMoQE's gain minus the copies router's gain: {_test_text(co['moqe_vs_copies'])}"])
+
+    def no_copies(self) -> list[str]:
+        return ["\nNo copies control (none built, or the data are not the build's stored splits)."]
+
+    def cost_matched(self, cm: dict) -> list[str]:
+        return [f"Cost-matched: MoQE at {cm['moqe_expected_cost']:.2f} expected weight bits − {cm['cheaper']} / "
+                f"{cm['costlier']} interpolated: {_test_text(cm['moqe_minus_interpolated'])}"]
+
+    def cost_not_applicable(self, cm: dict) -> list[str]:
+        return [f"Cost-matched: not applicable ({cm['reason']})."]
+
+
+def _controls_markdown(ctl: dict) -> list[str]:
     if not ctl:
         return []
-    d = lambda t: f"{t['diff']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}], p = {t['p_value']:.3g}"  # noqa: E731
-    L = ["", "| control | perplexity | 95% CI | − best single (mean NLL) [95% CI], p |", "|---|---:|---|---|"]
-    L.append(f"| random router (MoQE's usage, shuffled) | {fmt(ctl['random_router'])} | {d(ctl['random_router']['vs_best'])} |")
-    if ctl.get("mixture"):
-        mx = ctl["mixture"]
-        L.append(f"| output-averaging mixture (runs all {mx['cost_experts_run']} experts) | {fmt(mx)} | {d(mx['vs_best'])} |")
-    co = ctl.get("copies_oracle")
-    if co:
-        L.append(f"| oracle of {co['copies']} copies of {co['of']} | {fmt(co)} | vs best copy: {d(co['oracle_gain'])} |")
-        if co.get("router"):
-            L.append(f"| router trained on the copies | {fmt(co['router'])} | vs best copy: {d(co['router']['vs_best_copy'])} |")
-            L.append(f"\nMoQE's gain minus the copies router's gain: {d(co['moqe_vs_copies'])}")
-    else:
-        L.append("\nNo copies control (none built, or the data are not the build's stored splits).")
-    cm = ctl.get("cost_matched") or {}
-    if cm.get("applicable"):
-        L.append(f"Cost-matched: MoQE at {cm['moqe_expected_cost']:.2f} expected weight bits − {cm['cheaper']} / "
-                 f"{cm['costlier']} interpolated: {d(cm['moqe_minus_interpolated'])}")
-    elif cm:
-        L.append(f"Cost-matched: not applicable ({cm['reason']}).")
-    return L
+    return (["", "| control | perplexity | 95% CI | − best single (mean NLL) [95% CI], p |", "|---|---:|---|---|"]
+            + controls_markdown(ctl, _ControlsText()))
 
 
 def render_lm_markdown(report: dict, title: str = "") -> str:
@@ -173,7 +172,7 @@ def render_lm_markdown(report: dict, title: str = "") -> str:
         lines.append(f"\n**{name}** (n = {b['n']} windows; best single expert on router_val: {report['best_expert']})\n")
         lines.append("| model | perplexity | 95% CI | KL to FP | FP top-1 agree | usage (router / oracle) |")
         lines.append("|---|---:|---|---:|---:|---|")
-        fmt = lambda r: f"{r['ppl']:.3f} | [{r['ppl_ci95'][0]:.3f}, {r['ppl_ci95'][1]:.3f}]"  # noqa: E731
+        fmt = _ppl_cells
         lines.append(f"| FP | {fmt(b['fp'])} | 0 | 1 | |")
         for e, r in b["experts"].items():
             kl = f"{r['kl_to_fp']:.4g}" if "kl_to_fp" in r else ""
@@ -186,5 +185,23 @@ def render_lm_markdown(report: dict, title: str = "") -> str:
         lines.append(f"\nMoQE − best (mean token NLL): {t['diff']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}], "
                      f"paired bootstrap p = {t['p_value']:.3g}; oracle headroom captured {cap}; "
                      f"router = oracle on {b['router_accuracy']:.2f} of windows")
-        lines += _controls_markdown(b.get("controls") or {}, fmt)
+        lines += _controls_markdown(b.get("controls") or {})
     return "\n".join(lines)
+
+
+def gate_decision(val: dict, alpha: float, force: bool) -> dict:
+    """``router.gate`` from the router_val split report (:func:`moqe_compile.gate.decide`).
+
+    The metric is mean token NLL (lower is better), so the gains are negated differences; the
+    copies bar is the copies router's gain over the best copy, else the copies oracle's
+    headroom. ``test`` keeps the whole paired test of MoQE vs the best single expert."""
+    o = val["overall"]
+    t = o["moqe_vs_best"]
+    co = (o.get("controls") or {}).get("copies_oracle")
+    copies_gain = kind = None
+    if co and co.get("router"):
+        copies_gain, kind = -float(co["router"]["vs_best_copy"]["diff"]), "copies router"
+    elif co:
+        copies_gain, kind = -float(co["oracle_gain"]["diff"]), "copies oracle headroom"
+    best = Comparison(val["best_expert"], -float(t["diff"]), float(t["p_value"]))
+    return {**decide(best, alpha, force, "mean_nll", copies_gain, kind), "test": t}

@@ -1,5 +1,5 @@
 """Language models: run the FP decoder and every expert over token windows -> per-sequence loss
-matrix (mean next-token NLL, DESIGN.md §1) plus per-sequence KL(FP || expert) and top-1 agreement.
+matrix (mean next-token NLL, docs/design.md#the-loss-matrix) plus per-sequence KL(FP || expert) and top-1 agreement.
 
 numpy + onnxruntime only: the runtime and ``moqe-compile eval`` score with this same code.
 Sequences run one at a time: dynamic W8A8 experts quantize activations per tensor, so a
@@ -14,10 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+from moqe_compile.evaluate.losses import log_softmax
 
 
 class DecoderSession:
@@ -60,7 +57,7 @@ class DecoderSession:
 
 def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """(B, T-1) next-token negative log-likelihood."""
-    lp = _log_softmax(logits[:, :-1])
+    lp = log_softmax(logits[:, :-1], dtype=None)
     return -np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0]
 
 
@@ -95,13 +92,13 @@ def score_windows(fp: DecoderSession, experts: list[DecoderSession], ids: np.nda
         fl = fp.logits(x)
         # float32 throughout: a 256-token window is 12.6 M logits for SmolLM2, and float64 here
         # cost about as much as the expert's forward pass on 2 cores.
-        flp = _log_softmax(fl[:, :-1])
+        flp = log_softmax(fl[:, :-1], dtype=None)
         fp_top = flp.argmax(-1)
         nll[i] = -np.take_along_axis(flp, x[:, 1:, None], -1).mean()
         p = np.exp(flp)
         tgt = []
         for j, e in enumerate(experts):
-            elp = _log_softmax(e.logits(x)[:, :-1])
+            elp = log_softmax(e.logits(x)[:, :-1], dtype=None)
             t = np.take_along_axis(elp, x[:, 1:, None], -1)[..., 0].astype(np.float64)
             loss[i, j] = -t.mean()
             if j < m:

@@ -13,8 +13,7 @@ import numpy as np
 from moqe_compile.errors import BuildError
 from moqe_compile.tasks.causal_lm.config import TASK
 from moqe_compile.tasks.causal_lm.data import build_text_splits
-from moqe_compile.tasks.causal_lm.pipeline import gate_decision
-from moqe_compile.tasks.causal_lm.report import lm_split_report
+from moqe_compile.tasks.causal_lm.report import gate_decision, lm_split_report
 from moqe_compile.tasks.causal_lm.score import DecoderSession, LMScores, score_windows
 
 SCORED = ("router_train", "router_val", "test")
@@ -235,7 +234,7 @@ class LMSteps:
                                                   self.splits[s].corpus, sc.kl, sc.agree, mix=sc.mix,
                                                   copies=self._copies_for(s), costs=self.costs,
                                                   val_loss=self.val_loss)
-        self.gate = gate_decision(report["splits"]["router_val"]["overall"], self.cfg.gate.p_value,
+        self.gate = gate_decision(report["splits"]["router_val"], self.cfg.gate.p_value,
                                   self.cfg.gate.force_routing)
         report["gate"] = self.gate
         for e in self.experts:

@@ -44,6 +44,6 @@ def inspect(bundle) -> str:
 
 
 def evaluate(args) -> int:
-    from moqe_compile.cli.eval import cmd_eval
+    from moqe_compile.tasks.image.eval import cmd_eval
 
     return cmd_eval(args)

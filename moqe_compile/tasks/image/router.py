@@ -141,7 +141,7 @@ def predict_probs(core: CVRouterCore, xs: torch.Tensor, batch: int = 256) -> np.
 
 def kl_to_fp_matrix(fp_logits: np.ndarray, expert_logits: np.ndarray) -> np.ndarray:
     """(N, K) per-sample KL(p_fp || p_k) from scored logits ((N, C) and (K, N, C))."""
-    from moqe_compile.tasks.image.score import sample_losses
+    from moqe_compile.evaluate.losses import sample_losses
 
     return np.stack([sample_losses(e, fp_logits, None, "fp") for e in expert_logits], axis=1)
 

@@ -11,19 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def sample_losses(logits: np.ndarray, fp_logits: np.ndarray, labels: np.ndarray | None, targets: str) -> np.ndarray:
-    lp = log_softmax(logits)
-    if targets == "labels":
-        return -lp[np.arange(len(lp)), labels]
-    lq = log_softmax(fp_logits)
-    return (np.exp(lq) * (lq - lp)).sum(axis=-1)
+from moqe_compile.evaluate.losses import sample_losses
 
 
 def expert_metrics(logits: np.ndarray, fp_logits: np.ndarray, labels: np.ndarray | None) -> dict:

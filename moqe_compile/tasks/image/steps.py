@@ -10,18 +10,20 @@ import numpy as np
 
 from moqe_compile.backends import OrtCpuSession
 from moqe_compile.errors import ConfigError
-from moqe_compile.evaluate.controls import CONTROLS_FILE, Copies, copy_recipe, expert_cost, gate_decision, strongest_expert
-from moqe_compile.evaluate.report import build_split_report, flat_metrics
+from moqe_compile.evaluate.controls import CONTROLS_FILE, Copies, copy_recipe, expert_cost, strongest_expert
+from moqe_compile.evaluate.losses import sample_losses
+from moqe_compile.evaluate.report import flat_metrics
 from moqe_compile.quantize import prepare_for_quantization
 from moqe_compile.router.fallback import apply_fallback, choose_fallback
 from moqe_compile.tasks.image.data import SPLITS, build_splits, calibration_inputs, num_sources
-from moqe_compile.tasks.image.eval_data import EVAL_SPLITS, save_eval_data
+from moqe_compile.tasks.image.eval import EVAL_SPLITS, save_eval_data
 from moqe_compile.tasks.image.experts import build_expert
 from moqe_compile.tasks.image.model import load_fp_model, write_labels
 from moqe_compile.tasks.image.preprocess import Preprocess
+from moqe_compile.tasks.image.report import build_split_report, gate_decision
 from moqe_compile.tasks.image.router import kl_to_fp_matrix, predict_probs, small_inputs, train_router
 from moqe_compile.tasks.image.router_export import export_router
-from moqe_compile.tasks.image.score import diversity, run_batched, sample_losses, score
+from moqe_compile.tasks.image.score import diversity, run_batched, score
 
 SCORED = SPLITS[1:]  # every split but calibration
 

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from moqe_compile.evaluate.report import build_split_report, flat_metrics, to_markdown, write_plots
-from moqe_compile.tasks.image.score import sample_losses
+from moqe_compile.evaluate.losses import sample_losses
+from moqe_compile.evaluate.report import flat_metrics
+from moqe_compile.tasks.image.report import build_split_report, to_markdown, write_plots
 
 NAMES = ["a", "b", "c"]
 
@@ -140,7 +141,6 @@ def test_few_independent_units_warn():
 
 
 def test_random_router_control_keeps_usage_and_loses_input_information():
-    from moqe_compile.evaluate.report import build_split_report
 
     rng = np.random.default_rng(0)
     n, c = 400, 3

@@ -8,7 +8,7 @@ import pytest
 
 from moqe_compile.bundle import read_bundle
 from moqe_compile.cli import main as compile_cli
-from moqe_compile.tasks.image.eval_data import load_eval_data
+from moqe_compile.tasks.image.eval import load_eval_data
 
 KEYS = {"fp", "experts", "best_expert", "oracle", "moqe", "moqe_vs_best", "moqe_vs_best_loss",
         "router_accuracy_vs_oracle", "usage", "oracle_usage", "n", "metric", "latency", "runtime_check"}

@@ -1,6 +1,7 @@
-"""Significance-gated routing, both branches, end to end through ``build``.
+"""The significance gate: its rule on plain numbers (boundaries included), each task's
+adapter, and both branches end to end through the image ``build``.
 
-The experts' outputs are constructed (the pipeline's ``score`` is replaced) so that the
+The experts' outputs are constructed (the build's ``score`` step is replaced) so that the
 answer is known: in one case each expert is exact on one router-visible input region (red or
 blue images) and wrong elsewhere, so routing must win and be kept; in the other the experts
 are perturbed copies of FP with independent noise, so routing must be refused. The router,
@@ -18,10 +19,12 @@ from moqe_compile.build import build
 from moqe_compile.tasks.image import steps
 from moqe_compile.cli.inspect import render
 from moqe_compile.tasks.image.config import ControlsConfig, ExpertRecipe, RouterConfig
-from moqe_compile.evaluate.controls import gate_decision
-from moqe_compile.tasks.image.score import Scores, sample_losses
+from moqe_compile.evaluate.losses import sample_losses
+from moqe_compile.gate import Comparison, decide, significant
+from moqe_compile.tasks.image.report import gate_decision
+from moqe_compile.tasks.image.score import Scores
 
-from ..conftest import CROP, NUM_CLASSES, tiny_config
+from .conftest import CROP, NUM_CLASSES, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +172,36 @@ def test_gate_also_needs_the_best_single_expert_on_the_metric():
     assert gate_decision(rep, 0.05, force=False)["decision"] == "routed"
 
 
-def test_cost_matched_uses_the_best_mix_not_the_best_on_each_side():
-    from moqe_compile.evaluate.report import frontier_pair
+def test_p_equal_to_alpha_is_refused():
+    """Strictly below alpha: a p-value on the threshold does not pass (``<``, never ``<=``)."""
+    assert not significant(0.05, 0.05) and significant(0.0499, 0.05) and not significant(None, 0.05)
+    at = decide(Comparison("e", 0.02, 0.05), 0.05, force=False, metric="top1")
+    assert at["decision"] == "single" and "p = 0.05 >= 0.05" in at["reason"]
+    below = decide(Comparison("e", 0.02, 0.04999), 0.05, force=False, metric="top1")
+    assert below["decision"] == "routed" and "no copies control was built" in below["reason"]
 
-    # w2-all at 2.000 bits, w2-hp-stem at 2.011 (as good as MoQE), w2-hp-stage1 at 4.27 (lowest
-    # loss): at an expected 2.010 bits the matched single-expert mix is w2-all/w2-hp-stem.
-    names, costs = ["all", "stem", "stage1"], [2.0, 2.011, 4.27]
-    lo, hi, w = frontier_pair(names, costs, 2.010, {"all": 0.897, "stem": 0.907, "stage1": 0.909})
-    assert (lo, hi) == ("all", "stem") and w == pytest.approx(1 / 11)
+
+def test_gain_must_strictly_exceed_zero_and_the_copies_bar():
+    assert decide(Comparison("e", 0.0, 0.01), 0.05, False, "top1")["decision"] == "single"
+    tie = decide(Comparison("e", 0.02, 0.01), 0.05, False, "top1", copies_gain=0.02, copies_control="copies router")
+    assert tie["decision"] == "single" and "copies router" in tie["reason"]
+    above = decide(Comparison("e", 0.02, 0.01), 0.05, False, "top1", copies_gain=0.0199, copies_control="copies router")
+    assert above["decision"] == "routed" and above["copies_val_gain"] == 0.0199
+
+
+def test_headline_expert_needs_a_significant_win_too():
+    head_at_alpha = Comparison("stem", 0.01, 0.05)
+    g = decide(Comparison("e", 0.02, 0.01), 0.05, False, "top1", headline=head_at_alpha)
+    assert g["decision"] == "single" and "stem" in g["reason"]
+    no_test = decide(Comparison("e", 0.02, 0.01), 0.05, False, "top1", headline=Comparison("stem", 0.01, None))
+    assert no_test["decision"] == "single" and "p = n/a" in no_test["reason"]
+    same = decide(Comparison("e", 0.02, 0.01), 0.05, False, "top1", headline=Comparison("e", 0.02, 0.01))
+    assert same["decision"] == "routed"
+
+
+def test_gate_keys_and_forcing():
+    g = decide(Comparison("e", -0.01, 0.5), 0.05, True, "mean_nll")
+    assert set(g) == {"decision", "p_value", "val_gain", "metric", "threshold", "copies_val_gain", "copies_control",
+                      "reason", "forced", "split"}
+    assert g["decision"] == "routed" and g["forced"] and g["reason"].startswith("forced by --force-routing")
+    assert "nats/token" in g["reason"] and g["split"] == "router_val"

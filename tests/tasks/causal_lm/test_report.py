@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moqe_compile.tasks.causal_lm.report import lm_split_report, render_lm_markdown
-from moqe_compile.tasks.causal_lm.pipeline import gate_decision
+from moqe_compile.tasks.causal_lm.report import gate_decision, lm_split_report, render_lm_markdown
 
 
 def _case(n=300, seed=0):
@@ -70,15 +69,17 @@ def _val(route_gain: bool, copies_route):
     closs = loss[:, :1] + 0.2 * np.stack([np.arange(n) % 2, 1 - np.arange(n) % 2], 1) + rng.normal(0, 0.01, (n, 2))
     cr = closs.argmin(1) if copies_route == "oracle" else np.zeros(n, np.int64)
     copies = {"of": "a", "names": ["c0", "c1"], "best": 0, "loss": closs, "route": cr}
-    return lm_split_report(fp, loss, ["a", "b"], route, 0, corpus, n_boot=500, copies=copies)["overall"]
+    return lm_split_report(fp, loss, ["a", "b"], route, 0, corpus, n_boot=500, copies=copies)
 
 
 def test_gate_needs_a_significant_gain_beyond_the_copies_router():
     assert gate_decision(_val(True, "none"), 0.05, False)["decision"] == "routed"
     no_gain = gate_decision(_val(False, "none"), 0.05, False)
-    assert no_gain["decision"] == "single-expert" and not no_gain["forced"]
+    assert no_gain["decision"] == "single" and not no_gain["forced"]
     # The copies router gains as much from calibration noise alone: routing refused.
     noise = gate_decision(_val(True, "oracle"), 0.05, False)
-    assert noise["decision"] == "single-expert" and "copies router" in noise["reason"]
+    assert noise["decision"] == "single" and "copies router" in noise["reason"]
     forced = gate_decision(_val(False, "none"), 0.05, True)
     assert forced["decision"] == "routed" and forced["forced"]
+    assert set(forced) >= {"decision", "forced", "p_value", "val_gain", "metric", "threshold", "copies_val_gain",
+                           "copies_control", "reason", "test", "split"} and forced["metric"] == "mean_nll"
