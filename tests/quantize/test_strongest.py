@@ -12,7 +12,7 @@ from moqe_compile.tasks.image.config import EXPERT_PRESETS, STRONGEST_PRESETS, E
 from moqe_compile.errors import ConfigError
 from moqe_compile.quantize import check_qdq
 from moqe_compile.quantize.graph import run_with_outputs, weight_layers
-from moqe_compile.quantize.gptq import Hessian, gptq_round
+from moqe_compile.quantize.gptq import LayerHessian, gptq_round
 from moqe_compile.quantize.sequential import fit_activation_mse
 from moqe_compile.quantize.weights import channel_scales, dequantize, quantize_nearest
 
@@ -32,7 +32,7 @@ def test_gptq_conv_beats_nearest_on_layer_output_and_stays_on_grid():
     x = _correlated(32, 4, 10)
     attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
     s = channel_scales(w, 7, "mse")
-    h = Hessian("Conv", attrs, w.shape)
+    h = LayerHessian("Conv", attrs, w.shape)
     h.add(x[:16])
     h.add(x[16:])
     q_g = gptq_round(w, s, 7, h)
@@ -51,7 +51,7 @@ def test_gptq_conv_beats_nearest_on_layer_output_and_stays_on_grid():
 def test_gptq_with_white_inputs_is_nearest_rounding():
     # H = c I: no column's error can be compensated by another, so GPTQ must equal nearest.
     w = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
-    h = Hessian("Gemm", {}, w.shape)
+    h = LayerHessian("Gemm", {}, w.shape)
     h.add(np.eye(5, dtype=np.float32))
     s = channel_scales(w, 7, "minmax")
     np.testing.assert_array_equal(gptq_round(w, s, 7, h, damp=0.01), quantize_nearest(w, s, 7))
@@ -64,7 +64,7 @@ def test_gptq_grouped_conv_uses_each_groups_own_inputs():
     x = _correlated(16, 3, 8, seed=2)
     x[:, 1] = 0
     attrs = {"pads": [1, 1, 1, 1], "group": 3}
-    h = Hessian("Conv", attrs, w.shape)
+    h = LayerHessian("Conv", attrs, w.shape)
     h.add(x)
     assert h.H.shape == (3, 9, 9) and float(h.H[1].abs().max()) == 0.0
     s = channel_scales(w, 7, "minmax")
@@ -140,7 +140,7 @@ def test_output_mse_clip_search_is_never_worse_than_any_candidate_per_channel():
     rng = np.random.default_rng(4)
     w = rng.standard_t(3, size=(8, 4, 3, 3)).astype(np.float32)  # heavy tails: clipping matters
     x = _correlated(24, 4, 8, seed=4)
-    h = Hessian("Conv", {"pads": [1, 1, 1, 1]}, w.shape)
+    h = LayerHessian("Conv", {"pads": [1, 1, 1, 1]}, w.shape)
     h.add(x)
     cands = clip_candidates(w, 7)
     q, s = gptq_clip_search(w, 7, h, cands)

@@ -85,7 +85,9 @@ def build_lm(cfg: LMBuildConfig, out: str | Path, quiet: bool = False) -> Path:
     from moqe_compile.tasks.causal_lm.moe import find_moe, gate_nodes
     from moqe_compile.tasks.causal_lm.moe_bits import build_moe_expert
     from moqe_compile.tasks.image.pipeline import _versions
-    from moqe_compile.quantize.nbits import awq, check_kernels, quantize_onnx, smoothquant
+    from moqe_compile.quantize.nbits import check_kernels
+    from moqe_compile.tasks.causal_lm.experts import quantize_onnx
+    from moqe_compile.tasks.causal_lm.smoothing import awq, smoothquant
     from moqe_compile.tasks.causal_lm.router import NLPRouter, export_nlp_router, train_nlp_router
 
     t_start = time.perf_counter()

@@ -1,5 +1,5 @@
 """Expert-wise bits for sparse MoE models without a build: layouts found, criteria, widths per
-layer, controls, the gate-norm fallback, torch fake-quant (quantize/moe_bits.py, models/moe.py)."""
+layer, controls, the gate-norm fallback, torch fake-quant (tasks/causal_lm/moe_bits.py, moe.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from moqe_compile.tasks.causal_lm.moe_bits import (  # noqa: E402
     width_counts,
 )
 
-from .moe_tiny import LAYOUTS, make_tiny_moe  # noqa: E402
+from ...lm.moe_tiny import LAYOUTS, make_tiny_moe  # noqa: E402
 
 
 @pytest.mark.parametrize(("avg", "widths", "counts"), [
