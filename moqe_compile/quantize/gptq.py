@@ -140,7 +140,7 @@ class GroupGrid(ChannelGrid):
     def __init__(self, bits: int, group: int, symmetric: bool, rows: tuple, cols: int, dtype):
         self.group, self.symmetric, self.qmax = group, symmetric, 2 ** (bits - 1) - 1
         self.lo, self.hi = (-self.qmax, self.qmax) if symmetric else (0, 2**bits - 1)
-        self.s = self.z = torch.zeros(rows, dtype=dtype)
+        self.s, self.z = torch.zeros(rows, dtype=dtype), torch.zeros(rows, dtype=dtype)
         self.S = torch.zeros(*rows, cols // group, dtype=dtype)
         self.Z = torch.zeros_like(self.S)
 
