@@ -1,4 +1,5 @@
-"""Experts: calibration recipes -> per-backend Q/DQ graphs, and graph checks."""
+"""Task-free ONNX quantization passes taking plain parameters: calibration, Q/DQ graphs per
+backend, weight rounding (nearest, AdaRound, GPTQ), MatMulNBits, and graph checks."""
 
 from moqe_compile.quantize.calibrate import calibrate_ranges, prepare_for_quantization
 from moqe_compile.quantize.check import check_qdq, count_integer_kernels

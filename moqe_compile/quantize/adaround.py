@@ -19,7 +19,7 @@ def _h(v: torch.Tensor) -> torch.Tensor:
 
 def _layer_fn(op: str, attrs: dict, in_shape: tuple):
     if op == "Gemm":
-        return lambda x, w, b: F.linear(x, w, b)
+        return F.linear
     strides = tuple(attrs.get("strides", [1, 1]))
     dil = tuple(attrs.get("dilations", [1, 1]))
     group = int(attrs.get("group", 1))
@@ -53,7 +53,7 @@ def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, sc
                   / (1 - ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)))
     V = V.clone().requires_grad_(True)
     opt = torch.optim.Adam([V], lr=lr)
-    lo = -qmax - 1 if qmax != 63 else -64
+    lo = -qmax - 1
     with torch.no_grad():
         target_all = fn(X, W, B)
     for it in range(iters):

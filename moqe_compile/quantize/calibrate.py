@@ -1,8 +1,8 @@
 """Activation-range calibration with ``onnxruntime.quantization`` calibrators.
 
 We drive ``create_calibrator`` ourselves instead of letting ``quantize_static`` do it
-because (DESIGN.md section 3) through ``quantize_static`` the Entropy method keeps its
-128-bin default and lands on MinMax's scales; here ``num_bins`` comes from the recipe.
+because through ``quantize_static`` the Entropy method keeps its 128-bin default and lands on
+MinMax's scales (docs/design.md#calibration); here ``num_bins`` is the caller's.
 Data are fed in chunks so the calibrator never holds every intermediate tensor of the
 whole calibration set at once (MobileNetV2: ~30 MB per image).
 """
@@ -19,7 +19,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, c
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from moqe_compile.tasks.image.config import ExpertRecipe
+from moqe_compile.errors import ConfigError
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -88,20 +88,30 @@ def prepare_for_quantization(fp_path: Path, out: Path) -> Path:
     return out
 
 
-def calibrate_ranges(model: Path, input_name: str, x: np.ndarray, recipe: ExpertRecipe, out_json: Path,
-                     chunk: int = 16) -> Path:
-    """Collect activation ranges for ``recipe`` over ``x``; save them as ORT's calibration cache JSON."""
-    method = METHODS[recipe.calibration]
+def calibrator_options(method: str, symmetric: bool, num_bins: int, percentile: float) -> dict:
+    """``extra_options`` of ORT's ``create_calibrator`` for ``method``."""
+    if method not in METHODS:
+        raise ConfigError(f"calibration method {method!r} is not one of {sorted(METHODS)}.")
     # MSE needs ORT's signed-value histograms (the symmetric collector keeps |x| only).
-    extra: dict = {"symmetric": recipe.symmetric_activations and recipe.calibration != "mse"}
-    if recipe.calibration in ("percentile", "entropy", "mse"):
-        extra["num_bins"] = recipe.num_bins
-    if recipe.calibration == "percentile":
-        extra["percentile"] = recipe.percentile
+    extra: dict = {"symmetric": symmetric and method != "mse"}
+    if method in ("percentile", "entropy", "mse"):
+        extra["num_bins"] = num_bins
+    if method == "percentile":
+        extra["percentile"] = percentile
+    return extra
+
+
+def calibrate_ranges(model: Path, input_name: str, x: np.ndarray, out_json: Path, method: str = "minmax",
+                     symmetric: bool = False, num_bins: int = 2048, percentile: float = 99.999,
+                     chunk: int = 16) -> Path:
+    """Collect activation ranges over ``x`` by ``method`` (one of ``METHODS``); save them as
+    ORT's calibration cache JSON. ``symmetric``: ranges symmetric around 0; ``num_bins``: the
+    histogram methods' bins; ``percentile``: the percentile method's cut."""
+    extra = calibrator_options(method, symmetric, num_bins, percentile)
     with tempfile.TemporaryDirectory(prefix="moqe-calib-") as tmp:
         cal = create_calibrator(
             str(model), None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=method, extra_options=extra,
+            calibrate_method=METHODS[method], extra_options=extra,
         )
         # One batch per collect_data call: ORT's histogram collector stacks the batches of
         # one call with np.asarray and fails on a ragged last batch. Its progress prints
@@ -109,9 +119,9 @@ def calibrate_ranges(model: Path, input_name: str, x: np.ndarray, recipe: Expert
         with contextlib.redirect_stdout(io.StringIO()):
             for start in range(0, len(x), chunk):
                 cal.collect_data(ArrayReader(input_name, x[start : start + chunk], batch=chunk))
-            if recipe.calibration == "mse":
-                ranges = TensorsData(method, mse_ranges(cal.collector.histogram_dict,
-                                                        asymmetric=not recipe.symmetric_activations))
+            if method == "mse":
+                ranges = TensorsData(METHODS[method], mse_ranges(cal.collector.histogram_dict,
+                                                                 asymmetric=not symmetric))
             else:
                 ranges = cal.compute_data()
         del cal

@@ -9,15 +9,14 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
+from moqe_compile.backends.onnxruntime_cpu import optimized_model_bytes
 from moqe_compile.errors import ConfigError
 
 FLOAT_COMPUTE = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
@@ -26,14 +25,9 @@ INT_COMPUTE = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvIn
 TARGETS = ("onnxruntime-cpu", "tensorrt")
 
 
-def optimized_graph(model: Path, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED) -> onnx.ModelProto:
-    """The graph ORT CPU executes after its (extended, machine-independent) optimizations."""
-    with tempfile.TemporaryDirectory(prefix="moqe-opt-") as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = level
-        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-        return onnx.load(so.optimized_model_filepath)
+def optimized_graph(model: Path, optimization: str = "extended") -> onnx.ModelProto:
+    """The graph ORT CPU executes after its (by default extended, machine-independent) optimizations."""
+    return onnx.load_from_string(optimized_model_bytes(model, optimization))
 
 
 def optimized_op_counts(model: Path) -> Counter:
@@ -57,10 +51,6 @@ def _check_ort_cpu(model: Path, allow_float: int) -> tuple[list[str], dict]:
     return bad, kernels
 
 
-def _const(inits: dict, name: str):
-    return inits.get(name)
-
-
 def _check_tensorrt(model: Path) -> list[str]:
     m = onnx.load(str(model))
     bad = []
@@ -76,8 +66,8 @@ def _check_tensorrt(model: Path) -> list[str]:
         bad.append("no QuantizeLinear/DequantizeLinear nodes: not a Q/DQ model")
     for n in qdq:
         who = f"node {n.name or n.output[0]!r} ({n.op_type})"
-        scale = _const(inits, n.input[1])
-        zp = _const(inits, n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        scale = inits.get(n.input[1])
+        zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
         if n.domain not in ("", "ai.onnx"):
             bad.append(f"{who}: domain {n.domain!r}, TensorRT needs standard ONNX Q/DQ")

@@ -1,24 +1,69 @@
-"""GPTQ-style error-feedback weight rounding (Frantar et al., 2023) for Conv/Gemm layers of a
-Q/DQ CNN, ours: the GPTQ implementations that exist (AutoGPTQ, GPTQModel, llm-compressor,
-ORT's ``matmul_nbits_quantizer``) target transformer Linear/MatMul weights with their own
-group-wise scales and 4-bit packed kernels; none rounds Conv weights under fixed per-channel
-scales that ORT's Q/DQ insertion must reproduce exactly. Here the scales are fixed beforehand
-(the MSE clip) and only the integers change, so the result stays an ordinary Q/DQ graph.
+"""GPTQ error-feedback weight rounding (Frantar et al., 2023): one core, two front ends.
 
-For a layer y = W x, GPTQ quantizes W column by column (input features, Conv weights as
-im2col rows) and pushes each column's rounding error onto the not-yet-quantized columns,
-weighted by the inverse Hessian of the layer's squared output error, H = X^T X over the
-layer's inputs on calibration data. X is the *quantized* stream (the layer's input in the
-partially quantized graph), so the rounding compensates for the errors upstream too.
+For a layer y = W x, GPTQ quantizes W column by column (input features) and pushes each
+column's rounding error onto the not-yet-quantized columns, weighted by the inverse Hessian of
+the layer's squared output error, H = X^T X over the layer's inputs on calibration data.
+The core (:class:`Hessian`, :func:`gptq_quantize`) has one Hessian accumulation, one damping
+rule and one column loop; the front ends differ only in the grid a column is rounded to:
+
+- **Per output channel, fixed scales** (:func:`gptq_round`, :func:`gptq_clip_search`): Conv
+  and Gemm weights of a Q/DQ CNN (Conv weights as im2col rows, one Hessian per conv group).
+  The scales are fixed beforehand (the MSE clip) and only the integers change, so the result
+  stays an ordinary Q/DQ graph that ORT's Q/DQ insertion reproduces exactly. The GPTQ
+  libraries that exist (AutoGPTQ, GPTQModel, llm-compressor, ORT's ``matmul_nbits_quantizer``)
+  target transformer MatMul weights with their own group-wise scales and packed kernels; none
+  rounds Conv weights under fixed per-channel scales. X is the *quantized* stream (the
+  layer's input in the partially quantized graph), so the rounding compensates for the errors
+  upstream too (``sequential.py``).
+- **Blockwise, scales fitted per group** (:func:`gptq_blockwise`, :func:`gptq_onnx`): the
+  constant-weight MatMuls of an ONNX decoder, written as ``com.microsoft.MatMulNBits`` (ORT's
+  layout: B uint8 [N, blocks, block_size * bits / 8], scales [N * blocks], default zero point
+  2^(bits-1)). Each group of ``block_size`` input channels gets its scale from the
+  error-updated weights when its first column comes up. Ours rather than ORT's
+  ``GPTQWeightOnlyQuantConfig``, which runs the whole model over the calibration set once per
+  distinct MatMul input: :func:`collect_hessians` gathers every MatMul input in *one* pass per
+  calibration window (all added as graph outputs). The weights go straight into MatMulNBits
+  nodes: ORT's RTN quantizer would recompute the scales and re-round the GPTQ weights.
+  Hessians come from the FP model (as ORT's GPTQ does), not from the partially quantized one.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from moqe_compile.errors import BuildError
+
+LAZY_COLUMNS = 32
+
+
+# ---------------------------------------------------------------- Hessians
+
+class Hessian:
+    """Accumulates H_g = sum over rows of x_g x_g^T per group g in float64, batch by batch.
+
+    Each batch's products are taken in the dtype of the rows it is given, so a caller can trade
+    precision for memory within a batch; the sum across batches is always float64."""
+
+    def __init__(self, cols: int, groups: int = 1):
+        self.groups, self.cols = groups, cols
+        self.H = torch.zeros(groups, cols, cols, dtype=torch.float64)
+        self.rows = 0
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """``rows``: (R, groups, cols)."""
+        r = rows.permute(1, 0, 2).contiguous()  # (G, R, cols)
+        self.H += torch.bmm(r.transpose(1, 2), r).to(torch.float64)
+        self.rows += r.shape[1]
+
+    def mean(self) -> torch.Tensor:
+        """H / rows, (groups, cols, cols)."""
+        if self.rows == 0:
+            raise BuildError("GPTQ got no calibration rows for a layer (empty calibration data?).")
+        return self.H / self.rows
 
 
 def _conv_geometry(attrs: dict) -> tuple[tuple, tuple, list, int]:
@@ -30,79 +75,170 @@ def _conv_geometry(attrs: dict) -> tuple[tuple, tuple, list, int]:
     return strides, dil, pads, int(attrs.get("group", 1))
 
 
-class Hessian:
-    """Accumulates H_g = sum over rows of x_g x_g^T per group g (float64), batch by batch."""
+class LayerHessian(Hessian):
+    """The Hessian of a Conv (im2col rows, one per conv group) or Gemm (transB) layer's input."""
 
     def __init__(self, op: str, attrs: dict, w_shape: tuple):
         self.op, self.attrs = op, attrs
         if op == "Gemm":
-            self.groups, self.cols = 1, int(w_shape[1])
-        else:
-            if len(w_shape) != 4:
-                raise BuildError(f"GPTQ supports 2-D convolutions only; weight shape {tuple(w_shape)}.")
-            _, _, _, self.groups = _conv_geometry(attrs)
-            self.cols = int(np.prod(w_shape[1:]))  # (C_in / group) * kh * kw, channel-major as F.unfold
-        self.kernel = tuple(w_shape[2:]) if op == "Conv" else None
-        self.H = torch.zeros(self.groups, self.cols, self.cols, dtype=torch.float64)
-        self.rows = 0
+            super().__init__(int(w_shape[1]))
+            self.kernel = None
+            return
+        if len(w_shape) != 4:
+            raise BuildError(f"GPTQ supports 2-D convolutions only; weight shape {tuple(w_shape)}.")
+        _, _, _, groups = _conv_geometry(attrs)
+        super().__init__(int(np.prod(w_shape[1:])), groups)  # (C_in / group) * kh * kw, channel-major as F.unfold
+        self.kernel = tuple(w_shape[2:])
 
     def add(self, x: np.ndarray) -> None:
+        # float32 products within a batch (a few 10k im2col rows); float64 across batches.
         X = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if self.op == "Gemm":
-            rows = X.reshape(len(X), -1)[:, None, :]  # (R, 1, cols)
-        else:
-            strides, dil, pads, _ = _conv_geometry(self.attrs)
-            # ONNX pads = [top, left, bottom, right]; F.pad wants (left, right, top, bottom).
-            X = F.pad(X, (pads[1], pads[3], pads[0], pads[2]))
-            cols = F.unfold(X, self.kernel, dilation=dil, stride=strides)  # (N, C_in*kh*kw, L)
-            n, _, L = cols.shape
-            rows = cols.reshape(n, self.groups, self.cols, L).permute(0, 3, 1, 2).reshape(n * L, self.groups, self.cols)
-        # float32 products within a batch (a few 10k rows), float64 accumulation across batches.
-        r = rows.permute(1, 0, 2).contiguous()  # (G, R, cols)
-        self.H += torch.bmm(r.transpose(1, 2), r).to(torch.float64)
-        self.rows += len(r)
+            self.add_rows(X.reshape(len(X), -1)[:, None, :])
+            return
+        strides, dil, pads, _ = _conv_geometry(self.attrs)
+        # ONNX pads = [top, left, bottom, right]; F.pad wants (left, right, top, bottom).
+        X = F.pad(X, (pads[1], pads[3], pads[0], pads[2]))
+        cols = F.unfold(X, self.kernel, dilation=dil, stride=strides)  # (N, C_in*kh*kw, L)
+        n, _, L = cols.shape
+        self.add_rows(cols.reshape(n, self.groups, self.cols, L).permute(0, 3, 1, 2).reshape(n * L, self.groups,
+                                                                                             self.cols))
 
+
+# ---------------------------------------------------------------- grids
+
+class ChannelGrid:
+    """Fixed per-output-channel scales, codes in [-qmax - 1, qmax] (a Q/DQ int8 weight)."""
+
+    group = None
+    fits_scales = False
+
+    def __init__(self, scale: torch.Tensor, qmax: int):
+        self.s, self.z = scale, torch.zeros_like(scale)
+        self.lo, self.hi = -qmax - 1, qmax
+
+    def start(self, col: int, w: torch.Tensor) -> None:
+        """Scales are fixed: nothing to fit."""
+
+    def round(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, dequantized) of one column ``w`` (G, m)."""
+        q = torch.clamp(torch.round(w / self.s) + self.z, self.lo, self.hi)
+        return q, (q - self.z) * self.s
+
+
+class GroupGrid(ChannelGrid):
+    """Scales (and zero points when asymmetric) fitted on each group of ``group`` input
+    channels as its first column comes up, on the error-updated weights (MatMulNBits).
+
+    Symmetric: codes in [-(2^(b-1)-1), 2^(b-1)-1], scale = group absmax / that, no zero point.
+    Asymmetric (the GPTQ paper's default): codes in [0, 2^b - 1] over the group's [min, max]
+    (widened to include 0), zero point round(-min / scale); every level is used, so it fits
+    skewed groups better."""
+
+    fits_scales = True
+
+    def __init__(self, bits: int, group: int, symmetric: bool, rows: tuple, cols: int, dtype):
+        self.group, self.symmetric, self.qmax = group, symmetric, 2 ** (bits - 1) - 1
+        self.lo, self.hi = (-self.qmax, self.qmax) if symmetric else (0, 2**bits - 1)
+        self.s, self.z = torch.zeros(rows, dtype=dtype), torch.zeros(rows, dtype=dtype)
+        self.S = torch.zeros(*rows, cols // group, dtype=dtype)
+        self.Z = torch.zeros_like(self.S)
+
+    def start(self, col: int, w: torch.Tensor) -> None:
+        if self.symmetric:
+            self.s = (w.abs().amax(-1) / self.qmax).clamp_min(1e-10)
+        else:
+            lo, hi = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)
+            self.s = ((hi - lo) / self.hi).clamp_min(1e-10)
+            self.z = torch.round(-lo / self.s)
+        self.S[..., col // self.group], self.Z[..., col // self.group] = self.s, self.z
+
+
+# ---------------------------------------------------------------- the core
+
+def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, per group."""
+    k = H.shape[-1]
+    mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(dim=-1)
+    H = H + (damp * mean_diag)[:, None, None] * torch.eye(k, dtype=H.dtype)
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except RuntimeError as e:  # torch.linalg.LinAlgError derives from RuntimeError
+        raise BuildError(f"GPTQ: the layer Hessian is not positive definite even with damping {damp}; raise "
+                         f"gptq_damp or give more calibration data ({e}).") from e
+
+
+def _columns(W: torch.Tensor, Hinv: torch.Tensor, grid, lazy: int) -> torch.Tensor:
+    """The column loop on W (G, m, k), in lazy blocks: within a block each column's error
+    updates the block's remaining columns, the columns after it get the block's errors at once."""
+    G, m, k = W.shape
+    if grid.group and grid.group % lazy and lazy % grid.group:
+        lazy = grid.group  # a group must start at a block boundary or lie inside one block
+    Q = torch.zeros(G, m, k, dtype=torch.int32)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        W1, Err1, Hinv1 = W[:, :, i1:i2].clone(), torch.zeros(G, m, i2 - i1, dtype=W.dtype), Hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if grid.group and col % grid.group == 0:
+                # At a block start W holds every update so far; W1 would cut a group longer than the block.
+                grid.start(col, W[:, :, col : col + grid.group] if i == 0 else W1[:, :, i : i + grid.group])
+            q, deq = grid.round(W1[:, :, i])
+            Q[:, :, col] = q.to(torch.int32)
+            err = (W1[:, :, i] - deq) / Hinv1[:, i, i][:, None]
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]
+            Err1[:, :, i] = err
+        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+    return Q
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, act_order: bool = False,
+                  lazy: int = LAZY_COLUMNS) -> torch.Tensor:
+    """Integer codes (int32, (G, m, k)) of weights W (G, m, k) under Hessians H (G, k, k) on ``grid``.
+
+    Inputs that are always 0 on calibration data get a unit diagonal (H is singular there);
+    their weights are zeroed when the grid fits its scales on the weights (they would only
+    widen the grid), kept when the scales are fixed. ``damp`` adds damp * mean(diag H) to the
+    diagonal. ``act_order`` quantizes the columns with the largest diagonal first, so their
+    errors are the ones spread over the most remaining columns (fixed scales only: a fitted
+    grid needs its groups' columns in order)."""
+    if act_order and grid.fits_scales:
+        raise BuildError("GPTQ act_order needs fixed scales; a grid fitted per group needs its columns in order.")
+    # One torch thread: small LAPACK calls and many tiny per-column ops, where OpenMP threads
+    # only add barrier waits, pathologically so on a loaded machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _quantize(W.clone(), H.clone(), grid, damp, act_order, lazy)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quantize(W, H, grid, damp, act_order, lazy):
+    G, m, k = W.shape
+    dead = torch.diagonal(H, dim1=1, dim2=2) == 0
+    H[dead.unsqueeze(-1) & torch.eye(k, dtype=torch.bool)] = 1.0
+    if grid.fits_scales:
+        W[dead[:, None, :].expand(G, m, k)] = 0
+    if not act_order:
+        return _columns(W, _inverse_factor(H, damp), grid, lazy)
+    perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True)  # (G, k)
+    W = torch.gather(W, 2, perm[:, None, :].expand(G, m, k)).clone()
+    H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(G, k, k)), 2, perm[:, None, :].expand(G, k, k))
+    Q = _columns(W, _inverse_factor(H, damp), grid, lazy)
+    return torch.gather(Q, 2, torch.argsort(perm, dim=1)[:, None, :].expand(G, m, k))
+
+
+# ---------------------------------------------------------------- front end 1: per output channel (Q/DQ)
 
 def gptq_round(w: np.ndarray, scale: np.ndarray, qmax: int, hessian: Hessian, damp: float = 0.01,
                act_order: bool = True) -> np.ndarray:
-    """Integer weights (int32, shape of ``w``) on the fixed per-output-channel ``scale`` grid.
-
-    ``damp`` adds damp * mean(diag H) to the diagonal (H is singular wherever inputs are
-    collinear or dead); ``act_order`` quantizes the columns with the largest diagonal first,
-    so their errors are the ones spread over the most remaining columns.
-    """
-    if hessian.rows == 0:
-        raise BuildError("GPTQ got no calibration rows for a layer (empty calibration data?).")
-    lo = -qmax - 1 if qmax != 63 else -64
+    """Integer weights (int32, shape of ``w``) on the fixed per-output-channel ``scale`` grid."""
     G, k = hessian.groups, hessian.cols
     m = w.shape[0] // G
-    W = torch.from_numpy(w.reshape(G, m, k).astype(np.float64))  # (G, m, k)
-    S = torch.from_numpy(scale.astype(np.float64)).reshape(G, m)
-    H = hessian.H.clone() / hessian.rows
-    diag = torch.diagonal(H, dim1=1, dim2=2)
-    dead = diag == 0  # inputs that are always 0 (e.g. after ReLU): their weights never matter
-    H[dead.unsqueeze(-1) & torch.eye(k, dtype=torch.bool)] = 1.0
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True)  # (G, k)
-    else:
-        perm = torch.arange(k).expand(G, k)
-    W = torch.gather(W, 2, perm[:, None, :].expand(G, m, k)).clone()
-    H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(G, k, k)), 2, perm[:, None, :].expand(G, k, k))
-    mean_diag = torch.diagonal(H, dim1=1, dim2=2).mean(dim=1)
-    H = H + (damp * mean_diag)[:, None, None] * torch.eye(k, dtype=torch.float64)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except RuntimeError as e:  # torch.linalg.LinAlgError derives from RuntimeError
-        raise BuildError(f"GPTQ: the layer Hessian is not positive definite even with damp = {damp}: {e}") from e
-    Q = torch.zeros_like(W)
-    for i in range(k):
-        col = W[:, :, i]
-        q = torch.clamp(torch.round(col / S), lo, qmax)
-        Q[:, :, i] = q
-        err = (col - q * S) / Hinv[:, i, i][:, None]  # (G, m)
-        W[:, :, i:] -= err[:, :, None] * Hinv[:, None, i, i:]
-    inv = torch.argsort(perm, dim=1)
-    Q = torch.gather(Q, 2, inv[:, None, :].expand(G, m, k))
+    W = torch.from_numpy(w.reshape(G, m, k).astype(np.float64))
+    grid = ChannelGrid(torch.from_numpy(scale.astype(np.float64)).reshape(G, m), qmax)
+    Q = gptq_quantize(W, hessian.mean(), grid, damp, act_order)
     return Q.reshape(w.shape).numpy().astype(np.int32)
 
 
@@ -112,7 +248,7 @@ def row_errors(w: np.ndarray, q: np.ndarray, scale: np.ndarray, hessian: Hessian
     m = w.shape[0] // G
     E = torch.from_numpy((w.reshape(w.shape[0], -1).astype(np.float64)
                           - q.reshape(q.shape[0], -1) * scale.astype(np.float64)[:, None]).reshape(G, m, k))
-    return torch.einsum("gmk,gkl,gml->gm", E, hessian.H / hessian.rows, E).reshape(-1).numpy()
+    return torch.einsum("gmk,gkl,gml->gm", E, hessian.mean(), E).reshape(-1).numpy()
 
 
 def gptq_clip_search(w: np.ndarray, qmax: int, hessian: Hessian, candidates: list[np.ndarray],
@@ -123,7 +259,7 @@ def gptq_clip_search(w: np.ndarray, qmax: int, hessian: Hessian, candidates: lis
     Output channels are independent in GPTQ (error feedback runs along a row), so one GPTQ
     pass per candidate scores every channel at once. Choosing the clip by the *weight* MSE
     ignores that GPTQ's error feedback cannot compensate a clipped (saturated) weight; this
-    chooses it by what GPTQ minimizes (measured on Fashion-MNIST W4A8: README, issue 10)."""
+    chooses it by what GPTQ minimizes."""
     best_err = best_q = best_s = None
     for s in candidates:
         q = gptq_round(w, s, qmax, hessian, damp)
@@ -136,3 +272,103 @@ def gptq_clip_search(w: np.ndarray, qmax: int, hessian: Hessian, candidates: lis
         best_q[better] = q[better]
         best_s[better] = s[better]
     return best_q, best_s
+
+
+# ---------------------------------------------------------------- front end 2: blockwise (MatMulNBits)
+
+def gptq_blockwise(w_out_in, H, bits: int, group: int, damp: float = 0.01, lazy: int = LAZY_COLUMNS,
+                   symmetric: bool = True):
+    """GPTQ of W (N out, K in) given H (K, K), in float32: (integer codes int32 [N, K], scales
+    [N, K // group], zero points int32 [N, K // group] or None). K must be a multiple of
+    ``group`` (the caller pads). See :class:`GroupGrid` for the two grids."""
+    W = torch.as_tensor(np.array(w_out_in, dtype=np.float32))
+    N, K = W.shape
+    grid = GroupGrid(bits, group, symmetric, (1, N), K, torch.float32)
+    Q = gptq_quantize(W[None], torch.as_tensor(np.array(H, dtype=np.float32))[None], grid, damp, lazy=lazy)
+    zeros = None if symmetric else grid.Z[0].numpy().astype(np.int32)
+    return Q[0].numpy(), grid.S[0].numpy(), zeros
+
+
+def collect_hessians(fp_onnx: Path, feeds: list[dict], exclude: set[str] = frozenset(), progress=None) -> dict:
+    """{activation name: (H float64 [K, K] = X^T X / tokens, tokens)} for every constant-weight
+    MatMul input, from one run per feed with all of them added as graph outputs."""
+    import onnx
+
+    from moqe_compile.backends.onnxruntime_cpu import session
+    from moqe_compile.quantize.nbits import const_matmuls
+
+    model = onnx.load(str(fp_onnx))
+    nodes, _ = const_matmuls(model, exclude)
+    names = list(dict.fromkeys(n.input[0] for n in nodes))
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    sess = session(model.SerializeToString(), optimization="none", name="GPTQ Hessians")  # keep the named tensors
+    del model
+    hess: dict[str, Hessian] = {}
+    for feed in feeds:
+        for name, x in zip(names, sess.run(names, feed)):
+            rows = torch.from_numpy(x.reshape(-1, x.shape[-1]).astype(np.float64))
+            hess.setdefault(name, Hessian(rows.shape[-1])).add_rows(rows[:, None, :])
+        if progress is not None:
+            progress.update(1)
+    return {k: (h.mean()[0].numpy(), h.rows) for k, h in hess.items()}
+
+
+def _matmulnbits_node(g, node, W: np.ndarray, H: np.ndarray, bits: int, group: int, damp: float, symmetric: bool):
+    """A MatMulNBits node (and its initializers, added to ``g``) replacing MatMul ``node``."""
+    from onnx import helper, numpy_helper
+
+    from moqe_compile.quantize.nbits import pack_nbits
+
+    K, N = W.shape
+    pad = (-K) % group
+    if pad:  # padded input channels: zero weights, unit Hessian (no error to feed back)
+        W = np.pad(W, ((0, pad), (0, 0)))
+        H = np.pad(H, ((0, pad), (0, pad)))
+        H[K:, K:] = np.eye(pad)
+    q, s, z = gptq_blockwise(W.T, H, bits, group, damp, symmetric=symmetric)
+    B = pack_nbits(q.reshape(N, (K + pad) // group, group), bits, unsigned=not symmetric)
+    bname, sname = f"{node.input[1]}_Q{bits}G{group}", f"{node.input[1]}_scales"
+    g.initializer.extend([numpy_helper.from_array(B, bname),
+                          numpy_helper.from_array(s.astype(np.float32).reshape(-1), sname)])
+    inputs = [node.input[0], bname, sname]
+    if z is not None:  # uint8 zero points, packed per output row like B (ORT's MatMulNBits layout)
+        zname = f"{node.input[1]}_zero_points"
+        g.initializer.append(numpy_helper.from_array(pack_nbits(z, bits, unsigned=True).reshape(-1), zname))
+        inputs.append(zname)
+    return helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
+                            domain="com.microsoft", K=K, N=N, bits=bits, block_size=group)
+
+
+def gptq_onnx(fp_onnx: Path, out: Path, feeds: list[dict], bits: int, group: int, damp: float,
+              exclude: set[str] = frozenset(), progress=None, symmetric: bool = True) -> dict:
+    """Quantize every constant-weight MatMul of ``fp_onnx`` (but ``exclude``) with GPTQ into MatMulNBits."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from moqe_compile.quantize.nbits import const_matmuls
+
+    if bits not in (4, 8):
+        raise BuildError(f"GPTQ to MatMulNBits supports bits 4 or 8, got {bits}.")
+    hess = collect_hessians(fp_onnx, feeds, exclude, progress)
+    model = onnx.load(str(fp_onnx))
+    nodes, inits = const_matmuls(model, exclude)
+    g = model.graph
+    drop_inits = set()
+    for node in nodes:
+        new = _matmulnbits_node(g, node, numpy_helper.to_array(inits[node.input[1]]), hess[node.input[0]][0],
+                                bits, group, damp, symmetric)
+        idx = list(g.node).index(node)
+        g.node.remove(node)
+        g.node.insert(idx, new)
+        drop_inits.add(node.input[1])
+    still_used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name not in drop_inits or i.name in still_used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(out), save_as_external_data=False)
+    return {"matmuls": len(nodes), "calibration_tokens": int(next(iter(hess.values()))[1]) if hess else 0}

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
+
+from moqe_compile.backends.onnxruntime_cpu import session
 
 
 @dataclass
@@ -67,9 +68,7 @@ def run_with_outputs(model: onnx.ModelProto | Path, names: list[str], input_name
     for nm in names:
         if nm not in have:
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(nm))
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = session(m.SerializeToString(), name="intermediate outputs")
     out: dict[str, list[np.ndarray]] = {nm: [] for nm in names}
     for i in range(0, len(x), batch):
         res = sess.run(names, {input_name: x[i : i + batch]})

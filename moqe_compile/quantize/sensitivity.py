@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from moqe_compile.tasks.image.config import ExpertRecipe
+from moqe_compile.backends.onnxruntime_cpu import session
 from moqe_compile.evaluate.losses import sample_losses
 from moqe_compile.quantize.calibrate import calibrate_ranges
 from moqe_compile.quantize.graph import weight_layers
@@ -18,9 +17,7 @@ from moqe_compile.quantize.qdq import write_expert
 
 
 def _run(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    s = session(path, name=path.name)
     return np.concatenate([s.run(None, {input_name: x[i : i + 32]})[0] for i in range(0, len(x), 32)])
 
 
@@ -30,15 +27,14 @@ def layer_sensitivity(prepared: Path, input_name: str, x: np.ndarray, work: Path
     import onnx
 
     x = x[:n]
-    recipe = ExpertRecipe(name="sensitivity", calibration="minmax")
-    ranges = calibrate_ranges(prepared, input_name, x, recipe, work / "sensitivity.ranges.json")
+    ranges = calibrate_ranges(prepared, input_name, x, work / "sensitivity.ranges.json", method="minmax")
     fp = _run(prepared, input_name, x)
     layers = weight_layers(onnx.load(str(prepared)))
     nodes = [l.node for l in layers]
     out = []
     for l in tqdm(layers, desc="sensitivity", disable=not show_progress, leave=False):
         q = work / "sensitivity.one.onnx"
-        write_expert(prepared, ranges, recipe, "onnxruntime-cpu", q, exclude=[m for m in nodes if m != l.node])
+        write_expert(prepared, ranges, "onnxruntime-cpu", q, method="minmax", exclude=[m for m in nodes if m != l.node])
         y = _run(q, input_name, x)
         out.append({"node": l.node, "op": l.op, "kl_to_fp": float(sample_losses(y, fp, None, "fp").mean()),
                     "fp_top1_agreement": float((y.argmax(-1) == fp.argmax(-1)).mean())})

@@ -5,10 +5,10 @@ do either on the quantized stream).
 Walking the Q/DQ graph in topological order, on calibration data:
 - each activation QuantizeLinear gets the range minimizing squared quantization error (MSE)
   of its input as it is *now*, i.e. with every layer before it already quantized and
-  corrected (``sequential_activations``);
-- each Conv/Gemm gets its integer weights by GPTQ (``weight_rounding = "gptq"``) from the
+  corrected;
+- each Conv/Gemm gets its integer weights by GPTQ from the
   Hessian of its quantized input stream, on the fixed per-channel scales of the MSE clip;
-- then its bias absorbs the mean per-channel FP-minus-quantized output (``bias_correction``).
+- then its bias absorbs the mean per-channel FP-minus-quantized output.
 
 Only initializers change (activation scales/zero-points, int8 weights, biases), so the graph
 stays exactly what ``quantize_static`` wrote and ``check-qdq`` judges it as such.
@@ -23,11 +23,10 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
-from moqe_compile.tasks.image.config import ExpertRecipe
 from moqe_compile.quantize.calibrate import mse_ranges
-from moqe_compile.quantize.gptq import Hessian, gptq_clip_search, gptq_round
-from moqe_compile.quantize.weights import channel_scales
+from moqe_compile.quantize.gptq import LayerHessian, gptq_clip_search, gptq_round
 from moqe_compile.quantize.graph import WeightLayer, get_init, run_with_outputs, weight_layers
+from moqe_compile.quantize.weights import channel_scales
 
 # ORT's QDQ quantizer drops a Relu/Clip after a quantized node when activations are asymmetric
 # (the uint8 range clips instead); the QuantizeLinear then reads the pre-activation tensor, so
@@ -116,18 +115,74 @@ def _rescale_bias(q: onnx.ModelProto, inits: dict, node: onnx.NodeProto) -> None
     inits[bdq.input[1]].CopyFrom(numpy_helper.from_array(new_s, bdq.input[1]))
 
 
-def refine(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, qmax: dict[str, int], symmetric: bool,
-           exclude: set[str], input_name: str, x: np.ndarray) -> dict:
+def _refit_activation(base: onnx.ModelProto, q: onnx.ModelProto, inits: dict, node: onnx.NodeProto,
+                      v: np.ndarray, symmetric: bool) -> None:
+    """Give activation QuantizeLinear ``node`` the MSE range of ``v``, its input on the quantized stream."""
+    act = _removed_activation(base, q, node.input[0])
+    if act is not None:
+        v = act(v)
+    zp_init = inits[node.input[2]]
+    scale, zp = fit_activation_mse(v, zp_init.data_type, symmetric)
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.asarray(scale, np.float32).reshape(
+        numpy_helper.to_array(inits[node.input[1]]).shape), node.input[1]))
+    zp_arr = numpy_helper.to_array(zp_init)
+    zp_init.CopyFrom(numpy_helper.from_array(np.asarray(zp).astype(zp_arr.dtype).reshape(zp_arr.shape),
+                                             node.input[2]))
+
+
+def _gptq_layer(base: onnx.ModelProto, q: onnx.ModelProto, inits: dict, node: onnx.NodeProto, layer: WeightLayer,
+                xin: np.ndarray, qmax: int, clip_search: bool, damp: float) -> None:
+    """Integer weights of ``node`` by GPTQ on the Hessian of its quantized input ``xin``."""
+    wdq = _dq_of(q, node.input[1])
+    w_q, w_s = wdq.input[0], wdq.input[1]
+    scale = numpy_helper.to_array(inits[w_s]).astype(np.float32)
+    wint = numpy_helper.to_array(inits[w_q])
+    h = LayerHessian(layer.op, layer.attrs, wint.shape)
+    for i in range(0, len(xin), 32):  # im2col of the whole set at once would not fit in memory
+        h.add(xin[i : i + 32])
+    # Rounded from the FP weights: the ones ORT stored are already nearest-rounded.
+    w_fp = get_init(base, layer.weight)
+    if clip_search:
+        new, scale = gptq_clip_search(w_fp, qmax, h, clip_candidates(w_fp, qmax), damp)
+        old = numpy_helper.to_array(inits[w_s])
+        inits[w_s].CopyFrom(numpy_helper.from_array(scale.astype(old.dtype).reshape(old.shape), w_s))
+        _rescale_bias(q, inits, node)
+    else:
+        new = gptq_round(w_fp, scale, qmax, h, damp=damp)
+    inits[w_q].CopyFrom(numpy_helper.from_array(new.astype(wint.dtype), w_q))
+
+
+def correct_bias(q: onnx.ModelProto, inits: dict, node: onnx.NodeProto, f: np.ndarray, g: np.ndarray) -> None:
+    """Add the mean per-channel FP-minus-quantized output ``f - g`` (N, C[, H, W]) to the bias of
+    Conv/Gemm ``node`` in Q/DQ graph ``q`` (``inits``: its initializers by name). ORT-CPU graphs
+    hold int32 biases behind a DequantizeLinear (the correction is rounded to its grid), TensorRT
+    graphs float biases."""
+    delta = (f - g).mean(axis=(0,) if f.ndim == 2 else (0, 2, 3))
+    bdq = _dq_of(q, node.input[2])
+    bias_name = bdq.input[0] if bdq is not None else node.input[2]
+    b = numpy_helper.to_array(inits[bias_name])
+    if bdq is None:
+        nb = (b + delta).astype(b.dtype)
+    else:
+        nb = (b + np.round(delta / numpy_helper.to_array(inits[bdq.input[1]]))).astype(b.dtype)
+    inits[bias_name].CopyFrom(numpy_helper.from_array(nb, bias_name))
+
+
+def refine(base: onnx.ModelProto, q_path: Path, qmax: dict[str, int], symmetric: bool, exclude: set[str],
+           input_name: str, x: np.ndarray, refit_activations: bool = True, gptq: bool = True,
+           clip_search: bool = False, gptq_damp: float = 0.01, bias_correction: bool = False) -> dict:
     """Run the sequential pass on the Q/DQ graph at ``q_path`` (rewritten in place); return
     what it did, for the manifest's ``steps``. ``x``: calibration inputs; ``qmax``: the
     weight grid of each Conv/Gemm node on this backend; ``symmetric``: activation ranges
-    symmetric (TensorRT)."""
+    symmetric (TensorRT). ``refit_activations``: MSE ranges on the quantized stream; ``gptq``:
+    GPTQ weight rounding (``clip_search``: each channel's clip chosen jointly with it, else the
+    scales ORT wrote; ``gptq_damp``: damping as a fraction of the mean Hessian diagonal);
+    ``bias_correction``: biases absorb the mean output error."""
     q = onnx.load(str(q_path))
     inits = _inits(q)
     layers: dict[str, WeightLayer] = {l.node: l for l in weight_layers(base) if l.node not in exclude}
-    qnodes = list(q.graph.node)
     fp_out = {}
-    if recipe.bias_correction:
+    if bias_correction:
         got = run_with_outputs(base, [l.output for l in layers.values()], input_name, x)
         fp_out = {k: np.concatenate(v) for k, v in got.items()}
 
@@ -136,57 +191,21 @@ def refine(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, qmax: dict
 
     fitted: set[str] = set()
     done = {"refit_activations": 0, "gptq_layers": 0, "bias_corrected_layers": 0}
-    for node in qnodes:
-        if (node.op_type == "QuantizeLinear" and recipe.sequential_activations and node.input[0] not in inits
+    for node in list(q.graph.node):
+        if (node.op_type == "QuantizeLinear" and refit_activations and node.input[0] not in inits
                 and node.input[1] in inits and node.input[1] not in fitted):
-            v = fetch(node.input[0])
-            act = _removed_activation(base, q, node.input[0])
-            if act is not None:
-                v = act(v)
-            zp_init = inits[node.input[2]]
-            scale, zp = fit_activation_mse(v, zp_init.data_type, symmetric)
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.asarray(scale, np.float32).reshape(
-                numpy_helper.to_array(inits[node.input[1]]).shape), node.input[1]))
-            zp_arr = numpy_helper.to_array(zp_init)
-            zp_init.CopyFrom(numpy_helper.from_array(np.asarray(zp).astype(zp_arr.dtype).reshape(zp_arr.shape),
-                                                     node.input[2]))
+            _refit_activation(base, q, inits, node, fetch(node.input[0]), symmetric)
             fitted.add(node.input[1])
             done["refit_activations"] += 1
         elif node.op_type in ("Conv", "Gemm") and node.name in layers:
-            l = layers[node.name]
+            layer = layers[node.name]
             _rescale_bias(q, inits, node)
-            if recipe.weight_rounding == "gptq":
-                wdq = _dq_of(q, node.input[1])
-                w_q, w_s = wdq.input[0], wdq.input[1]
-                scale = numpy_helper.to_array(inits[w_s]).astype(np.float32)
-                wint = numpy_helper.to_array(inits[w_q])
-                h = Hessian(l.op, l.attrs, wint.shape)
-                xin = fetch(node.input[0])
-                for i in range(0, len(xin), 32):  # im2col of the whole set at once would not fit in memory
-                    h.add(xin[i : i + 32])
-                # Rounded from the FP weights: the ones ORT stored are already nearest-rounded.
-                w_fp = get_init(base, l.weight)
-                if recipe.weight_clip == "mse-output":
-                    new, scale = gptq_clip_search(w_fp, qmax[l.node], h, clip_candidates(w_fp, qmax[l.node]),
-                                                  recipe.gptq_damp)
-                    old = numpy_helper.to_array(inits[w_s])
-                    inits[w_s].CopyFrom(numpy_helper.from_array(scale.astype(old.dtype).reshape(old.shape), w_s))
-                    _rescale_bias(q, inits, node)
-                else:
-                    new = gptq_round(w_fp, scale, qmax[l.node], h, damp=recipe.gptq_damp)
-                inits[w_q].CopyFrom(numpy_helper.from_array(new.astype(wint.dtype), w_q))
+            if gptq:
+                _gptq_layer(base, q, inits, node, layer, fetch(node.input[0]), qmax[layer.node], clip_search,
+                            gptq_damp)
                 done["gptq_layers"] += 1
-            if recipe.bias_correction and len(node.input) > 2 and node.input[2]:
-                f, g = fp_out[l.output], fetch(node.output[0])
-                delta = (f - g).mean(axis=(0,) if f.ndim == 2 else (0, 2, 3))
-                bdq = _dq_of(q, node.input[2])
-                bias_name = bdq.input[0] if bdq is not None else node.input[2]
-                b = numpy_helper.to_array(inits[bias_name])
-                if bdq is None:
-                    nb = (b + delta).astype(b.dtype)
-                else:
-                    nb = (b + np.round(delta / numpy_helper.to_array(inits[bdq.input[1]]))).astype(b.dtype)
-                inits[bias_name].CopyFrom(numpy_helper.from_array(nb, bias_name))
+            if bias_correction and len(node.input) > 2 and node.input[2]:
+                correct_bias(q, inits, node, fp_out[layer.output], fetch(node.output[0]))
                 done["bias_corrected_layers"] += 1
     onnx.save(q, str(q_path))
     return done

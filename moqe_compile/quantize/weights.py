@@ -15,7 +15,7 @@ def qmax_for(bits: int, reduce_range: bool) -> int:
 
 
 def _quant(w: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
-    return np.clip(np.round(w / scale), -qmax - 1 if qmax != 63 else -64, qmax)
+    return np.clip(np.round(w / scale), -qmax - 1, qmax)
 
 
 def channel_scales(w: np.ndarray, qmax: int, clip: str, grid: int = 80) -> np.ndarray:

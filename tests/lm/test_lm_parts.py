@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
 def test_scaling_keeps_the_fp_function(tiny, kind):
     import torch
 
-    from moqe_compile.quantize.nbits import awq, smoothquant
+    from moqe_compile.tasks.causal_lm.smoothing import awq, smoothquant
 
     model, _ = tiny
     ids = np.random.default_rng(0).integers(0, 64, (3, 16))

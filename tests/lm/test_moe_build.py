@@ -23,7 +23,8 @@ def test_export_keeps_gates_fp_and_experts_quantizable(layout, tmp_path):
     from moqe_compile.tasks.causal_lm.config import expert_from_dict
     from moqe_compile.tasks.causal_lm.model import export_decoder, load_causal_lm
     from moqe_compile.tasks.causal_lm.moe import find_moe, gate_nodes, onnx_moe_nodes
-    from moqe_compile.quantize.nbits import check_kernels, quantize_onnx
+    from moqe_compile.quantize.nbits import check_kernels
+    from moqe_compile.tasks.causal_lm.experts import quantize_onnx
 
     model, _ = load_causal_lm("transformers", str(make_tiny_moe(tmp_path / "m", layout, steps=5, layers=1)))
     moe = find_moe(model)

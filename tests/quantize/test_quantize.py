@@ -2,7 +2,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from moqe_compile.tasks.image.config import ExpertRecipe
 from moqe_compile.quantize import calibrate_ranges, count_integer_kernels, prepare_for_quantization, write_expert
 
 from ..conftest import CROP
@@ -19,18 +18,16 @@ def prepared(tiny_onnx, tmp_path_factory):
 def test_calibrators_give_different_ranges(prepared):
     model, x, d = prepared
     out = {}
-    for r in [ExpertRecipe(name="mm", calibration="minmax"), ExpertRecipe(name="en", calibration="entropy"),
-              ExpertRecipe(name="pc", calibration="percentile", percentile=99.9)]:
-        out[r.name] = calibrate_ranges(model, "input", x, r, d / f"{r.name}.json").read_text()
-    # The DESIGN.md trap: through quantize_static, Entropy silently equalled MinMax.
+    for name, method, extra in [("mm", "minmax", {}), ("en", "entropy", {}), ("pc", "percentile", {"percentile": 99.9})]:
+        out[name] = calibrate_ranges(model, "input", x, d / f"{name}.json", method=method, **extra).read_text()
+    # The trap of docs/design.md#calibration: through quantize_static, Entropy silently equalled MinMax.
     assert out["mm"] != out["en"] and out["mm"] != out["pc"] and out["en"] != out["pc"]
 
 
 def test_u8s8_expert_runs_integer_kernels(prepared):
     model, x, d = prepared
-    r = ExpertRecipe(name="mm", calibration="minmax")
-    ranges = calibrate_ranges(model, "input", x, r, d / "mm2.json")
-    info = write_expert(model, ranges, r, "onnxruntime-cpu", d / "mm.onnx")
+    ranges = calibrate_ranges(model, "input", x, d / "mm2.json", method="minmax")
+    info = write_expert(model, ranges, "onnxruntime-cpu", d / "mm.onnx", method="minmax")
     assert info["format"] == "qdq-u8s8" and info["activation_type"] == "QUInt8"
     k = count_integer_kernels(d / "mm.onnx")
     # All 3 convolutions and the classifier run as integer kernels; none stays float.
@@ -47,3 +44,11 @@ def test_fp_model_is_not_counted_as_integer(prepared):
     model, _, _ = prepared
     k = count_integer_kernels(model)
     assert k["integer"] == {} and sum(k["float"].values()) == 4
+
+
+def test_unknown_calibration_method_names_the_choices(prepared):
+    from moqe_compile.errors import ConfigError
+
+    model, x, d = prepared
+    with pytest.raises(ConfigError, match="'kl'.*entropy"):
+        calibrate_ranges(model, "input", x, d / "bad.json", method="kl")

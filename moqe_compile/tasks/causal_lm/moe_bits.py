@@ -33,7 +33,7 @@ match the model's gate means the history belongs to another checkpoint: also a f
 Quantizing the experts reuses the LM quantizers: on the ONNX path (the build) one pass of
 ``quantize_onnx`` per width over the MatMuls assigned that width (ORT's RTN or our GPTQ into
 MatMulNBits), gates excluded; in torch (the bench's {2, 3, 4}-bit grid, fake-quant)
-``quantize/lm.py``'s blockwise RTN or ``quantize/lm_gptq.py``'s GPTQ on each expert matrix,
+``quantize/nbits.py``'s blockwise RTN or ``quantize/gptq.py``'s blockwise GPTQ on each expert matrix,
 with Hessians from the tokens routed to that expert.
 """
 
@@ -320,13 +320,13 @@ def quantize_moe_onnx(fp_onnx: Path, recipe, out: Path, calib_feeds: list[dict],
     the routed ones (the torch path uses the routed ones)."""
     import onnx
 
+    from moqe_compile.quantize.nbits import const_matmuls, lm_head_node
+    from moqe_compile.tasks.causal_lm.experts import quantize_onnx
     from moqe_compile.tasks.causal_lm.moe import onnx_moe_nodes
-    from moqe_compile.quantize.nbits import lm_head_node, quantize_onnx
-    from moqe_compile.quantize.lm_gptq import _const_matmuls
 
     m = onnx.load(str(fp_onnx), load_external_data=False)
     where = onnx_moe_nodes(m, moe)
-    nodes, inits = _const_matmuls(m, set())
+    nodes, inits = const_matmuls(m, set())
     const = [n.name for n in nodes]
     numel = {n.name: int(np.prod(inits[n.input[1]].dims)) for n in nodes}
     del m
@@ -360,7 +360,7 @@ class ExpertFakeQuant:
     """Fake-quantized copies of every routed expert matrix, cached per width, written into the
     model's fused expert tensors on :meth:`apply` and put back on :meth:`restore`.
 
-    ``method``: ``"rtn"`` (quantize/lm.py's blockwise RTN) or ``"gptq"`` (quantize/lm_gptq.py,
+    ``method``: ``"rtn"`` (quantize/nbits.py's blockwise RTN) or ``"gptq"`` (quantize/gptq.py,
     Hessians of the tokens routed to the expert from :func:`routing_stats`); ``symmetric`` True:
     2^b − 1 levels around 0 per group, False: 2^b levels with a zero point per group."""
 
@@ -383,12 +383,11 @@ class ExpertFakeQuant:
     def _quantize(self, w, bits: int, i: int, e: int, m: str):
         import torch
 
-        from moqe_compile.quantize.nbits import _rtn_blockwise
+        from moqe_compile.quantize.gptq import gptq_blockwise
+        from moqe_compile.quantize.nbits import rtn_blockwise
 
         if self.method == "rtn":
-            return _rtn_blockwise(w.float(), bits, self.group, self.symmetric)
-        from moqe_compile.quantize.lm_gptq import gptq_weight
-
+            return rtn_blockwise(w.float(), bits, self.group, self.symmetric)
         H = (self.stats.h_mid if m == "down_proj" else self.stats.h_in)[i][e]
         N, K = w.shape
         pad = (-K) % self.group
@@ -400,7 +399,7 @@ class ExpertFakeQuant:
             W = np.pad(W, ((0, 0), (0, pad)))
             H = np.pad(H, ((0, pad), (0, pad)))
             H[K:, K:] = np.eye(pad)
-        res = gptq_weight(W, H, bits, self.group, self.damp, **({} if self.symmetric else {"symmetric": False}))
+        res = gptq_blockwise(W, H, bits, self.group, self.damp, symmetric=self.symmetric)
         q, s = res[0].astype(np.float32), np.repeat(res[1], self.group, axis=1)
         z = res[2] if len(res) > 2 and res[2] is not None else None  # asymmetric: codes offset by a zero point
         deq = (q - (0 if z is None else np.repeat(z, self.group, axis=1))) * s
@@ -446,10 +445,10 @@ def expert_bytes(moe, table, group: int = 32, symmetric: bool = True) -> float:
 
 def build_moe_expert(model, moe, recipe, model_cfg, calib_ids: np.ndarray, src: Path, dest: Path,
                      calib_feeds: list[dict], say=None) -> dict:
-    """lm_pipeline's hook for a ``moe_bits`` recipe: allocate, quantize, and the manifest record."""
+    """The build's hook for a ``moe_bits`` recipe: allocate, quantize, and the manifest record."""
     if moe is None:
         raise BuildError(f"expert {recipe.name!r} sets moe_bits, but the model has no sparse MoE blocks "
-                         "(models/moe.py: Mixtral / Qwen2-MoE / OLMoE layouts).")
+                         "(tasks/causal_lm/moe.py: Mixtral / Qwen2-MoE / OLMoE layouts).")
     alloc = plan_for_recipe(model, moe, recipe, model_cfg.gate_history, model_cfg.path, calib_ids, say)
     rec = alloc.to_manifest()
     rec.update(quantize_moe_onnx(src, recipe, dest, calib_feeds, moe, alloc))

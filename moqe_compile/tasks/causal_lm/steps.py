@@ -77,7 +77,9 @@ class LMSteps:
 
     def _quantize_one(self, r, ids: np.ndarray, dest: Path) -> dict:
         """One expert's graph at ``dest`` from calibration windows ``ids``; its manifest extras."""
-        from moqe_compile.quantize.nbits import awq, check_kernels, quantize_onnx, smoothquant
+        from moqe_compile.quantize.nbits import check_kernels
+        from moqe_compile.tasks.causal_lm.experts import quantize_onnx
+        from moqe_compile.tasks.causal_lm.smoothing import awq, smoothquant
         from moqe_compile.tasks.causal_lm.model import export_decoder
         from moqe_compile.tasks.causal_lm.moe_bits import build_moe_expert
 

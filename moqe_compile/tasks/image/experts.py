@@ -1,5 +1,6 @@
-"""One expert, end to end: (equalize) -> calibrate -> weights -> Q/DQ per backend -> (bias
-correction) -> checked. Every recipe step is a field of :class:`ExpertRecipe`."""
+"""One image expert, end to end: (equalize) -> calibrate -> weights -> Q/DQ per backend ->
+(sequential pass | bias correction) -> checked. Every step is a field of :class:`ExpertRecipe`;
+this module translates the recipe into the plain parameters of the ``quantize`` passes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from moqe_compile.tasks.image.config import ExpertRecipe
 from moqe_compile.errors import BuildError
 from moqe_compile.quantize.adaround import adaround_layer
 from moqe_compile.quantize.calibrate import calibrate_ranges
@@ -18,8 +17,9 @@ from moqe_compile.quantize.check import check_qdq
 from moqe_compile.quantize.equalize import equalize
 from moqe_compile.quantize.graph import get_init, run_with_outputs, set_init, weight_layers
 from moqe_compile.quantize.qdq import VARIANTS, reduce_range_for, write_expert
-from moqe_compile.quantize.sequential import refine
+from moqe_compile.quantize.sequential import correct_bias, refine
 from moqe_compile.quantize.weights import channel_scales, dequantize, overrides_for, qmax_for, quantize_nearest
+from moqe_compile.tasks.image.config import ExpertRecipe
 
 
 def node_qmax(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str) -> dict[str, int]:
@@ -59,24 +59,13 @@ def _weights(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str, exclude
     return overrides
 
 
-def _bias_input(q: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str, str | None]:
-    """(bias initializer, its scale initializer or None) of a Conv/Gemm in a Q/DQ graph.
-    ORT-CPU graphs hold int32 biases behind a DequantizeLinear; TensorRT graphs float biases."""
-    bias = node.input[2] if len(node.input) > 2 else ""
-    for n in q.graph.node:
-        if n.op_type == "DequantizeLinear" and n.output[0] == bias:
-            return n.input[0], n.input[1]
-    return bias, None
-
-
 def _bias_correct(base: onnx.ModelProto, q_path: Path, exclude: set[str], input_name: str, x: np.ndarray) -> int:
     """Empirical bias correction, layer by layer in graph order, on the quantized stream.
 
     For each layer, E[y_fp - y_q] per output channel (pre-activation, calibration data, the
     layers before it already corrected) is added to its bias inside the Q/DQ graph. Sequential
     on purpose: correcting every layer from one uncorrected pass over-corrects downstream
-    layers (measured: MobileNetV2 FP agreement 1.00 -> 0.71 that way). Layers without a bias
-    input are skipped.
+    layers. Layers without a bias input are skipped.
     """
     q = onnx.load(str(q_path))
     qnodes = {n.name: n for n in q.graph.node}
@@ -87,18 +76,19 @@ def _bias_correct(base: onnx.ModelProto, q_path: Path, exclude: set[str], input_
     for l in layers:
         node = qnodes[l.node]
         got = run_with_outputs(q, [node.output[0]], input_name, x)
-        f, g = np.concatenate(fp[l.output]), np.concatenate(got[node.output[0]])
-        delta = (f - g).mean(axis=(0,) if f.ndim == 2 else (0, 2, 3))
-        bias_name, scale_name = _bias_input(q, node)
-        b = numpy_helper.to_array(inits[bias_name])
-        if scale_name is None:
-            nb = (b + delta).astype(b.dtype)
-        else:
-            scale = numpy_helper.to_array(inits[scale_name])
-            nb = (b + np.round(delta / scale)).astype(b.dtype)
-        inits[bias_name].CopyFrom(numpy_helper.from_array(nb, bias_name))
+        correct_bias(q, inits, node, np.concatenate(fp[l.output]), np.concatenate(got[node.output[0]]))
     onnx.save(q, str(q_path))
     return len(layers)
+
+
+def _sequential(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, backend: str, exclude: set[str],
+                input_name: str, calib_x: np.ndarray) -> dict:
+    """The recipe's sequential pass (``quantize/sequential.py``) on one backend's Q/DQ graph."""
+    return refine(base, q_path, node_qmax(base, recipe, backend), VARIANTS[backend][2] or recipe.symmetric_activations,
+                  exclude, input_name, calib_x[: min(len(calib_x), recipe.stream_samples)],
+                  refit_activations=recipe.sequential_activations, gptq=recipe.weight_rounding == "gptq",
+                  clip_search=recipe.weight_clip == "mse-output", gptq_damp=recipe.gptq_damp,
+                  bias_correction=recipe.bias_correction)
 
 
 def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: ExpertRecipe, backends: list[str],
@@ -112,7 +102,8 @@ def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: E
         steps["equalized_pairs"] = equalize(base)
     base_path = work / f"{recipe.name}.base.onnx"
     onnx.save(base, str(base_path))
-    calibrate_ranges(base_path, input_name, calib_x, recipe, ranges_json)
+    calibrate_ranges(base_path, input_name, calib_x, ranges_json, method=recipe.calibration,
+                     symmetric=recipe.symmetric_activations, num_bins=recipe.num_bins, percentile=recipe.percentile)
     steps["calibration_s"] = round(time.perf_counter() - t0, 2)
     variants = {}
     for backend in backends:
@@ -121,12 +112,12 @@ def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: E
                      if recipe.custom_weights else {})
         wpath = work / f"{recipe.name}.{backend}.weights.onnx"
         onnx.save(model, str(wpath))
-        info = write_expert(wpath, ranges_json, recipe, backend, out_for[backend], overrides, sorted(exclude_set))
+        info = write_expert(wpath, ranges_json, backend, out_for[backend], method=recipe.calibration,
+                            symmetric_activations=recipe.symmetric_activations, per_channel=recipe.per_channel,
+                            weight_bits=recipe.weight_bits, weight_overrides=overrides, exclude=sorted(exclude_set))
         if recipe.sequential:
-            stream = calib_x[: min(len(calib_x), recipe.stream_samples)]
             t1 = time.perf_counter()
-            steps.update(refine(base, out_for[backend], recipe, node_qmax(base, recipe, backend),
-                                VARIANTS[backend][2] or recipe.symmetric_activations, exclude_set, input_name, stream))
+            steps.update(_sequential(base, out_for[backend], recipe, backend, exclude_set, input_name, calib_x))
             steps[f"sequential_s.{backend}"] = round(time.perf_counter() - t1, 2)
         elif recipe.bias_correction:
             steps["bias_corrected_layers"] = _bias_correct(base, out_for[backend], exclude_set, input_name,

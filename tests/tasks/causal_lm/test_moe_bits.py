@@ -1,5 +1,5 @@
 """Expert-wise bits for sparse MoE models without a build: layouts found, criteria, widths per
-layer, controls, the gate-norm fallback, torch fake-quant (quantize/moe_bits.py, models/moe.py)."""
+layer, controls, the gate-norm fallback, torch fake-quant (tasks/causal_lm/moe_bits.py, moe.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from moqe_compile.tasks.causal_lm.moe_bits import (  # noqa: E402
     width_counts,
 )
 
-from .moe_tiny import LAYOUTS, make_tiny_moe  # noqa: E402
+from ...lm.moe_tiny import LAYOUTS, make_tiny_moe  # noqa: E402
 
 
 @pytest.mark.parametrize(("avg", "widths", "counts"), [
@@ -66,7 +66,7 @@ def test_layouts_are_found(layout):
 
     from moqe_compile.tasks.causal_lm.moe import find_moe
 
-    from .moe_tiny import tiny_moe_config
+    from ...lm.moe_tiny import tiny_moe_config
 
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(tiny_moe_config(layout))
@@ -84,7 +84,7 @@ def test_dense_model_is_not_moe(tmp_path):
     from moqe_compile.tasks.causal_lm.model import load_causal_lm
     from moqe_compile.tasks.causal_lm.moe import find_moe
 
-    from .tiny import make_tiny_lm
+    from ...lm.tiny import make_tiny_lm
 
     model, _ = load_causal_lm("transformers", str(make_tiny_lm(tmp_path / "m")))
     assert find_moe(model) is None
