@@ -26,9 +26,9 @@ def add_parser(sub) -> None:
 
 def cmd_eval(args) -> int:
     from moqe_compile.tasks.image.eval import evaluate_bundle, render_markdown
-    from moqe_compile.cli.run_lm import is_lm_bundle
+    from moqe_compile import task_of_bundle
 
-    if is_lm_bundle(args.bundle):  # perplexity report (evaluate/lm_eval.py)
+    if task_of_bundle(args.bundle).KIND == "causal-lm":  # perplexity report (tasks/causal_lm/eval.py)
         from moqe_compile.tasks.causal_lm.eval import cmd_eval_lm
 
         return cmd_eval_lm(args)

@@ -55,7 +55,7 @@ def measure_bundle(rt, pool: np.ndarray, batches=(1, 32), repeats: int = 30, fp_
     Candidates: ``router`` (when routing is enabled), ``fp32`` (when ``fp_session`` is
     given), ``expert:<name>`` for each expert and ``moqe`` (``rt.run``: route + dispatch).
     """
-    router = rt._router
+    router = rt.router_session
     results = {"cpu": platform.processor() or platform.machine(), "backend": rt.backend, "repeats": int(repeats),
                "batches": {}}
     for bs in batches:

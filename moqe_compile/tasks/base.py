@@ -4,12 +4,15 @@
 - ``load_recipe(path) -> config``: read and validate a TOML recipe of this task.
 - ``default_config() -> config``: the task's defaults.
 - ``build(config, out, quiet=False) -> Path``: compile a bundle.
-- ``runtime(bundle_dir, **options)``: the bundle's runtime (``run``/``submit``/``close``).
-- ``inspect(bundle) -> str``: the human summary of a read bundle.
+- ``load_runtime(bundle_dir, **options)``: the bundle's runtime (``run``/``submit``/``close``).
+- ``render(bundle) -> str``: the human summary of a read bundle (``moqe-compile inspect``).
+
+The hooks are not named after the plug-in's modules (``runtime.py``, ``inspect.py``): importing
+a submodule sets the package attribute of that name, which would replace a hook so named.
 - ``evaluate(args) -> int``: ``moqe-compile eval`` for a bundle of this task.
 - ``SERVING_CODEC``: ``True`` when ``moqe-serve`` can serve the task over the v2 protocol.
 """
 
 from __future__ import annotations
 
-PLUGIN_NAMES = ("KIND", "load_recipe", "default_config", "build", "runtime", "inspect", "evaluate", "SERVING_CODEC")
+PLUGIN_NAMES = ("KIND", "load_recipe", "default_config", "build", "load_runtime", "render", "evaluate", "SERVING_CODEC")

@@ -24,16 +24,16 @@ def build(cfg, out, quiet: bool = False):
     return build_lm(cfg, out, quiet=quiet)
 
 
-def runtime(bundle_dir, **options):
+def load_runtime(bundle_dir, **options):
     from moqe_compile.tasks.causal_lm.runtime import LMRuntime
 
-    return LMRuntime(bundle_dir, **options)
+    return LMRuntime.load(bundle_dir, **options)
 
 
-def inspect(bundle) -> str:
-    from moqe_compile.tasks.causal_lm.inspect import render_lm
+def render(bundle) -> str:
+    from moqe_compile.tasks.causal_lm import inspect
 
-    return render_lm(bundle)
+    return inspect.render(bundle)
 
 
 def evaluate(args) -> int:

@@ -42,7 +42,7 @@ def evaluate_bundle(bundle: str | Path, data: str = "test", out: str | Path | No
     Returns (report dict, output directory).
     """
     from moqe_compile.backends import OrtCpuSession
-    from moqe_compile.runtime import Runtime
+    from moqe_compile import Runtime
 
     if repeats < 1:
         raise InputError(f"--repeats {repeats} must be >= 1.")
