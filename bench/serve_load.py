@@ -186,7 +186,7 @@ def main() -> int:
     add_json_option(ap)
     args = ap.parse_args()
 
-    from moqe_compile.runtime import Runtime
+    from moqe_compile import Runtime
 
     with Runtime.load(args.bundle, verify=True) as rt:
         single = rt.expert_names[rt.default_expert]

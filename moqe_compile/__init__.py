@@ -1,18 +1,49 @@
 """moqe-compile: a deployment compiler for Mixture of Quantization Experts (MoQE).
 
-``from moqe_compile import Runtime`` is all a service needs; the build stages import
-torch lazily, so the runtime stays light.
+``moqe_compile.load(path)`` is all a service needs: it returns the bundle's runtime, whatever
+its task. The build stages import torch lazily, so the runtime stays light.
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 __version__ = "0.1.0"
 
 
+def task_of_bundle(path: str | Path):
+    """The task plug-in of the bundle at ``path``, from its manifest.json alone (no hashing).
+
+    A directory without a readable manifest is left to the task's own reader, which names
+    what is wrong with it; a task this release does not know is a ``BundleError``.
+    """
+    from moqe_compile.errors import BundleError, ConfigError
+    from moqe_compile.tasks import task_of
+
+    try:
+        doc = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        doc = {}
+    try:
+        return task_of(doc if isinstance(doc, dict) else {})
+    except ConfigError as e:
+        raise BundleError(f"bundle {str(path)!r}: {e} Upgrade moqe-compile or rebuild the bundle.") from e
+
+
+def load(path: str | Path, **options):
+    """Open the bundle at ``path`` and return its task's runtime (``run``/``submit``/``close``):
+    ``Runtime`` for image classification, ``LMRuntime`` for causal LMs. ``options`` go to that
+    runtime's ``load`` (e.g. ``verify=False``, ``backend=...``, ``queue=QueueConfig(...)``)."""
+    return task_of_bundle(path).load_runtime(path, **options)
+
+
 def __getattr__(name: str):
     if name in ("Runtime", "RunResult"):
-        from moqe_compile import runtime
+        import importlib
 
-        return getattr(runtime, name)
+        return getattr(importlib.import_module("moqe_compile.tasks.image.runtime"), name)
     raise AttributeError(f"module 'moqe_compile' has no attribute {name!r}")
 
 
-__all__ = ["Runtime", "RunResult", "__version__"]
+__all__ = ["load", "task_of_bundle", "Runtime", "RunResult", "__version__"]

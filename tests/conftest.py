@@ -114,3 +114,32 @@ def tiny_gray_onnx(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_gray") / "tiny_gray.onnx"
     export_torch(m, out, GRAY_CROP, 18, channels=1)
     return out
+
+
+LM_EXPERTS = ["w8a8-rtn", "w4-awq", "w4-gptq"]  # w4-awq = rescale + re-export + ORT RTN; SmoothQuant: test_lm_parts.py
+
+
+def tiny_lm_config(tmp: Path, **router):
+    """The causal-LM recipe on the tiny Llama in ``tmp/model`` and the corpus ``tmp/corpus.txt``."""
+    from moqe_compile.tasks.causal_lm.config import LMBuildConfig
+
+    return LMBuildConfig.from_dict({
+        "task": "causal-lm", "model": {"source": "transformers", "path": str(tmp / "model")},
+        "data": {"corpora": [str(tmp / "corpus.txt")], "seq_len": 32, "calibration_sequences": 4},
+        "experts": [{"name": n, "preset": n} for n in LM_EXPERTS],
+        "router": {"prefix_tokens": 8, "epochs": 2, **router},
+        "controls": {"copies": 2}})  # fewer copies than experts: their router has its own width
+
+
+@pytest.fixture(scope="session")
+def lm_bundle(tmp_path_factory):
+    """(bundle directory, work directory) of a tiny causal-LM bundle (transformers needed)."""
+    pytest.importorskip("transformers")
+    from moqe_compile.build import build as build_lm
+
+    from .lm.tiny import make_tiny_lm, write_corpus
+
+    tmp = tmp_path_factory.mktemp("lm")
+    make_tiny_lm(tmp / "model")
+    write_corpus(tmp / "corpus.txt")
+    return build_lm(tiny_lm_config(tmp), tmp / "bundle", quiet=True), tmp

@@ -7,8 +7,8 @@ import pytest
 
 from moqe_compile.tasks.image.data import foolbox_dir
 from moqe_compile.tasks.image.config import BuildConfig, ControlsConfig, ExpertRecipe, RouterConfig
+from moqe_compile import Runtime
 from moqe_compile.build import build
-from moqe_compile.runtime import Runtime
 
 
 def test_mobilenetv2_bundle(tmp_path):

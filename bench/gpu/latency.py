@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     moqe = load()
     best = manifest["routing"]["default_expert"]
     single = load(only_expert=best)
-    router = moqe._router
+    router = moqe.router_session
     fp32 = OrtCudaSession("fp32", root / manifest["model"]["fp"]["path"], device=dev)
     graphed, graph_error = {}, None
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     results = {"meta": {**info, "input": source, "repeats": args.repeats, "warmup": args.warmup}, "batches": {}}
     cpu = None
     if not args.no_cpu_check:
-        from moqe_compile.runtime import Runtime
+        from moqe_compile import Runtime
 
         cpu = Runtime(root, manifest, "onnxruntime-cpu")
     from moqe_compile.backends.cuda_device import Buffers
@@ -143,8 +143,8 @@ def main(argv=None) -> int:
             if name != "moqe_speculative" or b <= args.speculate_below:
                 cands[name] = (lambda o=obj: o.run(x))
         cands["copy_in"] = lambda: copy_in(x)  # the transfer floor every candidate above pays
-        if graphed and graphed["moqe_graph"]._router is not None:
-            cands["router_graph"] = lambda: graphed["moqe_graph"]._router.run(x)
+        if graphed and graphed["moqe_graph"].router_session is not None:
+            cands["router_graph"] = lambda: graphed["moqe_graph"].router_session.run(x)
         for fn in cands.values():  # warm-up beyond time_interleaved's one call: cuDNN search, capture
             for _ in range(max(args.warmup - 1, 0)):
                 fn()

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args) -> int:
     from moqe_compile.errors import ConfigError
     from moqe_compile.runtime import QueueConfig
-    from moqe_compile.serving.server import ServeConfig, serve
+    from moqe_compile.serving.server import ServeConfig, check_servable, serve
 
     for flag, v, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                          ("--workers", args.workers, 1), ("--threads", args.threads, 0),
@@ -51,6 +51,7 @@ def _serve(args) -> int:
     if args.max_delay_ms < 0 or args.max_body_mb <= 0:
         raise ConfigError(f"--max-delay-ms {args.max_delay_ms} must be >= 0 and --max-body-mb "
                           f"{args.max_body_mb} > 0.")
+    check_servable(args.bundle)  # before Ray or uvicorn start: a causal-LM bundle has no v2 codec
     cfg = ServeConfig(host=args.host, port=args.port, name=args.name, max_body_mb=args.max_body_mb,
                       log_level=args.log_level)
     if args.ray:

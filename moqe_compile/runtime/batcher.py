@@ -1,7 +1,7 @@
-"""Dynamic batching in front of ``Runtime.run``: a bounded queue and worker threads.
+"""Dynamic batching in front of a runtime's ``run``: a bounded queue and worker threads.
 
 Requests (each a batch of one or more samples) that arrive within ``max_delay_ms`` of the
-oldest waiting request are merged, up to ``max_batch`` samples, into one ``Runtime.run``
+oldest waiting request are merged, up to ``max_batch`` samples, into one ``run``
 call: one router pass, one expert run per expert group. Each request gets its own slice
 of the result back through a ``concurrent.futures.Future``, so synchronous callers
 (``.result()``) and asyncio servers (``asyncio.wrap_future``) use the same path.
@@ -37,16 +37,18 @@ class DynamicBatcher:
 
     ``max_queue`` bounds the waiting *requests*; a full queue raises ``OverloadedError`` at
     once (the caller decides whether to retry) instead of letting latency grow without bound.
-    A request with more than ``max_batch`` samples runs alone, never split.
+    A request with more than ``max_batch`` samples runs alone, never split. ``merge`` joins
+    requests' batches into one (``np.concatenate`` for arrays; a list merge for texts).
     ``close(drain=True)`` stops accepting, finishes everything already queued, then joins.
     """
 
     def __init__(self, run: Callable[[np.ndarray], object], split: Callable[[object, int, int], object],
-                 max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256, workers: int = 1):
+                 max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256, workers: int = 1,
+                 merge: Callable[[list], object] = np.concatenate):
         if max_batch < 1 or max_queue < 1 or workers < 1 or max_delay_ms < 0:
             raise MoqeError(f"batcher needs max_batch >= 1 (got {max_batch}), max_queue >= 1 (got {max_queue}), "
                             f"workers >= 1 (got {workers}) and max_delay_ms >= 0 (got {max_delay_ms}).")
-        self._run, self._split = run, split
+        self._run, self._split, self._merge = run, split, merge
         self.max_batch, self.max_delay, self.max_queue = max_batch, max_delay_ms / 1e3, max_queue
         self._q: deque[_Request] = deque()
         self._cv = threading.Condition()
@@ -130,7 +132,7 @@ class DynamicBatcher:
 
     def _answer(self, live: list[_Request]) -> None:
         try:
-            x = live[0].x if len(live) == 1 else np.concatenate([r.x for r in live])
+            x = live[0].x if len(live) == 1 else self._merge([r.x for r in live])
             res = self._run(x)
         except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about the failure
             for r in live:

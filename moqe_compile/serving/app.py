@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 
 from moqe_compile import __version__
 from moqe_compile.errors import InputError, OverloadedError
-from moqe_compile.runtime import Runtime
+from moqe_compile.tasks.image.runtime import Runtime
 from moqe_compile.serving.metrics import Metrics
 from moqe_compile.serving.protocol import DTYPES, OUTPUTS, ProtocolError, decode_images, encode_infer_response, parse_infer_request
 
@@ -185,7 +185,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _decode(body: bytes, header_length: str | None, rt: Runtime):
     try:
         req = parse_infer_request(body, header_length)
-        return req, _to_batch(req, rt)
+        return req, to_batch(req, rt)
     except ProtocolError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as e:
@@ -193,7 +193,7 @@ def _decode(body: bytes, header_length: str | None, rt: Runtime):
         raise ProtocolError(f"malformed infer request ({e.__class__.__name__}: {e}).") from None
 
 
-def _to_batch(req, rt: Runtime) -> np.ndarray:
+def to_batch(req, rt: Runtime) -> np.ndarray:
     """The request's tensor as the runtime's float32 [N, C, H, W] batch, or a ProtocolError
     naming what is wrong with it."""
     shape = rt.input_shape

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moqe_compile.errors import ConfigError, InputError
-from moqe_compile.runtime import Runtime
 from moqe_compile.runtime.dispatch import group_by_expert, scatter, split_requests
-from moqe_compile.runtime.base import RunResult
+from moqe_compile.serving.server import open_runtime
+from moqe_compile.tasks.image.runtime import RunResult
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def build_app(bundle: str, name: str, cfg: RayServeConfig):
     """The Ray Serve application for ``bundle`` (not yet running: pass it to ``serve.run``)."""
     from ray import serve
 
-    probe = Runtime.load(bundle, route_only=True)
+    probe = open_runtime(bundle, route_only=True)
     names = probe.expert_names
     # An unrouted bundle only ever uses its default expert; a routed one may use any.
     used = names if probe.routed else [names[probe.default_expert]]
@@ -62,7 +62,7 @@ def build_app(bundle: str, name: str, cfg: RayServeConfig):
     @serve.deployment(ray_actor_options=opts)
     class Expert:
         def __init__(self, bundle: str, expert: str, threads: int):
-            self.rt = Runtime.load(bundle, only_expert=expert, intra_op_threads=threads)
+            self.rt = open_runtime(bundle, only_expert=expert, intra_op_threads=threads)
             self.expert = expert
 
         def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -73,7 +73,7 @@ def build_app(bundle: str, name: str, cfg: RayServeConfig):
         def __init__(self, bundle: str, model: str, experts: dict, max_batch: int, max_delay_ms: float):
             from moqe_compile.serving.app import model_metadata
 
-            self.rt = Runtime.load(bundle, route_only=True)
+            self.rt = open_runtime(bundle, route_only=True)
             self.model = model
             self.handles = [experts.get(n) for n in self.rt.expert_names]
             self.meta = model_metadata(self.rt, model)
@@ -95,7 +95,7 @@ def build_app(bundle: str, name: str, cfg: RayServeConfig):
         async def __call__(self, request):
             from starlette.responses import JSONResponse, Response
 
-            from moqe_compile.serving.app import _to_batch
+            from moqe_compile.serving.app import to_batch
             from moqe_compile.serving.protocol import ProtocolError, encode_infer_response, parse_infer_request
 
             if request.method == "GET":
@@ -104,7 +104,7 @@ def build_app(bundle: str, name: str, cfg: RayServeConfig):
                 return JSONResponse({"error": f"no route {request.url.path!r}; POST .../infer"}, status_code=404)
             try:
                 req = parse_infer_request(await request.body(), request.headers.get("inference-header-content-length"))
-                res = await self.infer(_to_batch(req, self.rt))
+                res = await self.infer(to_batch(req, self.rt))
             except ProtocolError as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
             except InputError as e:

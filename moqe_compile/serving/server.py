@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moqe_compile.errors import BackendError
-from moqe_compile.runtime import QueueConfig, Runtime
+from moqe_compile import load, task_of_bundle
+from moqe_compile.errors import BackendError, BundleError
+from moqe_compile.runtime import QueueConfig
+from moqe_compile.tasks.image.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,24 @@ def build_server(rt: Runtime, name: str, cfg: ServeConfig):
     return uvicorn.Server(config)
 
 
+def check_servable(bundle: str | Path) -> None:
+    """A ``BundleError`` where the bundle's task has no v2 codec (its plug-in's ``SERVING_CODEC``)."""
+    task = task_of_bundle(bundle)
+    if not task.SERVING_CODEC:
+        raise BundleError(f"bundle {str(bundle)!r} is a {task.KIND!r} bundle: moqe-serve speaks the v2 "
+                          f"protocol for image tensors only. Run it with moqe-run, or in Python with "
+                          f"moqe_compile.load().")
+
+
+def open_runtime(bundle: str | Path, **options) -> Runtime:
+    """``moqe_compile.load(bundle, **options)`` for the v2 server (``check_servable`` first)."""
+    check_servable(bundle)
+    return load(bundle, **options)
+
+
 def serve(bundle: str | Path, cfg: ServeConfig, queue: QueueConfig, backend: str = "auto",
           intra_op_threads: int = 0, only_expert: str | None = None) -> None:
-    rt = Runtime.load(bundle, backend=backend, intra_op_threads=intra_op_threads, queue=queue,
+    rt = open_runtime(bundle, backend=backend, intra_op_threads=intra_op_threads, queue=queue,
                       only_expert=only_expert)
     build_server(rt, model_name(bundle, cfg), cfg).run()
 

@@ -6,12 +6,17 @@
 - ``build(config, out, quiet=False) -> Path``: compile a bundle (``moqe_compile.build.build``).
 - ``build_steps(config, writer, work, stages)``: the object whose ``ORDER`` names the step methods
   the build runs, then ``gate``, ``extra_versions()`` and ``manifest()``.
-- ``runtime(bundle_dir, **options)``: the bundle's runtime (``run``/``submit``/``close``).
-- ``inspect(bundle) -> str``: the human summary of a read bundle.
+- ``load_runtime(bundle_dir, **options)``: the bundle's runtime (``run``/``submit``/``close``).
+- ``render(bundle) -> str``: the human summary of a read bundle (``moqe-compile inspect``).
+
 - ``evaluate(args) -> int``: ``moqe-compile eval`` for a bundle of this task.
 - ``SERVING_CODEC``: ``True`` when ``moqe-serve`` can serve the task over the v2 protocol.
+
+The hooks are not named after the plug-in's modules (``runtime.py``, ``inspect.py``): importing
+a submodule sets the package attribute of that name, which would replace a hook so named.
 """
 
 from __future__ import annotations
 
-PLUGIN_NAMES = ("KIND", "load_recipe", "default_config", "build", "build_steps", "runtime", "inspect", "evaluate", "SERVING_CODEC")
+PLUGIN_NAMES = ("KIND", "load_recipe", "default_config", "build", "build_steps", "load_runtime", "render", "evaluate",
+                "SERVING_CODEC")

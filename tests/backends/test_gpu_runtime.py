@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moqe_compile.errors import BackendError, InputError
-from moqe_compile.runtime import Runtime
+from moqe_compile import Runtime
 from moqe_compile.tasks.image.runtime_gpu import GpuRuntime, _runs
 
 from .fakes import HostDevice

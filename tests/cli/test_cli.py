@@ -26,8 +26,8 @@ def test_run_json_on_image_dir_and_npy(tiny_bundle, tiny_images, tmp_path, capsy
     p = d["predictions"][0]
     assert p["input"] == str(img) and p["expert"] in {"minmax", "pct", "entropy"}
     assert 0 < p["router_confidence"] <= 1
-    assert len(p["top5"]) == 4 and p["top5"][0][0].startswith("class_")  # 4 classes < 5
-    probs = [pr for _, pr in p["top5"]]
+    assert len(p["topk"]) == 4 and p["topk"][0]["label"].startswith("class_")  # 4 classes < 5
+    probs = [t["prob"] for t in p["topk"]]
     assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
 
     code, out, _ = _run(capsys, [str(tiny_bundle), "--input", str(tiny_images / "1"), "--json"])
@@ -50,7 +50,24 @@ def test_npy_preprocessed_matches_image(tiny_bundle, tiny_images, tmp_path, caps
     _, a, _ = _run(capsys, [str(tiny_bundle), "--input", str(img), "--json"])
     _, b, _ = _run(capsys, [str(tiny_bundle), "--input", str(tmp_path / "x.npy"), "--json"])
     pa, pb = json.loads(a)["predictions"][0], json.loads(b)["predictions"][0]
-    assert pa["expert"] == pb["expert"] and pa["top5"] == pb["top5"]
+    assert pa["expert"] == pb["expert"] and pa["topk"] == pb["topk"]
+
+
+def test_json_schema_does_not_depend_on_top(tiny_bundle, tiny_images, capsys):
+    img = sorted((tiny_images / "0").iterdir())[0]
+    shapes = []
+    for top in (1, 3):
+        code, out, _ = _run(capsys, [str(tiny_bundle), "--input", str(img), "--json", "--top", str(top)])
+        p = json.loads(out)["predictions"][0]
+        assert code == 0 and len(p["topk"]) == top
+        shapes.append((set(p), {k for t in p["topk"] for k in t}))
+    assert shapes[0] == shapes[1] == ({"input", "expert", "router_confidence", "topk"}, {"label", "prob"})
+
+
+def test_lm_options_on_an_image_bundle_are_refused(tiny_bundle, tiny_images, capsys):
+    img = sorted((tiny_images / "0").iterdir())[0]
+    code, out, err = _run(capsys, [str(tiny_bundle), "--input", str(img), "--score"])
+    assert code == 3 and out == "" and "--score" in err and "image-classification" in err
 
 
 def test_text_output(tiny_bundle, tiny_images, capsys):
@@ -99,6 +116,9 @@ def test_build_bad_recipe_key(tmp_path, capsys):
 def test_console_scripts_installed():
     out = subprocess.run([sys.executable, "-m", "moqe_compile.cli.run", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--input" in out.stdout
+    # one moqe-run for both tasks: the causal-LM options and the --json schema are in its help
+    for s in ("causal-LM bundles", "--max-new-tokens", "--input-file", '"topk"'):
+        assert s in out.stdout, s
 
 
 def test_check_qdq_cli(tiny_bundle, capsys):

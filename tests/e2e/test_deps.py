@@ -56,7 +56,7 @@ def test_runtime_imports_without_torch(base_venv, tmp_path):
             "torch = sorted(m for m in sys.modules if m.startswith('torch'))\n"
             "assert not torch, torch\n"
             "assert 'site-packages' in moqe_compile.__file__, moqe_compile.__file__\n"
-            "print(moqe_compile.runtime.Runtime.__name__)")
+            "print(moqe_compile.Runtime.__name__)")
     r = run([base_venv / "python", "-c", code], cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == "Runtime"
@@ -75,7 +75,7 @@ def test_moqe_run_with_base_dependencies(base_venv, tiny_bundle, tmp_path):
     for p in res["predictions"]:
         assert p["expert"] in experts
         assert 0.0 <= p["router_confidence"] <= 1.0
-        probs = [pr for _, pr in p["top5"]]  # the tiny model has 4 classes: all of them
+        probs = [t["prob"] for t in p["topk"]]  # the tiny model has 4 classes: all of them
         assert len(probs) == 4 and probs == sorted(probs, reverse=True)
         assert abs(sum(probs) - 1.0) < 1e-4
     assert set(res["timing_ms"]) >= {"router", "experts", "total"}

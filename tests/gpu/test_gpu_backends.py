@@ -44,7 +44,7 @@ def test_ort_cuda_session_matches_cpu(tiny_onnx, device, need_ort_cuda):
 
 
 def test_gpu_runtime_matches_cpu_runtime(tiny_bundle, device, need_ort_cuda):
-    from moqe_compile.runtime import Runtime
+    from moqe_compile import Runtime
     from moqe_compile.tasks.image.runtime_gpu import GpuRuntime
 
     x = np.random.default_rng(0).standard_normal((33, 3, 32, 32), dtype=np.float32)

@@ -11,31 +11,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from moqe_compile.errors import InputError  # noqa: E402
 from moqe_compile.tasks.causal_lm.config import LMBuildConfig  # noqa: E402
 
-from .tiny import make_tiny_lm, write_corpus  # noqa: E402
-
-EXPERTS = ["w8a8-rtn", "w4-awq", "w4-gptq"]  # w4-awq = rescale + re-export + ORT RTN; SmoothQuant: test_lm_parts.py
-
-
-def _cfg(tmp, **router):
-    return LMBuildConfig.from_dict({
-        "task": "causal-lm", "model": {"source": "transformers", "path": str(tmp / "model")},
-        "data": {"corpora": [str(tmp / "corpus.txt")], "seq_len": 32, "calibration_sequences": 4},
-        "experts": [{"name": n, "preset": n} for n in EXPERTS],
-        "router": {"prefix_tokens": 8, "epochs": 2, **router},
-        "controls": {"copies": 2}})  # fewer copies than experts: their router has its own width
-
-
-@pytest.fixture(scope="module")
-def lm_bundle(tmp_path_factory):
-    from moqe_compile.build import build as build_lm
-
-    tmp = tmp_path_factory.mktemp("lm")
-    make_tiny_lm(tmp / "model")
-    write_corpus(tmp / "corpus.txt")
-    return build_lm(_cfg(tmp), tmp / "bundle", quiet=True), tmp
+from ..conftest import LM_EXPERTS as EXPERTS  # noqa: E402
+from ..conftest import tiny_lm_config  # noqa: E402
 
 
 def test_manifest_kernels_and_tokenizer(lm_bundle):
@@ -81,35 +60,6 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
     assert dims["input_ids"] == ["batch", "sequence"]
     d = m["model"]["decoder"]
     assert dims["past_key_values.0.key"] == ["batch", d["kv_heads"], "past_sequence", d["head_dim"]]
-
-
-def test_runtime_score_matches_build_scores(lm_bundle):
-    from moqe_compile.tasks.causal_lm.runtime import LMRuntime
-
-    with LMRuntime.load(lm_bundle[0]) as rt, np.load(rt.bundle.file("report/eval_data.npz")) as z:
-        ids = z["test_ids"][0]
-        text = rt.tokenizer.decode(ids.tolist())
-        assert np.array_equal(rt.encode(text), ids)  # the tokenizer file round-trips the window
-        (res,), ms = rt.score([text], expert=rt.expert_names[1])
-        lm = np.load(rt.bundle.file("report/loss_matrix.npz"))
-        assert res.mean_nll == pytest.approx(float(lm["test_loss"][0, 1]), rel=1e-5)
-        assert ms["total"] >= 0
-        with pytest.raises(InputError, match="empty"):
-            rt.score([""])
-
-
-def test_generation_with_kv_cache_equals_recompute(lm_bundle):
-    from moqe_compile.tasks.causal_lm.runtime import LMRuntime
-
-    with LMRuntime.load(lm_bundle[0]) as rt:
-        streamed = []
-        g = rt.generate("the cat sat on", 6, on_text=streamed.append, expert="fp")
-        ids = list(rt.encode("the cat sat on"))
-        sess = rt.session("fp")
-        for tok in g.new_tokens:  # greedy without cache: full recompute each step
-            assert int(sess.logits(np.array([ids]))[0, -1].argmax()) == tok
-            ids.append(tok)
-        assert "".join(streamed) == g.text and len(g.new_tokens) <= 6
 
 
 def test_cli_run_and_eval(lm_bundle, capsys):

@@ -7,7 +7,7 @@
 ``moqe_compile/recipes/fmnist-w2a8-groups.toml`` (its experts, FP model and build
 config), rebuilds its router_train / router_val splits, scores its experts on them, and for
 each cost weight trains, exports and routes the bundle's router exactly as ``build`` does
-(``pipeline.py``: each expert's loss charged ``cost_weight`` per mean weight bit above the
+(the build: each expert's loss charged ``cost_weight`` per mean weight bit above the
 cheapest expert in training, epoch choice and fallback; routed through the exported ONNX
 graph and the confidence fallback). Only router_val is looked at; the test split is never
 loaded.

@@ -31,16 +31,16 @@ def build_steps(cfg, writer, work, stages):
     return LMSteps(cfg, writer, work, stages)
 
 
-def runtime(bundle_dir, **options):
+def load_runtime(bundle_dir, **options):
     from moqe_compile.tasks.causal_lm.runtime import LMRuntime
 
-    return LMRuntime(bundle_dir, **options)
+    return LMRuntime.load(bundle_dir, **options)
 
 
-def inspect(bundle) -> str:
-    from moqe_compile.tasks.causal_lm.inspect import render_lm
+def render(bundle) -> str:
+    from moqe_compile.tasks.causal_lm import inspect
 
-    return render_lm(bundle)
+    return inspect.render(bundle)
 
 
 def evaluate(args) -> int:

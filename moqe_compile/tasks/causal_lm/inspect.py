@@ -12,7 +12,7 @@ def _moe_model_line(moe: dict | None) -> list[str]:
 
 
 def _moe_bits_lines(a: dict | None) -> list[str]:
-    """An expert-wise bit allocation (quantize/moe_bits.py): criterion, fallback, bits per layer."""
+    """An expert-wise bit allocation (causal_lm/moe_bits.py): criterion, fallback, bits per layer."""
     if not a:
         return []
     pad = " " * 27
@@ -28,7 +28,17 @@ def _moe_bits_lines(a: dict | None) -> list[str]:
     return L
 
 
-def render_lm(b) -> str:
+# Bundles built before the two tasks shared one gate wrote "single-expert" for "single".
+GATE_DECISIONS = {"single-expert": "single"}
+
+
+def gate_decision(gate: dict) -> str:
+    """The gate's decision as today's bundles write it (``"routed"`` or ``"single"``)."""
+    return GATE_DECISIONS.get(gate["decision"], gate["decision"])
+
+
+def render(b) -> str:
+    """The summary of a read causal-LM bundle ``b`` (``bundle.Bundle``)."""
     m = b.manifest
     d, r, g = m["model"]["decoder"], m["routing"], m["router"]["gate"]
     L = [f"bundle      {b.root}",
@@ -43,7 +53,7 @@ def render_lm(b) -> str:
                                     if isinstance(v, dict)) + f" ({m['splits']['seq_len']} tokens, disjoint by document)",
          f"routing     {'ROUTED' if r['enabled'] else 'single expert ' + r['default_expert']} per sequence on "
          f"{r['routed_on']}; default (best on router_val) {r['default_expert']}",
-         f"gate        {g['decision']}{' FORCED' if g.get('forced') else ''}: {g['reason']}",
+         f"gate        {gate_decision(g)}{' FORCED' if g.get('forced') else ''}: {g['reason']}",
          "experts"]
     for e in m["experts"]:
         rc, v = e["recipe"], e["variants"]["onnxruntime-cpu"]

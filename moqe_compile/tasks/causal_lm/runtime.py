@@ -6,6 +6,11 @@ chosen expert scores the sequence or generates from it with its KV cache. When t
 significance gate refused routing, the router is not run and the default expert serves.
 Texts of one call are grouped per expert with runtime/dispatch.py, as the image runtime does.
 Expert sessions are created on first use (each holds a full decoder).
+
+Built on ``runtime/base.py``'s ``BundleRuntime``: ``run(texts)`` scores a list of texts and
+returns a ``RunResult`` whose ``outputs`` are one ``ScoreResult`` per text; ``submit(texts)``
+queues them for the dynamic batcher; ``close`` drains queued requests and waits for running
+scores and generations before it drops the sessions.
 """
 
 from __future__ import annotations
@@ -14,16 +19,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from moqe_compile.backends.onnxruntime_cpu import session as ort_session
 from moqe_compile.bundle import read_bundle
 from moqe_compile.errors import BundleError, InputError
-from moqe_compile.tasks.causal_lm.score import DecoderSession, token_nll
+from moqe_compile.runtime.base import BundleRuntime, QueueConfig, RunResult, timing
 from moqe_compile.runtime.dispatch import group_by_expert
-
-TASK = "causal-lm"
+from moqe_compile.tasks.causal_lm import KIND
+from moqe_compile.tasks.causal_lm.score import DecoderSession, token_nll
 
 
 @dataclass
@@ -47,57 +54,63 @@ class GenerateResult:
     timing_ms: dict = field(default_factory=dict)
 
 
-class LMRuntime:
-    def __init__(self, bundle, threads: int = 0):
+@dataclass(frozen=True)
+class _Text:
+    """A checked input: the text and its token ids."""
+
+    text: str
+    ids: np.ndarray
+
+
+class LMRuntime(BundleRuntime):
+    def __init__(self, bundle, threads: int = 0, queue: QueueConfig | None = None):
         m = bundle.manifest
-        if m.get("task", {}).get("kind") != TASK:
-            raise BundleError(f"bundle {str(bundle.root)!r} is a {m.get('task', {}).get('kind')!r} bundle, "
-                              f"not {TASK!r}: use Runtime for it.")
+        kind = m.get("task", {}).get("kind")
+        if kind != KIND:
+            raise BundleError(f"bundle {str(bundle.root)!r} is a {kind!r} bundle, not {KIND!r}: "
+                              f"open it with moqe_compile.load().")
+        super().__init__(bundle.root, m, queue)
         from tokenizers import Tokenizer
 
-        self.bundle, self.manifest, self.threads = bundle, m, threads
+        self.bundle, self.threads = bundle, threads
         self.tokenizer = Tokenizer.from_file(str(bundle.file(m["task"]["tokenizer"]["path"])))
         d = m["model"]["decoder"]
         self.layers, self.kv_heads, self.head_dim = d["layers"], d["kv_heads"], d["head_dim"]
         self.max_positions = d["max_positions"]
         self.eos = m["task"]["eos_token_id"]
-        self.expert_names = [e["name"] for e in m["experts"]]
         self._rel = {e["name"]: e["variants"]["onnxruntime-cpu"]["path"] for e in m["experts"]}
         self._rel["fp"] = m["model"]["fp"]["path"]
         self._paths = {k: bundle.file(v) for k, v in self._rel.items()}
         from moqe_compile.bundle.shared_weights import SharedTensors
 
         self._shared = SharedTensors(bundle)  # the embedding table, once for every session
-        r = m["routing"]
-        self.routing_enabled = bool(r["enabled"])
-        self.default_expert = self.expert_names.index(r["default_expert"])
+        # Writable: eval measures the router's choice even where the gate serves one expert.
+        self.routing_enabled = bool(m["routing"]["enabled"])
         self.prefix_tokens = m["router"]["prefix_tokens"]
-        self._router = None
         self._sessions: dict[str, DecoderSession] = {}
-        self._lock = threading.Lock()
+        self._session_lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, threads: int = 0) -> "LMRuntime":
-        return cls(read_bundle(path, verify=verify), threads)
+    def load(cls, path: str | Path, verify: bool = True, threads: int = 0,
+             queue: QueueConfig | None = None) -> "LMRuntime":
+        return cls(read_bundle(path, verify=verify), threads, queue)
 
-    def __enter__(self) -> "LMRuntime":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
+    def _release(self) -> None:
         self._sessions.clear()
         self._router = None
 
     # -------------------------------------------------------------- pieces
+    @property
+    def routed(self) -> bool:
+        return self.routing_enabled
+
     def session(self, name: str) -> DecoderSession:
         """The decoder of expert ``name`` (or ``"fp"``), created once."""
-        with self._lock:
+        with self._session_lock:
             if name not in self._sessions:
                 if name not in self._paths:
                     raise InputError(f"unknown expert {name!r}; this bundle has {self.expert_names}.")
-                add = (lambda so, rel=self._rel[name]: self._shared.add_to(so, rel))  # noqa: E731
+                add = partial(self._shared.add_to, graph_rel=self._rel[name])
                 self._sessions[name] = DecoderSession(name, self._paths[name], self.layers, self.kv_heads,
                                                       self.head_dim, self.threads, add_shared=add)
             return self._sessions[name]
@@ -110,60 +123,85 @@ class LMRuntime:
             raise InputError(f"the text has {len(ids)} tokens; the model takes at most {self.max_positions}.")
         return ids
 
-    def route(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, list[float | None]]:
-        """(expert index per sequence, router confidence or None where the router did not run)."""
-        if not self.routing_enabled:
-            return np.full(len(seqs), self.default_expert), [None] * len(seqs)
-        if self._router is None:
-            import onnxruntime as ort
+    def _router_session(self):
+        with self._session_lock:
+            if self._router is None:
+                rel = self.manifest["router"]["path"]
+                # a few dozen tokens: threads cost more than they save
+                self._router = ort_session(self.bundle.file(rel), threads=1, name="router",
+                                           add_shared=partial(self._shared.add_to, graph_rel=rel))
+            return self._router
 
-            so = ort.SessionOptions()
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.intra_op_num_threads = 1  # a few dozen tokens: threads cost more than they save
-            self._shared.add_to(so, self.manifest["router"]["path"])
-            self._router = ort.InferenceSession(str(self.bundle.file(self.manifest["router"]["path"])), so,
-                                                providers=["CPUExecutionProvider"])
-        idx, conf = np.zeros(len(seqs), np.int64), []
-        for i, s in enumerate(seqs):  # prefixes differ in length for short texts: one at a time
-            pre = s[None, : self.prefix_tokens]
-            p = self._router.run(None, {"input_ids": pre, "attention_mask": np.ones_like(pre)})[0][0]
-            idx[i], _ = int(p.argmax()), conf.append(float(p.max()))
-        return idx, conf
+    def _router_probs(self, seqs: list) -> np.ndarray:
+        """(N, K) router probabilities, one sequence at a time (short texts' prefixes differ
+        in length)."""
+        router = self._router_session()
+        rows = []
+        for s in seqs:
+            pre = np.asarray(getattr(s, "ids", s))[None, : self.prefix_tokens]
+            rows.append(router.run(None, {"input_ids": pre, "attention_mask": np.ones_like(pre)})[0][0])
+        return np.stack(rows)
+
+    def _check(self, texts: list[str]) -> list[_Text]:
+        """Each text with its token ids; perplexity needs at least 2 tokens."""
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
+            raise InputError(f"expected a non-empty list of texts, got {type(texts).__name__}.")
+        out = [t if isinstance(t, _Text) else _Text(t, self.encode(t)) for t in texts]
+        for t in out:
+            if len(t.ids) < 2:
+                raise InputError(f"text {t.text[:40]!r} has {len(t.ids)} token(s); perplexity needs at least 2.")
+        return out
+
+    def _run(self, items: list[_Text]) -> RunResult:
+        t0 = time.perf_counter()
+        idx, conf = self.route(items)
+        t1 = time.perf_counter()
+        out = self._score_groups(items, idx, conf, self.expert_names)
+        t2 = time.perf_counter()
+        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing(t0, t1, t2),
+                         self.fell_back(conf))
+
+    def _score_groups(self, items: list[_Text], idx: np.ndarray, conf, names) -> list[ScoreResult]:
+        """Score each text on ``names[idx[i]]``, one expert group at a time."""
+        out: list[ScoreResult | None] = [None] * len(items)
+        for k, members in group_by_expert(idx):
+            sess = self.session(names[k])
+            for i in members:  # one sequence per run: see causal_lm/score.py
+                ids = items[i].ids[None]
+                nll = float(token_nll(sess.logits(ids), ids).mean())
+                c = float(conf[i]) if self.routed and conf is not None else None
+                out[i] = ScoreResult(items[i].text, len(items[i].ids), nll, float(np.exp(nll)), names[k], c)
+        return out
 
     # -------------------------------------------------------------- requests
     def score(self, texts: list[str], expert: str | None = None) -> tuple[list[ScoreResult], dict]:
         """Perplexity of each text under its routed expert (or ``expert``: a name or ``"fp"``)."""
-        t0 = time.perf_counter()
-        seqs = [self.encode(t) for t in texts]
-        for t, s in zip(texts, seqs):
-            if len(s) < 2:
-                raise InputError(f"text {t[:40]!r} has {len(s)} token(s); perplexity needs at least 2.")
         if expert is None:
-            idx, conf = self.route(seqs)
-        else:
+            res = self.run(list(texts))
+            return res.outputs, res.timing_ms
+        with self.counted():
+            t0 = time.perf_counter()
             self.session(expert)
-            idx, conf = np.full(len(seqs), -1), [None] * len(seqs)
-        t1 = time.perf_counter()
-        out: list[ScoreResult | None] = [None] * len(seqs)
-        for k, members in group_by_expert(idx):
-            name = expert if k < 0 else self.expert_names[k]
-            sess = self.session(name)
-            for i in members:  # one sequence per run: see score_lm.py
-                nll = float(token_nll(sess.logits(seqs[i][None]), seqs[i][None]).mean())
-                out[i] = ScoreResult(texts[i], len(seqs[i]), nll, float(np.exp(nll)), name, conf[i])
-        t2 = time.perf_counter()
-        return out, {"router": (t1 - t0) * 1e3, "experts": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
+            items = self._check(list(texts))
+            t1 = time.perf_counter()
+            out = self._score_groups(items, np.zeros(len(items), np.int64), None, [expert])
+            return out, timing(t0, t1, time.perf_counter())
 
     def generate(self, prompt: str, max_new_tokens: int, on_text: Callable[[str], None] | None = None,
                  expert: str | None = None) -> GenerateResult:
         """Greedy decoding with the chosen expert's KV cache; ``on_text`` receives text as it appears."""
+        with self.counted():
+            return self._generate(prompt, max_new_tokens, on_text, expert)
+
+    def _generate(self, prompt: str, max_new_tokens: int, on_text: Callable[[str], None] | None,
+                  expert: str | None) -> GenerateResult:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens = {max_new_tokens} must be >= 1.")
         t0 = time.perf_counter()
         ids = self.encode(prompt)
         if expert is None:
             idx, conf = self.route([ids])
-            name, c = self.expert_names[int(idx[0])], conf[0]
+            name, c = self.expert_names[int(idx[0])], (float(conf[0]) if self.routed else None)
         else:
             name, c = expert, None
         t_route = time.perf_counter()

@@ -31,16 +31,25 @@ def build_steps(cfg, writer, work, stages):
     return ImageSteps(cfg, writer, work, stages)
 
 
-def runtime(bundle_dir, **options):
-    from moqe_compile.runtime.base import Runtime
+def load_runtime(bundle_dir, **options):
+    """``Runtime.load(bundle_dir, **options)``; a GPU backend (``backend="onnxruntime-cuda"``)
+    gets ``GpuRuntime.load``."""
+    from moqe_compile.backends import BACKENDS, GPU_BACKENDS
 
-    return Runtime(bundle_dir, **options)
+    backend = options.get("backend", "auto")
+    if backend in GPU_BACKENDS and backend not in BACKENDS:
+        from moqe_compile.tasks.image.runtime_gpu import GpuRuntime
+
+        return GpuRuntime.load(bundle_dir, **options)
+    from moqe_compile.tasks.image.runtime import Runtime
+
+    return Runtime.load(bundle_dir, **options)
 
 
-def inspect(bundle) -> str:
-    from moqe_compile.cli.inspect import render
+def render(bundle) -> str:
+    from moqe_compile.tasks.image import inspect
 
-    return render(bundle)
+    return inspect.render(bundle)
 
 
 def evaluate(args) -> int:

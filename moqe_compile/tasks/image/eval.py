@@ -187,7 +187,7 @@ def evaluate_bundle(bundle: str | Path, data: str = "test", out: str | Path | No
     Returns (report dict, output directory).
     """
     from moqe_compile.backends import OrtCpuSession
-    from moqe_compile.runtime import Runtime
+    from moqe_compile import Runtime
 
     if repeats < 1:
         raise InputError(f"--repeats {repeats} must be >= 1.")
@@ -296,7 +296,7 @@ def measure_bundle(rt, pool: np.ndarray, batches=(1, 32), repeats: int = 30, fp_
     Candidates: ``router`` (when routing is enabled), ``fp32`` (when ``fp_session`` is
     given), ``expert:<name>`` for each expert and ``moqe`` (``rt.run``: route + dispatch).
     """
-    router = rt._router
+    router = rt.router_session
     results = {"cpu": platform.processor() or platform.machine(), "backend": rt.backend, "repeats": int(repeats),
                "batches": {}}
     for bs in batches:

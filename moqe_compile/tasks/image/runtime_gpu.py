@@ -1,6 +1,6 @@
 """``GpuRuntime``: a bundle on one NVIDIA GPU, one CUDA stream and execution context per expert.
 
-Per batch (DESIGN.md section 6):
+Per batch (docs/design.md#gpu-backends):
 
 1. the batch goes to the device once (pinned host buffer -> device buffer);
 2. the router runs on its own stream and its probabilities come back: **host sync 1**,
@@ -16,9 +16,9 @@ Per batch (DESIGN.md section 6):
 Sessions come from ``backends.GPU_BACKENDS``: ``onnxruntime-cuda`` (the bundle's Q/DQ
 graphs on ONNX Runtime's CUDA provider, ``user_compute_stream`` = the expert's stream) or
 ``tensorrt`` (engines from the bundle, ONNX Runtime CUDA where none fits). Device buffers
-are allocated for the largest batch seen and reused. ``run`` is safe from many threads;
-calls take turns (the buffers are shared), so use one runtime per concurrent stream of
-batches.
+are allocated for the largest batch seen and reused. ``run`` and ``submit`` are safe from
+many threads; calls take turns (the buffers are shared), so use one runtime per concurrent
+stream of batches. ``close`` drains and waits as ``runtime/base.py`` says.
 
 ``cuda_graph=True`` (ONNX Runtime CUDA only): each session captures and replays a CUDA
 graph per (batch size, input buffer, output buffer), up to ``max_graphs`` of them (then it
@@ -33,9 +33,8 @@ expert runs on the whole batch at once, on its own stream, *while* the router ru
 routed expert's rows are kept. Latency becomes the slowest of router and experts instead of
 router + expert, at the price of K experts' GPU work for each such batch, which a big GPU
 at batch 1 mostly has idle. The results are the routed path's exactly (same graphs, same
-rows kept); it is a latency/compute trade, and reports name it. Measured (MobileNetV2 demo,
-batch 1, H200, with graphs): 1.308 ms against 1.334 routed and 0.926 for one expert, so it
-hides little: MoQE's overhead there is host work (ORT run calls, syncs), not serial GPU time.
+rows kept); it is a latency/compute trade, and reports name it. It hides little where MoQE's
+overhead is host work (ORT run calls, syncs) rather than serial GPU time (docs/results.md).
 
 Tested on the CPU with a host-memory device (tests/backends/fakes.py); the GPU runs are in
 tests/gpu and bench/gpu/check.sh.
@@ -52,11 +51,11 @@ import numpy as np
 from moqe_compile.backends import GPU_BACKENDS
 from moqe_compile.backends.cuda_device import Buffers
 from moqe_compile.bundle import read_bundle
-from moqe_compile.tasks.image.preprocess import Preprocess
-from moqe_compile.errors import BackendError, InputError, MoqeError
+from moqe_compile.errors import BackendError, InputError
 from moqe_compile.router.fallback import apply_fallback
+from moqe_compile.runtime.base import QueueConfig, timing
 from moqe_compile.runtime.dispatch import group_by_expert, scatter
-from moqe_compile.runtime.base import RunResult, _BundleRuntime
+from moqe_compile.tasks.image.runtime import ImageBundleRuntime, RunResult
 
 
 def _runs(members: np.ndarray) -> list[tuple[int, int, int]]:
@@ -102,19 +101,17 @@ def _out_shape(sess, n: int) -> tuple[int, ...]:
     return sess.output_shape(n) if hasattr(sess, "output_shape") else (n, *sess.output_tail)
 
 
-class GpuRuntime(_BundleRuntime):
+class GpuRuntime(ImageBundleRuntime):
     """A loaded bundle on one GPU. ``run(batch)`` returns the CPU ``Runtime``'s ``RunResult``."""
 
     def __init__(self, root: Path, manifest: dict, backend: str = "onnxruntime-cuda", device=None,
                  variant: str | None = None, only_expert: str | None = None, session_factory=None,
-                 cuda_graph: bool = False, max_graphs: int = 8, speculate_below: int = 0):
+                 cuda_graph: bool = False, max_graphs: int = 8, speculate_below: int = 0,
+                 queue: QueueConfig | None = None):
         if backend not in GPU_BACKENDS:
             raise BackendError(f"unknown GPU backend {backend!r}; supported: {sorted(GPU_BACKENDS)}.")
-        self.root, self.manifest, self.backend = Path(root), manifest, backend
-        self.preprocess = Preprocess.from_dict(manifest["preprocessing"])
-        self.expert_names = [e["name"] for e in manifest["experts"]]
-        if only_expert is not None and only_expert not in self.expert_names:
-            raise InputError(f"expert {only_expert!r} is not in this bundle; it has {self.expert_names}.")
+        super().__init__(root, manifest, queue, only_expert)
+        self.backend = backend
         have = list(manifest["backends"])
         if variant in (None, "auto"):
             # TensorRT needs the S8S8 graphs; ONNX Runtime CUDA runs either, and S8S8 is the
@@ -139,7 +136,6 @@ class GpuRuntime(_BundleRuntime):
 
         self._sessions = []  # everything to close, wrappers included
         self._experts = []
-        self._router = None
         routing = manifest["routing"]
         try:
             for e in manifest["experts"]:
@@ -160,9 +156,6 @@ class GpuRuntime(_BundleRuntime):
             for s in self._sessions:  # release the streams and buffers made so far
                 s.close()
             raise
-        self.default_expert = self.expert_names.index(only_expert or routing["default_expert"])
-        self.fallback_threshold = float(routing.get("fallback_threshold", 0.0))
-        self.fallback_expert = self.expert_names.index(routing.get("fallback_expert", routing["default_expert"]))
         if speculate_below < 0:
             raise InputError(f"speculate_below = {speculate_below}; expected 0 (off) or a batch size >= 1.")
         self.speculate_below = int(speculate_below)
@@ -170,21 +163,22 @@ class GpuRuntime(_BundleRuntime):
         self._join = device.stream()
         self._input_ready = device.event()
         self._done = {id(s): device.event() for s in self._experts if s is not None}
-        self._lock = threading.Lock()
-        self._closed = False
+        self._turn = threading.Lock()  # calls take turns: the buffers are shared
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime-cuda", verify: bool = True, device=None,
              variant: str | None = None, only_expert: str | None = None, session_factory=None,
-             cuda_graph: bool = False, max_graphs: int = 8, speculate_below: int = 0) -> "GpuRuntime":
+             cuda_graph: bool = False, max_graphs: int = 8, speculate_below: int = 0,
+             queue: QueueConfig | None = None) -> "GpuRuntime":
         """Open a bundle (hashes verified unless ``verify=False``) and create every GPU session
         once. ``variant``: which expert graphs (default: ``tensorrt`` where the bundle has it,
         else ``onnxruntime-cpu``); ``only_expert``: that expert alone, no router;
         ``cuda_graph``: replay CUDA graphs per batch size; ``speculate_below``: run every expert
-        beside the router on batches this small (both in the module docstring)."""
+        beside the router on batches this small (both in the module docstring); ``queue``: the
+        dynamic batcher behind ``submit``."""
         b = read_bundle(path, verify=verify)
         return cls(b.root, b.manifest, backend, device, variant, only_expert, session_factory, cuda_graph,
-                   max_graphs, speculate_below)
+                   max_graphs, speculate_below, queue)
 
     def describe(self) -> dict:
         """Device, backend and the execution provider each session really uses."""
@@ -196,25 +190,11 @@ class GpuRuntime(_BundleRuntime):
                                   for s in live}
         return out
 
-    def _check(self, batch: np.ndarray) -> np.ndarray:
-        shape = self.input_shape
-        if not isinstance(batch, np.ndarray) or batch.ndim != 4 or tuple(batch.shape[1:]) != shape:
-            raise InputError(f"batch has shape {getattr(batch, 'shape', type(batch).__name__)}; expected "
-                             f"(N, {shape[0]}, {shape[1]}, {shape[2]}).")
-        if batch.dtype != np.float32:
-            raise InputError(f"batch has dtype {batch.dtype}; expected float32 (preprocessed).")
-        if len(batch) == 0:
-            raise InputError("batch is empty.")
-        return batch
-
-    def run(self, batch: np.ndarray) -> RunResult:
-        batch = self._check(batch)
-        with self._lock:
-            if self._closed:
-                raise MoqeError("GpuRuntime is closed.")
-            return self._run(batch)
-
     def _run(self, batch: np.ndarray) -> RunResult:
+        with self._turn:
+            return self._run_on_device(batch)
+
+    def _run_on_device(self, batch: np.ndarray) -> RunResult:
         dev, buf = self.device, self._buffers
         n = len(batch)
         row = int(np.prod(batch.shape[1:])) * 4
@@ -257,9 +237,8 @@ class GpuRuntime(_BundleRuntime):
         dev.synchronize(self._join)  # host sync 2: once for every expert of the batch
         out = scatter(groups, outs, n)  # copies out of the pinned buffers
         t2 = time.perf_counter()
-        timing = {"router": (t1 - t0) * 1e3, "experts": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
-        fell_back = (conf < self.fallback_threshold) if self._router is not None else np.zeros(n, bool)
-        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing, fell_back)
+        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing(t0, t1, t2),
+                         self.fell_back(conf))
 
     def _launch(self, s, name: str, src: int, n: int, keyed: bool, graph: bool) -> np.ndarray:
         """Enqueue session ``s`` on ``n`` rows at ``src`` into the device buffer ``name`` (keyed
@@ -304,9 +283,8 @@ class GpuRuntime(_BundleRuntime):
             rows = idx == k
             out[rows] = y[rows]
         t2 = time.perf_counter()
-        timing = {"router": (t1 - t0) * 1e3, "experts": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
-        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing,
-                         conf < self.fallback_threshold)
+        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing(t0, t1, t2),
+                         self.fell_back(conf))
 
     def run_expert(self, name: str, batch: np.ndarray) -> np.ndarray:
         """One expert alone through its session's own ``run`` (benchmarks' single-expert baseline)."""
@@ -315,17 +293,8 @@ class GpuRuntime(_BundleRuntime):
             raise InputError(f"expert {name!r} was not loaded.")
         return s.run(self._check(batch))
 
-    def __enter__(self) -> "GpuRuntime":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+    def _release(self) -> None:
+        with self._turn:
             for s in self._sessions:
                 s.close()
             self._buffers.close()

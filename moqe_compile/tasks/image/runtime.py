@@ -1,0 +1,145 @@
+"""``Runtime``: an image-classification bundle on ONNX Runtime CPU (or TensorRT engines).
+
+Per call: the router scores the whole batch, samples are grouped by chosen expert, each
+group runs as one batch on its expert, and outputs return in input order
+(``runtime/base.py`` has the routing, the fallback, ``submit`` and ``close``).
+
+The router graph gets two sessions: batches of at most ``router_threads_max_batch`` (2) run
+on ``router_threads`` (1) intra-op threads, larger ones with the experts' setting. A router's
+ops are tiny, and at batch 1-2 ONNX Runtime's thread hand-offs cost more than they save;
+at large batches the experts' thread count wins (bench/router_budget.py measures both).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moqe_compile.backends import BACKENDS, resolve_backend
+from moqe_compile.bundle import read_bundle
+from moqe_compile.errors import InputError
+from moqe_compile.runtime import base
+from moqe_compile.runtime.base import QueueConfig, RouterSessions, timing
+from moqe_compile.runtime.dispatch import group_by_expert, scatter
+from moqe_compile.tasks.image.preprocess import Preprocess, load_inputs
+
+
+@dataclass
+class RunResult(base.RunResult):
+    """``outputs`` are the (N, C) float32 logits, also readable as ``logits``."""
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.outputs
+
+    def topk(self, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """(class indices, probabilities) of the ``k`` most probable classes per sample."""
+        z = self.logits - self.logits.max(-1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(-1, keepdims=True)
+        idx = np.argsort(-p, axis=-1)[:, :k]
+        return idx, np.take_along_axis(p, idx, -1)
+
+
+class ImageBundleRuntime(base.BundleRuntime):
+    """What the CPU and GPU image runtimes share: preprocessing, labels and the batch check."""
+
+    def __init__(self, root, manifest: dict, queue: QueueConfig | None = None, only_expert: str | None = None):
+        super().__init__(Path(root), manifest, queue)
+        if only_expert is not None and only_expert not in self.expert_names:
+            raise InputError(f"expert {only_expert!r} is not in this bundle; it has {self.expert_names}.")
+        if only_expert is not None:
+            self.default_expert = self.expert_names.index(only_expert)
+        self.preprocess = Preprocess.from_dict(manifest["preprocessing"])
+        labels = manifest["task"].get("labels")
+        self.labels: list[str] = json.loads((self.root / labels["path"]).read_text()) if labels else []
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.preprocess.input_shape
+
+    def load_inputs(self, path: str | Path) -> tuple[list[str], np.ndarray]:
+        return load_inputs(path, self.preprocess)
+
+    def _check(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` as the contiguous float32 (N, C, H, W) the graphs take, or an InputError."""
+        shape = self.preprocess.input_shape
+        if not isinstance(batch, np.ndarray) or batch.ndim != 4 or tuple(batch.shape[1:]) != shape:
+            got = getattr(batch, "shape", type(batch).__name__)
+            raise InputError(f"batch has shape {got}; expected (N, {shape[0]}, {shape[1]}, {shape[2]}).")
+        if batch.dtype != np.float32:
+            raise InputError(f"batch has dtype {batch.dtype}; expected float32 (preprocessed).")
+        if len(batch) == 0:
+            raise InputError("batch is empty.")
+        return np.ascontiguousarray(batch)
+
+
+class Runtime(ImageBundleRuntime):
+    """A loaded image bundle. ``run(batch)`` runs at once on the calling thread; ``submit(batch)``
+    queues it for the dynamic batcher and returns a ``Future[RunResult]``. Both are safe from
+    any number of threads. ``close()`` (or leaving a ``with`` block) drains queued requests,
+    waits for running calls, then releases every session."""
+
+    def __init__(self, root: Path, manifest: dict, backend: str, intra_op_threads: int = 0, router_threads: int = 1,
+                 router_threads_max_batch: int = 2, queue: QueueConfig | None = None,
+                 only_expert: str | None = None, route_only: bool = False):
+        super().__init__(root, manifest, queue, only_expert)
+        self.backend = backend
+        cls = BACKENDS[backend]
+        # only_expert: serve that expert alone, no router (benchmarks' single-expert baseline);
+        # the other experts' sessions are never created.
+        # route_only: the router alone (a scale-out ingress whose experts run elsewhere).
+        self._experts = [cls(e["name"], self.root / e["variants"][backend]["path"], intra_op_threads)
+                         if only_expert in (None, e["name"]) and not route_only else None
+                         for e in manifest["experts"]]
+        if manifest["routing"]["enabled"] and only_expert is None:
+            rpath = self.root / manifest["router"]["path"]
+            few = (cls("router", rpath, router_threads)
+                   if router_threads != intra_op_threads and router_threads_max_batch > 0 else None)
+            self._router = RouterSessions(few, cls("router", rpath, intra_op_threads), router_threads_max_batch)
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "auto", verify: bool = True, intra_op_threads: int = 0,
+             router_threads: int = 1, router_threads_max_batch: int = 2,
+             queue: QueueConfig | None = None, only_expert: str | None = None,
+             route_only: bool = False) -> "Runtime":
+        """Open a bundle (hashes verified unless ``verify=False``) and create every session once.
+        ``intra_op_threads``: experts, and the router above ``router_threads_max_batch``
+        (0: ONNX Runtime's default); ``router_threads``: the router on small batches;
+        ``queue``: the dynamic batcher behind ``submit``; ``only_expert``: serve that expert
+        alone without the router; ``route_only``: load the router and no expert (``route``
+        works, ``run`` does not)."""
+        b = read_bundle(path, verify=verify)
+        name = resolve_backend(backend, b.manifest["backends"])
+        return cls(b.root, b.manifest, name, intra_op_threads, router_threads, router_threads_max_batch, queue,
+                   only_expert, route_only)
+
+    def _release(self) -> None:
+        for s in [*self._experts, self._router]:
+            if s is not None:
+                s.close()
+
+    def _run(self, batch: np.ndarray) -> RunResult:
+        t0 = time.perf_counter()
+        idx, conf = self.route(batch)
+        t1 = time.perf_counter()
+        groups = group_by_expert(idx)
+        out = scatter(groups, [self._session(k).run(np.ascontiguousarray(batch[m])) for k, m in groups], len(batch))
+        t2 = time.perf_counter()
+        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing(t0, t1, t2),
+                         self.fell_back(conf))
+
+    def run_expert(self, name: str, batch: np.ndarray) -> np.ndarray:
+        """Run one expert alone (benchmarks, controls)."""
+        return self._session(self.expert_names.index(name)).run(self._check(batch))
+
+    def _session(self, k: int):
+        sess = self._experts[k]
+        if sess is None:
+            loaded = [n for n, e in zip(self.expert_names, self._experts) if e is not None]
+            raise InputError(f"expert {self.expert_names[k]!r} was not loaded (this runtime has {loaded}).")
+        return sess
