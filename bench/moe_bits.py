@@ -82,7 +82,7 @@ def fake_quant_grid(args) -> dict:
     import torch
 
     import moe_train
-    from moqe_compile.tasks.causal_lm.data import build_text_splits
+    from moqe_compile.tasks.causal_lm.data import build_text_splits, encoder
     from moqe_compile.evaluate.stats import paired_bootstrap
     from moqe_compile.tasks.causal_lm.model import load_causal_lm
     from moqe_compile.tasks.causal_lm.moe import find_moe
@@ -97,8 +97,7 @@ def fake_quant_grid(args) -> dict:
     torch.set_num_threads(args.threads)
     model, tok = load_causal_lm("transformers", str(args.model))
     moe = find_moe(model)
-    encode = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
-    sp = build_text_splits(encode, tok.eos_token_id, moe_train.CORPORA, moe_train.FRACTIONS, moe_train.SEQ_LEN,
+    sp = build_text_splits(encoder(tok), tok.eos_token_id, moe_train.CORPORA, moe_train.FRACTIONS, moe_train.SEQ_LEN,
                            moe_train.SEED, args.max_test, args.calibration)
     calib, test = sp["calibration"].ids, sp["test"].ids
     per = ", ".join(f"{c} {int((sp['test'].corpus == c).sum())}" for c in moe_train.CORPORA)

@@ -66,10 +66,9 @@ def train_tokenizer(vocab: int = 2048):
 
 
 def splits(tok):
-    from moqe_compile.tasks.causal_lm.data import build_text_splits
+    from moqe_compile.tasks.causal_lm.data import build_text_splits, encoder
 
-    encode = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
-    return build_text_splits(encode, tok.eos_token_id, CORPORA, FRACTIONS, SEQ_LEN, SEED)
+    return build_text_splits(encoder(tok), tok.eos_token_id, CORPORA, FRACTIONS, SEQ_LEN, SEED)
 
 
 def write_heldout(out: Path) -> Path:

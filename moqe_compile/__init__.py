@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__version__ = "0.1.0"
+from moqe_compile.version import __version__
 
 
 def task_of_bundle(path: str | Path):

@@ -12,7 +12,7 @@ Routing is kept only if
    headroom, a stricter bar), when a copies control was built, and
 3. it also significantly beats the single expert that is best on the headline metric, when
    that is another expert: otherwise a router that mostly serves that expert "wins" against
-   a weaker default.
+   a weaker default (docs/results.md#the-cost-aware-router-on-the-w2a8-layer-groups).
 
 The gate's split (router_val) also chose the router's epoch and fallback: optimistic for
 MoQE, so a refusal is conservative.

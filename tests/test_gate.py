@@ -24,7 +24,7 @@ from moqe_compile.gate import Comparison, decide, significant
 from moqe_compile.tasks.image.report import gate_decision
 from moqe_compile.tasks.image.score import Scores
 
-from .conftest import CROP, NUM_CLASSES, tiny_config
+from .models import CROP, NUM_CLASSES, tiny_config
 
 
 @pytest.fixture(scope="module")

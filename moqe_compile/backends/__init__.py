@@ -3,7 +3,7 @@
 ``BACKENDS`` maps the names a bundle's ``backends`` list and ``experts[].variants`` use to
 the session class ``Runtime`` creates per graph: ``onnxruntime-cpu`` (U8S8 graphs) and
 ``tensorrt`` (S8S8 graphs: a TensorRT engine from the bundle, or that graph on ONNX
-Runtime when no engine fits). ``GPU_BACKENDS`` are the sessions ``runtime.gpu.GpuRuntime``
+Runtime when no engine fits). ``GPU_BACKENDS`` are the sessions ``tasks.image.runtime_gpu.GpuRuntime``
 drives with CUDA streams; ``onnxruntime-cuda`` runs a bundle's existing Q/DQ graphs and has
 no variant of its own, so it is served by ``GpuRuntime``, not ``Runtime``.
 """

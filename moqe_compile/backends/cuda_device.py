@@ -1,12 +1,12 @@
 """Streams, events and memory through cuda-python (``cuda.bindings.runtime``), imported lazily.
 
-cuda-python is NVIDIA's maintained binding (pycuda has no wheels for the GPU machine here);
-it returns ``(cudaError_t, value...)`` tuples, which :func:`_ok` turns into BackendErrors
-naming the call. Handles (streams, events, pointers) are plain ints so that ONNX Runtime
+cuda-python is NVIDIA's maintained binding (pycuda had no wheel for the GPU machine the project
+was tested on); it returns ``(cudaError_t, value...)`` tuples, which :func:`_ok` turns into
+BackendErrors naming the call. Handles (streams, events, pointers) are plain ints so that ONNX Runtime
 (``user_compute_stream``, ``bind_input(buffer_ptr=...)``) and TensorRT
 (``set_tensor_address``, ``execute_async_v3``) take them directly.
 
-The GPU backends and ``runtime/gpu.py`` talk to a device only through the methods of
+The GPU backends and ``tasks/image/runtime_gpu.py`` talk to a device only through the methods of
 :class:`CudaDevice`, so their logic is tested on the CPU with a host-memory stand-in
 (tests/backends/fakes.py).
 """

@@ -38,7 +38,7 @@ def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = 
     so.graph_optimization_level = LEVELS[optimization]
     # A MoQE call runs the router, then one session per expert group, back to back. With ORT's
     # default spin-waiting, the previous session's idle threads keep spinning and starve the
-    # next one (docs/design.md#gpu-backends has the measurement).
+    # next one (docs/results.md#demo-bundle-build-time-and-cpu-latency).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads

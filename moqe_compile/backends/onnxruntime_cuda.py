@@ -5,22 +5,22 @@ Needs ``onnxruntime-gpu`` (in place of the CPU ``onnxruntime`` wheel: both provi
 Runtime computes on (``user_compute_stream``), so several experts' sessions overlap on one
 GPU; :meth:`enqueue` binds device pointers and returns without a host sync
 (``disable_synchronize_execution_providers``), and the caller syncs once per batch
-(``runtime/gpu.py``). :meth:`run` is the plain ``Session`` contract (host array in, host
+(``tasks/image/runtime_gpu.py``). :meth:`run` is the plain ``Session`` contract (host array in, host
 array out, one sync) so the CPU ``Runtime`` and the benches can use it too.
 
-What this backend is for (DESIGN.md section 6): ONNX Runtime's CUDA provider has no integer
-convolutions. It runs a Q/DQ graph as float Conv between activation Q/DQ pairs (weights
-folded, :func:`fold_constant_dequantize`), slower than FP32 (MobileNetV2, batch 1, H200:
-2.39 vs 1.70 ms end to end), so an INT8 expert here is judged on correctness and on MoQE's
-overhead over one expert, never on speed; :func:`fp16_model` makes the FP16 graph that
-reports put beside it.
+What this backend is for (docs/design.md#gpu-backends): ONNX Runtime's CUDA provider has no
+integer convolutions. It runs a Q/DQ graph as float Conv between activation Q/DQ pairs (weights
+folded, :func:`fold_constant_dequantize`), slower than FP32
+(docs/results.md#gpu-router-attention-kernel-and-moqe-on-onnx-runtime-cuda), so an INT8 expert
+on this backend is judged on correctness and on MoQE's overhead over one expert, never on
+speed; :func:`fp16_model` makes the FP16 graph that reports put beside it.
 
 CUDA graphs (``cuda_graph=True``): ONNX Runtime's own capture (provider option
 ``enable_cuda_graph``), one graph per batch size through the run option ``gpu_graph_id``
 (1, 2, ...; -1 runs without a graph). A graph replays the device addresses it was captured
 with, so graphs are keyed by (batch size, input address, output address): a replay always
 reads and writes the buffers bound now, and callers that want replays rather than new
-captures bind fixed buffers per batch size (``runtime/gpu.py`` does). At most
+captures bind fixed buffers per batch size (``tasks/image/runtime_gpu.py`` does). At most
 ``max_graphs`` are captured; later keys run without a graph. Where the provider refuses
 capture (a node left on the CPU, say) the session is made without it and
 :attr:`graph_error` says why.

@@ -14,8 +14,8 @@ portability rules to a record; :class:`TensorRTSession` runs the first engine th
 this machine and otherwise warns, says why each engine was refused, and runs the expert's
 ONNX graph instead (ONNX Runtime CUDA when onnxruntime-gpu is installed, else CPU).
 
-None of this was run here (no TensorRT on any machine of this project): only the record
-keeping, the compatibility rules and the fallback are tested, on the CPU.
+None of this has run against a real TensorRT (it could not be installed; docs/limitations.md):
+only the record keeping, the compatibility rules and the fallback are tested, on the CPU.
 """
 
 from __future__ import annotations

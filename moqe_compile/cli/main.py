@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from moqe_compile.cli.common import guarded
 
@@ -56,7 +55,9 @@ def cmd_build(args) -> int:
         for r in cfg.experts:
             print(f"  expert {r.name}" + (f"  preset={r.preset}" if getattr(r, "preset", "") else ""))
         return 0
-    out = task.build(cfg, args.output, quiet=args.quiet)
+    from moqe_compile.build import build
+
+    out = build(cfg, args.output, quiet=args.quiet)
     print(f"bundle written to {out}")
     if "tensorrt" in backends:
         # TensorRT only builds: calibration is already in the S8S8 Q/DQ graphs (TensorRT 11 has
@@ -138,6 +139,7 @@ def cmd_sensitivity(args) -> int:
     from moqe_compile.tasks.image.preprocess import Preprocess
     from moqe_compile.tasks.image.model import load_fp_model
     from moqe_compile.quantize import prepare_for_quantization
+    from moqe_compile.evaluate.losses import kl_to_fp
     from moqe_compile.quantize.sensitivity import layer_sensitivity
 
     cfg = load_recipe(args.recipe) if args.recipe else BuildConfig()
@@ -147,7 +149,7 @@ def cmd_sensitivity(args) -> int:
         fp = load_fp_model(cfg.model, cfg.preprocessing, work / "fp.onnx")
         x = build_splits(cfg.data, Preprocess.from_dict(asdict(cfg.preprocessing)))["calibration"].x
         prepared = prepare_for_quantization(fp.path, work / "prepared.onnx")
-        ranking = layer_sensitivity(prepared, fp.input_name, x, work, n=args.samples)
+        ranking = layer_sensitivity(prepared, fp.input_name, x, work, kl_to_fp, n=args.samples)
     if args.json:
         print(json.dumps(ranking[: args.top]))
     else:

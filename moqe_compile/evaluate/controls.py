@@ -12,21 +12,17 @@ Task-free, on per-sample vectors (both reports call these):
 - :func:`cost_matched` and :func:`frontier_pair`: MoQE against the best random mix of two
   single experts that costs what MoQE costs on average (cost: mean weight bits per weight).
 
-The image build's copies (:func:`build_copies`) and expert cost (:func:`expert_cost`) are
-below them.
+Below them, the stored copies (:class:`Copies`). The copies themselves are built by
+:func:`moqe_compile.stages.build_copies`, for both tasks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from moqe_compile.tasks.image.config import BuildConfig, ExpertRecipe
-from moqe_compile.tasks.image.presets import STRONGEST_PRESETS
-from moqe_compile.quantize.graph import weight_layers
 
 CONTROLS_FILE = "report/controls.npz"
 
@@ -122,34 +118,6 @@ def frontier_pair(names: list[str], costs, expected: float, score: dict) -> tupl
                 best = (v, lo, hi, wl)
     return None if best is None else best[1:]
 
-
-
-def strongest_expert(experts: list[ExpertRecipe]) -> str | None:
-    """The first expert built from a strongest preset (the baseline every report measures)."""
-    return next((r.name for r in experts if r.preset in STRONGEST_PRESETS), None)
-
-
-def copy_recipe(cfg: BuildConfig) -> ExpertRecipe:
-    """The recipe the copies repeat: ``[controls] copies_of``'s, else the strongest expert's,
-    else the ``strongest`` preset at the first expert's weight width."""
-    name = cfg.controls.copies_of or strongest_expert(cfg.experts)
-    if name is not None:
-        return next(r for r in cfg.experts if r.name == name)
-    preset = "w4a8-strongest" if cfg.experts[0].weight_bits == 4 else "strongest"
-    return ExpertRecipe.from_preset("copy", preset)
-
-
-def expert_cost(prepared: Path, excluded: list[str], weight_bits: int, high_precision: list[str] = ()) -> float:
-    """Mean weight bits per Conv/Gemm weight parameter; FP-kept layers count 32, layers kept
-    at 8 bits (``high_precision``) 8."""
-    m = onnx.load(str(prepared))
-    sizes = {i.name: int(np.prod(i.dims)) for i in m.graph.initializer}
-    total = bits = 0
-    for l in weight_layers(m):
-        n = sizes[l.weight]
-        total += n
-        bits += n * (32 if l.node in excluded else 8 if l.node in high_precision else weight_bits)
-    return float(bits / total) if total else float(weight_bits)
 
 
 @dataclass

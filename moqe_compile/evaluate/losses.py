@@ -22,3 +22,8 @@ def sample_losses(logits: np.ndarray, fp_logits: np.ndarray, labels: np.ndarray 
         return -lp[np.arange(len(lp)), labels]
     lq = log_softmax(fp_logits)
     return (np.exp(lq) * (lq - lp)).sum(axis=-1)
+
+
+def kl_to_fp(logits: np.ndarray, fp_logits: np.ndarray) -> np.ndarray:
+    """Per-sample KL(p_fp || p): how far a quantized model's output moved from FP's."""
+    return sample_losses(logits, fp_logits, None, "fp")

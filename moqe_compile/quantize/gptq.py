@@ -205,7 +205,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, ac
     if act_order and grid.fits_scales:
         raise BuildError("GPTQ act_order needs fixed scales; a grid fitted per group needs its columns in order.")
     # One torch thread: small LAPACK calls and many tiny per-column ops, where OpenMP threads
-    # only add barrier waits, pathologically so on a loaded machine.
+    # only add barrier waits, pathologically so on a loaded machine (docs/results.md#smollm2-135m-int8-and-int4).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -158,8 +158,8 @@ def check_kernels(path: Path, allow_fp_head: bool = False, allow_fp=()) -> dict:
     by_design = [n for n in float_w if n in set(allow_fp)]
     float_w = [n for n in float_w if n not in set(allow_fp)]
     kernels = {k: ops[k] for k in INTEGER_KERNELS if ops[k]}
-    # MatMulNBits with float zero points (ORT's HQQ writes them) misses MLAS' fast 4-bit path,
-    # so the report says so.
+    # MatMulNBits with float zero points (ORT's HQQ writes them) misses MLAS' fast 4-bit path
+    # (docs/results.md#smollm2-135m-int8-and-int4), so the report says so.
     init_type = {i.name: i.data_type for i in g.initializer}
     slow = sum(1 for n in g.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]
                and init_type.get(n.input[3]) == 1)

@@ -1,7 +1,7 @@
 """Write one expert's Q/DQ graph for a backend from calibrated ranges.
 
 ONNX Runtime CPU executes INT8 fast only as U8S8 (uint8 activations, int8 weights;
-S8S8 can run slower than FP32 there). ``reduce_range`` (7-bit weights)
+S8S8 ran slower than FP32 there: docs/results.md#expert-recipes). ``reduce_range`` (7-bit weights)
 avoids int16 accumulator saturation on x86 CPUs without VNNI, so it follows the CPU.
 TensorRT (and ONNX Runtime CUDA) want symmetric S8S8 with zero-point 0, per-tensor
 activations and per-channel weights on axis 0: one set of parameters, one graph per backend.

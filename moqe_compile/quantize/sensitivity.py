@@ -4,13 +4,13 @@ candidates to keep in FP (``exclude_sensitive`` / ``nodes_to_exclude``, as Model
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from moqe_compile.backends.onnxruntime_cpu import session
-from moqe_compile.evaluate.losses import sample_losses
 from moqe_compile.quantize.calibrate import calibrate_ranges
 from moqe_compile.quantize.graph import weight_layers
 from moqe_compile.quantize.qdq import write_expert
@@ -21,9 +21,11 @@ def _run(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
     return np.concatenate([s.run(None, {input_name: x[i : i + 32]})[0] for i in range(0, len(x), 32)])
 
 
-def layer_sensitivity(prepared: Path, input_name: str, x: np.ndarray, work: Path, n: int = 64,
+def layer_sensitivity(prepared: Path, input_name: str, x: np.ndarray, work: Path,
+                      divergence: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int = 64,
                       show_progress: bool = True) -> list[dict]:
-    """Layers sorted from most to least sensitive."""
+    """Layers sorted from most to least sensitive. ``divergence(outputs, fp_outputs)``: the
+    per-sample distance of a quantized model's outputs from FP's (e.g. KL to FP)."""
     import onnx
 
     x = x[:n]
@@ -36,6 +38,6 @@ def layer_sensitivity(prepared: Path, input_name: str, x: np.ndarray, work: Path
         q = work / "sensitivity.one.onnx"
         write_expert(prepared, ranges, "onnxruntime-cpu", q, method="minmax", exclude=[m for m in nodes if m != l.node])
         y = _run(q, input_name, x)
-        out.append({"node": l.node, "op": l.op, "kl_to_fp": float(sample_losses(y, fp, None, "fp").mean()),
+        out.append({"node": l.node, "op": l.op, "kl_to_fp": float(divergence(y, fp).mean()),
                     "fp_top1_agreement": float((y.argmax(-1) == fp.argmax(-1)).mean())})
     return sorted(out, key=lambda r: -r["kl_to_fp"])

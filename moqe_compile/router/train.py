@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Routers are tiny: torch's intra-op threads cost more in hand-offs than they save, and far more
-# when other processes share the cores (docs/results.md has the measurement).
+# when other processes share the cores (docs/results.md#demo-bundle-build-time-and-cpu-latency).
 TRAIN_THREADS = 1
 
 

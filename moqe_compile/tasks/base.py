@@ -3,9 +3,8 @@
 - ``KIND``: the task kind string (``task`` in recipes, ``task.kind`` in manifests).
 - ``load_recipe(path) -> config``: read and validate a TOML recipe of this task.
 - ``default_config() -> config``: the task's defaults.
-- ``build(config, out, quiet=False) -> Path``: compile a bundle (``moqe_compile.build.build``).
 - ``build_steps(config, writer, work, stages)``: the object whose ``ORDER`` names the step methods
-  the build runs, then ``gate``, ``extra_versions()`` and ``manifest()``.
+  ``moqe_compile.build.build`` runs, then ``gate``, ``extra_versions()`` and ``manifest()``.
 - ``load_runtime(bundle_dir, **options)``: the bundle's runtime (``run``/``submit``/``close``).
 - ``render(bundle) -> str``: the human summary of a read bundle (``moqe-compile inspect``).
 
@@ -18,5 +17,5 @@ a submodule sets the package attribute of that name, which would replace a hook 
 
 from __future__ import annotations
 
-PLUGIN_NAMES = ("KIND", "load_recipe", "default_config", "build", "build_steps", "load_runtime", "render", "evaluate",
+PLUGIN_NAMES = ("KIND", "load_recipe", "default_config", "build_steps", "load_runtime", "render", "evaluate",
                 "SERVING_CODEC")

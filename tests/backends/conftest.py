@@ -1,8 +1,8 @@
 import pytest
 
-from .handmade import make_bundle
+from ..models import make_handmade_bundle
 
 
 @pytest.fixture
 def bundle(tmp_path):
-    return make_bundle(tmp_path / "bundle")
+    return make_handmade_bundle(tmp_path / "bundle")

@@ -77,3 +77,10 @@ class HostDevice:
 
     def live(self) -> int:
         return len(self._mem)
+
+
+def host_factory(name, path, device):
+    """The IOBinding session factory of the GPU runtime, run under the CPU provider with the host-memory device."""
+    from moqe_compile.backends.onnxruntime_cuda import OrtCudaSession
+
+    return OrtCudaSession(name, path, device=device, providers=["CPUExecutionProvider"], device_type="cpu")

@@ -13,8 +13,10 @@ from moqe_compile.errors import BackendError, InputError
 from moqe_compile import Runtime
 from moqe_compile.tasks.image.runtime_gpu import GpuRuntime, _runs
 
-from .fakes import HostDevice
-from .handmade import C, K, S, host_factory
+from ..models import HANDMADE_C as C
+from ..models import HANDMADE_K as K
+from ..models import HANDMADE_S as S
+from .fakes import HostDevice, host_factory
 
 
 def batch_routed_to(experts: list[int]) -> np.ndarray:

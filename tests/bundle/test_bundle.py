@@ -8,7 +8,7 @@ from moqe_compile.errors import (BuildError, BundleError, BundleIntegrityError, 
                                  SchemaVersionError)
 from moqe_compile.build import build
 
-from ..conftest import tiny_config
+from ..models import tiny_config
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from moqe_compile.cli import main as compile_cli
 from moqe_compile.cli import run as run_cli
 
-from ..conftest import CROP
+from ..models import CROP
 
 
 def _run(capsys, argv):
@@ -168,7 +168,7 @@ def test_build_backend_tensorrt_without_tensorrt(tiny_onnx, tiny_images, tmp_pat
     from moqe_compile.bundle import read_bundle
     from moqe_compile.errors import BackendError
 
-    from ..conftest import tiny_config
+    from ..models import tiny_config
 
     monkeypatch.setattr(config, "load_recipe", lambda p: tiny_config(tiny_onnx, tiny_images))
     out = tmp_path / "b"

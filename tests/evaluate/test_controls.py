@@ -5,8 +5,8 @@ import onnx
 import pytest
 
 from moqe_compile.tasks.image.config import BuildConfig, ExpertRecipe
-from moqe_compile.evaluate.controls import (Copies, copies_entries, copy_recipe, cost_matched, expert_cost,
-                                            frontier_pair, interpolate, random_route, strongest_expert)
+from moqe_compile.evaluate.controls import Copies, copies_entries, cost_matched, frontier_pair, interpolate, random_route
+from moqe_compile.tasks.image.experts import copy_recipe, expert_cost, strongest_expert
 from moqe_compile.quantize import prepare_for_quantization
 from moqe_compile.quantize.graph import weight_layers
 

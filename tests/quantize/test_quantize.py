@@ -4,7 +4,7 @@ import pytest
 
 from moqe_compile.quantize import calibrate_ranges, count_integer_kernels, prepare_for_quantization, write_expert
 
-from ..conftest import CROP
+from ..models import CROP
 
 
 @pytest.fixture(scope="module")

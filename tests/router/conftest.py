@@ -1,12 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The routers trained here are tiny: with several intra-op threads (and other processes on
-    the cores) torch spends more time handing work between threads than computing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _routers_train_on_one_thread(one_torch_thread):
+    """The routers trained here are tiny: one torch thread (tests/conftest.py ``one_torch_thread``)."""
     yield
-    torch.set_num_threads(n)

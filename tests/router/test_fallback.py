@@ -7,7 +7,7 @@ import pytest
 from moqe_compile import Runtime
 from moqe_compile.router.fallback import apply_fallback, choose_fallback
 
-from ..conftest import CROP
+from ..models import CROP
 
 
 def _brute(probs, loss):

@@ -8,7 +8,7 @@ from moqe_compile import Runtime
 from moqe_compile.errors import InputError, MoqeError, OverloadedError
 from moqe_compile.runtime import DynamicBatcher, QueueConfig
 
-from ..conftest import CROP
+from ..models import CROP
 
 
 def _split(res, a, b):

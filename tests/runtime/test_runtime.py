@@ -6,7 +6,7 @@ import pytest
 from moqe_compile import Runtime
 from moqe_compile.errors import BackendError, InputError
 
-from ..conftest import CROP
+from ..models import CROP
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import pytest
 
-from ..conftest import tiny_config
+from ..models import tiny_config
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from moqe_compile import Runtime  # noqa: E402
 from moqe_compile.errors import ConfigError  # noqa: E402
 from moqe_compile.serving.ray_serve import RayServeConfig, parse_replicas, run_ray  # noqa: E402
 
-from ..conftest import CROP  # noqa: E402
+from ..models import CROP  # noqa: E402
 
 
 def _free_port():

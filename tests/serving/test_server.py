@@ -13,7 +13,7 @@ from moqe_compile import Runtime  # noqa: E402
 from moqe_compile.runtime import QueueConfig  # noqa: E402
 from moqe_compile.serving.server import ServeConfig, ServerThread  # noqa: E402
 
-from ..conftest import CROP  # noqa: E402
+from ..models import CROP  # noqa: E402
 
 NAME = "tiny"
 

@@ -21,7 +21,7 @@ from moqe_compile import Runtime  # noqa: E402
 from moqe_compile.errors import BundleError, ConfigError  # noqa: E402
 from moqe_compile.serving.triton import TritonExport, export_triton, parse_config, plan_models  # noqa: E402
 
-from ..conftest import CROP  # noqa: E402
+from ..models import CROP  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -105,8 +105,10 @@ def split_figures(rt: Runtime, man: dict, bundle: Path, x: np.ndarray, y: np.nda
         if copies.get("route") is not None:
             correct["copies_router"] = copies["pred"][np.arange(len(y)), copies["route"]] == y
     rows = {r: {"all": pct(c.mean()), **{d: pct(c[dom == d].mean()) for d in domains}} for r, c in correct.items()}
-    share = lambda r: {d: {n: round(float((r[dom == d] == j).mean()), 4) for j, n in enumerate(names)}  # noqa: E731
-                       for d in domains}
+
+    def share(r: np.ndarray) -> dict:
+        return {d: {n: round(float((r[dom == d] == j).mean()), 4) for j, n in enumerate(names)} for d in domains}
+
     out = {"n": int(len(y)), "n_per_domain": {d: int((dom == d).sum()) for d in domains}, "top1": rows,
            "route_share_by_domain": share(route),
            "routed_to_own_domain_expert": round(float((route == dom_route).mean()), 4),

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -179,6 +178,10 @@ def onnx_top1(path: Path, domains: list[str] | None = None) -> float:
     return float((pred == yte).mean())
 
 
+def log(msg: str) -> None:
+    print(f"[train_cnn] {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None,
@@ -191,12 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from safetensors.torch import load_file, save_file
 
-    from moqe_compile.tasks.image.model import export_torch, save_inline
+    from moqe_compile.tasks.image.model import export_torch
 
     out = (args.out or (DOMAINS_OUT if args.domains else DEFAULT_OUT)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     wpath, jpath = out / "weights.safetensors", out / "train.json"
-    log = lambda m: print(f"[train_cnn] {m}", file=sys.stderr, flush=True)  # noqa: E731
     if wpath.is_file() and jpath.is_file() and not args.force:
         log(f"cached: {wpath}")
         model = FashionResNet()
@@ -212,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "labels.txt").write_text("\n".join(fashion_mnist.LABELS) + "\n")
     onnx_path = out / "model.onnx"
     if not onnx_path.is_file() or args.force or "onnx_test_top1" not in info:
-        with tempfile.TemporaryDirectory(prefix="fmnist-export-") as tmp:
-            raw = Path(tmp) / "model.onnx"
-            export_torch(model, raw, fashion_mnist.IMAGE_SIZE, 18, channels=1)
-            save_inline(raw, onnx_path)  # one self-contained file, no model.onnx.data beside it
+        export_torch(model, onnx_path, fashion_mnist.IMAGE_SIZE, 18, channels=1)  # one self-contained file
         info["onnx_test_top1"] = onnx_top1(onnx_path, args.domains)
     jpath.write_text(json.dumps(info, indent=2))
     log(f"test top-1 {info['test_top1']:.4f} (ONNX Runtime {info['onnx_test_top1']:.4f}), "

@@ -18,12 +18,6 @@ def default_config():
     return LMBuildConfig()
 
 
-def build(cfg, out, quiet: bool = False):
-    from moqe_compile.build import build as run
-
-    return run(cfg, out, quiet=quiet)
-
-
 def build_steps(cfg, writer, work, stages):
     """The task's steps for ``moqe_compile.build.build`` (export, data, quantize, ..., manifest)."""
     from moqe_compile.tasks.causal_lm.steps import LMSteps

@@ -1,7 +1,7 @@
 """Text corpora -> documents -> disjoint splits -> fixed-length token windows.
 
 Built-in corpora (``wiki``, ``c4``, ``tiny``) are the calibration texts shipped inside the
-``exllamav3==1.6.5`` wheel (../shared/DATA.md), read straight out of the wheel with zipfile
+``exllamav3==1.6.5`` wheel (docs/language-models.md), read straight out of the wheel with zipfile
 (installing exllamav3 would pull CUDA extensions we do not need). The wheel is looked up as
 an installed ``exllamav3`` package, then ``$MOQE_TEXT_WHEEL``, then ``~/.cache/moqe-compile``.
 
@@ -135,3 +135,12 @@ def build_text_splits(encode, eos: int | None, corpora: list[str], fractions: di
             parts[s].append(TextSplit(w, np.array([label] * len(w))))
     return {s: TextSplit(np.concatenate([p.ids for p in ps]), np.concatenate([p.corpus for p in ps]))
             for s, ps in parts.items()}
+
+
+def encoder(tokenizer):
+    """``text -> token ids`` for a transformers tokenizer, without special tokens: windows are
+    cut from running text, so a BOS in the middle of a window would be wrong."""
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    return encode

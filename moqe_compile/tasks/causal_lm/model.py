@@ -15,13 +15,13 @@ never has to get them right.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from moqe_compile.errors import BuildError, ConfigError
+from moqe_compile.onnx_export import check, export
 
 INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
 
@@ -58,7 +58,7 @@ class DecoderSpec:
 
 
 def resolve_model_path(spec: str) -> Path:
-    from moqe_compile.tasks.image.model import resolve_package_path
+    from moqe_compile.recipe import resolve_package_path
 
     p = resolve_package_path(spec) if spec.startswith("package:") else Path(spec)
     if not p.exists():
@@ -128,10 +128,14 @@ def _example(spec: DecoderSpec, batch: int, seq: int, past: int, seed: int = 0):
     return ids, mask, kv
 
 
+def _rewrite_for_ort(model) -> None:
+    fold_weight_transposes(model)
+    gemm_to_matmul(model)
+
+
 def export_decoder(model, out: Path, opset: int = 18) -> DecoderSpec:
     """torch -> self-contained ONNX with symbolic batch / sequence / past dims; checked against
     torch with an empty past (scoring) and a non-empty one (a decode step)."""
-    import onnx
     import torch
 
     from moqe_compile.tasks.causal_lm.moe import export_form
@@ -139,21 +143,12 @@ def export_decoder(model, out: Path, opset: int = 18) -> DecoderSpec:
     spec = DecoderSpec.from_hf_config(model.config)
     ids, mask, kv = _example(spec, 2, 5, 3)
     b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
-    with tempfile.TemporaryDirectory(prefix="moqe-lm-export-") as tmp, export_form(model):  # MoE: models/moe.py
-        dec = _decoder_module(model)
-        raw = Path(tmp) / "decoder.onnx"
-        try:
-            torch.onnx.export(dec, (ids, mask, *kv), str(raw), input_names=[INPUT_IDS, ATTENTION_MASK,
-                              *past_names(spec.layers)], output_names=[LOGITS, *present_names(spec.layers)],
-                              opset_version=opset, dynamo=True, verbose=False,
-                              dynamic_shapes=({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in kv)))
-        except Exception as e:  # noqa: BLE001 - the exporter raises many types
-            raise BuildError(f"decoder ONNX export failed: {e}") from e
-        model_proto = onnx.load(str(raw))
-        fold_weight_transposes(model_proto)
-        gemm_to_matmul(model_proto)
-        onnx.save(model_proto, str(out), save_as_external_data=False)
-        del model_proto
+    with export_form(model):  # MoE: dense experts the exporter can trace (moe.py)
+        export(_decoder_module(model), (ids, mask, *kv), out,
+               input_names=[INPUT_IDS, ATTENTION_MASK, *past_names(spec.layers)],
+               output_names=[LOGITS, *present_names(spec.layers)],
+               dynamic_shapes=({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in kv)), opset=opset,
+               what="decoder", rewrite=_rewrite_for_ort)
     check_decoder(_decoder_module(model), out, spec)  # against the unmodified model (MoE: its sparse experts)
     return spec
 
@@ -230,21 +225,12 @@ def gemm_to_matmul(model) -> int:
 
 
 def check_decoder(dec, path: Path, spec: DecoderSpec, atol: float = 1e-3) -> None:
-    import onnxruntime as ort
-    import torch
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    for batch, seq, past in ((1, 9, 0), (2, 1, 6)):  # scoring (empty past), one decode step
+    """Logits and presents against torch: scoring (empty past) and one decode step."""
+    examples = []
+    for batch, seq, past in ((1, 9, 0), (2, 1, 6)):
         ids, mask, kv = _example(spec, batch, seq, past, seed=1)
-        with torch.no_grad():
-            ref = [r.numpy() for r in dec(ids, mask, *kv)]
-        got = sess.run(None, dict(zip(names, [ids.numpy(), mask.numpy(), *[k.numpy() for k in kv]])))
-        for name, r, g in zip([LOGITS, *present_names(spec.layers)], ref, got):
-            if r.shape != g.shape or not np.allclose(r, g, atol=atol, rtol=1e-3):
-                diff = np.abs(r - g).max() if r.shape == g.shape else f"shape {g.shape} vs {r.shape}"
-                raise BuildError(f"decoder ONNX output {name!r} differs from torch at batch {batch}, "
-                                 f"sequence {seq}, past {past}: max |diff| {diff}.")
+        examples.append((ids, mask, *kv))
+    check(dec, path, examples, what="decoder", atol=atol, rtol=1e-3)
 
 
 def save_tokenizer(tok, out_dir: Path) -> list[str]:

@@ -206,7 +206,7 @@ def _matches(init_name: str, param: str) -> bool:
 
 
 def onnx_moe_nodes(onnx_model, moe: MoEModel) -> dict:
-    """Which MatMul nodes of an exported decoder (after models/lm.py's Gemm -> MatMul fold) hold
+    """Which MatMul nodes of an exported decoder (after ``model.py``'s Gemm -> MatMul fold) hold
     the gates and each expert's matrices: ``{"gates": [node], "experts": {(block i, e): {matrix:
     node}}}``. Raises BuildError when an expected weight is not found."""
     g = onnx_model.graph

@@ -247,7 +247,7 @@ def expert_scores(moe, history: list[dict] | None, counts: np.ndarray | None) ->
 def allocate(moe, requested: str, avg: float, widths, *, history: list[dict] | None = None,
              history_reason: str | None = None, counts: np.ndarray | None = None, zeta: float = 3.0,
              seed: int = 0, history_meta: dict | None = None, say=None) -> Allocation:
-    """The allocation ``requested`` (lm_config.MOE_ALLOCATIONS) at mean ``avg`` over ``widths``."""
+    """The allocation ``requested`` (``config.MOE_ALLOCATIONS``) at mean ``avg`` over ``widths``."""
     criterion, fallback = requested, None
     if requested in NEEDS_HISTORY and history is None:
         criterion = "maxvar"

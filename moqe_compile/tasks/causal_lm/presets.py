@@ -20,7 +20,7 @@ LM_EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     "w8a8-smoothquant-0.85": {"scheme": "w8a8-dynamic", "bits": 8, "weights": "rtn", "smoothquant_alpha": 0.85},
     # Weight-only GPTQ (Frantar et al. 2023) written as MatMulNBits; FP activations. "gptq" is ours
     # (one calibration pass for all Hessians), "gptq-ort" is ORT's (one pass per MatMul input,
-    # so its build time grows with the number of distinct MatMul inputs).
+    # so its build time grows with the number of distinct MatMul inputs: docs/results.md#smollm2-135m-int8-and-int4).
     "w8-gptq": {"scheme": "nbits", "bits": 8, "weights": "gptq", "block_size": 128},
     # 4-bit weight-only (MatMulNBits), blockwise: ORT's RTN, HQQ (Badri & Shaji 2023) and GPTQ.
     "w4-rtn": {"scheme": "nbits", "bits": 4, "weights": "rtn", "block_size": 32},

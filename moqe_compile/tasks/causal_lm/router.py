@@ -18,7 +18,6 @@ output ``expert_probs`` ([batch, K]); batch and sequence stay symbolic (checked 
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moqe_compile.errors import BuildError
+from moqe_compile.onnx_export import check, check_symbolic, export
 from moqe_compile.router.train import FitResult, fit, make_targets, predict
 
 INPUT_IDS, ATTENTION_MASK, OUTPUT_NAME = "input_ids", "attention_mask", "expert_probs"
@@ -134,9 +134,7 @@ def train_router(router: NLPRouter, ids: np.ndarray, mask: np.ndarray, loss: np.
 
 def export_nlp_router(router: NLPRouter, onnx_path: Path, opset: int = 18, atol: float = 1e-4) -> None:
     """ONNX with symbolic batch and sequence dims (checked), outputs checked against torch on
-    padded batches of two different shapes."""
-    from moqe_compile.tasks.image.model import save_inline
-
+    padded batches of two different shapes (``onnx_export``)."""
     if opset < 17:
         raise BuildError(f"NLP router ONNX export needs opset >= 17 (LayerNormalization), got {opset}.")
     model = _Exported(router).eval()
@@ -145,40 +143,15 @@ def export_nlp_router(router: NLPRouter, onnx_path: Path, opset: int = 18, atol:
     ids = torch.randint(0, vocab, (2, 5), generator=g)
     mask = torch.ones(2, 5, dtype=torch.int64)
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=8192)
-    with tempfile.TemporaryDirectory(prefix="moqe-nlp-router-") as tmp:
-        raw = Path(tmp) / "router.onnx"
-        try:
-            torch.onnx.export(model, (ids, mask), str(raw), input_names=[INPUT_IDS, ATTENTION_MASK],
-                              output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
-                              dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), verbose=False)
-        except Exception as e:  # noqa: BLE001 - the exporter raises many types
-            raise BuildError(f"NLP router ONNX export failed: {e}") from e
-        save_inline(raw, onnx_path)
-    check_symbolic_dims(onnx_path)
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    for B, T in ((3, 7), (1, 13)):
-        ids = torch.randint(0, vocab, (B, T), generator=g)
-        mask = torch.ones(B, T, dtype=torch.int64)
-        mask[0, T // 2 :] = 0  # a padded row
-        with torch.no_grad():
-            ref = model(ids, mask).numpy()
-        got = sess.run(None, {INPUT_IDS: ids.numpy(), ATTENTION_MASK: mask.numpy()})[0]
-        if not np.allclose(ref, got, atol=atol):
-            raise BuildError(f"NLP router ONNX differs from torch at batch {B}, sequence {T}: "
-                             f"max |diff| {np.abs(ref - got).max():.3g}.")
+    export(model, (ids, mask), onnx_path, input_names=[INPUT_IDS, ATTENTION_MASK], output_names=[OUTPUT_NAME],
+           dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), opset=opset, what="NLP router")
+    check_symbolic(onnx_path, {INPUT_IDS: [0, 1], ATTENTION_MASK: [0, 1], OUTPUT_NAME: [0]}, "NLP router")
+    check(model, onnx_path, [_padded_example(vocab, b, t, g) for b, t in ((3, 7), (1, 13))], what="NLP router",
+          atol=atol, rtol=1e-5)
 
 
-def check_symbolic_dims(onnx_path: Path) -> None:
-    import onnx
-
-    g = onnx.load(str(onnx_path), load_external_data=False).graph
-    for inp in g.input:
-        dims = inp.type.tensor_type.shape.dim
-        if len(dims) != 2 or not dims[0].dim_param or not dims[1].dim_param:
-            raise BuildError(f"NLP router ONNX input {inp.name!r} lost its symbolic batch/sequence dims: "
-                             f"{[d.dim_param or d.dim_value for d in dims]}.")
-    out = g.output[0].type.tensor_type.shape.dim
-    if not out[0].dim_param:
-        raise BuildError("NLP router ONNX output lost its symbolic batch dimension.")
+def _padded_example(vocab: int, batch: int, seq: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    mask[0, seq // 2 :] = 0  # a padded row
+    return ids, mask

@@ -29,7 +29,7 @@ from moqe_compile.bundle import read_bundle
 from moqe_compile.errors import BundleError, InputError
 from moqe_compile.runtime.base import BundleRuntime, QueueConfig, RunResult, timing
 from moqe_compile.runtime.dispatch import group_by_expert
-from moqe_compile.tasks.causal_lm import KIND
+from moqe_compile.tasks.causal_lm.config import TASK as KIND
 from moqe_compile.tasks.causal_lm.score import DecoderSession, token_nll
 
 

@@ -18,7 +18,7 @@ from moqe_compile.evaluate.losses import log_softmax
 
 
 class DecoderSession:
-    """One ONNX decoder graph (models/lm.py layout) on ONNX Runtime CPU."""
+    """One ONNX decoder graph (``tasks/causal_lm/model.py`` layout) on ONNX Runtime CPU."""
 
     def __init__(self, name: str, path: Path, layers: int, kv_heads: int, head_dim: int, threads: int = 0,
                  add_shared=None):

@@ -12,7 +12,7 @@ import numpy as np
 
 from moqe_compile.errors import BuildError
 from moqe_compile.tasks.causal_lm.config import TASK
-from moqe_compile.tasks.causal_lm.data import build_text_splits
+from moqe_compile.tasks.causal_lm.data import build_text_splits, encoder
 from moqe_compile.tasks.causal_lm.report import gate_decision, lm_split_report
 from moqe_compile.tasks.causal_lm.score import DecoderSession, LMScores, score_windows
 
@@ -57,12 +57,9 @@ class LMSteps:
         self.tok_files = save_tokenizer(self.tok, w.path("tokenizer/tokenizer.json").parent)
         self.emb = embedding_table(self.model)
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
-
     def data(self) -> None:
         d = self.cfg.data
-        self.splits = build_text_splits(self._encode, self.tok.eos_token_id, d.corpora, asdict(d.split), d.seq_len,
+        self.splits = build_text_splits(encoder(self.tok), self.tok.eos_token_id, d.corpora, asdict(d.split), d.seq_len,
                                         d.seed, d.max_sequences, d.calibration_sequences)
         self.st.say("windows per split: " + ", ".join(f"{s} {len(v)}" for s, v in self.splits.items()))
 
@@ -128,7 +125,7 @@ class LMSteps:
         if cfg.controls.copies and base is None:
             self.st.say("controls: no expert depends on calibration (all RTN/HQQ): no copies control")
         if base is not None:
-            from moqe_compile.build import build_copies, copy_parts
+            from moqe_compile.stages import build_copies, copy_parts
 
             ids = self._calib_ids(base)
             k = cfg.controls.copies

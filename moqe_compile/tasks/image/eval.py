@@ -26,7 +26,7 @@ split ``S``:
   it), when known: the bootstrap then resamples sources, not views.
 
 plus ``splits``: the stored split names. Pixels take a quarter of the float32 inputs' size,
-losslessly.
+losslessly (docs/results.md#demo-bundle-build-time-and-cpu-latency).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ EVAL_SPLITS = ("router_val", "test")
 
 
 def _normalize(pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    # The same float32 operations, in the same order, as data.images.Preprocess.__call__.
+    # The same float32 operations, in the same order, as preprocess.Preprocess.__call__.
     x = pixels.astype(np.float32) / 255.0
     return np.ascontiguousarray((x - mean[None, :, None, None]) / std[None, :, None, None])
 

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from moqe_compile.errors import BuildError
+from moqe_compile.tasks.image.presets import STRONGEST_PRESETS
 from moqe_compile.quantize.adaround import adaround_layer
 from moqe_compile.quantize.calibrate import calibrate_ranges
 from moqe_compile.quantize.check import check_qdq
@@ -19,7 +20,7 @@ from moqe_compile.quantize.graph import get_init, run_with_outputs, set_init, we
 from moqe_compile.quantize.qdq import VARIANTS, reduce_range_for, write_expert
 from moqe_compile.quantize.sequential import correct_bias, refine
 from moqe_compile.quantize.weights import channel_scales, dequantize, overrides_for, qmax_for, quantize_nearest
-from moqe_compile.tasks.image.config import ExpertRecipe
+from moqe_compile.tasks.image.config import BuildConfig, ExpertRecipe
 
 
 def node_qmax(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str) -> dict[str, int]:
@@ -65,7 +66,7 @@ def _bias_correct(base: onnx.ModelProto, q_path: Path, exclude: set[str], input_
     For each layer, E[y_fp - y_q] per output channel (pre-activation, calibration data, the
     layers before it already corrected) is added to its bias inside the Q/DQ graph. Sequential
     on purpose: correcting every layer from one uncorrected pass over-corrects downstream
-    layers. Layers without a bias input are skipped.
+    layers (docs/results.md#expert-recipes). Layers without a bias input are skipped.
     """
     q = onnx.load(str(q_path))
     qnodes = {n.name: n for n in q.graph.node}
@@ -128,3 +129,31 @@ def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: E
         variants[backend] = info
     steps["total_s"] = round(time.perf_counter() - t0, 2)
     return {"variants": variants, "steps": steps}
+
+
+def strongest_expert(experts: list[ExpertRecipe]) -> str | None:
+    """The first expert built from a strongest preset (the baseline every report measures)."""
+    return next((r.name for r in experts if r.preset in STRONGEST_PRESETS), None)
+
+
+def copy_recipe(cfg: BuildConfig) -> ExpertRecipe:
+    """The recipe the copies repeat: ``[controls] copies_of``'s, else the strongest expert's,
+    else the ``strongest`` preset at the first expert's weight width."""
+    name = cfg.controls.copies_of or strongest_expert(cfg.experts)
+    if name is not None:
+        return next(r for r in cfg.experts if r.name == name)
+    preset = "w4a8-strongest" if cfg.experts[0].weight_bits == 4 else "strongest"
+    return ExpertRecipe.from_preset("copy", preset)
+
+
+def expert_cost(prepared: Path, excluded: list[str], weight_bits: int, high_precision: list[str] = ()) -> float:
+    """Mean weight bits per Conv/Gemm weight parameter; FP-kept layers count 32, layers kept
+    at 8 bits (``high_precision``) 8."""
+    m = onnx.load(str(prepared))
+    sizes = {i.name: int(np.prod(i.dims)) for i in m.graph.initializer}
+    total = bits = 0
+    for l in weight_layers(m):
+        n = sizes[l.weight]
+        total += n
+        bits += n * (32 if l.node in excluded else 8 if l.node in high_precision else weight_bits)
+    return float(bits / total) if total else float(weight_bits)

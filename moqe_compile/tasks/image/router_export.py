@@ -11,11 +11,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from moqe_compile.errors import BuildError
-from moqe_compile.tasks.image.model import save_inline
+from moqe_compile.backends.onnxruntime_cpu import session
+from moqe_compile.onnx_export import check, check_symbolic, export, save_inline
 from moqe_compile.tasks.image.router import CVRouter, CVRouterCore
 
 INPUT_NAME = "input"
@@ -36,23 +36,11 @@ def export_router(core: CVRouterCore, input_size: int, crop: int, onnx_path: Pat
     model = CVRouter(core, input_size, mode).eval()
     x = torch.randn(2, channels, crop, crop)
     with tempfile.TemporaryDirectory(prefix="moqe-router-") as tmp:
-        raw = Path(tmp) / "router.onnx"
-        try:
-            torch.onnx.export(
-                model, (x,), str(raw), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                opset_version=opset, dynamo=True,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), verbose=False,
-            )
-        except Exception as e:  # noqa: BLE001 - the exporter raises many types
-            raise BuildError(f"router ONNX export failed: {e}") from e
         fp_path = Path(tmp) / "router_fp.onnx" if quantize == "int8" else onnx_path
-        save_inline(raw, fp_path)
-        _check_symbolic_batch(fp_path)
-        with torch.no_grad():
-            ref = model(x).numpy()
-        got = _run(fp_path, x.numpy())
-        if not np.allclose(ref, got, atol=1e-4):
-            raise BuildError(f"router ONNX differs from torch: max |diff| {np.abs(ref - got).max():.3g}.")
+        export(model, (x,), fp_path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset=opset,
+               dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), what="router")
+        check_symbolic(fp_path, {INPUT_NAME: [0]}, "router")
+        check(model, fp_path, [(x,)], what="router", atol=1e-4, rtol=1e-5)
         info: dict = {"quantize": quantize}
         if quantize == "int8":
             if calib_x is None or len(calib_x) == 0:
@@ -64,16 +52,7 @@ def export_router(core: CVRouterCore, input_size: int, crop: int, onnx_path: Pat
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {INPUT_NAME: x})[0]
-
-
-def _check_symbolic_batch(path: Path) -> None:
-    g = onnx.load(str(path))
-    if not g.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
-        raise BuildError("router ONNX lost its symbolic batch dimension on export.")
+    return session(path, name="router").run(None, {INPUT_NAME: x})[0]
 
 
 def _quantize_int8(fp_path: Path, out: Path, model: CVRouter, calib_x: np.ndarray, tmp: Path) -> dict:
@@ -96,7 +75,7 @@ def _quantize_int8(fp_path: Path, out: Path, model: CVRouter, calib_x: np.ndarra
     except Exception as e:  # noqa: BLE001 - ORT's quantizer raises many types
         raise BuildError(f"router INT8 quantization failed: {e}") from e
     save_inline(out, out)
-    _check_symbolic_batch(out)
+    check_symbolic(out, {INPUT_NAME: [0]}, "INT8 router")
     check = calib_x[:256]
     with torch.no_grad():
         ref = model(torch.from_numpy(check)).numpy()

@@ -7,7 +7,8 @@ group runs as one batch on its expert, and outputs return in input order
 The router graph gets two sessions: batches of at most ``router_threads_max_batch`` (2) run
 on ``router_threads`` (1) intra-op threads, larger ones with the experts' setting. A router's
 ops are tiny, and at batch 1-2 ONNX Runtime's thread hand-offs cost more than they save;
-at large batches the experts' thread count wins (bench/router_budget.py measures both).
+at large batches the experts' thread count wins (bench/router_budget.py measures both;
+docs/results.md#demo-bundle-build-time-and-cpu-latency).
 """
 
 from __future__ import annotations

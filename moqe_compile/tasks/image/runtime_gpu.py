@@ -34,7 +34,8 @@ routed expert's rows are kept. Latency becomes the slowest of router and experts
 router + expert, at the price of K experts' GPU work for each such batch, which a big GPU
 at batch 1 mostly has idle. The results are the routed path's exactly (same graphs, same
 rows kept); it is a latency/compute trade, and reports name it. It hides little where MoQE's
-overhead is host work (ORT run calls, syncs) rather than serial GPU time (docs/results.md).
+overhead is host work (ORT run calls, syncs) rather than serial GPU time
+(docs/results.md#gpu-router-attention-kernel-and-moqe-on-onnx-runtime-cuda).
 
 Tested on the CPU with a host-memory device (tests/backends/fakes.py); the GPU runs are in
 tests/gpu and bench/gpu/check.sh.

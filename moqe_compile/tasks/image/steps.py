@@ -10,14 +10,14 @@ import numpy as np
 
 from moqe_compile.backends import OrtCpuSession
 from moqe_compile.errors import ConfigError
-from moqe_compile.evaluate.controls import CONTROLS_FILE, Copies, copy_recipe, expert_cost, strongest_expert
-from moqe_compile.evaluate.losses import sample_losses
+from moqe_compile.evaluate.controls import CONTROLS_FILE, Copies
+from moqe_compile.evaluate.losses import kl_to_fp, sample_losses
 from moqe_compile.evaluate.report import flat_metrics
 from moqe_compile.quantize import prepare_for_quantization
 from moqe_compile.router.fallback import apply_fallback, choose_fallback
 from moqe_compile.tasks.image.data import SPLITS, build_splits, calibration_inputs, num_sources
 from moqe_compile.tasks.image.eval import EVAL_SPLITS, save_eval_data
-from moqe_compile.tasks.image.experts import build_expert
+from moqe_compile.tasks.image.experts import build_expert, copy_recipe, expert_cost, strongest_expert
 from moqe_compile.tasks.image.model import load_fp_model, write_labels
 from moqe_compile.tasks.image.preprocess import Preprocess
 from moqe_compile.tasks.image.report import build_split_report, gate_decision
@@ -62,14 +62,14 @@ class ImageSteps:
             self.splits = build_splits(self.cfg.data, self.pre, pb)
 
     def quantize(self) -> None:
-        cfg, w = self.cfg, self.w
+        cfg = self.cfg
         self.prepared = prepare_for_quantization(self.fp.path, self.work / "prepared.onnx")
         self.sensitivity = None
         if any(r.exclude_sensitive for r in cfg.experts):
             from moqe_compile.quantize.sensitivity import layer_sensitivity
 
             self.sensitivity = layer_sensitivity(self.prepared, self.fp.input_name, self.splits["calibration"].x,
-                                                 self.work)
+                                                 self.work, kl_to_fp)
         self.experts = []
         with self.st.bar(len(cfg.experts), "experts") as pb:
             for r in cfg.experts:
@@ -106,7 +106,7 @@ class ImageSteps:
     def controls(self) -> None:
         if not self.cfg.controls.copies:
             return
-        from moqe_compile.build import build_copies
+        from moqe_compile.stages import build_copies
 
         cfg = self.cfg
         base = copy_recipe(cfg)

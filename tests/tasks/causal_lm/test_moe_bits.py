@@ -18,7 +18,8 @@ from moqe_compile.tasks.causal_lm.moe_bits import (  # noqa: E402
     width_counts,
 )
 
-from ...lm.moe_tiny import LAYOUTS, make_tiny_moe  # noqa: E402
+from ...models import MOE_LAYOUTS as LAYOUTS
+from ...models import make_tiny_moe  # noqa: E402
 
 
 @pytest.mark.parametrize(("avg", "widths", "counts"), [
@@ -66,7 +67,7 @@ def test_layouts_are_found(layout):
 
     from moqe_compile.tasks.causal_lm.moe import find_moe
 
-    from ...lm.moe_tiny import tiny_moe_config
+    from ...models import tiny_moe_config
 
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(tiny_moe_config(layout))
@@ -84,7 +85,7 @@ def test_dense_model_is_not_moe(tmp_path):
     from moqe_compile.tasks.causal_lm.model import load_causal_lm
     from moqe_compile.tasks.causal_lm.moe import find_moe
 
-    from ...lm.tiny import make_tiny_lm
+    from ...models import make_tiny_lm
 
     model, _ = load_causal_lm("transformers", str(make_tiny_lm(tmp_path / "m")))
     assert find_moe(model) is None

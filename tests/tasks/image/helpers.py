@@ -7,7 +7,7 @@ import onnxruntime as ort
 from moqe_compile.quantize import prepare_for_quantization
 from moqe_compile.tasks.image.experts import build_expert
 
-from ...conftest import CROP
+from ...models import CROP
 
 
 def make_setup(tiny_onnx, d, n: int, seed: int):

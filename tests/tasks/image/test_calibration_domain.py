@@ -14,8 +14,8 @@ from moqe_compile.tasks.image import fashion_mnist as fm
 from moqe_compile.tasks.image.data import build_splits
 from moqe_compile.tasks.image.preprocess import Preprocess
 
-from ...conftest import GRAY_CROP, NUM_CLASSES
-from ...data.test_fashion_mnist import MEAN, STD, fake_fmnist  # noqa: F401 - fixture
+from ...models import GRAY_CROP, NUM_CLASSES
+from .test_fashion_mnist import MEAN, STD, fake_fmnist  # noqa: F401 - fixture
 
 DOMAINS = ["original", "inverted"]
 

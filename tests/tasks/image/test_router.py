@@ -11,6 +11,9 @@ from moqe_compile.tasks.image.router import CVRouter, CVRouterCore, TemperatureA
 from moqe_compile.tasks.image.router_export import export_router
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny routers: one torch thread
+
+
 @pytest.mark.parametrize("heads,head_dim", [(8, 8), (2, 16), (1, 32)])
 def test_attention_equals_the_original_formulation(heads, head_dim):
     # The graph-friendly rewrite must compute exactly what the first release's attention did

@@ -17,7 +17,7 @@ from moqe_compile.tasks.image.data import SPLITS, build_splits, num_sources
 from moqe_compile.tasks.image.preprocess import Preprocess, load_inputs
 from moqe_compile.errors import ConfigError
 
-from ..conftest import GRAY_CROP, NUM_CLASSES
+from ...models import GRAY_CROP, NUM_CLASSES
 
 N_TRAIN, N_TEST = 200, 40
 MEAN, STD = 0.286, 0.353

@@ -11,7 +11,10 @@ from moqe_compile.build import build
 from moqe_compile.tasks.image import steps
 from moqe_compile.tasks.image.config import RouterConfig
 
-from ..conftest import CROP, tiny_config
+from ...models import CROP, tiny_config
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny routers: one torch thread
 
 
 @pytest.fixture(scope="module")

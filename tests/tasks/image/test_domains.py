@@ -145,6 +145,6 @@ def test_shipped_domains_recipes_are_valid(recipe, bits):
     assert per_domain == set(cfg.data.domains)
     assert all(e.weight_bits == bits for e in cfg.experts)
     # The copies control repeats the first strongest expert: the one calibrated on the mixture.
-    from moqe_compile.evaluate.controls import copy_recipe
+    from moqe_compile.tasks.image.experts import copy_recipe
 
     assert copy_recipe(cfg).calibration_domain == ""

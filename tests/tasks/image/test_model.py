@@ -8,7 +8,7 @@ from moqe_compile.errors import BuildError, ConfigError
 from moqe_compile.tasks.image.model import load_fp_model
 from moqe_compile.tasks.image.model import check_fp_onnx
 
-from ..conftest import CROP, TinyCNN
+from ...models import CROP, TinyCNN
 
 
 def test_onnx_source_keeps_symbolic_batch(tiny_onnx, tmp_path):

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from .moe_tiny import LAYOUTS, make_tiny_moe  # noqa: E402
-from .tiny import write_corpus  # noqa: E402
+from ...models import MOE_LAYOUTS as LAYOUTS  # noqa: E402
+from ...models import make_tiny_moe, write_corpus  # noqa: E402
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

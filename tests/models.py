@@ -1,0 +1,302 @@
+"""Every tiny model the tests build, in one registry: ``MODELS[name](folder)`` writes that model
+into ``folder`` and returns what was written. Each builds in seconds on 2 CPUs.
+
+- ``cnn``: TinyCNN (3 channels, CROP x CROP, NUM_CLASSES outputs, non-trivial BatchNorm statistics) as ONNX.
+- ``gray-cnn``: TinyCNN with a 1-channel stem (GRAY_CROP x GRAY_CROP) as ONNX.
+- ``lm``: a random Llama causal LM with a word-level fast tokenizer (transformers needed).
+- ``moe-lm``: a sparse MoE causal LM (Mixtral, Qwen2-MoE or OLMoE layout), briefly trained so its
+  gates move, plus its gate-norm history file (transformers needed).
+- ``handmade-bundle``: a complete bundle of hand-written ONNX graphs whose routing and experts
+  are readable from the outputs (no build).
+
+``DATA`` holds the matching data writers (labelled images, a text corpus), and ``tiny_config`` /
+``tiny_lm_config`` the recipes that build bundles of the tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+CROP = 32
+NUM_CLASSES = 4
+GRAY_CROP = 28
+
+
+# --- cnn, gray-cnn ---------------------------------------------------------------------------
+
+class TinyCNN(nn.Module):
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean(dim=(2, 3)))
+
+
+def write_cnn(out: Path) -> Path:
+    """``out/tiny.onnx``: TinyCNN, input (batch, 3, CROP, CROP)."""
+    from moqe_compile.tasks.image.model import export_torch
+
+    torch.manual_seed(0)
+    m = TinyCNN().eval()
+    with torch.no_grad():  # non-trivial BN statistics so folding is exercised
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    out.mkdir(parents=True, exist_ok=True)
+    export_torch(m, out / "tiny.onnx", CROP, 18)
+    return out / "tiny.onnx"
+
+
+def write_gray_cnn(out: Path) -> Path:
+    """``out/tiny_gray.onnx``: TinyCNN with a 1-channel stem, input (batch, 1, GRAY_CROP, GRAY_CROP)."""
+    from moqe_compile.tasks.image.model import export_torch
+
+    torch.manual_seed(0)
+    m = TinyCNN()
+    m.body[0] = nn.Conv2d(1, 8, 3, padding=1)
+    m.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    export_torch(m, out / "tiny_gray.onnx", GRAY_CROP, 18, channels=1)
+    return out / "tiny_gray.onnx"
+
+
+def write_images(root: Path) -> Path:
+    """16 labelled images (NUM_CLASSES classes, class-dependent colour + noise) in class-index folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        c = i % NUM_CLASSES
+        d = root / str(c)
+        d.mkdir(parents=True, exist_ok=True)
+        base = np.zeros((40, 40, 3), np.float32)
+        base[..., c % 3] = 160 + 20 * c
+        img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"img_{i:02d}.png")
+    return root
+
+
+def tiny_config(model_path: Path, images: Path, **data_kw):
+    """The image recipe (three experts, a small router) on the ``cnn`` model and ``images``."""
+    from moqe_compile.tasks.image.config import (BuildConfig, ControlsConfig, DataConfig, ExpertRecipe, GateConfig,
+                                                 ModelConfig, PreprocessConfig, RouterConfig)
+
+    return BuildConfig(
+        model=ModelConfig(source="onnx", path=str(model_path), num_classes=NUM_CLASSES, labels=""),
+        preprocessing=PreprocessConfig(resize=36, crop=CROP),
+        data=DataConfig(source=str(images), augmentations=3, **data_kw),
+        experts=[ExpertRecipe(name="minmax", calibration="minmax"),
+                 ExpertRecipe(name="pct", calibration="percentile", percentile=99.9),
+                 ExpertRecipe(name="entropy", calibration="entropy")],
+        router=RouterConfig(input_size=8, epochs=3, batch_size=8),
+        controls=ControlsConfig(copies=2),
+        # The untrained tiny model's experts are indistinguishable, so the significance gate
+        # would (rightly) refuse the router; tests of the routed path keep it. The gate's own
+        # branches are tested in tests/test_gate.py.
+        gate=GateConfig(force_routing=True),
+    )
+
+
+# --- lm, moe-lm ------------------------------------------------------------------------------
+
+WORDS = ("the a one two red blue cat dog sat ran on under big small house tree river stone light dark "
+         "quick slow bird fish sang swam near far old new").split()
+LM_EXPERTS = ["w8a8-rtn", "w4-awq", "w4-gptq"]  # w4-awq = rescale + re-export + ORT RTN; SmoothQuant: tasks/causal_lm/test_smoothing.py
+MOE_LAYOUTS = ("mixtral", "qwen2_moe", "olmoe")
+
+
+def write_corpus(path: Path, docs: int = 40, seed: int = 0) -> Path:
+    """Blank-line separated documents of random sentences (documents differ in word choice,
+    so the corpus is not uniform)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for d in range(docs):
+        vocab = rng.choice(WORDS, 12, replace=False)
+        out.append(" ".join(" ".join(rng.choice(vocab, 8)) + " ." for _ in range(10)))
+    path.write_text("\n\n".join(out) + "\n")
+    return path
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, ".": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # No decoder: tokenizers then joins the word-level tokens with spaces, so text round-trips.
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
+
+
+def make_tiny_lm(out: Path, seed: int = 0) -> Path:
+    """save_pretrained directory: LlamaForCausalLM (2 layers, d = 64, GQA 4/2 heads) + tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _word_tokenizer()
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=1, bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    # A random init gives near-uniform next-token distributions; a sharper embedding makes the
+    # experts' errors (and so the loss matrix) non-trivial.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(4)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def tiny_lm_config(tmp: Path, **router):
+    """The causal-LM recipe on the tiny Llama in ``tmp/model`` and the corpus ``tmp/corpus.txt``."""
+    from moqe_compile.tasks.causal_lm.config import LMBuildConfig
+
+    return LMBuildConfig.from_dict({
+        "task": "causal-lm", "model": {"source": "transformers", "path": str(tmp / "model")},
+        "data": {"corpora": [str(tmp / "corpus.txt")], "seq_len": 32, "calibration_sequences": 4},
+        "experts": [{"name": n, "preset": n} for n in LM_EXPERTS],
+        "router": {"prefix_tokens": 8, "epochs": 2, **router},
+        "controls": {"copies": 2}})  # fewer copies than experts: their router has its own width
+
+
+def tiny_moe_config(layout: str, experts: int = 4, layers: int = 2):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
+
+    common = dict(vocab_size=64, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, bos_token_id=None,
+                  pad_token_id=None, num_experts_per_tok=2, tie_word_embeddings=True)
+    if layout == "mixtral":
+        return MixtralConfig(intermediate_size=64, num_local_experts=experts, **common)
+    if layout == "qwen2_moe":
+        return Qwen2MoeConfig(moe_intermediate_size=64, shared_expert_intermediate_size=64, intermediate_size=64,
+                              num_experts=experts, decoder_sparse_step=1, **common)
+    return OlmoeConfig(intermediate_size=64, num_experts=experts, **common)
+
+
+def make_tiny_moe(out: Path, layout: str = "mixtral", seed: int = 0, steps: int = 30, history: bool = True,
+                  experts: int = 4, layers: int = 2) -> Path:
+    """save_pretrained directory of a tiny MoE LM + tokenizer; ``steps`` Adam steps on random
+    word sequences move the gates; ``history`` writes moe_gate_history.safetensors (init/final),
+    as bench/moe_train.py does for real runs."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from moqe_compile.tasks.causal_lm.moe import GATE_HISTORY_FILE, find_moe
+
+    tok = _word_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(layout, experts, layers))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(4)
+        for n, p in model.named_parameters():  # zero-initialized routers (Qwen2-MoE, OLMoE) would tie every score
+            if n.endswith("gate.weight") and not p.abs().sum():
+                p.normal_(0, 0.02)
+    moe = find_moe(model)
+    init = {f"init.{b.gate_param}": b.gate_weight().detach().clone() for b in moe.blocks}
+    if steps:
+        rng = np.random.default_rng(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):  # sentences over a document's 12-word vocabulary, as write_corpus makes
+            rows = [rng.choice(rng.choice(len(WORDS), 12, replace=False), 24) + 3 for _ in range(8)]
+            x = torch.from_numpy(np.stack(rows))
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    if history:
+        final = {f"final.{b.gate_param}": b.gate_weight().detach().clone() for b in moe.blocks}
+        save_file({k: v.contiguous() for k, v in {**init, **final}.items()}, str(out / GATE_HISTORY_FILE))
+    return out
+
+
+# --- handmade-bundle -------------------------------------------------------------------------
+
+# (N, HANDMADE_C, HANDMADE_S, HANDMADE_S) inputs, HANDMADE_K experts.
+HANDMADE_C, HANDMADE_S, HANDMADE_K = 3, 8, 3
+
+
+def _handmade_graph(path, scale: float | None):
+    """(N, 3, 8, 8) -> channel means (N, 3); times ``scale``, or softmax when None."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    C, S, K = HANDMADE_C, HANDMADE_S, HANDMADE_K
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", C, S, S])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", K])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0)]
+    inits = [axes]
+    if scale is None:
+        nodes.append(helper.make_node("Softmax", ["m"], ["y"], axis=-1))
+    else:
+        inits.append(helper.make_tensor("s", TensorProto.FLOAT, [], [scale]))
+        nodes.append(helper.make_node("Mul", ["m", "s"], ["y"]))
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(m, str(path))
+
+
+def make_handmade_bundle(root: Path) -> Path:
+    """A bundle whose router is the softmax of the channel means (so the input decides the
+    routing) and whose expert k outputs the channel means times k + 1 (so outputs show which
+    expert ran), with onnxruntime-cpu and tensorrt variants of the same graphs."""
+    from moqe_compile.bundle.manifest import sha256_file
+
+    C, S = HANDMADE_C, HANDMADE_S
+    names = ["e0", "e1", "e2"]
+    files = {"router/router.onnx": None, "task/labels.json": None}
+    (root / "router").mkdir(parents=True)
+    (root / "task").mkdir()
+    (root / "fp").mkdir()
+    _handmade_graph(root / "router/router.onnx", None)
+    (root / "task/labels.json").write_text(json.dumps(["a", "b", "c"]))
+    experts = []
+    for k, n in enumerate(names):
+        (root / "experts" / n).mkdir(parents=True)
+        variants = {}
+        for b in ("onnxruntime-cpu", "tensorrt"):
+            rel = f"experts/{n}/{b}.onnx"
+            _handmade_graph(root / rel, float(k + 1))
+            files[rel] = None
+            variants[b] = {"path": rel}
+        experts.append({"name": n, "variants": variants})
+    _handmade_graph(root / "fp/model.onnx", 1.0)
+    files["fp/model.onnx"] = None
+    manifest = {"schema_version": 1, "model": {"fp": {"path": "fp/model.onnx"}}, "preprocessing": {"resize": S, "crop": S, "mean": [0.0] * C, "std": [1.0] * C},
+                "task": {"labels": {"path": "task/labels.json"}}, "experts": experts,
+                "router": {"path": "router/router.onnx"}, "backends": ["onnxruntime-cpu", "tensorrt"],
+                "routing": {"enabled": True, "default_expert": "e1", "fallback_threshold": 0.0}}
+    manifest["files"] = {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
+                         for rel in files}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+MODELS = {
+    "cnn": write_cnn,
+    "gray-cnn": write_gray_cnn,
+    "lm": make_tiny_lm,
+    "moe-lm": make_tiny_moe,
+    "handmade-bundle": make_handmade_bundle,
+}
+DATA = {
+    "images": write_images,
+    "corpus": write_corpus,
+}
