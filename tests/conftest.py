@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .models import make_tiny_lm, tiny_config, tiny_lm_config, write_cnn, write_corpus, write_gray_cnn, write_images
+from .models import (make_tiny_lm, tiny_config, tiny_lm_config, write_cnn, write_corpus, write_fake_fmnist,
+                     write_gray_cnn, write_images)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,6 +48,16 @@ def tiny_gray_onnx(tmp_path_factory) -> Path:
     """The ``gray-cnn`` model: (batch, 1, GRAY_CROP, GRAY_CROP) -> NUM_CLASSES logits."""
     return write_gray_cnn(tmp_path_factory.mktemp("tiny_gray"))
 
+
+@pytest.fixture
+def fake_fmnist(tmp_path, monkeypatch):
+    """A tiny Fashion-MNIST in the original idx gz files ({split: (images, labels)}); the
+    ``fashion-mnist`` data source reads it (its DATA_DIR points at it)."""
+    from moqe_compile.tasks.image import fashion_mnist as fm
+
+    data = write_fake_fmnist(tmp_path)
+    monkeypatch.setattr(fm, "DATA_DIR", tmp_path)
+    return data
 
 @pytest.fixture(scope="session")
 def lm_bundle(tmp_path_factory):

@@ -9,7 +9,7 @@ into ``folder`` and returns what was written. Each builds in seconds on 2 CPUs.
 - ``handmade-bundle``: a complete bundle of hand-written ONNX graphs whose routing and experts
   are readable from the outputs (no build).
 
-``DATA`` holds the matching data writers (labelled images, a text corpus), and ``tiny_config`` /
+``DATA`` holds the matching data writers (labelled images, a fake Fashion-MNIST, a text corpus), and ``tiny_config`` /
 ``tiny_lm_config`` the recipes that build bundles of the tiny models.
 """
 
@@ -108,6 +108,41 @@ def tiny_config(model_path: Path, images: Path, **data_kw):
         gate=GateConfig(force_routing=True),
     )
 
+
+
+FMNIST_TRAIN, FMNIST_TEST = 200, 40  # images in the fake Fashion-MNIST's train and test files
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    """``arr`` as an idx file (uint8), gzipped, as Fashion-MNIST ships them."""
+    import gzip
+    import struct
+
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def fake_fmnist_set(n: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Noise images whose brightness depends on the label, so classes are separable."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, n).astype(np.uint8)
+    x = np.clip(rng.normal(0, 30, (n, 28, 28)) + 20 + 20 * y[:, None, None], 0, 255).astype(np.uint8)
+    return x, y
+
+
+def write_fake_fmnist(folder: Path) -> dict:
+    """A tiny Fashion-MNIST (FMNIST_TRAIN / FMNIST_TEST 28 x 28 images, NUM_CLASSES labels) in the
+    original idx gz files; returns {split: (images, labels)}."""
+    from moqe_compile.tasks.image import fashion_mnist as fm
+
+    data = {"train": fake_fmnist_set(FMNIST_TRAIN, 1, NUM_CLASSES), "test": fake_fmnist_set(FMNIST_TEST, 2, NUM_CLASSES)}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (x, y) in data.items():
+        img_name, lab_name = fm._FILES[split]
+        write_idx(folder / img_name, x)
+        write_idx(folder / lab_name, y)
+    return data
 
 # --- lm, moe-lm ------------------------------------------------------------------------------
 
@@ -298,5 +333,6 @@ MODELS = {
 }
 DATA = {
     "images": write_images,
+    "fashion-mnist": write_fake_fmnist,
     "corpus": write_corpus,
 }

@@ -140,7 +140,7 @@ if [[ -f kernels/build/libmoqe_router_attention.so ]]; then
     export MOQE_ROUTER_ATTENTION_REF_LIB=$PWD/kernels/build/libmoqe_router_attention_ref.so
 fi
 if [[ $STAGE != ort ]]; then
-    step gpu-tests-kernels $PY -m pytest -q -rs -p no:cacheprovider tests/gpu/test_router_attention_gpu.py tests/test_kernels_ref.py
+    step gpu-tests-kernels $PY -m pytest -q -rs -p no:cacheprovider tests/gpu/test_router_attention_gpu.py tests/backends/test_kernels_ref.py
     step router-attention-fp16 $PY bench/gpu/router_attention.py --dtype float16 \
         --json "$OUT/router-attention-fp16.json"
     step router-attention-fp32 $PY bench/gpu/router_attention.py --dtype float32 --batches 1,1024 \

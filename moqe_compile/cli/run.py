@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 from functools import partial
-from pathlib import Path
 
 from moqe_compile.cli.common import guarded
 
@@ -114,13 +113,9 @@ def _lm_text(args) -> str:
         raise InputError("give the text as exactly one of --input TEXT or --input-file PATH.")
     if args.input_file is None:
         return args.input
-    p = Path(args.input_file)
-    if not p.is_file():
-        raise InputError(f"--input-file {args.input_file!r} does not exist.")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"--input-file {args.input_file!r} is not UTF-8 text: {e}.") from e
+    from moqe_compile.tasks.causal_lm.data import read_utf8
+
+    return read_utf8(args.input_file, "--input-file")
 
 
 def _confidence_words(conf: float | None) -> str:

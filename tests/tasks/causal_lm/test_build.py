@@ -11,10 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from moqe_compile.tasks.causal_lm.config import LMBuildConfig  # noqa: E402
-
 from ...models import LM_EXPERTS as EXPERTS  # noqa: E402
-from ...models import tiny_lm_config  # noqa: E402
 
 
 def test_manifest_kernels_and_tokenizer(lm_bundle):

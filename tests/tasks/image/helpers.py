@@ -1,13 +1,21 @@
-"""Shared by the expert-building tests: a prepared tiny model with calibration data, a build,
-and a plain ONNX Runtime run."""
+"""Shared by the image tests: a prepared tiny model with calibration data, an expert build and a
+plain ONNX Runtime run (expert-building tests); Fashion-MNIST's normalization and grayscale
+preprocessing (data tests)."""
 
 import numpy as np
 import onnxruntime as ort
 
 from moqe_compile.quantize import prepare_for_quantization
 from moqe_compile.tasks.image.experts import build_expert
+from moqe_compile.tasks.image.preprocess import Preprocess
 
 from ...models import CROP
+
+MEAN, STD = 0.286, 0.353  # Fashion-MNIST's pixel mean and std (0..1)
+
+
+def gray_pre() -> Preprocess:
+    return Preprocess(28, 28, (MEAN,), (STD,), channels=1)
 
 
 def make_setup(tiny_onnx, d, n: int, seed: int):

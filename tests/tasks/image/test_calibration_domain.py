@@ -15,7 +15,7 @@ from moqe_compile.tasks.image.data import build_splits
 from moqe_compile.tasks.image.preprocess import Preprocess
 
 from ...models import GRAY_CROP, NUM_CLASSES
-from .test_fashion_mnist import MEAN, STD, fake_fmnist  # noqa: F401 - fixture
+from .helpers import MEAN, STD
 
 DOMAINS = ["original", "inverted"]
 

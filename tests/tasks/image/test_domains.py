@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 
+import moqe_compile
 from moqe_compile.tasks.image.config import BuildConfig, DataConfig, ExpertRecipe, load_recipe
 from moqe_compile.tasks.image import fashion_mnist as fm
 from moqe_compile.tasks.image.data import SPLITS, build_splits, calibration_inputs, num_sources
 from moqe_compile.errors import ConfigError
 
-from .test_fashion_mnist import MEAN, N_TEST, N_TRAIN, STD, fake_fmnist, gray_pre  # noqa: F401 - fixture
+from ...models import FMNIST_TEST as N_TEST
+from .helpers import MEAN, STD, gray_pre
 
 DOMAINS = ["original", "inverted", "noise"]
 
@@ -139,7 +141,7 @@ def test_manifest_round_trip_keeps_domains_and_calibration_domain():
 def test_shipped_domains_recipes_are_valid(recipe, bits):
     from pathlib import Path
 
-    cfg = load_recipe(Path(__file__).resolve().parents[2] / "moqe_compile" / "recipes" / recipe)
+    cfg = load_recipe(Path(moqe_compile.__file__).parent / "recipes" / recipe)
     assert cfg.data.source == fm.DOMAINS_SOURCE and len(cfg.data.domains) >= 3
     per_domain = {e.calibration_domain for e in cfg.experts if e.calibration_domain}
     assert per_domain == set(cfg.data.domains)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import moqe_compile
 from moqe_compile.tasks.image.config import (BuildConfig, DataConfig, ExpertRecipe, ModelConfig, PreprocessConfig,
                                  RouterConfig, load_recipe)
 from moqe_compile.tasks.image import fashion_mnist as fm
@@ -17,40 +18,10 @@ from moqe_compile.tasks.image.data import SPLITS, build_splits, num_sources
 from moqe_compile.tasks.image.preprocess import Preprocess, load_inputs
 from moqe_compile.errors import ConfigError
 
+from ...models import FMNIST_TEST as N_TEST
+from ...models import FMNIST_TRAIN as N_TRAIN
 from ...models import GRAY_CROP, NUM_CLASSES
-
-N_TRAIN, N_TEST = 200, 40
-MEAN, STD = 0.286, 0.353
-
-
-def write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def fake_set(n: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Noise images whose brightness depends on the label, so classes are separable."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, num_classes, n).astype(np.uint8)
-    x = np.clip(rng.normal(0, 30, (n, 28, 28)) + 20 + 20 * y[:, None, None], 0, 255).astype(np.uint8)
-    return x, y
-
-
-@pytest.fixture
-def fake_fmnist(tmp_path, monkeypatch):
-    """Tiny Fashion-MNIST in the original idx gz format; DATA_DIR points at it."""
-    data = {"train": fake_set(N_TRAIN, 1, NUM_CLASSES), "test": fake_set(N_TEST, 2, NUM_CLASSES)}
-    for split, (x, y) in data.items():
-        img_name, lab_name = fm._FILES[split]
-        write_idx(tmp_path / img_name, x)
-        write_idx(tmp_path / lab_name, y)
-    monkeypatch.setattr(fm, "DATA_DIR", tmp_path)
-    return data
-
-
-def gray_pre() -> Preprocess:
-    return Preprocess(28, 28, (MEAN,), (STD,), channels=1)
+from .helpers import MEAN, STD, gray_pre
 
 
 def fmnist_data(**kw) -> DataConfig:
@@ -171,7 +142,7 @@ def test_recipe_keeps_named_source_and_expands_home(tmp_path, monkeypatch):
 
 
 def test_shipped_fmnist_recipe_is_valid():
-    cfg = load_recipe(Path(__file__).resolve().parents[2] / "moqe_compile" / "recipes" / "fmnist-cnn.toml")
+    cfg = load_recipe(Path(moqe_compile.__file__).parent / "recipes" / "fmnist-cnn.toml")
     assert (cfg.preprocessing.channels, cfg.preprocessing.crop, cfg.router.input_size) == (1, 28, 28)
     assert cfg.data.source == "fashion-mnist" and cfg.data.augmentations == 0
     assert cfg.model.path.endswith("fmnist_cnn/model.onnx") and "~" not in cfg.model.path
