@@ -110,8 +110,12 @@ def test_domains_need_the_domains_source():
         DataConfig(source="fashion-mnist", augmentations=0, domains=["inverted"])
 
 
+def _experts(dom: str) -> list:
+    return [ExpertRecipe(name="a"), ExpertRecipe(name="b", calibration_domain=dom)]
+
+
 def test_calibration_domain_must_be_a_data_domain():
-    experts = lambda dom: [ExpertRecipe(name="a"), ExpertRecipe(name="b", calibration_domain=dom)]  # noqa: E731
+    experts = _experts
     BuildConfig(data=domains_data(), experts=experts("noise"))
     with pytest.raises(ConfigError, match=r"calibration_domain = 'blur' is not one of \[data\] domains"):
         BuildConfig(data=domains_data(), experts=experts("blur"))
