@@ -242,3 +242,13 @@ def test_decoder_takes_images_within_the_limits():
     pre = Preprocess(resize=36, crop=CROP, mean=(0.5,) * 3, std=(0.25,) * 3)
     x = decode_images([png_bytes(40, 30), png_bytes(20, 400)], pre, InputLimits(max_total_pixels=9200))
     assert x.shape == (2, 3, CROP, CROP) and x.dtype == np.float32 and np.isfinite(x).all()
+
+
+def test_load_takes_input_limits(tiny_bundle, tiny_images):
+    import moqe_compile
+
+    with moqe_compile.load(tiny_bundle, input_limits=InputLimits(max_images=3)) as r:
+        assert r.input_limits.max_images == 3
+        with pytest.raises(InputLimitError, match="holds 4 images; the input limit max_images=3"):
+            r.load_inputs(tiny_images / "0")
+        assert len(r.load_inputs(tiny_images / "0", InputLimits(max_images=4))[0]) == 4
