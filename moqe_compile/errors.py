@@ -25,6 +25,11 @@ class InputError(MoqeError):
     exit_code = 3
 
 
+class InputLimitError(InputError):
+    """An input breaks a bound on what one call may decode (``InputLimits``: image size,
+    aspect ratio, image count, total pixels, array bytes); a server answers it with 413."""
+
+
 class BundleError(MoqeError):
     """A bundle directory cannot be trusted (missing/changed files, bad manifest)."""
 
@@ -65,6 +70,7 @@ __all__ = [
     "MoqeError",
     "ConfigError",
     "InputError",
+    "InputLimitError",
     "BundleError",
     "BundleIntegrityError",
     "BundlePathError",

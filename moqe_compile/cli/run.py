@@ -25,8 +25,23 @@ EPILOG = """\
   router_confidence is null where the router did not run.
 """
 
+# What one moqe-run may decode (tasks/image/preprocess.InputLimits); None: the default.
+LIMITS = (
+    ("--max-image-pixels", int, "width x height of one image, read from its header before decoding "
+                                "(default 50000000)"),
+    ("--max-aspect-ratio", float, "long side / short side of one image, checked before the resize "
+                                  "(default 20)"),
+    ("--max-images", int, "images in one --input: files of a directory or samples of a .npy (default 256)"),
+    ("--max-total-pixels", int, "width x height summed over the images of one --input (default 200000000)"),
+    ("--max-array-bytes", int, "data bytes of a .npy, read from its header before the data "
+                               "(default 1073741824, 1 GiB)"),
+)
+
+LIMIT_ATTRS = tuple(flag[2:].replace("-", "_") for flag, _, _ in LIMITS)  # InputLimits' field names
+
 # Options of one task that another task's bundle must not be given (flag, attribute, default).
-IMAGE_ONLY = (("--backend", "backend", "auto"), ("--top", "top", 5))
+IMAGE_ONLY = (("--backend", "backend", "auto"), ("--top", "top", 5),
+              *((flag, attr, None) for (flag, _, _), attr in zip(LIMITS, LIMIT_ATTRS)))
 LM_ONLY = (("--input-file", "input_file", None), ("--score", "score", False),
            ("--max-new-tokens", "max_new_tokens", 0), ("--expert", "expert", None))
 
@@ -43,12 +58,33 @@ def parser() -> argparse.ArgumentParser:
     image = ap.add_argument_group("image-classification bundles")
     image.add_argument("--backend", default="auto", help="execution backend (default: auto)")
     image.add_argument("--top", type=int, default=5, help="how many labels to show (default 5)")
+    limits = ap.add_argument_group(
+        "input limits (image-classification bundles)",
+        "Bounds on what one --input may decode, checked before the memory is allocated;\n"
+        "an input beyond one exits 3 naming the limit. Raise one only for inputs you trust.")
+    for flag, kind, text in LIMITS:
+        limits.add_argument(flag, type=_positive(kind), default=None, metavar="X" if kind is float else "N",
+                            help=text)
     lm = ap.add_argument_group("causal-LM bundles")
     lm.add_argument("--input-file", help="a UTF-8 text file holding the text (instead of --input)")
     lm.add_argument("--score", action="store_true", help="score the text: perplexity, chosen expert, router confidence")
     lm.add_argument("--max-new-tokens", type=int, default=0, help="generate up to N tokens (greedy, KV cache)")
     lm.add_argument("--expert", default=None, help="bypass the router: an expert name, or 'fp'")
     return ap
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +113,27 @@ def _refuse_other_task(args, options, kind: str) -> None:
 
 
 # ------------------------------------------------------------------ image classification
+def _input_limits(args):
+    from dataclasses import replace
+
+    from moqe_compile.tasks.image.preprocess import DEFAULT_LIMITS
+
+    given = {attr: getattr(args, attr) for attr in LIMIT_ATTRS if getattr(args, attr) is not None}
+    return replace(DEFAULT_LIMITS, **given)
+
+
 def run_image(args) -> int:
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # The input limits refuse oversized images in one line; Pillow's warning would add a second.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _run_image(args)
+
+
+def _run_image(args) -> int:
     from moqe_compile import load
     from moqe_compile.errors import InputError
 
@@ -87,7 +143,7 @@ def run_image(args) -> int:
     if args.top < 1:
         raise InputError(f"--top {args.top} must be >= 1.")
     with load(args.bundle, backend=args.backend, verify=not args.no_verify) as rt:
-        names, batch = rt.load_inputs(args.input)
+        names, batch = rt.load_inputs(args.input, _input_limits(args))
         res = rt.run(batch)
         idx, prob = res.topk(min(args.top, res.logits.shape[-1]))
         preds = [{"input": n, "expert": res.experts[i], "router_confidence": float(res.confidence[i]),

@@ -205,17 +205,26 @@ def _bytes_elements(t: dict, blob: bytes, size: int | None, where: str) -> list[
     return out
 
 
-def decode_images(items: list[bytes], preprocess) -> np.ndarray:
-    """Encoded image files -> the bundle's preprocessed float32 batch."""
-    from PIL import Image, UnidentifiedImageError
+def decode_images(items: list[bytes], preprocess, limits=None) -> np.ndarray:
+    """Encoded image files -> the bundle's preprocessed float32 batch, within ``limits`` (an
+    ``InputLimits``; None: its defaults). The count is checked before any image is decoded,
+    each image's size from its header before it is decoded. A broken limit is a
+    ``ProtocolError`` with status 413, an unreadable or empty image one with status 400."""
+    from moqe_compile.errors import InputLimitError
+    from moqe_compile.tasks.image.preprocess import DEFAULT_LIMITS, PixelBudget, decode_image
 
-    out = []
-    for i, b in enumerate(items):
-        try:
-            with Image.open(io.BytesIO(b)) as im:
+    limits = limits or DEFAULT_LIMITS
+    where = "inputs[0] (image)"
+    try:
+        limits.check_count(len(items), where)
+        budget, out = PixelBudget(limits, where), []
+        for i, b in enumerate(items):
+            with decode_image(io.BytesIO(b), f"{where} element {i}", limits, budget) as im:
                 out.append(preprocess(im))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ProtocolError(f"inputs[0] (image) element {i} is not a readable image: {e}.") from None
+    except InputLimitError as e:
+        raise ProtocolError(str(e), status=413) from None
+    except InputError as e:
+        raise ProtocolError(str(e)) from None
     return np.stack(out).astype(np.float32, copy=False)
 
 

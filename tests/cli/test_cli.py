@@ -121,6 +121,33 @@ def test_console_scripts_installed():
         assert s in out.stdout, s
 
 
+def test_input_limit_options_in_help_match_the_defaults():
+    from dataclasses import fields
+
+    from moqe_compile.tasks.image.preprocess import DEFAULT_LIMITS
+
+    text = " ".join(run_cli.parser().format_help().split())  # however the help wraps
+    for f in fields(DEFAULT_LIMITS):
+        flag, default = f"--{f.name.replace('_', '-')}", getattr(DEFAULT_LIMITS, f.name)
+        assert flag in text and f"(default {int(default)}" in text and default == int(default), flag
+
+
+def test_input_limit_options(tiny_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (30, 1)).save(thin)
+    code, out, err = _run(capsys, [str(tiny_bundle), "--input", str(thin), "--json"])
+    assert code == 3 and "max_aspect_ratio=20" in err
+    code, out, err = _run(capsys, [str(tiny_bundle), "--input", str(thin), "--json", "--max-aspect-ratio", "30"])
+    assert code == 0 and len(json.loads(out)["predictions"]) == 1
+    code, out, err = _run(capsys, [str(tiny_bundle), "--input", str(thin), "--max-image-pixels", "29"])
+    assert code == 3 and "max_image_pixels=29" in err
+    with pytest.raises(SystemExit) as e:
+        run_cli.main([str(tiny_bundle), "--input", str(thin), "--max-images", "0"])
+    assert e.value.code == 2 and "--max-images: '0' must be > 0" in capsys.readouterr().err
+
+
 def test_check_qdq_cli(tiny_bundle, capsys):
     cpu = tiny_bundle / "experts" / "minmax" / "onnxruntime-cpu.onnx"
     assert compile_cli.main(["check-qdq", str(cpu), "--target", "onnxruntime-cpu"]) == 0

@@ -27,7 +27,16 @@ def build_steps(cfg, writer, work, stages):
 
 def load_runtime(bundle_dir, **options):
     """``Runtime.load(bundle_dir, **options)``; a GPU backend (``backend="onnxruntime-cuda"``)
-    gets ``GpuRuntime.load``."""
+    gets ``GpuRuntime.load``. ``input_limits`` (an ``InputLimits``) sets the runtime's
+    ``input_limits``."""
+    limits = options.pop("input_limits", None)
+    rt = _load(bundle_dir, **options)
+    if limits is not None:
+        rt.input_limits = limits
+    return rt
+
+
+def _load(bundle_dir, **options):
     from moqe_compile.backends import BACKENDS, GPU_BACKENDS
 
     backend = options.get("backend", "auto")

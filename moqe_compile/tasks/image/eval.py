@@ -125,7 +125,7 @@ def load_user_data(path: str | Path, rt) -> tuple[np.ndarray, np.ndarray | None,
     if p.is_dir():
         subdirs = sorted(d for d in p.iterdir() if d.is_dir())
         if not subdirs:
-            _, x = rt.load_inputs(p)
+            _, x = rt.load_inputs(p, rt.input_limits.per_image())
             return x, None, f"{p} ({len(x)} unlabelled images)"
         xs, ys = [], []
         for d in subdirs:
@@ -133,7 +133,7 @@ def load_user_data(path: str | Path, rt) -> tuple[np.ndarray, np.ndarray | None,
                 raise InputError(f"class folder {str(d)!r} must be named by an integer class index.")
             if not list_images(d):
                 continue
-            _, x = rt.load_inputs(d)
+            _, x = rt.load_inputs(d, rt.input_limits.per_image())
             xs.append(x)
             ys.append(np.full(len(x), int(d.name), np.int64))
         if not xs:

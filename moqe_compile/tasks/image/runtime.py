@@ -26,7 +26,7 @@ from moqe_compile.errors import InputError
 from moqe_compile.runtime import base
 from moqe_compile.runtime.base import QueueConfig, RouterSessions, timing
 from moqe_compile.runtime.dispatch import group_by_expert, scatter
-from moqe_compile.tasks.image.preprocess import Preprocess, load_inputs
+from moqe_compile.tasks.image.preprocess import InputLimits, Preprocess, load_inputs, refuse_nonfinite
 
 
 @dataclass
@@ -56,6 +56,8 @@ class ImageBundleRuntime(base.BundleRuntime):
         if only_expert is not None:
             self.default_expert = self.expert_names.index(only_expert)
         self.preprocess = Preprocess.from_dict(manifest["preprocessing"])
+        # What load_inputs (and the server's image decoder) may decode per call.
+        self.input_limits = InputLimits()
         labels = manifest["task"].get("labels")
         self.labels: list[str] = json.loads((self.root / labels["path"]).read_text()) if labels else []
 
@@ -63,8 +65,10 @@ class ImageBundleRuntime(base.BundleRuntime):
     def input_shape(self) -> tuple[int, int, int]:
         return self.preprocess.input_shape
 
-    def load_inputs(self, path: str | Path) -> tuple[list[str], np.ndarray]:
-        return load_inputs(path, self.preprocess)
+    def load_inputs(self, path: str | Path, limits: InputLimits | None = None) -> tuple[list[str], np.ndarray]:
+        """``preprocess.load_inputs`` with this bundle's recipe, within ``limits`` (default:
+        ``self.input_limits``)."""
+        return load_inputs(path, self.preprocess, limits or self.input_limits)
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
         """``batch`` as the contiguous float32 (N, C, H, W) the graphs take, or an InputError."""
@@ -76,6 +80,7 @@ class ImageBundleRuntime(base.BundleRuntime):
             raise InputError(f"batch has dtype {batch.dtype}; expected float32 (preprocessed).")
         if len(batch) == 0:
             raise InputError("batch is empty.")
+        refuse_nonfinite(batch, [f"batch sample {i}" for i in range(len(batch))])
         return np.ascontiguousarray(batch)
 
 
