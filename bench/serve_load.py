@@ -14,7 +14,9 @@ as the server, as a co-located client would.
 Overload: an open-loop client sends at ``--overload-factor`` x the MoQE server's measured
 32-client throughput for ``--overload-seconds``, every request with a unique id; it
 checks that each request got exactly one answer (200 with its own id, or 503), that the
-server stayed up, and that a following run at half the sustainable rate is all 200s.
+server stayed up, and that a following run at half the sustainable rate is all 200s. The
+admitted requests' p99 is compared with the closed-loop p99 at the largest client count
+(the server's admission control, ``--max-in-flight`` and ``--max-queue-wait-ms``, bounds it).
 """
 
 from __future__ import annotations
@@ -180,6 +182,8 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
     ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--max-in-flight", type=int, default=64, help="moqe-serve admission control (its default)")
+    ap.add_argument("--max-queue-wait-ms", type=float, default=1000.0, help="moqe-serve queue-wait deadline")
     ap.add_argument("--overload-factor", type=float, default=4.0)
     ap.add_argument("--overload-seconds", type=float, default=30.0)
     ap.add_argument("--samples", type=int, default=64, help="distinct test inputs cycled through")
@@ -194,7 +198,8 @@ def main() -> int:
         routed = rt.routed
     samples = _test_inputs(args.bundle, shape, args.samples)
     batching = ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-                "--max-queue", str(args.max_queue)]
+                "--max-queue", str(args.max_queue), "--max-in-flight", str(args.max_in_flight),
+                "--max-queue-wait-ms", str(args.max_queue_wait_ms)]
     servers = {"moqe": start_server(args.bundle, "moqe", batching),
                "single": start_server(args.bundle, "single", [*batching, "--only-expert", single])}
     settings = {k: v for k, v in vars(args).items() if k != "json"}
@@ -241,9 +246,12 @@ def main() -> int:
         over = asyncio.run(open_loop(url, "moqe", samples, args.overload_factor * sustainable, args.overload_seconds))
         alive = metric_sums(url) is not None
         recover = asyncio.run(open_loop(url, "moqe", samples, 0.5 * sustainable, 10.0))
+        closed_p99 = results["closed_loop"][top]["median"]["moqe"]["p99_ms"]
         results["overload"] = {"sustainable_rps": sustainable, "overload": over, "server_alive_after": alive,
                                "recovery_half_rate": recover,
-                               "server_process_alive": servers["moqe"][0].poll() is None}
+                               "server_process_alive": servers["moqe"][0].poll() is None,
+                               "closed_loop_p99_ms": closed_p99,
+                               "admitted_p99_over_closed_loop_p99": over["ok_p99_ms"] / closed_p99}
         print("overload:", json.dumps(over), "\nrecovery:", json.dumps(recover), flush=True)
     finally:
         for proc, _ in servers.values():

@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="threads running merged batches (1)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     ap.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (64 MiB)")
+    ap.add_argument("--max-in-flight", type=int, default=64,
+                    help="infer requests admitted at once; beyond it 503 + Retry-After (64)")
+    ap.add_argument("--max-queue-wait-ms", type=float, default=1000.0,
+                    help="a request not started after this long in the queue is answered 503 (1000; 0: no limit)")
+    ap.add_argument("--body-timeout-s", type=float, default=30.0,
+                    help="drop a request whose body sends nothing for this long, with 408 (30)")
     ap.add_argument("--backend", default="auto", help="execution backend (default: auto)")
     ap.add_argument("--only-expert", default=None, metavar="NAME",
                     help="serve this expert alone without the router (a single-expert baseline)")
@@ -41,26 +47,31 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args) -> int:
     from moqe_compile.errors import ConfigError
     from moqe_compile.runtime import QueueConfig
-    from moqe_compile.serving.server import ServeConfig, check_servable, serve
+    from moqe_compile.serving.server import ServeConfig, check_servable, limits_of, serve
 
     for flag, v, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                          ("--workers", args.workers, 1), ("--threads", args.threads, 0),
-                         ("--port", args.port, 0)):
+                         ("--port", args.port, 0), ("--max-in-flight", args.max_in_flight, 1)):
         if v < low:
             raise ConfigError(f"{flag} {v} must be >= {low}.")
-    if args.max_delay_ms < 0 or args.max_body_mb <= 0:
-        raise ConfigError(f"--max-delay-ms {args.max_delay_ms} must be >= 0 and --max-body-mb "
-                          f"{args.max_body_mb} > 0.")
+    for flag, v in (("--max-delay-ms", args.max_delay_ms), ("--max-queue-wait-ms", args.max_queue_wait_ms)):
+        if v < 0:
+            raise ConfigError(f"{flag} {v} must be >= 0.")
+    for flag, v in (("--max-body-mb", args.max_body_mb), ("--body-timeout-s", args.body_timeout_s)):
+        if v <= 0:
+            raise ConfigError(f"{flag} {v} must be > 0.")
     check_servable(args.bundle)  # before Ray or uvicorn start: a causal-LM bundle has no v2 codec
     cfg = ServeConfig(host=args.host, port=args.port, name=args.name, max_body_mb=args.max_body_mb,
-                      log_level=args.log_level)
+                      max_in_flight=args.max_in_flight, max_queue_wait_ms=args.max_queue_wait_ms,
+                      body_timeout_s=args.body_timeout_s, log_level=args.log_level)
     if args.ray:
         from moqe_compile.serving.ray_serve import RayServeConfig, parse_replicas, run_ray
         from moqe_compile.serving.server import model_name
 
         rcfg = RayServeConfig(replicas=parse_replicas(args.replicas), num_cpus=args.num_cpus, threads=args.threads,
                               max_batch=args.max_batch, max_delay_ms=args.max_delay_ms)
-        run_ray(args.bundle, model_name(args.bundle, cfg), rcfg, args.host, args.port, args.ray_address)
+        run_ray(args.bundle, model_name(args.bundle, cfg), rcfg, args.host, args.port, args.ray_address,
+                limits=limits_of(cfg))
         return 0
     if args.replicas:
         raise ConfigError("--replicas only applies with --ray.")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -30,10 +31,16 @@ import numpy as np
 from moqe_compile.errors import InputError
 
 DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(bool), "UINT8": np.dtype(np.uint8), "INT8": np.dtype(np.int8),
+    "BOOL": np.dtype(bool), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
     "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
     "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
 }
+# v2 datatypes numpy has no dtype for: known (so the message names what this input takes
+# instead of calling them unknown), never decoded.
+UNDECODED_DTYPES = ("BF16",)
+MAX_JSON_DEPTH = 32  # a v2 body nests about 10 deep (nested "data" adds one per dimension)
+MAX_ID_CHARS = 256
 OUTPUTS = ("logits", "expert", "expert_name", "router_confidence")
 INPUTS = ("input", "image")
 
@@ -69,9 +76,37 @@ def _need(obj: dict, key: str, kind: type, where: str):
     return v
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NESTING = np.zeros(256, np.int32)
+_NESTING[[ord("["), ord("{")]] = 1
+_NESTING[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(text: bytes) -> int:
+    """How deep ``text``'s arrays and objects nest. The standard library's parser has no depth
+    limit (it recurses until ``RecursionError``), so this scan runs first: strings are blanked
+    by one regex and the brackets counted with numpy, both at C speed."""
+    b = np.frombuffer(_STRING.sub(b'""', text), dtype=np.uint8)
+    return int(np.cumsum(_NESTING[b]).max(initial=0))
+
+
+def load_json(text: bytes, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads`` with a nesting guard; a ``ProtocolError`` for anything that is not JSON."""
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ProtocolError(f"request JSON nests {depth} levels deep; this server takes at most {max_depth}.")
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"request body is not valid JSON: {e}.") from None
+    except RecursionError:  # the scan above miscounted (it cannot see every malformed string)
+        raise ProtocolError(f"request JSON nests deeper than {max_depth} levels.") from None
+
+
+def parse_infer_request(body: bytes, header_length: str | None, max_id_chars: int = MAX_ID_CHARS) -> InferRequest:
     """Parse a v2 infer body; ``header_length`` is the ``Inference-Header-Content-Length``
-    header (None: the whole body is JSON)."""
+    header (None: the whole body is JSON). ``id`` is echoed in the answer, so its length is
+    bounded by ``max_id_chars``."""
     if header_length is None:
         head, blob = body, b""
     else:
@@ -82,15 +117,14 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         if not 0 < n <= len(body):
             raise ProtocolError(f"Inference-Header-Content-Length {n} is outside the body's {len(body)} bytes.")
         head, blob = body[:n], body[n:]
-    try:
-        req = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"request body is not valid JSON: {e}.") from None
+    req = load_json(head)
     if not isinstance(req, dict):
         raise ProtocolError(f"request body must be a JSON object, got {type(req).__name__}.")
     rid = req.get("id")
     if rid is not None and not isinstance(rid, str):
         raise ProtocolError(f"id must be a string, got {type(rid).__name__}.")
+    if rid is not None and len(rid) > max_id_chars:
+        raise ProtocolError(f"id is {len(rid)} characters; this server echoes at most {max_id_chars}.")
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
         raise ProtocolError("parameters must be an object.")
@@ -155,8 +189,11 @@ def _decode_tensor(t: dict, blob: bytes, where: str) -> np.ndarray | list[bytes]
         if len(items) != count:
             raise ProtocolError(f"{where} has {len(items)} BYTES elements but shape {shape} needs {count}.")
         return items
+    if dt in UNDECODED_DTYPES:
+        raise ProtocolError(f"{where}.datatype {dt} is not decoded here; send input as FP32 or image as BYTES.")
     if dt not in DTYPES:
-        raise ProtocolError(f"{where}.datatype {dt!r} is not a v2 datatype ({sorted(DTYPES) + ['BYTES']}).")
+        raise ProtocolError(f"{where}.datatype {dt!r} is not a v2 datatype "
+                            f"({sorted([*DTYPES, *UNDECODED_DTYPES, 'BYTES'])}).")
     dtype = DTYPES[dt].newbyteorder("<")
     if size is not None:
         if size != count * dtype.itemsize:
@@ -170,7 +207,7 @@ def _decode_tensor(t: dict, blob: bytes, where: str) -> np.ndarray | list[bytes]
             raise ProtocolError(f"{where}.data is missing (or send it binary with parameters.binary_data_size).")
         try:
             arr = np.asarray(t["data"], dtype=DTYPES[dt])
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ProtocolError(f"{where}.data cannot be read as {dt}: {e}.") from None
         if arr.size != count:
             raise ProtocolError(f"{where}.data has {arr.size} elements but shape {shape} needs {count}.")

@@ -6,20 +6,22 @@ deployment, composed with deployment handles, each scaled on its own (``num_repl
                                    └─► expert_<b> × replicas      one call per chosen expert
 
 The ingress groups with ``runtime/dispatch.py``, the same code as ``Runtime.run`` and the
-Triton BLS model, so every deployment answers like the in-process runtime. It speaks the
-same Open Inference Protocol body as ``moqe-serve`` (``POST /v2/models/<name>/infer``;
-GET returns the model metadata).
+Triton BLS model, so every deployment answers like the in-process runtime. It serves the
+same FastAPI app as ``moqe-serve`` (``@serve.ingress``): health, metadata, errors, limits and
+metrics are the same code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from moqe_compile.errors import ConfigError, InputError
 from moqe_compile.runtime.dispatch import group_by_expert, scatter, split_requests
+from moqe_compile.serving.app import ServeLimits, create_app
 from moqe_compile.serving.server import open_runtime
 from moqe_compile.tasks.image.runtime import RunResult
 
@@ -45,7 +47,7 @@ def parse_replicas(items: list[str]) -> dict[str, int]:
     return out
 
 
-def build_app(bundle: str, name: str, cfg: RayServeConfig):
+def build_app(bundle: str, name: str, cfg: RayServeConfig, limits: ServeLimits | None = None):
     """The Ray Serve application for ``bundle`` (not yet running: pass it to ``serve.run``)."""
     from ray import serve
 
@@ -69,60 +71,49 @@ def build_app(bundle: str, name: str, cfg: RayServeConfig):
             return self.rt.run_expert(self.expert, x)
 
     @serve.deployment(ray_actor_options=opts, num_replicas=cfg.router_replicas)
+    @serve.ingress()
     class MoqeIngress:
-        def __init__(self, bundle: str, model: str, experts: dict, max_batch: int, max_delay_ms: float):
-            from moqe_compile.serving.app import model_metadata
-
+        def __init__(self, bundle: str, model: str, experts: dict, max_batch: int, max_delay_ms: float,
+                     limits: ServeLimits):
             self.rt = open_runtime(bundle, route_only=True)
-            self.model = model
+            self.model, self.limits = model, limits
             self.handles = [experts.get(n) for n in self.rt.expert_names]
-            self.meta = model_metadata(self.rt, model)
             self._batched.set_max_batch_size(max_batch)
             self._batched.set_batch_wait_timeout_s(max_delay_ms / 1e3)
+            self.metrics = None
+
+        def __serve_build_asgi_app__(self):
+            # The same FastAPI app as moqe-serve, its inference sent through the batched router.
+            app = create_app(self.rt, self.model, self.limits, close_on_shutdown=False, infer=self.infer)
+            self.metrics = app.state.metrics
+            return app
 
         async def infer(self, x: np.ndarray) -> RunResult:
             return await self._batched(self.rt.check(x))
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
         async def _batched(self, xs: list[np.ndarray]) -> list[RunResult]:
+            t0 = time.perf_counter()
             x = np.concatenate(xs) if len(xs) > 1 else xs[0]
             idx, conf = self.rt.route(x)
             groups = group_by_expert(idx)
             outs = await asyncio.gather(*[self.handles[k].remote(np.ascontiguousarray(x[m])) for k, m in groups])
-            res = RunResult(scatter(groups, list(outs), len(x)), idx, [self.rt.expert_names[k] for k in idx], conf)
+            res = RunResult(scatter(groups, list(outs), len(x)), idx, [self.rt.expert_names[k] for k in idx], conf,
+                            timing_ms={"total": (time.perf_counter() - t0) * 1e3})
+            if self.metrics is not None:
+                self.metrics.observe_batch(res, len(x), len(xs))
             return [res.slice(s.start, s.stop) for s in split_requests([len(a) for a in xs])]
-
-        async def __call__(self, request):
-            from starlette.responses import JSONResponse, Response
-
-            from moqe_compile.serving.app import to_batch
-            from moqe_compile.serving.protocol import ProtocolError, encode_infer_response, parse_infer_request
-
-            if request.method == "GET":
-                return JSONResponse(self.meta)
-            if not request.url.path.rstrip("/").endswith("/infer"):
-                return JSONResponse({"error": f"no route {request.url.path!r}; POST .../infer"}, status_code=404)
-            try:
-                req = parse_infer_request(await request.body(), request.headers.get("inference-header-content-length"))
-                res = await self.infer(to_batch(req, self.rt))
-            except ProtocolError as e:
-                return JSONResponse({"error": str(e)}, status_code=e.status)
-            except InputError as e:
-                return JSONResponse({"error": str(e)}, status_code=400)
-            body, header_len = encode_infer_response(self.model, "1", req, res)
-            if header_len is None:
-                return Response(body, media_type="application/json")
-            return Response(body, media_type="application/octet-stream",
-                            headers={"Inference-Header-Content-Length": str(header_len)})
 
     experts = {n: Expert.options(name=f"expert_{n}", num_replicas=cfg.replicas.get(n, 1)).bind(bundle, n, cfg.threads)
                for n in used}
-    return MoqeIngress.options(name="router").bind(bundle, name, experts, cfg.max_batch, cfg.max_delay_ms)
+    return MoqeIngress.options(name="router").bind(bundle, name, experts, cfg.max_batch, cfg.max_delay_ms,
+                                                   limits or ServeLimits())
 
 
 def run_ray(bundle: str, name: str, cfg: RayServeConfig, host: str = "127.0.0.1", port: int = 8000,
-            address: str | None = None, blocking: bool = True):
-    """Start (or join, with ``address``) Ray, deploy the app under ``/v2/models/<name>`` and
+            address: str | None = None, blocking: bool = True, limits: ServeLimits | None = None):
+    """Start (or join, with ``address``) Ray, deploy the app at the root of Ray's HTTP proxy
+    (the v2 routes: ``/v2/health/ready``, ``/v2/models/<name>/infer``, ``/metrics``, ...) and
     return its handle; with ``blocking`` serve until SIGINT/SIGTERM, then shut down."""
     try:
         import ray
@@ -132,7 +123,7 @@ def run_ray(bundle: str, name: str, cfg: RayServeConfig, host: str = "127.0.0.1"
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(build_app(str(bundle), name, cfg), name=name, route_prefix=f"/v2/models/{name}")
+    handle = serve.run(build_app(str(bundle), name, cfg, limits), name=name, route_prefix="/")
     if not blocking:
         return handle
     import signal

@@ -1,9 +1,9 @@
 """Run the v2 server with uvicorn: in the foreground (``moqe-serve``) or on a background
 thread (tests, benchmarks, services that embed it).
 
-SIGTERM/SIGINT: uvicorn stops accepting connections, lets in-flight requests finish (up to
-``graceful_s``), then the app's shutdown drains the batcher and closes the runtime, so
-no accepted request is dropped.
+SIGTERM/SIGINT: readiness turns 400 at once, uvicorn stops accepting connections, lets
+in-flight requests finish (up to ``graceful_s``), then the app's shutdown drains the batcher
+and closes the runtime, so no accepted request is dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ class ServeConfig:
     name: str = ""  # model name in URLs; default: the bundle directory's name
     max_body_mb: float = 64.0
     retry_after_s: int = 1
+    max_in_flight: int = 64
+    max_queue_wait_ms: float = 1000.0
+    body_timeout_s: float = 30.0
     graceful_s: float = 30.0
     # Longer than uvicorn's 5 s default: a client that reuses a pooled connection just as the
     # server times it out sees a disconnect, not an answer (seen under overload in the bench).
@@ -38,16 +41,32 @@ def model_name(bundle: str | Path, cfg: ServeConfig) -> str:
     return cfg.name or Path(bundle).resolve().name
 
 
+def limits_of(cfg: ServeConfig):
+    from moqe_compile.serving.app import ServeLimits
+
+    return ServeLimits(max_body_bytes=int(cfg.max_body_mb * (1 << 20)), max_in_flight=cfg.max_in_flight,
+                       max_queue_wait_s=cfg.max_queue_wait_ms / 1e3, retry_after_s=cfg.retry_after_s,
+                       body_timeout_s=cfg.body_timeout_s)
+
+
 def build_server(rt: Runtime, name: str, cfg: ServeConfig):
     import uvicorn
 
     from moqe_compile.serving.app import create_app
 
-    app = create_app(rt, name, max_body_bytes=int(cfg.max_body_mb * (1 << 20)), retry_after_s=cfg.retry_after_s)
+    app = create_app(rt, name, limits_of(cfg))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Readiness turns 400 when draining starts, before the listener closes, so a load
+            # balancer stops sending here while the in-flight requests finish.
+            app.state.health.drain()
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                             timeout_graceful_shutdown=cfg.graceful_s, timeout_keep_alive=cfg.keep_alive_s,
                             access_log=False)
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def check_servable(bundle: str | Path) -> None:

@@ -19,3 +19,60 @@ def single_bundle(tmp_path_factory, tiny_onnx, tiny_images):
     cfg.gate = GateConfig(p_value=1e-12)
     cfg.controls = ControlsConfig(copies=0)
     return build(cfg, tmp_path_factory.mktemp("bundles") / "tiny-single", quiet=True)
+
+
+NAME = "tiny"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_deployment(routed_bundle):
+    """The tiny bundle on a local Ray Serve: router ingress (the moqe-serve app) + experts,
+    2 replicas of the first expert. (handle, "host:port", expert names)."""
+    serve = pytest.importorskip("ray.serve")
+    import ray
+
+    from moqe_compile import Runtime
+    from moqe_compile.serving.app import ServeLimits
+    from moqe_compile.serving.ray_serve import RayServeConfig, run_ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    names = Runtime.load(routed_bundle, route_only=True).expert_names
+    cfg = RayServeConfig(replicas={names[0]: 2}, num_cpus=0, threads=1, max_delay_ms=5)
+    handle = run_ray(str(routed_bundle), NAME, cfg, port=port, blocking=False,
+                     limits=ServeLimits(max_body_bytes=1 << 20))
+    yield handle, f"127.0.0.1:{port}", names
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_server(routed_bundle):
+    """moqe-serve (uvicorn, in a thread) on the tiny bundle: "host:port"."""
+    pytest.importorskip("fastapi")
+    from moqe_compile import Runtime
+    from moqe_compile.runtime import QueueConfig
+    from moqe_compile.serving.server import ServeConfig, ServerThread
+
+    rt = Runtime.load(routed_bundle, queue=QueueConfig(max_batch=16, max_delay_ms=2, max_queue=64))
+    with ServerThread(rt, NAME, ServeConfig(port=0, max_body_mb=1.0)) as url:
+        yield url
+
+
+@pytest.fixture(scope="session", params=["moqe-serve", "ray"])
+def served(request, routed_bundle):
+    """The same v2 app under moqe-serve and under the Ray Serve ingress: (url, reference runtime)."""
+    from moqe_compile import Runtime
+
+    url = (request.getfixturevalue("local_server") if request.param == "moqe-serve"
+           else request.getfixturevalue("ray_deployment")[1])
+    with Runtime.load(routed_bundle) as reference:
+        yield url, reference

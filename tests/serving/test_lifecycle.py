@@ -70,7 +70,7 @@ def test_full_queue_answers_503_with_retry_after_then_recovers(routed_bundle):
         assert [results[i][1]["id"] for i in range(2)] == ["0", "1"]
         assert _post(path, _body(5))[0] == 200
         with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as r:
-            assert 'moqe_request_errors_total{model="m",reason="overloaded"} 1.0' in r.read().decode()
+            assert 'moqe_request_errors_total{model="m",reason="overloaded",version="1"} 1.0' in r.read().decode()
 
 
 def _free_port():

@@ -1,36 +1,19 @@
 """Ray Serve on a local Ray instance: router ingress + expert deployments, 2 replicas of one."""
 
-import socket
-
 import numpy as np
 import pytest
 
 serve = pytest.importorskip("ray.serve")
-import ray  # noqa: E402
-
 from moqe_compile import Runtime  # noqa: E402
 from moqe_compile.errors import ConfigError  # noqa: E402
-from moqe_compile.serving.ray_serve import RayServeConfig, parse_replicas, run_ray  # noqa: E402
+from moqe_compile.serving.ray_serve import parse_replicas  # noqa: E402
 
 from ..models import CROP  # noqa: E402
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def deployed(routed_bundle):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    names = Runtime.load(routed_bundle, route_only=True).expert_names
-    cfg = RayServeConfig(replicas={names[0]: 2}, num_cpus=0, threads=1, max_delay_ms=5)
-    handle = run_ray(str(routed_bundle), "tiny", cfg, port=port, blocking=False)
-    yield handle, port, names
-    serve.shutdown()
-    ray.shutdown()
+def deployed(ray_deployment):
+    return ray_deployment
 
 
 def _batch(n, seed):
@@ -60,11 +43,11 @@ def test_expert_replicas_as_configured(deployed):
 
 def test_ray_http_speaks_v2(deployed, routed_bundle):
     tc = pytest.importorskip("tritonclient.http")
-    _, port, _ = deployed
+    _, url, _ = deployed
     x = _batch(3, seed=9)
     inp = tc.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    res = tc.InferenceServerClient(f"127.0.0.1:{port}").infer("tiny", [inp])
+    res = tc.InferenceServerClient(url).infer("tiny", [inp])
     with Runtime.load(routed_bundle) as rt:
         want = rt.run(x)
     np.testing.assert_allclose(res.as_numpy("logits"), want.logits, rtol=1e-5, atol=1e-5)

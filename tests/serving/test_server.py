@@ -1,4 +1,5 @@
-"""The v2 server against Triton's own HTTP client, on loopback."""
+"""The v2 app against Triton's own HTTP client, on loopback: every test runs against
+moqe-serve and against the Ray Serve ingress (the ``served`` fixture), which serve the same app."""
 
 import json
 import urllib.error
@@ -10,21 +11,11 @@ import pytest
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
 from moqe_compile import Runtime  # noqa: E402
-from moqe_compile.runtime import QueueConfig  # noqa: E402
 from moqe_compile.serving.server import ServeConfig, ServerThread  # noqa: E402
 
 from ..models import CROP  # noqa: E402
 
-NAME = "tiny"
-
-
-@pytest.fixture(scope="module")
-def served(routed_bundle):
-    rt = Runtime.load(routed_bundle, queue=QueueConfig(max_batch=16, max_delay_ms=2, max_queue=64))
-    reference = Runtime.load(routed_bundle)
-    with ServerThread(rt, NAME, ServeConfig(port=0, max_body_mb=1.0)) as url:
-        yield url, reference
-    reference.close()
+from .conftest import NAME  # noqa: E402
 
 
 def _batch(n, seed=0):
@@ -149,10 +140,11 @@ def test_metrics_count_requests_errors_and_experts(served):
     _infer(_client(url), _batch(3, seed=9))
     with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as r:
         text = r.read().decode()
-    for needle in ('moqe_requests_total{code="200",model="tiny"}', 'moqe_request_errors_total{model="tiny",'
-                   'reason="bad_request"}', "moqe_expert_samples_total", "moqe_request_latency_seconds_bucket",
-                   "moqe_router_confidence_bucket", 'moqe_queue_depth{model="tiny"}', "moqe_batch_size_bucket",
-                   "moqe_router_seconds_total"):
+    for needle in ('moqe_requests_total{code="200",model="tiny",version="1"}', 'moqe_request_errors_total{'
+                   'model="tiny",reason="bad_request",version="1"}', "moqe_expert_samples_total",
+                   "moqe_request_latency_seconds_bucket", 'moqe_queue_wait_seconds_bucket{le="0.001",model="tiny",'
+                   'version="1"}', "moqe_router_confidence_bucket", 'moqe_requests_in_flight{model="tiny",version="1"}',
+                   "moqe_batch_size_bucket", "moqe_router_seconds_total"):
         assert needle in text, needle
     served_samples = sum(float(line.split()[-1]) for line in text.splitlines()
                          if line.startswith("moqe_expert_samples_total{"))
@@ -204,3 +196,66 @@ def test_fuzzed_requests_never_get_a_5xx(served):
     for body in bodies:
         code, out, _ = _post(url, f"/v2/models/{NAME}/infer", body)
         assert code < 500, (body[:200], out)
+
+
+def _metrics(url) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in lines if ln and not ln.startswith("#"))}
+
+
+def _bomb_png() -> bytes:
+    """A tiny PNG that decodes to more pixels than Pillow's decompression-bomb limit."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image_req(blob: bytes) -> bytes:
+    import base64
+
+    return json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "data": [base64.b64encode(blob).decode()]}]}).encode()
+
+
+@pytest.mark.parametrize("body,status,reason,needle", [
+    (b"[" * 100_000 + b"]" * 100_000, 400, "bad_request", "nests 100000 levels deep"),
+    (json.dumps({"id": "x" * 5000, "inputs": []}).encode(), 400, "bad_request", "id is 5000 characters"),
+    (_json_req(np.zeros((1, 3, CROP, CROP)), datatype="UINT16"), 400, "bad_request",
+     "datatype UINT16: this model takes FP32"),
+    (_json_req(np.zeros((1, 3, CROP, CROP)), datatype="UINT64"), 400, "bad_request",
+     "datatype UINT64: this model takes FP32"),
+    (_json_req(np.zeros((1, 3, CROP, CROP)), datatype="BF16"), 400, "bad_request", "send input as FP32"),
+    (_json_req(np.zeros(1), name="image", datatype="UINT32"), 400, "bad_request", "must be BYTES"),
+    (_image_req(_bomb_png()), 413, "too_large", "decompression bomb"),
+])
+def test_hostile_bodies_get_a_v2_error_and_a_metric(served, body, status, reason, needle):
+    url, _ = served
+    before = _metrics(url)
+    code, out, headers = _post(url, f"/v2/models/{NAME}/infer", body)
+    assert code == status, out[:300]
+    assert headers.get("content-type", headers.get("Content-Type")) == "application/json"
+    assert needle in json.loads(out)["error"]
+    after = _metrics(url)
+    key = f'moqe_requests_total{{code="{status}",model="{NAME}",version="1"}}'
+    assert after[key] == before.get(key, 0) + 1
+    err = f'moqe_request_errors_total{{model="{NAME}",reason="{reason}",version="1"}}'
+    assert after[err] == before[err] + 1
+
+
+def test_unknown_routes_and_methods_answer_a_v2_error(served):
+    url, _ = served
+    code, out, _ = _post(url, "/v2/nothing/here", b"{}")
+    assert code == 404 and "error" in json.loads(out)
+    with urllib.request.urlopen(urllib.request.Request(f"http://{url}/v2/health/ready"), timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read()) == {"ready": True}
+
+
+def test_metadata_platform_names_the_format(served):
+    url, _ = served
+    meta = _client(url).get_model_metadata(NAME)
+    assert meta["platform"] == "moqe_onnxruntime_onnx" and meta["versions"] == ["1"]
