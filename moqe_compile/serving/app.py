@@ -405,7 +405,7 @@ def _decode_images(items: list[bytes], rt: Runtime) -> np.ndarray:
     from PIL import Image
 
     try:
-        return decode_images(items, rt.preprocess)
+        return decode_images(items, rt.preprocess, getattr(rt, "input_limits", None))
     except Image.DecompressionBombError as e:
         # Pillow's own pixel limit (MAX_IMAGE_PIXELS): the client sent too large an image.
         raise ProtocolError(f"inputs[0] (image): {e} Send smaller images.", status=413) from None
