@@ -173,8 +173,9 @@ def _check_depth(text: str, mpath: Path) -> None:
             depth -= 1
 
 
-def load_manifest(mpath: Path) -> dict:
-    """``manifest.json`` parsed within the limits, its schema version and schema checked."""
+def parse_manifest(mpath: Path):
+    """The JSON value in ``mpath``, read within the size and depth limits (any JSON value: the
+    caller checks what it is)."""
     raw = _read_manifest_bytes(mpath)
     try:
         text = raw.decode("utf-8")
@@ -182,9 +183,14 @@ def load_manifest(mpath: Path) -> dict:
         raise BundleError(f"{str(mpath)!r} is not UTF-8 ({e.reason} at byte {e.start}).") from e
     _check_depth(text, mpath)
     try:
-        manifest = json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError) as e:
         raise BundleError(f"{str(mpath)!r} is not valid JSON: {e}.") from e
+
+
+def load_manifest(mpath: Path) -> dict:
+    """``manifest.json`` parsed within the limits, its schema version and schema checked."""
+    manifest = parse_manifest(mpath)
     if not isinstance(manifest, dict):
         raise BundleError(f"{str(mpath)!r} holds a JSON {type(manifest).__name__}; a manifest is a JSON object.")
     version = manifest.get("schema_version")
