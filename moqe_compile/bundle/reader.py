@@ -24,9 +24,9 @@ from pathlib import Path
 from moqe_compile.bundle.manifest import MANIFEST, SCHEMA_VERSION, referenced_paths, safe_join, sha256_file
 from moqe_compile.errors import BundleError, BundleIntegrityError, BundlePathError, SchemaVersionError
 
-# Limits on what a manifest may make the reader do (docs/security.md#manifest-limits). The
-# demo's manifest is ~60 KB with ~40 files and nests 7 deep; these leave room for any real
-# bundle and refuse a hostile one in well under a second.
+# Limits on what a manifest may make the reader do (docs/security.md#manifest-limits): far
+# above what a build writes, low enough that a hostile manifest is refused before it costs
+# much time or memory.
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_DEPTH = 64
 MAX_FILES = 100_000  # also the schema's files.maxProperties
