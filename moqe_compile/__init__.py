@@ -6,7 +6,6 @@ its task. The build stages import torch lazily, so the runtime stays light.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from moqe_compile.version import __version__
@@ -18,15 +17,19 @@ def task_of_bundle(path: str | Path):
     A directory without a readable manifest is left to the task's own reader, which names
     what is wrong with it; a task this release does not know is a ``BundleError``.
     """
+    from moqe_compile.bundle.reader import parse_manifest
     from moqe_compile.errors import BundleError, ConfigError
     from moqe_compile.tasks import task_of
 
     try:
-        doc = json.loads((Path(path) / "manifest.json").read_text())
-    except (OSError, ValueError):
+        doc = parse_manifest(Path(path) / "manifest.json")  # within the reader's size and depth limits
+    except BundleError:
         doc = {}
+    task = doc.get("task") if isinstance(doc, dict) else None
+    if not (isinstance(task, dict) and isinstance(task.get("kind", ""), str)):
+        doc = {}  # not a manifest: the reader names what is wrong
     try:
-        return task_of(doc if isinstance(doc, dict) else {})
+        return task_of(doc)
     except ConfigError as e:
         raise BundleError(f"bundle {str(path)!r}: {e} Upgrade moqe-compile or rebuild the bundle.") from e
 

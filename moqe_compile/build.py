@@ -10,21 +10,22 @@ Rationale: ``docs/design.md#one-core-two-task-plug-ins``.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
-
 
 from moqe_compile.bundle import BundleWriter
 from moqe_compile.stages import Stages, created_at, log, versions
 from moqe_compile.tasks import DEFAULT_TASK, task_of
 
 
-def build(cfg, out: str | Path, quiet: bool = False) -> Path:
-    """Compile the recipe ``cfg`` (a task plug-in's config) into a bundle at ``out``."""
+def build(cfg, out: str | Path, quiet: bool = False, force: bool = False) -> Path:
+    """Compile the recipe ``cfg`` (a task plug-in's config) into a bundle at ``out``.
+    ``force``: replace ``out`` even when it is a directory that is not a moqe bundle."""
     plugin = task_of({"task": getattr(cfg, "task", DEFAULT_TASK)})
     stages = Stages(quiet)
-    with BundleWriter(out) as w, tempfile.TemporaryDirectory(prefix="moqe-work-") as work:
-        steps = plugin.build_steps(cfg, w, Path(work), stages)
+    # The scratch folder sits beside the output (BundleWriter.work_dir), so a killed build's
+    # leftovers are found and removed by the next build to that path.
+    with BundleWriter(out, force=force) as w:
+        steps = plugin.build_steps(cfg, w, w.work_dir(), stages)
         for name in steps.ORDER:
             with stages.stage(name):
                 getattr(steps, name)()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from moqe_compile.bundle.reader import Graph
 from moqe_compile.errors import BackendError
 
 LEVELS = {
@@ -62,12 +63,25 @@ def optimized_model_bytes(model: str | Path, optimization: str = "extended") -> 
         return out.read_bytes()
 
 
-class OrtCpuSession:
-    """One model on the CPU behind the backend interface (``run(x) -> first output``)."""
+def graph_session(graph: Graph, *, threads: int = 0, name: str = "") -> ort.InferenceSession:
+    """A CPU session over a bundle graph's verified bytes (``Bundle.graph``): ONNX Runtime never
+    opens the file, so what runs is what was hashed; external data and shared tensors come
+    from memory too."""
+    return session(graph.model, threads=threads, add_shared=graph.configure, name=name or graph.rel)
 
-    def __init__(self, name: str, path: Path, intra_op_threads: int = 0):
+
+class OrtCpuSession:
+    """One model on the CPU behind the backend interface (``run(x) -> first output``).
+    ``model``: a bundle ``Graph`` (verified bytes) or a path (build-time checks)."""
+
+    accepts_graph = True  # Runtime hands it verified bytes, not a path
+
+    def __init__(self, name: str, model: Path | Graph, intra_op_threads: int = 0):
         self.name = name
-        self._sess = session(path, threads=intra_op_threads, name=name)
+        if isinstance(model, Graph):
+            self._sess = graph_session(model, threads=intra_op_threads, name=name)
+        else:
+            self._sess = session(model, threads=intra_op_threads, name=name)
         self._input = self._sess.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -20,11 +20,17 @@ def sha256_file(path: Path) -> str:
 
 
 def safe_join(root: Path, rel: str) -> Path:
-    """Resolve a manifest path inside ``root``; refuse absolute paths and escapes."""
+    """Resolve a manifest path inside ``root``; refuse absolute paths, escapes, NUL bytes and
+    symlink loops."""
+    if not isinstance(rel, str):
+        raise BundlePathError(f"manifest path {rel!r} is not a string.")
     p = PurePosixPath(rel)
-    if not rel or p.is_absolute() or "\\" in rel or ".." in p.parts:
+    if not rel or p.is_absolute() or "\\" in rel or "\x00" in rel or ".." in p.parts:
         raise BundlePathError(f"manifest path {rel!r} must be relative and stay inside the bundle.")
-    full = (root / p).resolve()
+    try:
+        full = (root / p).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise BundlePathError(f"manifest path {rel!r} cannot be resolved in {str(root)!r}: {e}.") from e
     if not full.is_relative_to(root.resolve()):
         raise BundlePathError(f"manifest path {rel!r} resolves to {str(full)!r}, outside the bundle {str(root)!r}.")
     return full

@@ -75,26 +75,34 @@ def share(graphs: dict[str, Path], table: np.ndarray, name: str, out_dir: Path) 
 
 
 class SharedTensors:
-    """The bundle's shared tensors, each read once (memory-mapped) and handed to every session
-    whose graph uses it."""
+    """The bundle's shared tensors, each read once, verified (``Bundle.read``: the bytes that
+    were hashed are the bytes served) and handed to every session whose graph uses it."""
 
     def __init__(self, bundle):
         self._records = bundle.manifest.get("model", {}).get("shared_initializers") or {}
         self._bundle = bundle
         self._values: dict[str, object] = {}
 
+    def names_for(self, graph_rel: str) -> set[str]:
+        """The initializers of the graph at ``graph_rel`` that a shared tensor supplies."""
+        return {init for r in self._records.values() for init in r["graphs"].get(graph_rel, [])}
+
     def _value(self, name: str):
         if name not in self._values:
             import onnxruntime as ort
 
             r = self._records[name]
-            path = self._bundle.file(r["path"])
-            a = np.memmap(path, dtype=np.dtype(DTYPES[r["dtype"]]).newbyteorder("<"), mode="r",
-                          shape=tuple(r["shape"]))
-            # A read-only memmap: ONNX Runtime wraps the buffer without copying it, and pages are
-            # read on first use. The np.asarray keeps the ndarray type ORT expects.
-            self._values[name] = ort.OrtValue.ortvalue_from_numpy(np.asarray(a))
-        return self._values[name]
+            data = self._bundle.read(r["path"])
+            dtype = np.dtype(DTYPES[r["dtype"]]).newbyteorder("<")
+            try:
+                a = np.frombuffer(data, dtype=dtype).reshape(tuple(r["shape"]))
+            except ValueError as e:
+                raise BundleError(f"shared tensor {name!r}: {r['path']!r} holds {len(data)} bytes, not a "
+                                  f"{r['dtype']} tensor of shape {r['shape']}.") from e
+            # ONNX Runtime wraps the buffer without copying it; the bytes object stays referenced
+            # by the array, the array by the OrtValue's owner (this dict).
+            self._values[name] = (a, ort.OrtValue.ortvalue_from_numpy(a))
+        return self._values[name][1]
 
     def add_to(self, so, graph_rel: str) -> None:
         """Give ``so`` (SessionOptions) every shared tensor the graph at ``graph_rel`` uses."""

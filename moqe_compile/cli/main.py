@@ -57,7 +57,7 @@ def cmd_build(args) -> int:
         return 0
     from moqe_compile.build import build
 
-    out = build(cfg, args.output, quiet=args.quiet)
+    out = build(cfg, args.output, quiet=args.quiet, force=args.force)
     print(f"bundle written to {out}")
     if "tensorrt" in backends:
         # TensorRT only builds: calibration is already in the S8S8 Q/DQ graphs (TensorRT 11 has
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     b.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     b.add_argument("--dry-run", action="store_true", help="read and check the recipe, print its plan, write nothing")
+    b.add_argument("--force", action="store_true",
+                   help="replace the output directory even when it is not a moqe bundle (deletes everything in it)")
     b.add_argument("--force-routing", action="store_true",
                    help="keep the router even where the significance gate refuses it (recorded in the manifest)")
     b.add_argument("--backend", action="append", choices=["onnxruntime-cpu", "tensorrt"],

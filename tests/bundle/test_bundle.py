@@ -124,7 +124,7 @@ def test_failed_rebuild_keeps_previous_bundle(tiny_bundle, tiny_onnx, tiny_image
 def test_writer_refuses_foreign_directory(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")
-    with pytest.raises(BuildError, match="exists and is not a bundle"):
+    with pytest.raises(BuildError, match="exists and is not a moqe bundle"):
         BundleWriter(tmp_path / "x")
 
 

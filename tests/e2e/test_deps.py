@@ -1,4 +1,5 @@
-"""The runtime runs image bundles with the base dependencies only (numpy, onnxruntime, pillow).
+"""The runtime runs image bundles with the base dependencies only (numpy, onnxruntime, pillow,
+jsonschema).
 
 One fresh virtualenv per session holds the declared base dependencies and the project's wheel
 (``--no-deps``): no torch, onnx, scipy, tqdm or safetensors. Any import of a non-base package
@@ -20,7 +21,7 @@ import pytest
 
 from . import ROOT, build_wheel, pip, run
 
-BASE = {"numpy", "onnxruntime", "pillow"}
+BASE = {"numpy", "onnxruntime", "pillow", "jsonschema"}
 
 
 def _name(requirement: str) -> str:

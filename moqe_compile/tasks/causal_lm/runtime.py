@@ -19,12 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from moqe_compile.backends.onnxruntime_cpu import session as ort_session
+from moqe_compile.backends.onnxruntime_cpu import graph_session
 from moqe_compile.bundle import read_bundle
 from moqe_compile.errors import BundleError, InputError
 from moqe_compile.runtime.base import BundleRuntime, QueueConfig, RunResult, timing
@@ -80,10 +79,6 @@ class LMRuntime(BundleRuntime):
         self.eos = m["task"]["eos_token_id"]
         self._rel = {e["name"]: e["variants"]["onnxruntime-cpu"]["path"] for e in m["experts"]}
         self._rel["fp"] = m["model"]["fp"]["path"]
-        self._paths = {k: bundle.file(v) for k, v in self._rel.items()}
-        from moqe_compile.bundle.shared_weights import SharedTensors
-
-        self._shared = SharedTensors(bundle)  # the embedding table, once for every session
         # Writable: eval measures the router's choice even where the gate serves one expert.
         self.routing_enabled = bool(m["routing"]["enabled"])
         self.prefix_tokens = m["router"]["prefix_tokens"]
@@ -108,11 +103,11 @@ class LMRuntime(BundleRuntime):
         """The decoder of expert ``name`` (or ``"fp"``), created once."""
         with self._session_lock:
             if name not in self._sessions:
-                if name not in self._paths:
+                if name not in self._rel:
                     raise InputError(f"unknown expert {name!r}; this bundle has {self.expert_names}.")
-                add = partial(self._shared.add_to, graph_rel=self._rel[name])
-                self._sessions[name] = DecoderSession(name, self._paths[name], self.layers, self.kv_heads,
-                                                      self.head_dim, self.threads, add_shared=add)
+                # verified bytes (the bundle's shared embedding table comes with them, once for all)
+                self._sessions[name] = DecoderSession(name, self.bundle.graph(self._rel[name]), self.layers,
+                                                      self.kv_heads, self.head_dim, self.threads)
             return self._sessions[name]
 
     def encode(self, text: str) -> np.ndarray:
@@ -128,8 +123,7 @@ class LMRuntime(BundleRuntime):
             if self._router is None:
                 rel = self.manifest["router"]["path"]
                 # a few dozen tokens: threads cost more than they save
-                self._router = ort_session(self.bundle.file(rel), threads=1, name="router",
-                                           add_shared=partial(self._shared.add_to, graph_rel=rel))
+                self._router = graph_session(self.bundle.graph(rel), threads=1, name="router")
             return self._router
 
     def _router_probs(self, seqs: list) -> np.ndarray:

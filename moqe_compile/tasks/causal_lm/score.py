@@ -14,16 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+from moqe_compile.bundle.reader import Graph
 from moqe_compile.evaluate.losses import log_softmax
 
 
 class DecoderSession:
     """One ONNX decoder graph (``tasks/causal_lm/model.py`` layout) on ONNX Runtime CPU."""
 
-    def __init__(self, name: str, path: Path, layers: int, kv_heads: int, head_dim: int, threads: int = 0,
+    def __init__(self, name: str, path: Path | Graph, layers: int, kv_heads: int, head_dim: int, threads: int = 0,
                  add_shared=None):
-        """``add_shared(SessionOptions)``: supplies initializers the bundle stores once
-        (bundle/shared_weights.py), e.g. the FP embedding table."""
+        """``path``: a graph file, or a bundle ``Graph`` (verified bytes: ONNX Runtime never opens
+        the file, and the graph brings its shared tensors). ``add_shared(SessionOptions)``:
+        supplies initializers the bundle stores once (bundle/shared_weights.py), e.g. the FP
+        embedding table."""
         import onnxruntime as ort
 
         from moqe_compile.errors import BackendError
@@ -33,12 +36,16 @@ class DecoderSession:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see backends/onnxruntime_cpu.py
         if threads:
             so.intra_op_num_threads = threads
+        if isinstance(path, Graph):
+            add_shared, src, what = path.configure, path.model, path.rel
+        else:
+            src = what = str(path)
         if add_shared is not None:
             add_shared(so)
         try:
-            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own types
-            raise BackendError(f"{name}: ONNX Runtime could not load {str(path)!r}: {e}") from e
+            raise BackendError(f"{name}: ONNX Runtime could not load {what!r}: {e}") from e
         self.name, self.layers, self.kv_heads, self.head_dim = name, layers, kv_heads, head_dim
         self.past_names = [i.name for i in self.sess.get_inputs()][2:]
 

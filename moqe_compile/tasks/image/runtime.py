@@ -22,7 +22,8 @@ import numpy as np
 
 from moqe_compile.backends import BACKENDS, resolve_backend
 from moqe_compile.bundle import read_bundle
-from moqe_compile.errors import InputError
+from moqe_compile.bundle.reader import Bundle, Graph
+from moqe_compile.errors import BundleError, InputError
 from moqe_compile.runtime import base
 from moqe_compile.runtime.base import QueueConfig, RouterSessions, timing
 from moqe_compile.runtime.dispatch import group_by_expert, scatter
@@ -46,6 +47,26 @@ class RunResult(base.RunResult):
         return idx, np.take_along_axis(p, idx, -1)
 
 
+def read_labels(bundle: Bundle, rel: str) -> list[str]:
+    """The class names in ``rel``: a JSON list of strings (verified bytes, like every bundle file)."""
+    try:
+        labels = json.loads(bundle.read(rel).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BundleError(f"labels file {rel!r} of {str(bundle.root)!r} is not a JSON list of names: {e}.") from e
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise BundleError(f"labels file {rel!r} of {str(bundle.root)!r} is not a JSON list of names.")
+    return labels
+
+
+def check_output_width(graph: Graph, width: int) -> None:
+    """Refuse a graph whose first output fixes a width other than ``width`` (an [N, 4] expert in
+    a 1000-class bundle); a symbolic width is left to run time."""
+    got = graph.output_width()
+    if got is not None and got != width:
+        raise BundleError(f"graph {graph.rel!r} outputs {got} columns; the bundle expects {width} "
+                          "(task.num_classes for experts, the number of experts for the router).")
+
+
 class ImageBundleRuntime(base.BundleRuntime):
     """What the CPU and GPU image runtimes share: preprocessing, labels and the batch check."""
 
@@ -58,12 +79,24 @@ class ImageBundleRuntime(base.BundleRuntime):
         self.preprocess = Preprocess.from_dict(manifest["preprocessing"])
         # What load_inputs (and the server's image decoder) may decode per call.
         self.input_limits = InputLimits()
+        self.bundle = Bundle(self.root, manifest)
         labels = manifest["task"].get("labels")
-        self.labels: list[str] = json.loads((self.root / labels["path"]).read_text()) if labels else []
+        self.labels: list[str] = read_labels(self.bundle, labels["path"]) if labels else []
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.preprocess.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        """The output width every expert must have: ``task.num_classes``, which ``io.output`` must
+        agree with where it fixes the width."""
+        n = self.manifest["task"]["num_classes"]
+        declared = self.manifest["io"]["output"]["shape"][-1]
+        if isinstance(declared, int) and declared != n:
+            raise BundleError(f"bundle {str(self.root)!r}: io.output.shape {self.manifest['io']['output']['shape']} "
+                              f"has {declared} columns but task.num_classes is {n}.")
+        return n
 
     def load_inputs(self, path: str | Path, limits: InputLimits | None = None) -> tuple[list[str], np.ndarray]:
         """``preprocess.load_inputs`` with this bundle's recipe, within ``limits`` (default:
@@ -92,18 +125,20 @@ class Runtime(ImageBundleRuntime):
 
     def __init__(self, root: Path, manifest: dict, backend: str, intra_op_threads: int = 0, router_threads: int = 1,
                  router_threads_max_batch: int = 2, queue: QueueConfig | None = None,
-                 only_expert: str | None = None, route_only: bool = False):
+                 only_expert: str | None = None, route_only: bool = False, verify: bool = True):
         super().__init__(root, manifest, queue, only_expert)
+        self.bundle.verify = verify
         self.backend = backend
         cls = BACKENDS[backend]
         # only_expert: serve that expert alone, no router (benchmarks' single-expert baseline);
         # the other experts' sessions are never created.
         # route_only: the router alone (a scale-out ingress whose experts run elsewhere).
-        self._experts = [cls(e["name"], self.root / e["variants"][backend]["path"], intra_op_threads)
+        self._experts = [cls(e["name"], self._graph(cls, e["variants"][backend]["path"], self.num_classes),
+                             intra_op_threads)
                          if only_expert in (None, e["name"]) and not route_only else None
                          for e in manifest["experts"]]
         if manifest["routing"]["enabled"] and only_expert is None:
-            rpath = self.root / manifest["router"]["path"]
+            rpath = self._graph(cls, manifest["router"]["path"], len(self.expert_names))
             few = (cls("router", rpath, router_threads)
                    if router_threads != intra_op_threads and router_threads_max_batch > 0 else None)
             self._router = RouterSessions(few, cls("router", rpath, intra_op_threads), router_threads_max_batch)
@@ -122,7 +157,14 @@ class Runtime(ImageBundleRuntime):
         b = read_bundle(path, verify=verify)
         name = resolve_backend(backend, b.manifest["backends"])
         return cls(b.root, b.manifest, name, intra_op_threads, router_threads, router_threads_max_batch, queue,
-                   only_expert, route_only)
+                   only_expert, route_only, verify)
+
+    def _graph(self, cls, rel: str, width: int):
+        """What backend ``cls`` opens for graph ``rel``: its verified bytes where it takes them
+        (else its path), after checking that its output has ``width`` columns."""
+        graph = self.bundle.graph(rel)
+        check_output_width(graph, width)
+        return graph if getattr(cls, "accepts_graph", False) else self.bundle.file(rel)
 
     def _release(self) -> None:
         for s in [*self._experts, self._router]:
