@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="threads running merged batches (1)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     ap.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (64 MiB)")
-    ap.add_argument("--max-in-flight", type=int, default=64,
-                    help="infer requests admitted at once; beyond it 503 + Retry-After (64)")
+    ap.add_argument("--max-in-flight", type=int, default=32,
+                    help="infer requests admitted at once; beyond it 503 + Retry-After (32)")
     ap.add_argument("--max-queue-wait-ms", type=float, default=1000.0,
                     help="a request not started after this long in the queue is answered 503 (1000; 0: no limit)")
     ap.add_argument("--body-timeout-s", type=float, default=30.0,

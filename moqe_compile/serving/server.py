@@ -27,7 +27,7 @@ class ServeConfig:
     name: str = ""  # model name in URLs; default: the bundle directory's name
     max_body_mb: float = 64.0
     retry_after_s: int = 1
-    max_in_flight: int = 64
+    max_in_flight: int = 32
     max_queue_wait_ms: float = 1000.0
     body_timeout_s: float = 30.0
     graceful_s: float = 30.0

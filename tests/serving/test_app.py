@@ -95,6 +95,19 @@ def test_requests_beyond_max_in_flight_get_503_with_retry_after(rt):
         assert _metric(c, 'moqe_request_errors_total{model="m",reason="overloaded"') == 1
 
 
+def test_default_admission_is_one_full_merged_batch_everywhere(monkeypatch):
+    # Under overload an admitted request waits ~max_in_flight / throughput: the default admits
+    # what one merged run of the default max_batch takes, in the app, the server and the CLI.
+    from moqe_compile.cli import serve as cli_serve
+    from moqe_compile.serving.server import limits_of
+
+    seen = {}
+    monkeypatch.setattr(cli_serve, "_serve", lambda args: seen.setdefault("n", args.max_in_flight) and 0)
+    cli_serve.main(["some-bundle"])
+    batch = QueueConfig().max_batch
+    assert ServeLimits().max_in_flight == limits_of(ServeConfig()).max_in_flight == seen["n"] == batch
+
+
 def test_a_request_not_started_by_the_queue_deadline_is_503_and_never_runs(rt):
     gate, real_run, ran = threading.Event(), rt._run_counted, []
     rt._run_counted = lambda x: (gate.wait(30), ran.append(len(x)), real_run(x))[2]
