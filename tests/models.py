@@ -315,7 +315,10 @@ def make_handmade_bundle(root: Path) -> Path:
     _handmade_graph(root / "fp/model.onnx", 1.0)
     files["fp/model.onnx"] = None
     manifest = {"schema_version": 1, "model": {"fp": {"path": "fp/model.onnx"}}, "preprocessing": {"resize": S, "crop": S, "mean": [0.0] * C, "std": [1.0] * C},
-                "task": {"labels": {"path": "task/labels.json"}}, "experts": experts,
+                "task": {"kind": "image-classification", "num_classes": C, "labels": {"path": "task/labels.json"}},
+                "io": {"input": {"name": "x", "shape": ["batch", C, S, S], "dtype": "float32"},
+                       "output": {"name": "y", "shape": ["batch", C], "dtype": "float32"}},
+                "experts": experts,
                 "router": {"path": "router/router.onnx"}, "backends": ["onnxruntime-cpu", "tensorrt"],
                 "routing": {"enabled": True, "default_expert": "e1", "fallback_threshold": 0.0}}
     manifest["files"] = {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}

@@ -79,10 +79,14 @@ class OrtCudaSession:
     the CPU tests; production leaves them alone.
     """
 
-    def __init__(self, name: str, path: Path, intra_op_threads: int = 0, *, device=None,
+    accepts_graph = True  # GpuRuntime hands it verified bytes (bundle.reader.Graph), not a path
+
+    def __init__(self, name: str, path, intra_op_threads: int = 0, *, device=None,
                  provider_options: dict | None = None, providers: list[str] | None = None,
                  device_type: str = "cuda", cuda_graph: bool = False, max_graphs: int = 8,
                  fold_dequantize: bool = True):
+        """``path``: an ONNX file, or a :class:`~moqe_compile.bundle.reader.Graph` whose bytes
+        were verified against the manifest (a bundle's graphs are never re-opened by path)."""
         import onnx
         import onnxruntime as ort
 
@@ -111,10 +115,16 @@ class OrtCudaSession:
             if self.cuda_graph:
                 opts["enable_cuda_graph"] = "1"
             providers = [(CUDA_EP, opts), "CPUExecutionProvider"]
-        model: str | bytes = str(path)
+        graph = path if hasattr(path, "model") else None  # a verified bundle graph
+        model: str | bytes = graph.model if graph is not None else str(path)
+        if graph is not None:
+            graph.configure(so)
+            path = graph.rel
         self.folded = 0
-        if fold_dequantize:
-            proto, self.folded = fold_constant_dequantize(onnx.load(str(path)))
+        # folding needs every initializer in the proto: not for graphs with external data
+        if fold_dequantize and not (graph is not None and (graph.external or graph.shared)):
+            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+            proto, self.folded = fold_constant_dequantize(proto)
             if self.folded:
                 model = proto.SerializeToString()
                 # Measured on the H200 (ORT 1.31.1): any optimization level above DISABLE_ALL

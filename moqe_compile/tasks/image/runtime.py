@@ -83,6 +83,13 @@ class ImageBundleRuntime(base.BundleRuntime):
         labels = manifest["task"].get("labels")
         self.labels: list[str] = read_labels(self.bundle, labels["path"]) if labels else []
 
+    def _graph(self, cls, rel: str, width: int):
+        """What backend ``cls`` opens for graph ``rel``: its verified bytes where it takes them
+        (else its path), after checking that its output has ``width`` columns."""
+        graph = self.bundle.graph(rel)
+        check_output_width(graph, width)
+        return graph if getattr(cls, "accepts_graph", False) else self.bundle.file(rel)
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.preprocess.input_shape
@@ -158,13 +165,6 @@ class Runtime(ImageBundleRuntime):
         name = resolve_backend(backend, b.manifest["backends"])
         return cls(b.root, b.manifest, name, intra_op_threads, router_threads, router_threads_max_batch, queue,
                    only_expert, route_only, verify)
-
-    def _graph(self, cls, rel: str, width: int):
-        """What backend ``cls`` opens for graph ``rel``: its verified bytes where it takes them
-        (else its path), after checking that its output has ``width`` columns."""
-        graph = self.bundle.graph(rel)
-        check_output_width(graph, width)
-        return graph if getattr(cls, "accepts_graph", False) else self.bundle.file(rel)
 
     def _release(self) -> None:
         for s in [*self._experts, self._router]:

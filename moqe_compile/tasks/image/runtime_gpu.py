@@ -135,6 +135,8 @@ class GpuRuntime(ImageBundleRuntime):
             def session_factory(name, path, dev):
                 return cls(name, path, device=dev, **graph_kw)
 
+            session_factory.accepts_graph = getattr(cls, "accepts_graph", False)
+
         self._sessions = []  # everything to close, wrappers included
         self._experts = []
         routing = manifest["routing"]
@@ -146,11 +148,13 @@ class GpuRuntime(ImageBundleRuntime):
                 if self.variant not in e["variants"]:
                     raise BackendError(f"expert {e['name']!r} has no {self.variant!r} graph; it has "
                                        f"{sorted(e['variants'])}.")
-                s = session_factory(e["name"], self.root / e["variants"][self.variant]["path"], device)
+                rel = e["variants"][self.variant]["path"]
+                s = session_factory(e["name"], self._graph(session_factory, rel, self.num_classes), device)
                 self._sessions.append(s)
                 self._experts.append(_device_session(s, e["name"]))
             if routing["enabled"] and only_expert is None:
-                r = session_factory("router", self.root / manifest["router"]["path"], device)
+                r = session_factory("router", self._graph(session_factory, manifest["router"]["path"],
+                                                          len(self.expert_names)), device)
                 self._sessions.append(r)
                 self._router = _device_session(r, "router")
         except BaseException:
