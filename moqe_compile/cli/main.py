@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moqe_compile.cli.common import guarded
+from moqe_compile.cli.common import CHECK_FAILED, guarded
 
 def _load(recipe: str | None):
     """The recipe (a shipped name or a TOML path; default: the demo), its task plug-in and its name."""
@@ -125,7 +125,7 @@ def cmd_check_qdq(args) -> int:
             print(f"  - {v}")
         if "kernels" in res:
             print(f"  kernels after ORT optimization: {res['kernels']}")
-    return 0 if res["ok"] else 1
+    return 0 if res["ok"] else CHECK_FAILED
 
 
 def cmd_sensitivity(args) -> int:
