@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moqe_compile.bundle import read_bundle
-from moqe_compile.errors import BundleError, ConfigError
+from moqe_compile.errors import BackendError, BundleError, ConfigError
 
 KINDS = ("KIND_CPU", "KIND_GPU")
 _DTYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
@@ -41,8 +41,8 @@ def _protobuf():
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
     except ImportError as e:
-        raise ConfigError("Triton model configs are written with tritonclient's protobufs: "
-                          "pip install 'moqe-compile[triton]'.") from e
+        raise BackendError("Triton model configs are written with tritonclient's protobufs, which are not "
+                           "installed: pip install 'moqe-compile[triton]'.") from e
     return model_config_pb2, text_format
 
 

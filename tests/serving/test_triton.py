@@ -18,7 +18,7 @@ from google.protobuf import json_format  # noqa: E402
 
 import moqe_compile  # noqa: E402
 from moqe_compile import Runtime  # noqa: E402
-from moqe_compile.errors import BundleError, ConfigError  # noqa: E402
+from moqe_compile.errors import BackendError, BundleError, ConfigError  # noqa: E402
 from moqe_compile.serving.triton import TritonExport, export_triton, parse_config, plan_models  # noqa: E402
 
 from ..models import CROP  # noqa: E402
@@ -236,6 +236,13 @@ def test_bad_options_and_existing_output_are_refused(routed_bundle, tmp_path):
     export_triton(routed_bundle, tmp_path / "b", overwrite=True)
     assert not (tmp_path / "b" / "keep.txt").exists() and (tmp_path / "b" / "router" / "config.pbtxt").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_without_tritonclient_the_export_says_what_to_install(routed_bundle, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # makes the import fail
+    with pytest.raises(BackendError, match=r"pip install 'moqe-compile\[triton\]'"):
+        export_triton(routed_bundle, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_config_parse_error_names_the_file():
