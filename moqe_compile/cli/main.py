@@ -142,7 +142,9 @@ def cmd_sensitivity(args) -> int:
     from moqe_compile.evaluate.losses import kl_to_fp
     from moqe_compile.quantize.sensitivity import layer_sensitivity
 
-    cfg = load_recipe(args.recipe) if args.recipe else BuildConfig()
+    from moqe_compile import recipes
+
+    cfg = load_recipe(recipes.path(args.recipe)) if args.recipe else BuildConfig()
     cfg.data.augmentations = min(cfg.data.augmentations, 4)
     with tempfile.TemporaryDirectory(prefix="moqe-sens-") as tmp:
         work = Path(tmp)

@@ -162,6 +162,11 @@ input_size = 8
     assert kls == sorted(kls, reverse=True)
 
 
+def test_sensitivity_takes_shipped_recipe_names(capsys):
+    assert compile_cli.main(["sensitivity", "no-such-recipe"]) == ConfigError.exit_code
+    assert "the shipped recipes are: " in capsys.readouterr().err
+
+
 def test_build_backend_tensorrt_without_tensorrt(tiny_onnx, tiny_images, tmp_path, capsys, monkeypatch):
     """No TensorRT here: the ONNX bundle (with every expert's S8S8 graph) is still written and
     verified, and the command exits with BackendError's code naming what to run on a GPU."""
