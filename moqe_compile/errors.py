@@ -1,7 +1,8 @@
 """The one closed hierarchy of errors moqe-compile raises on purpose.
 
 Every error names the bad value and says what to do; the CLI prints ``str(err)`` and
-exits with ``err.exit_code`` so scripts can tell the classes apart.
+exits with ``err.exit_code`` so scripts can tell the classes apart. Each class has its own
+code, and none is 2: argparse exits 2 on a usage error (the full table: docs/cli.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ class MoqeError(Exception):
 class ConfigError(MoqeError):
     """A recipe file or config value is malformed, unknown or inconsistent."""
 
-    exit_code = 2
+    exit_code = 8
 
 
 class InputError(MoqeError):

@@ -1,4 +1,6 @@
-"""Shared CLI plumbing: every MoqeError becomes one line on stderr and its exit code."""
+"""Shared CLI plumbing: every MoqeError becomes one line on stderr and its exit code.
+
+The exit codes that are not an error class's ``exit_code`` (docs/cli.md has the table)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,10 @@ import sys
 from collections.abc import Callable
 
 from moqe_compile.errors import MoqeError
+
+USAGE = 2  # argparse's own exit code for a bad command line
+CHECK_FAILED = 9  # a check ran and found violations (check-qdq FAIL)
+INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 
 
 def guarded(fn: Callable[[], int], prog: str) -> int:
@@ -16,4 +22,4 @@ def guarded(fn: Callable[[], int], prog: str) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written.", file=sys.stderr)
-        return 130
+        return INTERRUPTED

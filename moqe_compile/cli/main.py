@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moqe_compile.cli.common import guarded
+from moqe_compile.cli.common import CHECK_FAILED, guarded
 
 def _load(recipe: str | None):
     """The recipe (a shipped name or a TOML path; default: the demo), its task plug-in and its name."""
@@ -125,7 +125,7 @@ def cmd_check_qdq(args) -> int:
             print(f"  - {v}")
         if "kernels" in res:
             print(f"  kernels after ORT optimization: {res['kernels']}")
-    return 0 if res["ok"] else 1
+    return 0 if res["ok"] else CHECK_FAILED
 
 
 def cmd_sensitivity(args) -> int:
@@ -142,7 +142,9 @@ def cmd_sensitivity(args) -> int:
     from moqe_compile.evaluate.losses import kl_to_fp
     from moqe_compile.quantize.sensitivity import layer_sensitivity
 
-    cfg = load_recipe(args.recipe) if args.recipe else BuildConfig()
+    from moqe_compile import recipes
+
+    cfg = load_recipe(recipes.path(args.recipe)) if args.recipe else BuildConfig()
     cfg.data.augmentations = min(cfg.data.augmentations, 4)
     with tempfile.TemporaryDirectory(prefix="moqe-sens-") as tmp:
         work = Path(tmp)

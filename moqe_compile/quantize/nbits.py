@@ -130,6 +130,8 @@ def quantize_matmulnbits(fp_onnx: Path, out: Path, method: str, bits: int, block
     elif method == "hqq":
         algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
     elif method == "gptq-ort":
+        if bits != 4:  # ORT's GPTQ path hardcodes 4 bits; refuse instead of writing the wrong width
+            raise ConfigError(f"gptq-ort (ONNX Runtime's GPTQ) writes 4-bit weights only; got bits = {bits}.")
         algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=CalibReader(calib_feeds or []), percdamp=damp,
                                          block_size=128)
     else:

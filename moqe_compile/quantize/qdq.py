@@ -39,14 +39,16 @@ def reduce_range_for(backend: str) -> bool:
 
 def write_expert(prepared: Path, ranges_json: Path, backend: str, out: Path, method: str = "minmax",
                  symmetric_activations: bool = False, per_channel: bool = True, weight_bits: int = 8,
-                 weight_overrides: dict | None = None, exclude: list[str] | None = None) -> dict:
+                 weight_overrides: dict | None = None, exclude: list[str] | None = None,
+                 only: list[str] | None = None) -> dict:
     """Quantize ``prepared`` with the ranges cached by ``calibrate_ranges(..., method)``; return
     the variant's manifest entry (sans path).
 
     ``symmetric_activations`` (forced on TensorRT), ``per_channel`` weights; ``weight_bits`` is
     recorded only: sub-8-bit integer weights come in through ``weight_overrides``
     (TensorQuantOverrides for weights, fixing the integer weight scales we chose). ``exclude``
-    lists node names kept in FP.
+    lists node names kept in FP; ``only`` (ORT's ``nodes_to_quantize``), when given, the sole
+    nodes quantized.
     """
     if backend not in VARIANTS:
         raise ConfigError(f"no Q/DQ variant for backend {backend!r}; known: {sorted(VARIANTS)}.")
@@ -63,6 +65,7 @@ def write_expert(prepared: Path, ranges_json: Path, backend: str, out: Path, met
         per_channel=per_channel, reduce_range=reduce_range,
         activation_type=act, weight_type=wt, calibrate_method=METHODS[method],
         calibration_cache_path=str(ranges_json), nodes_to_exclude=list(exclude or []),
+        nodes_to_quantize=list(only or []),
         extra_options=extra,
     )
     return {"format": label, "activation_type": act.name, "weight_type": wt.name, "weight_bits": weight_bits,

@@ -1,5 +1,6 @@
-"""Layer sensitivity: quantize one layer at a time (INT8 U8S8, MinMax) and measure how far the
-model output moves from FP (mean KL, top-1 agreement). The most sensitive layers are the
+"""Layer sensitivity: quantize one layer at a time (INT8 U8S8, MinMax; ORT's
+``nodes_to_quantize`` names that one Conv/Gemm, so no other node is quantized) and measure
+how far the model output moves from FP (mean KL, top-1 agreement). The most sensitive layers are the
 candidates to keep in FP (``exclude_sensitive`` / ``nodes_to_exclude``, as ModelOpt does)."""
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ def layer_sensitivity(prepared: Path, input_name: str, x: np.ndarray, work: Path
     ranges = calibrate_ranges(prepared, input_name, x, work / "sensitivity.ranges.json", method="minmax")
     fp = _run(prepared, input_name, x)
     layers = weight_layers(onnx.load(str(prepared)))
-    nodes = [l.node for l in layers]
     out = []
     for l in tqdm(layers, desc="sensitivity", disable=not show_progress, leave=False):
         q = work / "sensitivity.one.onnx"
-        write_expert(prepared, ranges, "onnxruntime-cpu", q, method="minmax", exclude=[m for m in nodes if m != l.node])
+        # Only this node: excluding the other weight layers would still let ORT quantize
+        # Add, pooling, Flatten... in every run and blur the per-layer measure.
+        write_expert(prepared, ranges, "onnxruntime-cpu", q, method="minmax", only=[l.node])
         y = _run(q, input_name, x)
         out.append({"node": l.node, "op": l.op, "kl_to_fp": float(divergence(y, fp).mean()),
                     "fp_top1_agreement": float((y.argmax(-1) == fp.argmax(-1)).mean())})

@@ -1,14 +1,21 @@
 """``export_triton``: a bundle as a Triton Inference Server model repository.
 
     REPO/<prefix>router/        onnxruntime_onnx   the router (absent when the bundle serves one expert)
-    REPO/<prefix>expert_<name>/ onnxruntime_onnx   one per expert (tensorrt_plan where the bundle has an engine)
+    REPO/<prefix>expert_<name>/ onnxruntime_onnx   one per expert (tensorrt_plan where the bundle has engines)
     REPO/<name>/                python (BLS)       what clients call: routes, groups per expert, one async
                                                    request per expert, answers like moqe-serve
 
-``config.pbtxt`` files are generated from the dataclasses below and every one is parsed
-back into Triton's own ``ModelConfig`` protobuf (``tritonclient.grpc.model_config_pb2``)
-before the repository is moved into place, so a field Triton does not know fails here,
-not at server start.
+Every ``config.pbtxt`` is Triton's own ``ModelConfig`` protobuf
+(``tritonclient.grpc.model_config_pb2``), filled field by field and printed with
+``google.protobuf.text_format``, so a field Triton does not know fails here, not at server start.
+
+TensorRT engines are read where ``backends.tensorrt.add_engines`` records them
+(``experts[].variants.tensorrt.engines``). With ``KIND_GPU`` an expert with engines becomes a
+``tensorrt_plan`` model holding every engine, one file per compute capability
+(``cc_model_filenames``: Triton loads the file for the GPU it runs on); a portable
+(``ampere_plus``) engine is also the default file for GPUs without an exact build. Triton does
+not check the TensorRT version an engine was built with: the server's TensorRT must match
+the record's ``tensorrt_version`` (``moqe-compile inspect`` shows it).
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from moqe_compile.bundle import read_bundle
-from moqe_compile.errors import BundleError, ConfigError
+from moqe_compile.errors import BackendError, BundleError, ConfigError
 
 KINDS = ("KIND_CPU", "KIND_GPU")
 _DTYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
@@ -28,57 +35,53 @@ _DTYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32",
 RUNTIME_FILES = {"moqe_dispatch.py": ("runtime", "dispatch.py"), "moqe_fallback.py": ("router", "fallback.py")}
 
 
-@dataclass
-class TensorConfig:
-    name: str
-    data_type: str  # TYPE_FP32, ...
-    dims: list[int]  # without the batch dimension (max_batch_size > 0)
-
-    def pbtxt(self) -> str:
-        return f'{{ name: "{self.name}" data_type: {self.data_type} dims: [ {", ".join(map(str, self.dims))} ] }}'
-
-
-@dataclass
-class ModelConfig:
-    """The subset of Triton's ModelConfig the exporter writes."""
-
-    name: str
-    inputs: list[TensorConfig]
-    outputs: list[TensorConfig]
-    platform: str = ""  # onnxruntime_onnx | tensorrt_plan
-    backend: str = ""  # python
-    max_batch_size: int = 64
-    instance_kind: str = "KIND_CPU"
-    instance_count: int = 1
-    max_queue_delay_us: int = 0  # > 0: Triton's dynamic batcher merges requests for this long
-    parameters: dict[str, str] = field(default_factory=dict)
-
-    def pbtxt(self) -> str:
-        lines = [f'name: "{self.name}"']
-        if self.platform:
-            lines.append(f'platform: "{self.platform}"')
-        if self.backend:
-            lines.append(f'backend: "{self.backend}"')
-        lines.append(f"max_batch_size: {self.max_batch_size}")
-        lines.append("input [ " + ", ".join(t.pbtxt() for t in self.inputs) + " ]")
-        lines.append("output [ " + ", ".join(t.pbtxt() for t in self.outputs) + " ]")
-        lines.append(f"instance_group [ {{ kind: {self.instance_kind} count: {self.instance_count} }} ]")
-        if self.max_queue_delay_us > 0:
-            lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {self.max_queue_delay_us} }}")
-        for k, v in self.parameters.items():
-            lines.append(f"parameters {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}")
-        return "\n".join(lines) + "\n"
-
-
-def parse_config(text: str, where: str):
-    """Parse config.pbtxt text into Triton's ModelConfig protobuf; ConfigError names the file."""
+def _protobuf():
+    """(model_config_pb2, text_format), imported only when a repository is written or read."""
     try:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
     except ImportError as e:
-        raise ConfigError("validating Triton configs needs tritonclient[grpc]: "
-                          "pip install 'moqe-compile[triton]'.") from e
-    msg = model_config_pb2.ModelConfig()
+        raise BackendError("Triton model configs are written with tritonclient's protobufs, which are not "
+                           "installed: pip install 'moqe-compile[triton]'.") from e
+    return model_config_pb2, text_format
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    data_type: str  # TYPE_FP32, ...
+    dims: tuple[int, ...]  # without the batch dimension (max_batch_size > 0)
+
+
+def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], *, platform: str = "",
+                 backend: str = "", max_batch_size: int = 64, instance_kind: str = "KIND_CPU",
+                 instance_count: int = 1, max_queue_delay_us: int = 0, parameters: dict[str, str] | None = None,
+                 cc_model_filenames: dict[str, str] | None = None, default_model_filename: str = ""):
+    """Triton's ``ModelConfig`` message for one model of the repository."""
+    pb, _ = _protobuf()
+    cfg = pb.ModelConfig(name=name, platform=platform, backend=backend, max_batch_size=max_batch_size,
+                         default_model_filename=default_model_filename)
+    for field, tensors in ((cfg.input, inputs), (cfg.output, outputs)):
+        for t in tensors:
+            field.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=list(t.dims))
+    cfg.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value(instance_kind), count=instance_count)
+    if max_queue_delay_us > 0:  # Triton's dynamic batcher merges requests for this long
+        cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    for k, v in (parameters or {}).items():
+        cfg.parameters[k].string_value = v
+    cfg.cc_model_filenames.update(cc_model_filenames or {})
+    return cfg
+
+
+def render_config(cfg) -> str:
+    """``config.pbtxt`` text of a ``ModelConfig`` message."""
+    return _protobuf()[1].MessageToString(cfg)
+
+
+def parse_config(text: str, where: str):
+    """Parse config.pbtxt text into Triton's ModelConfig protobuf; ConfigError names the file."""
+    pb, text_format = _protobuf()
+    msg = pb.ModelConfig()
     try:
         text_format.Parse(text, msg)
     except text_format.ParseError as e:
@@ -108,45 +111,66 @@ class TritonExport:
             raise ConfigError(f"max_queue_delay_us = {self.max_queue_delay_us} must be >= 0.")
 
 
-def _dims(shape: list) -> list[int]:
-    return [d if isinstance(d, int) else -1 for d in shape[1:]]
+def _dims(shape: list) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else -1 for d in shape[1:])
 
 
-def plan_models(manifest: dict, opts: TritonExport, bundle_name: str) -> list[tuple[ModelConfig, dict[str, str]]]:
-    """Every model of the repository: (config, {file in the version dir: source}) where the
-    source is a bundle-relative path, or ``pkg:<sub>/<file>`` for a copied runtime file."""
+def _engine_plan(expert: dict, max_batch_size: int) -> tuple[dict[str, str], dict[str, str], str]:
+    """({file in the version dir: bundle path}, cc_model_filenames, default_model_filename) of
+    an expert's TensorRT engines; empty when the bundle records none."""
+    records = expert["variants"].get("tensorrt", {}).get("engines", [])
+    files, by_cc, default = {}, {}, ""
+    for r in records:  # add_engines lists exact builds first: the first per compute capability wins
+        if r["max_batch"] < max_batch_size:
+            raise ConfigError(f"expert {expert['name']!r}: engine {r['path']!r} takes batches up to "
+                              f"{r['max_batch']}, below max_batch_size {max_batch_size}; pass --max-batch "
+                              f"{r['max_batch']} or rebuild the engine with a larger --trt-max-batch.")
+        if r["compute_capability"] in by_cc:
+            continue
+        fname = Path(r["path"]).stem + ".plan"
+        files[fname] = r["path"]
+        by_cc[r["compute_capability"]] = fname
+        if r["hardware_compatibility"] == "ampere_plus" and not default:
+            default = fname
+    return files, by_cc, default
+
+
+def _expert_model(expert: dict, mname: str, io: tuple[Tensor, Tensor], opts: TritonExport, common: dict):
+    engine_files, by_cc, default = _engine_plan(expert, opts.max_batch_size)
+    if engine_files and opts.instance_kind == "KIND_GPU":
+        return (model_config(mname, [io[0]], [io[1]], platform="tensorrt_plan", cc_model_filenames=by_cc,
+                             default_model_filename=default, **common), engine_files)
+    variants = expert["variants"]
+    if opts.variant not in variants:
+        raise ConfigError(f"expert {expert['name']!r} has no {opts.variant!r} graph (it has {sorted(variants)}); "
+                          f"rebuild with that backend or pick another --variant.")
+    return (model_config(mname, [io[0]], [io[1]], platform="onnxruntime_onnx", **common),
+            {"model.onnx": variants[opts.variant]["path"]})
+
+
+def plan_models(manifest: dict, opts: TritonExport, bundle_name: str) -> list[tuple[object, dict[str, str]]]:
+    """Every model of the repository: (ModelConfig message, {file in the version dir: source})
+    where the source is a bundle-relative path, or ``pkg:<sub>/<file>`` for a copied runtime file."""
     io = manifest["io"]
-    inp = TensorConfig(io["input"]["name"], _DTYPE[io["input"]["dtype"]], _dims(io["input"]["shape"]))
-    out = TensorConfig(io["output"]["name"], _DTYPE[io["output"]["dtype"]], _dims(io["output"]["shape"]))
+    inp = Tensor(io["input"]["name"], _DTYPE[io["input"]["dtype"]], _dims(io["input"]["shape"]))
+    out = Tensor(io["output"]["name"], _DTYPE[io["output"]["dtype"]], _dims(io["output"]["shape"]))
     common = dict(max_batch_size=opts.max_batch_size, instance_kind=opts.instance_kind,
                   instance_count=opts.instances)
-    models: list[tuple[ModelConfig, dict[str, str]]] = []
-    engines = manifest.get("engines") or {}
+    models = []
     expert_models = []
     for e in manifest["experts"]:
         mname = f"{opts.prefix}expert_{e['name']}"
         expert_models.append(mname)
-        engine = engines.get(e["name"])
-        if engine is not None and opts.instance_kind == "KIND_GPU":
-            models.append((ModelConfig(mname, [inp], [out], platform="tensorrt_plan", **common),
-                           {"model.plan": engine["path"]}))
-            continue
-        variants = e["variants"]
-        if opts.variant not in variants:
-            raise ConfigError(f"expert {e['name']!r} has no {opts.variant!r} graph (it has {sorted(variants)}); "
-                              f"rebuild with that backend or pick another --variant.")
-        models.append((ModelConfig(mname, [inp], [out], platform="onnxruntime_onnx", **common),
-                       {"model.onnx": variants[opts.variant]["path"]}))
+        models.append(_expert_model(e, mname, (inp, out), opts, common))
     routing = manifest["routing"]
     names = [e["name"] for e in manifest["experts"]]
     router_model = None
     r = manifest.get("router") or {}
     if routing["enabled"]:
         router_model = f"{opts.prefix}router"
-        k = len(names)
-        models.append((ModelConfig(router_model, [TensorConfig(r["input"], inp.data_type, inp.dims)],
-                                   [TensorConfig(r["output"], "TYPE_FP32", [k])], platform="onnxruntime_onnx",
-                                   **common), {"model.onnx": r["path"]}))
+        models.append((model_config(router_model, [Tensor(r["input"], inp.data_type, inp.dims)],
+                                    [Tensor(r["output"], "TYPE_FP32", (len(names),))], platform="onnxruntime_onnx",
+                                    **common), {"model.onnx": r["path"]}))
     params = {
         "router_model": router_model, "router_output": r.get("output"), "expert_models": expert_models,
         "expert_names": names, "default_expert": names.index(routing["default_expert"]),
@@ -154,10 +178,10 @@ def plan_models(manifest: dict, opts: TritonExport, bundle_name: str) -> list[tu
         "fallback_expert": names.index(routing.get("fallback_expert", routing["default_expert"])),
         "input_name": inp.name, "output_name": out.name,
     }
-    bls = ModelConfig(
-        opts.name or bundle_name, [TensorConfig("input", inp.data_type, inp.dims)],
-        [TensorConfig("logits", out.data_type, out.dims), TensorConfig("expert", "TYPE_INT32", [1]),
-         TensorConfig("expert_name", "TYPE_STRING", [1]), TensorConfig("router_confidence", "TYPE_FP32", [1])],
+    bls = model_config(
+        opts.name or bundle_name, [Tensor("input", inp.data_type, inp.dims)],
+        [Tensor("logits", out.data_type, out.dims), Tensor("expert", "TYPE_INT32", (1,)),
+         Tensor("expert_name", "TYPE_STRING", (1,)), Tensor("router_confidence", "TYPE_FP32", (1,))],
         backend="python", max_queue_delay_us=opts.max_queue_delay_us,
         parameters={"moqe": json.dumps(params)}, **{**common, "instance_kind": "KIND_CPU"})
     files = {"model.py": "pkg:serving/triton_bls/model.py",
@@ -186,9 +210,7 @@ def export_triton(bundle: str | Path, out: str | Path, opts: TritonExport | None
         for cfg, files in models:
             d = tmp / cfg.name
             (d / "1").mkdir(parents=True)
-            text = cfg.pbtxt()
-            parse_config(text, f"{cfg.name}/config.pbtxt")
-            (d / "config.pbtxt").write_text(text)
+            (d / "config.pbtxt").write_text(render_config(cfg))
             for dst, src in files.items():
                 shutil.copyfile(pkg / src[4:] if src.startswith("pkg:") else b.file(src), d / "1" / dst)
         old = None

@@ -1,12 +1,17 @@
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from moqe_compile import errors
 from moqe_compile.cli import main as compile_cli
 from moqe_compile.cli import run as run_cli
+from moqe_compile.cli.common import CHECK_FAILED, INTERRUPTED, USAGE
+from moqe_compile.errors import ConfigError
 
 from ..models import CROP
 
@@ -108,7 +113,7 @@ def test_inspect(tiny_bundle, capsys):
 def test_build_bad_recipe_key(tmp_path, capsys):
     p = tmp_path / "r.toml"
     p.write_text("[router]\nlayers = 3\n")
-    assert compile_cli.main(["build", str(p), "-o", str(tmp_path / "o")]) == 2
+    assert compile_cli.main(["build", str(p), "-o", str(tmp_path / "o")]) == ConfigError.exit_code
     assert "unknown key(s) ['layers']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -152,11 +157,11 @@ def test_check_qdq_cli(tiny_bundle, capsys):
     cpu = tiny_bundle / "experts" / "minmax" / "onnxruntime-cpu.onnx"
     assert compile_cli.main(["check-qdq", str(cpu), "--target", "onnxruntime-cpu"]) == 0
     assert "OK for onnxruntime-cpu" in capsys.readouterr().out
-    # A U8S8 graph breaks TensorRT's rules: non-zero exit, offending nodes named.
-    assert compile_cli.main(["check-qdq", str(cpu), "--target", "tensorrt", "--json"]) == 1
+    # A U8S8 graph breaks TensorRT's rules: FAIL's own exit code, offending nodes named.
+    assert compile_cli.main(["check-qdq", str(cpu), "--target", "tensorrt", "--json"]) == CHECK_FAILED
     res = json.loads(capsys.readouterr().out)
     assert not res["ok"] and any(v.startswith("node '") for v in res["violations"])
-    assert compile_cli.main(["check-qdq", str(cpu), "--target", "tpu"]) == 2
+    assert compile_cli.main(["check-qdq", str(cpu), "--target", "tpu"]) == ConfigError.exit_code
     assert "--target 'tpu' is not one of" in capsys.readouterr().err
 
 
@@ -184,6 +189,11 @@ input_size = 8
     assert kls == sorted(kls, reverse=True)
 
 
+def test_sensitivity_takes_shipped_recipe_names(capsys):
+    assert compile_cli.main(["sensitivity", "no-such-recipe"]) == ConfigError.exit_code
+    assert "the shipped recipes are: " in capsys.readouterr().err
+
+
 def test_build_backend_tensorrt_without_tensorrt(tiny_onnx, tiny_images, tmp_path, capsys, monkeypatch):
     """No TensorRT here: the ONNX bundle (with every expert's S8S8 graph) is still written and
     verified, and the command exits with BackendError's code naming what to run on a GPU."""
@@ -207,3 +217,26 @@ def test_build_backend_tensorrt_without_tensorrt(tiny_onnx, tiny_images, tmp_pat
     m = read_bundle(out, verify=True).manifest
     assert all({"onnxruntime-cpu", "tensorrt"} <= set(e["variants"]) for e in m["experts"])
     assert compile_cli.main(["engines", str(out)]) == BackendError.exit_code
+
+
+def test_exit_codes_are_distinct_and_documented():
+    """Every error class (subclasses share their base's code) and every plain code has its
+    own number, and docs/cli.md lists exactly these."""
+    bases = [c for c in map(errors.__dict__.get, errors.__all__)
+             if c is errors.MoqeError or c.__bases__ == (errors.MoqeError,)]
+    codes = {c.exit_code: c.__name__ for c in bases}
+    assert len(codes) == len(bases)
+    plain = {0: "", USAGE: "", CHECK_FAILED: "", INTERRUPTED: ""}
+    assert not set(codes) & set(plain) and len(plain) == 4
+    rows = re.findall(r"^\| (\d+) \|[^|]*\|\s*`?(\w*)`?\s*\|$", (Path(__file__).parents[2] / "docs/cli.md").read_text(),
+                      re.M)
+    assert {int(code): name for code, name in rows} == {**codes, **plain}
+
+
+def test_usage_and_config_errors_exit_differently(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        compile_cli.main(["build", "--no-such-option"])
+    assert e.value.code == USAGE
+    p = tmp_path / "r.toml"
+    p.write_text("[router]\nlayers = 3\n")
+    assert compile_cli.main(["build", str(p), "-o", str(tmp_path / "o")]) == ConfigError.exit_code != USAGE

@@ -195,3 +195,11 @@ def test_matmulnbits_packing_and_gptq_gain(tmp_path, bits, K, symmetric):
     assert err(deq) < err(rtn)
     if not symmetric:  # every level used: codes span [0, 2^b - 1]
         assert q.min() == 0 and q.max() == 2**bits - 1
+
+
+def test_ort_gptq_refuses_widths_it_would_silently_write_as_4_bits(tmp_path):
+    from moqe_compile.errors import ConfigError
+    from moqe_compile.quantize.nbits import quantize_matmulnbits
+
+    with pytest.raises(ConfigError, match="4-bit weights only; got bits = 8"):
+        quantize_matmulnbits(tmp_path / "fp.onnx", tmp_path / "q.onnx", "gptq-ort", 8, 32, True, [])

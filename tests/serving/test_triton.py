@@ -18,7 +18,7 @@ from google.protobuf import json_format  # noqa: E402
 
 import moqe_compile  # noqa: E402
 from moqe_compile import Runtime  # noqa: E402
-from moqe_compile.errors import BundleError, ConfigError  # noqa: E402
+from moqe_compile.errors import BackendError, BundleError, ConfigError  # noqa: E402
 from moqe_compile.serving.triton import TritonExport, export_triton, parse_config, plan_models  # noqa: E402
 
 from ..models import CROP  # noqa: E402
@@ -171,20 +171,56 @@ def test_bls_groups_forced_mixed_routing_one_request_per_expert(repo, routed_bun
                                        rtol=1e-5, atol=1e-5)
 
 
-def test_tensorrt_engines_become_plan_models(routed_bundle):
+@pytest.fixture(scope="module")
+def engine_bundle(tmp_path_factory, tiny_onnx, tiny_images):
+    """A tiny bundle with the tensorrt (S8S8) variant and engines recorded by the real
+    ``add_engines``; the engine files are stand-in bytes (TensorRT is not installed here)."""
+    from moqe_compile.backends.tensorrt import EngineRecord, add_engines
+    from moqe_compile.build import build
+
+    from ..models import tiny_config
+
+    cfg = tiny_config(tiny_onnx, tiny_images)
+    cfg.backends.targets = ["onnxruntime-cpu", "tensorrt"]
+    tmp = tmp_path_factory.mktemp("engines")
+    root = build(cfg, tmp / "bundle", quiet=True)
+    first = json.loads((root / "manifest.json").read_text())["experts"][0]["name"]
+    for cc, hw in (("9.0", "none"), ("8.0", "ampere_plus"), ("9.0", "ampere_plus")):
+        f = tmp / f"{cc}-{hw}.bin"
+        f.write_bytes(f"engine {cc} {hw}".encode())
+        add_engines(root, {first: (f, EngineRecord(f.name, cc, "10.14.1", hw))})
+    return root, first
+
+
+def test_tensorrt_engines_become_plan_models(engine_bundle, tmp_path):
+    root, first = engine_bundle
+    repo = export_triton(root, tmp_path / "r", TritonExport(name="b", instance_kind="KIND_GPU"))
+    d = repo / f"expert_{first}"
+    cfg = parse_config((d / "config.pbtxt").read_text(), d.name)
+    assert cfg.platform == "tensorrt_plan" and cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
+    # One file per compute capability, exact build first; the portable engine is the default.
+    assert dict(cfg.cc_model_filenames) == {"9.0": "sm90-trt10.14.1.plan",
+                                            "8.0": "sm80-trt10.14.1-hw_ampere_plus.plan"}
+    assert cfg.default_model_filename == "sm80-trt10.14.1-hw_ampere_plus.plan"
+    assert sorted(p.name for p in (d / "1").iterdir()) == sorted(cfg.cc_model_filenames.values())
+    assert (d / "1" / "sm90-trt10.14.1.plan").read_bytes() == b"engine 9.0 none"
+    # Experts without engines keep their ONNX graph; the BLS model always runs on the CPU.
+    others = [p for p in repo.iterdir() if p.name.startswith("expert_") and p != d]
+    assert others and all(parse_config((p / "config.pbtxt").read_text(), p.name).platform == "onnxruntime_onnx"
+                          for p in others)
+    bls = parse_config((repo / "b" / "config.pbtxt").read_text(), "b")
+    assert bls.instance_group[0].kind == bls.instance_group[0].KIND_CPU
+
+
+def test_engines_are_ignored_on_cpu_instances_and_checked_against_the_batch_size(engine_bundle):
     from moqe_compile.bundle import read_bundle
 
-    m = json.loads(json.dumps(read_bundle(routed_bundle).manifest))
-    first = m["experts"][0]["name"]
-    m["engines"] = {first: {"path": f"engines/tensorrt/sm90/{first}.plan"}}
-    models = plan_models(m, TritonExport(instance_kind="KIND_GPU", variant="onnxruntime-cpu"), "b")
-    cfgs = {c.name: (c, files) for c, files in models}
-    c, files = cfgs[f"expert_{first}"]
-    parsed = parse_config(c.pbtxt(), c.name)
-    assert parsed.platform == "tensorrt_plan" and files == {"model.plan": f"engines/tensorrt/sm90/{first}.plan"}
-    assert parsed.instance_group[0].kind == parsed.instance_group[0].KIND_GPU
-    # The BLS model itself always runs on the CPU (it only routes and scatters).
-    assert parse_config(cfgs["b"][0].pbtxt(), "b").instance_group[0].kind == parsed.instance_group[0].KIND_CPU
+    root, first = engine_bundle
+    manifest = read_bundle(root).manifest
+    cfgs = {c.name: files for c, files in plan_models(manifest, TritonExport(), "b")}
+    assert list(cfgs[f"expert_{first}"]) == ["model.onnx"]
+    with pytest.raises(ConfigError, match="takes batches up to 64, below max_batch_size 128; pass --max-batch 64"):
+        plan_models(manifest, TritonExport(instance_kind="KIND_GPU", max_batch_size=128), "b")
 
 
 def test_bad_options_and_existing_output_are_refused(routed_bundle, tmp_path):
@@ -202,6 +238,13 @@ def test_bad_options_and_existing_output_are_refused(routed_bundle, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
 
+def test_without_tritonclient_the_export_says_what_to_install(routed_bundle, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # makes the import fail
+    with pytest.raises(BackendError, match=r"pip install 'moqe-compile\[triton\]'"):
+        export_triton(routed_bundle, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_config_parse_error_names_the_file():
     with pytest.raises(ConfigError, match="x/config.pbtxt: not a valid Triton ModelConfig"):
         parse_config('name: "x"\nmax_batch_sise: 4\n', "x/config.pbtxt")
@@ -213,7 +256,7 @@ def test_cli_export_triton(routed_bundle, tmp_path, capsys):
     assert main(["export-triton", str(routed_bundle), "-o", str(tmp_path / "r"), "--name", "m"]) == 0
     assert "Triton model repository written" in capsys.readouterr().out
     assert (tmp_path / "r" / "m" / "1" / "model.py").is_file()
-    assert main(["export-triton", str(routed_bundle), "-o", str(tmp_path / "r"), "--kind", "KIND_TPU"]) == 2
+    assert main(["export-triton", str(routed_bundle), "-o", str(tmp_path / "r"), "--kind", "KIND_TPU"]) == ConfigError.exit_code
     assert "instance kind 'KIND_TPU'" in capsys.readouterr().err
 
 

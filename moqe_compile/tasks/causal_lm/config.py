@@ -138,6 +138,11 @@ class LMExpertRecipe:
                               "to nearest (ORT quantize_dynamic); use scheme = 'nbits' for hqq/gptq.")
         if self.weights == "hqq" and self.bits != 4:
             raise ConfigError(f"[experts.{self.name}] HQQ in ONNX Runtime is 4-bit only; got bits = {self.bits}.")
+        if self.weights == "gptq-ort" and self.bits != 4:
+            # ORT's MatMulNBitsQuantizer writes 4 bits on its GPTQ path whatever `bits` says.
+            raise ConfigError(f"[experts.{self.name}] weights = 'gptq-ort' (ONNX Runtime's GPTQ) is 4-bit only; "
+                              f"got bits = {self.bits}. Use weights = 'gptq' (this project's GPTQ) for "
+                              f"{self.bits} bits.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"[experts.{self.name}] block_size = {self.block_size} must be a power of 2 >= 16.")
         if not 0 <= self.smoothquant_alpha < 1:

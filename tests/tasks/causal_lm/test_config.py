@@ -33,6 +33,9 @@ def test_config_rejects_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="HQQ"):
         LMBuildConfig.from_dict({"task": "causal-lm", "experts": [
             {"name": "a", "scheme": "nbits", "weights": "hqq", "bits": 8}, {"name": "b"}]})
+    with pytest.raises(ConfigError, match="'gptq-ort'.*4-bit only; got bits = 8"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "experts": [
+            {"name": "a", "scheme": "nbits", "weights": "gptq-ort", "bits": 8}, {"name": "b"}]})
     with pytest.raises(ConfigError, match="calibration_corpus = 'tiny' is not one of"):
         LMBuildConfig.from_dict({"task": "causal-lm", "data": {"corpora": ["wiki", "c4"]}, "experts": [
             {"name": "a", "preset": "w4-gptq", "calibration_corpus": "tiny"}, {"name": "b", "preset": "w4-rtn"}]})
