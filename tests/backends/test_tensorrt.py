@@ -85,8 +85,17 @@ def trt_bundle(tmp_path, tiny_onnx):
     (root / "experts/a").mkdir(parents=True)
     onnx.save(onnx.load(str(tiny_onnx)), str(root / "experts/a/tensorrt.onnx"))  # self-contained, as in bundles
     rel = "experts/a/tensorrt.onnx"
-    manifest = {"schema_version": 1, "experts": [{"name": "a", "variants": {"tensorrt": {"path": rel}}},
-                                                 {"name": "cpu_only", "variants": {}}],
+    # a valid manifest (the reader checks it against the schema); "cpu_only" has no tensorrt
+    # graph, so the bundle lists onnxruntime-cpu only and both experts have that graph
+    manifest = {"schema_version": 1, "task": {"kind": "image-classification", "num_classes": 4},
+                "model": {"fp": {"path": rel}},
+                "preprocessing": {"resize": 32, "crop": 32, "mean": [0.0] * 3, "std": [1.0] * 3},
+                "io": {"input": {"name": "input", "shape": ["batch", 3, 32, 32]},
+                       "output": {"name": "logits", "shape": ["batch", 4]}},
+                "experts": [{"name": "a", "variants": {"tensorrt": {"path": rel}, "onnxruntime-cpu": {"path": rel}}},
+                            {"name": "cpu_only", "variants": {"onnxruntime-cpu": {"path": rel}}}],
+                "router": {"path": rel}, "routing": {"enabled": False, "default_expert": "a"},
+                "backends": ["onnxruntime-cpu"],
                 "files": {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
