@@ -4,6 +4,7 @@ The exit codes that are not an error class's ``exit_code`` (docs/cli.md has the 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ from moqe_compile.errors import MoqeError
 USAGE = 2  # argparse's own exit code for a bad command line
 CHECK_FAILED = 9  # a check ran and found violations (check-qdq FAIL)
 INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+BROKEN_PIPE = 141  # the reader of stdout went away (`| head`): 128 + SIGPIPE, as shells report it
 
 
 def guarded(fn: Callable[[], int], prog: str) -> int:
@@ -23,3 +25,7 @@ def guarded(fn: Callable[[], int], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written.", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        # Python would print a traceback when it flushes stdout at exit: point stdout at devnull
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE

@@ -10,7 +10,7 @@ import pytest
 from moqe_compile import errors
 from moqe_compile.cli import main as compile_cli
 from moqe_compile.cli import run as run_cli
-from moqe_compile.cli.common import CHECK_FAILED, INTERRUPTED, USAGE
+from moqe_compile.cli.common import BROKEN_PIPE, CHECK_FAILED, INTERRUPTED, USAGE
 from moqe_compile.errors import ConfigError
 
 from ..models import CROP
@@ -226,8 +226,8 @@ def test_exit_codes_are_distinct_and_documented():
              if c is errors.MoqeError or c.__bases__ == (errors.MoqeError,)]
     codes = {c.exit_code: c.__name__ for c in bases}
     assert len(codes) == len(bases)
-    plain = {0: "", USAGE: "", CHECK_FAILED: "", INTERRUPTED: ""}
-    assert not set(codes) & set(plain) and len(plain) == 4
+    plain = {0: "", USAGE: "", CHECK_FAILED: "", INTERRUPTED: "", BROKEN_PIPE: ""}
+    assert not set(codes) & set(plain) and len(plain) == 5
     rows = re.findall(r"^\| (\d+) \|[^|]*\|\s*`?(\w*)`?\s*\|$", (Path(__file__).parents[2] / "docs/cli.md").read_text(),
                       re.M)
     assert {int(code): name for code, name in rows} == {**codes, **plain}
@@ -240,3 +240,12 @@ def test_usage_and_config_errors_exit_differently(tmp_path, capsys):
     p = tmp_path / "r.toml"
     p.write_text("[router]\nlayers = 3\n")
     assert compile_cli.main(["build", str(p), "-o", str(tmp_path / "o")]) == ConfigError.exit_code != USAGE
+
+
+def test_a_closed_stdout_pipe_is_a_quiet_exit_not_a_traceback():
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m moqe_compile.cli.main recipes | head -c 1"
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True)
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr

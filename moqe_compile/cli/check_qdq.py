@@ -1,0 +1,35 @@
+"""``moqe-compile check-qdq``: a Q/DQ ONNX model against a backend's rules (exit 9 on FAIL)."""
+
+from __future__ import annotations
+
+from moqe_compile.cli.common import CHECK_FAILED
+
+
+def cmd_check_qdq(args) -> int:
+    import json
+    from pathlib import Path
+
+    from moqe_compile.errors import InputError
+    from moqe_compile.quantize import check_qdq
+
+    p = Path(args.model)
+    if not p.is_file():
+        raise InputError(f"model {args.model!r} does not exist.")
+    res = check_qdq(p, args.target)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{p}: {'OK' if res['ok'] else 'FAIL'} for {args.target}")
+        for v in res["violations"]:
+            print(f"  - {v}")
+        if "kernels" in res:
+            print(f"  kernels after ORT optimization: {res['kernels']}")
+    return 0 if res["ok"] else CHECK_FAILED
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("check-qdq", help="check a Q/DQ ONNX model against a backend's rules")
+    c.add_argument("model")
+    c.add_argument("--target", required=True, help="tensorrt | onnxruntime-cpu")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_check_qdq)
