@@ -113,6 +113,26 @@ def tiny_config(model_path: Path, images: Path, **data_kw):
 FMNIST_TRAIN, FMNIST_TEST = 200, 40  # images in the fake Fashion-MNIST's train and test files
 
 
+def write_tiny_recipe(path: Path, model_path: Path, images: Path, augmentations: int = 2) -> Path:
+    """The tiny CNN as a TOML recipe file (for the CLI), the defaults elsewhere."""
+    path.write_text(f"""
+[model]
+source = "onnx"
+path = "{model_path}"
+num_classes = {NUM_CLASSES}
+labels = ""
+[preprocessing]
+resize = 36
+crop = {CROP}
+[data]
+source = "{images}"
+augmentations = {augmentations}
+[router]
+input_size = 8
+""")
+    return path
+
+
 def write_idx(path: Path, arr: np.ndarray) -> None:
     """``arr`` as an idx file (uint8), gzipped, as Fashion-MNIST ships them."""
     import gzip

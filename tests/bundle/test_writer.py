@@ -16,7 +16,7 @@ from moqe_compile.bundle import BundleWriter
 from moqe_compile.cli import main as compile_cli
 from moqe_compile.errors import BuildError
 
-from ..models import CROP
+from ..models import write_tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,21 +41,7 @@ def dead_pid() -> int:
 @pytest.fixture
 def recipe(tiny_onnx, tiny_images, tmp_path) -> Path:
     r = tmp_path / "tiny.toml"
-    r.write_text(f"""
-[model]
-source = "onnx"
-path = "{tiny_onnx}"
-num_classes = 4
-labels = ""
-[preprocessing]
-resize = 36
-crop = {CROP}
-[data]
-source = "{tiny_images}"
-augmentations = 2
-[router]
-input_size = 8
-""")
+    write_tiny_recipe(r, tiny_onnx, tiny_images)
     return r
 
 

@@ -13,7 +13,7 @@ from moqe_compile.cli import run as run_cli
 from moqe_compile.cli.common import BROKEN_PIPE, CHECK_FAILED, INTERRUPTED, USAGE
 from moqe_compile.errors import ConfigError
 
-from ..models import CROP
+from ..models import write_tiny_recipe
 
 
 def _run(capsys, argv):
@@ -167,21 +167,7 @@ def test_check_qdq_cli(tiny_bundle, capsys):
 
 def test_sensitivity_cli(tiny_onnx, tiny_images, tmp_path, capsys):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f"""
-[model]
-source = "onnx"
-path = "{tiny_onnx}"
-num_classes = 4
-labels = ""
-[preprocessing]
-resize = 36
-crop = {CROP}
-[data]
-source = "{tiny_images}"
-augmentations = 2
-[router]
-input_size = 8
-""")
+    write_tiny_recipe(recipe, tiny_onnx, tiny_images)
     assert compile_cli.main(["sensitivity", str(recipe), "--json", "--samples", "16"]) == 0
     ranking = json.loads(capsys.readouterr().out)
     assert len(ranking) == 4 and {r["op"] for r in ranking} == {"Conv", "Gemm"}
