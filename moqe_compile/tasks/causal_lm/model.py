@@ -70,7 +70,7 @@ def resolve_model_path(spec: str) -> Path:
 def load_causal_lm(source: str, path: str):
     """(torch model in fp32 eval mode, tokenizer). GGUF weights are dequantized to fp32 by
     transformers (the GGUF's own precision then *is* the FP reference)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be downloaded here; fail fast
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files: fail fast, never wait on the Hub
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
