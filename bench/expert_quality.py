@@ -30,7 +30,8 @@ from moqe_compile.evaluate.latency import time_interleaved
 from moqe_compile.evaluate.stats import bootstrap_ci
 from moqe_compile.tasks.image.preprocess import Preprocess
 from moqe_compile.tasks.image.model import load_fp_model
-from moqe_compile.quantize import build_expert, prepare_for_quantization
+from moqe_compile.quantize import prepare_for_quantization
+from moqe_compile.tasks.image.experts import build_expert
 from moqe_compile.tasks.image.score import diversity, expert_metrics, run_batched
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable

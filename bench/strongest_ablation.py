@@ -38,7 +38,8 @@ from moqe_compile.tasks.image.data import build_splits
 from moqe_compile.tasks.image.preprocess import Preprocess
 from moqe_compile.evaluate.stats import bootstrap_ci, paired_compare
 from moqe_compile.tasks.image.model import load_fp_model
-from moqe_compile.quantize import build_expert, prepare_for_quantization
+from moqe_compile.quantize import prepare_for_quantization
+from moqe_compile.tasks.image.experts import build_expert
 from moqe_compile.tasks.image.score import expert_metrics, run_batched
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable

@@ -45,7 +45,7 @@ from moqe_compile.evaluate.stats import paired_bootstrap, paired_compare
 from moqe_compile.tasks.image.score import run_batched
 from moqe_compile.backends import OrtCpuSession
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path: bench/common.py importable
 from common import add_json_option, write_json  # noqa: E402
 
 

@@ -53,7 +53,7 @@ from moqe_compile.router.fallback import apply_fallback, choose_fallback
 from moqe_compile.tasks.image.router import train_router
 from moqe_compile.tasks.image.score import run_batched, score
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path: bench/common.py importable
 from common import add_json_option, write_json  # noqa: E402
 
 RULE = ("largest val cost-matched gain (MoQE val top-1 minus the interpolation, at MoQE's val expected mean "
