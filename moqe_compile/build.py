@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moqe_compile.bundle import BundleWriter
-from moqe_compile.stages import Stages, created_at, log, versions
+from moqe_compile.stages import Stages, created_at, versions
 from moqe_compile.tasks import DEFAULT_TASK, task_of
 
 
@@ -30,7 +30,7 @@ def build(cfg, out: str | Path, quiet: bool = False, force: bool = False) -> Pat
             with stages.stage(name):
                 getattr(steps, name)()
         gate = steps.gate
-        log.info(f"gate: {gate['decision']} ({gate['reason']})")
+        stages.say(f"gate: {gate['decision']} ({gate['reason']})")
         manifest = {"created_with": versions(**steps.extra_versions()), "created_at": created_at(),
                     "build_config": cfg.to_manifest(), **steps.manifest()}
         manifest["report"]["build_seconds"] = stages.finish()

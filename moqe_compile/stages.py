@@ -47,7 +47,7 @@ class Stages:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        log.info(name)
+        self.say(name)
         t0 = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 2)
@@ -62,7 +62,9 @@ class Stages:
         return tqdm(total=total, desc=desc, disable=self.quiet, file=sys.stderr, leave=False)
 
     def say(self, msg: str) -> None:
-        log.info(msg)
+        """A progress message: logged at INFO unless the build is quiet."""
+        if not self.quiet:
+            log.info(msg)
 
 
 def copy_parts(n: int, k: int, seed: int) -> list[np.ndarray]:

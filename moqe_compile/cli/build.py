@@ -83,6 +83,13 @@ def _engines(bundle, args) -> int:
 
 
 def cmd_engines(args) -> int:
+    from moqe_compile import task_of_bundle
+    from moqe_compile.errors import BundleError
+
+    task = task_of_bundle(args.bundle)
+    if task.KIND != "image-classification":
+        raise BundleError(f"{args.bundle!r} is a {task.KIND} bundle: its experts run on onnxruntime-cpu only "
+                          "(4-bit MatMulNBits has no TensorRT path), so it has no engines to build.")
     return _engines(args.bundle, args)
 
 

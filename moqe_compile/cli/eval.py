@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -28,18 +26,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    """Read the bundle's manifest and hand ``args`` to its task's ``evaluate``."""
-    from moqe_compile.tasks import task_of
+    """Hand ``args`` to the bundle's task's ``evaluate``; the task is read from its manifest
+    within the bundle reader's limits (a malformed manifest is a ``BundleError``)."""
+    from moqe_compile import task_of_bundle
 
-    return task_of(_manifest(args.bundle)).evaluate(args)
-
-
-def _manifest(bundle: str) -> dict:
-    """The bundle's manifest as JSON, unchecked: the task's reader checks it (hashes, format)
-    and reports what is wrong with it."""
-    path = Path(bundle) / "manifest.json"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}  # the image reader names the missing or broken manifest
-    return doc if isinstance(doc, dict) else {}
+    return task_of_bundle(args.bundle).evaluate(args)

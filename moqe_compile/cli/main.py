@@ -20,11 +20,19 @@ def cmd_data_path(args) -> int:
 
 
 def _logging(args) -> None:
+    """moqe's own messages on stderr at the -v/-q level; other libraries' loggers stay at WARNING."""
     import logging
 
     level = logging.DEBUG if getattr(args, "verbose", False) else \
         logging.WARNING if getattr(args, "quiet", False) else logging.INFO
-    logging.basicConfig(level=level, format="[moqe-compile] %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    ours = logging.getLogger("moqe_compile")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[moqe-compile] %(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(level)
+    ours.propagate = False
 
 
 def parser() -> argparse.ArgumentParser:

@@ -20,6 +20,16 @@ def cmd_sensitivity(args) -> int:
 
     from moqe_compile import recipes
 
+    if args.recipe:
+        from moqe_compile.tasks import kind_of
+        from moqe_compile.recipe import read_recipe_toml
+
+        kind = kind_of(read_recipe_toml(recipes.path(args.recipe))[0])
+        if kind != "image-classification":
+            from moqe_compile.errors import ConfigError
+
+            raise ConfigError(f"sensitivity ranks the layers of image-classification models; {args.recipe!r} "
+                              f"is a {kind} recipe.")
     cfg = load_recipe(recipes.path(args.recipe)) if args.recipe else BuildConfig()
     cfg.data.augmentations = min(cfg.data.augmentations, 4)
     with tempfile.TemporaryDirectory(prefix="moqe-sens-") as tmp:

@@ -44,6 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(lambda: _serve(args), "moqe-serve")
 
 
+# options of the in-process server that Ray Serve replicas do not take: refused, never ignored
+LOCAL_ONLY = {"only_expert": None, "backend": "auto", "workers": 1, "max_queue": 256}
+
+
+def _refuse_local_only_options(args) -> None:
+    from moqe_compile.errors import ConfigError
+
+    given = [f"--{k.replace('_', '-')}" for k, default in LOCAL_ONLY.items() if getattr(args, k) != default]
+    if given:
+        raise ConfigError(f"{', '.join(given)} do(es) not apply with --ray (each expert is a Ray deployment; "
+                          "size it with --replicas and --num-cpus): drop them or serve without --ray.")
+
+
 def _serve(args) -> int:
     from moqe_compile.errors import ConfigError
     from moqe_compile.runtime import QueueConfig
@@ -65,6 +78,7 @@ def _serve(args) -> int:
                       max_in_flight=args.max_in_flight, max_queue_wait_ms=args.max_queue_wait_ms,
                       body_timeout_s=args.body_timeout_s, log_level=args.log_level)
     if args.ray:
+        _refuse_local_only_options(args)
         from moqe_compile.serving.ray_serve import RayServeConfig, parse_replicas, run_ray
         from moqe_compile.serving.server import model_name
 

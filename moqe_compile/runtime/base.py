@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from moqe_compile.errors import MoqeError
+from moqe_compile.errors import MoqeError, OverloadedError
 from moqe_compile.router.fallback import apply_fallback
 from moqe_compile.runtime.batcher import DynamicBatcher
 
@@ -113,6 +113,7 @@ class BundleRuntime:
         self.fallback_expert = self.expert_names.index(routing.get("fallback_expert", routing["default_expert"]))
         self._router = None
         self._batcher: DynamicBatcher | None = None
+        self._closing = self._released = False  # close() in progress / sessions released
         self._lock = threading.Condition()
         self._running = 0
         self._closed = False
@@ -179,6 +180,8 @@ class BundleRuntime:
         """The batcher behind ``submit``, created on first use: queue depth, metrics hook."""
         with self._lock:
             self._raise_if_closed()
+            if self._closing:
+                raise OverloadedError(f"{type(self).__name__} is closing: retry on another replica.")
             if self._batcher is None:
                 q = self.queue_config
                 # Inputs are checked in submit, so the worker runs them unchecked.
@@ -216,18 +219,24 @@ class BundleRuntime:
     def close(self, drain: bool = True) -> None:
         """Finish (``drain``) or fail the queued requests, wait for running calls, release sessions."""
         with self._lock:
-            if self._closed:
+            if self._closing:  # another thread is closing it: return once it has finished
+                while not self._released:
+                    self._lock.wait()
                 return
+            self._closing = True  # from here on no batcher is created (the property refuses)
             batcher = self._batcher
         if batcher is not None:
             batcher.close(drain=drain)
         with self._lock:
-            if self._closed:  # another thread closed it meanwhile
-                return
             self._closed = True
             while self._running:
                 self._lock.wait()
-        self._release()
+        try:
+            self._release()
+        finally:
+            with self._lock:
+                self._released = True
+                self._lock.notify_all()
 
 
 def timing(t0: float, t1: float, t2: float) -> dict[str, float]:

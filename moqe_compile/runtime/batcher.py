@@ -13,6 +13,8 @@ bound must surface as an error the caller can turn into HTTP 503.
 
 from __future__ import annotations
 
+import logging
+
 import threading
 import time
 from collections import deque
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moqe_compile.errors import MoqeError, OverloadedError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,8 +143,14 @@ class DynamicBatcher:
                 r.future.set_exception(e)
             return
         if self.on_batch is not None:
-            self.on_batch(res, len(x), len(live))
+            try:
+                self.on_batch(res, len(x), len(live))
+            except Exception:  # noqa: BLE001 - a metrics hook must never stop the worker or lose answers
+                log.exception("the on_batch hook failed; the batch's answers are delivered anyway")
         start = 0
         for r in live:
-            r.future.set_result(self._split(res, start, start + len(r.x)))
+            try:
+                r.future.set_result(self._split(res, start, start + len(r.x)))
+            except BaseException as e:  # noqa: BLE001 - the caller hears about it instead of waiting forever
+                r.future.set_exception(e)
             start += len(r.x)

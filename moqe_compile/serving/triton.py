@@ -197,7 +197,10 @@ def export_triton(bundle: str | Path, out: str | Path, opts: TritonExport | None
     complete and valid)."""
     opts = opts or TritonExport()
     opts.check()
+    from moqe_compile.serving.server import check_servable
+
     b = read_bundle(bundle)
+    check_servable(b.root)  # the BLS model decodes image tensors: a causal-LM bundle has no codec
     out = Path(out).resolve()
     pkg = Path(__file__).resolve().parents[1]
     models = plan_models(b.manifest, opts, b.root.name)

@@ -32,7 +32,7 @@ def kind_of(doc: dict) -> str:
     """The task kind of a recipe table (``task = "..."``) or a manifest (``task.kind``)."""
     kind = doc.get("task", DEFAULT_TASK) if isinstance(doc, dict) else DEFAULT_TASK
     kind = kind.get("kind", DEFAULT_TASK) if isinstance(kind, dict) else kind
-    if kind not in TASKS:
+    if not isinstance(kind, str) or kind not in TASKS:
         raise ConfigError(f"task = {kind!r} is not one of {sorted(TASKS)}.")
     return kind
 

@@ -235,3 +235,52 @@ def test_a_closed_stdout_pipe_is_a_quiet_exit_not_a_traceback():
     cmd = f"{sys.executable} -m moqe_compile.cli.main recipes | head -c 1"
     res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True)
     assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr
+
+
+@pytest.mark.parametrize("manifest", ['{"task": {"kind": []}}', "[" * 100_000 + "]" * 100_000, b"\xff\xfe{"])
+def test_eval_on_a_malformed_manifest_is_one_line_and_exit_4(tmp_path, capsys, manifest):
+    (tmp_path / "manifest.json").write_bytes(manifest.encode() if isinstance(manifest, str) else manifest)
+    assert compile_cli.main(["eval", str(tmp_path), "--no-latency"]) == errors.BundleError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("moqe-compile: error:") and "Traceback" not in err
+
+
+def test_lm_bundles_are_refused_by_the_image_only_commands(lm_bundle, tmp_path, capsys):
+    bundle, _ = lm_bundle
+    assert compile_cli.main(["export-triton", str(bundle), "-o", str(tmp_path / "repo")]) == errors.BundleError.exit_code
+    assert "causal-lm" in capsys.readouterr().err and not (tmp_path / "repo").exists()
+    assert compile_cli.main(["engines", str(bundle)]) == errors.BundleError.exit_code
+    assert "no engines to build" in capsys.readouterr().err
+
+
+def test_sensitivity_refuses_a_language_model_recipe(capsys):
+    assert compile_cli.main(["sensitivity", "smollm2-135m"]) == ConfigError.exit_code
+    assert "image-classification models" in capsys.readouterr().err
+
+
+def test_moqe_serve_refuses_options_ray_would_ignore(tiny_bundle, capsys):
+    from moqe_compile.cli import serve as serve_cli
+
+    assert serve_cli.main([str(tiny_bundle), "--ray", "--only-expert", "minmax", "--workers", "4"]) == \
+        ConfigError.exit_code
+    err = capsys.readouterr().err
+    assert "--only-expert, --workers do(es) not apply with --ray" in err
+
+
+def test_build_logging_shows_moqe_messages_only(monkeypatch):
+    import logging
+
+    from moqe_compile.cli.main import _logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    _logging(type("Args", (), {"verbose": False, "quiet": False})())
+    assert logging.getLogger("moqe_compile.build").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("onnxscript").isEnabledFor(logging.INFO)  # other libraries stay quiet
+
+
+def test_input_file_that_is_a_directory_is_named(lm_bundle, tmp_path, capsys):
+    bundle, _ = lm_bundle
+    assert run_cli.main([str(bundle), "--input-file", str(tmp_path), "--score"]) == errors.InputError.exit_code
+    assert "is a directory" in capsys.readouterr().err

@@ -173,3 +173,42 @@ def test_only_expert_serves_it_without_router(tiny_bundle):
             one.run_expert(full.expert_names[0], x)
     with pytest.raises(InputError, match="'nope' is not in this bundle"):
         Runtime.load(tiny_bundle, only_expert="nope")
+
+
+def test_a_failing_batch_hook_neither_stops_the_worker_nor_loses_answers():
+    b = DynamicBatcher(_Recorder(), _split, max_batch=8, max_delay_ms=1)
+
+    def broken_hook(res, n, requests):
+        raise RuntimeError("metrics backend down")
+
+    b.on_batch = broken_hook
+    for _ in range(2):  # the second request proves the worker survived the first hook failure
+        np.testing.assert_array_equal(b.submit(np.ones((1, 1), np.float32)).result(5), [[2.0]])
+    b.close()
+
+
+def test_a_second_close_waits_for_the_first_to_release_the_sessions(tiny_bundle):
+    rt = Runtime.load(tiny_bundle)
+    started, release, released = threading.Event(), threading.Event(), []
+    real = rt._release
+
+    def slow_release():
+        started.set()
+        release.wait(10)
+        real()
+        released.append(True)
+
+    rt._release = slow_release
+    first = threading.Thread(target=rt.close)
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=rt.close)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # still waiting: the sessions are not released yet
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert released == [True] and not second.is_alive()
+    with pytest.raises(MoqeError, match="clos"):
+        rt.submit(_batch(1, 0))

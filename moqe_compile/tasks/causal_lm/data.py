@@ -63,6 +63,8 @@ def read_corpus(name: str) -> str:
 def read_utf8(path: str | Path, what: str) -> str:
     """A UTF-8 text file's contents; a missing or non-UTF-8 file is an ``InputError`` naming ``what``."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a directory; give a UTF-8 text file.")
     if not p.is_file():
         raise InputError(f"{what} {str(path)!r} does not exist.")
     try:

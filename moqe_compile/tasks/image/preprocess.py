@@ -138,18 +138,24 @@ class PixelBudget:
 
 def nonfinite_samples(batch: np.ndarray) -> list[int]:
     """Indices of the samples of a float batch that hold a NaN or an infinity."""
+    if np.isfinite(batch.min()) and np.isfinite(batch.max()):  # NaN and inf show in min/max: no mask
+        return []
     bad = ~np.isfinite(batch)
     if not bad.any():
         return []
     return np.flatnonzero(bad.reshape(len(batch), -1).any(axis=1)).tolist()
 
 
-def refuse_nonfinite(batch: np.ndarray, names: list[str] | None = None) -> None:
+def refuse_nonfinite(batch: np.ndarray, names: list[str] | str | None = None) -> None:
     """An ``InputError`` naming the samples holding NaN/inf: the experts would answer them
-    with confident, meaningless predictions."""
+    with confident, meaningless predictions. ``names``: one per sample, or a format string
+    with ``{}`` for the index (built only when a sample is refused)."""
     bad = nonfinite_samples(batch)
     if bad:
-        shown = [names[i] if names else f"sample {i}" for i in bad[:5]]
+        if isinstance(names, str):
+            shown = [names.format(i) for i in bad[:5]]
+        else:
+            shown = [names[i] if names else f"sample {i}" for i in bad[:5]]
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise InputError(f"{', '.join(map(str, shown))}{more} hold(s) non-finite values (NaN or inf); "
                          f"fix or drop those samples.")

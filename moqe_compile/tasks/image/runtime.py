@@ -120,7 +120,7 @@ class ImageBundleRuntime(base.BundleRuntime):
             raise InputError(f"batch has dtype {batch.dtype}; expected float32 (preprocessed).")
         if len(batch) == 0:
             raise InputError("batch is empty.")
-        refuse_nonfinite(batch, [f"batch sample {i}" for i in range(len(batch))])
+        refuse_nonfinite(batch, "batch sample {}")
         return np.ascontiguousarray(batch)
 
 
