@@ -106,7 +106,7 @@ class ImageSteps:
     def controls(self) -> None:
         if not self.cfg.controls.copies:
             return
-        from moqe_compile.stages import build_copies
+        from moqe_compile.stages import build_copies, copy_parts
 
         cfg = self.cfg
         base = copy_recipe(cfg)
@@ -129,7 +129,8 @@ class ImageSteps:
         for sess in sessions:
             sess.close()
         splits.pop("router_train", None)  # used for training only; not reported
-        self.copies = Copies([s.name for s in sessions], label, best, int(len(calib) // k + (len(calib) % k > 0)),
+        first = copy_parts(len(calib), k, cfg.controls.seed)[0]  # the largest part, as recorded before
+        self.copies = Copies([s.name for s in sessions], label, best, int(len(first)),
                              splits)
         self.copies.save(self.w.path(CONTROLS_FILE))
 
