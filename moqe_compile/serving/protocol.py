@@ -71,7 +71,7 @@ def _need(obj: dict, key: str, kind: type, where: str):
     if key not in obj:
         raise ProtocolError(f"{where}.{key} is missing.")
     v = obj[key]
-    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+    if not isinstance(v, kind):  # called with list and str only: no int/bool ambiguity
         raise ProtocolError(f"{where}.{key} must be a {kind.__name__}, got {type(v).__name__}.")
     return v
 

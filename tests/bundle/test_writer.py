@@ -162,7 +162,7 @@ with writer.BundleWriter({str(dest)!r}) as w:
     w.path("data/a.txt").write_text("two")
     w.commit({{"note": "two"}})
 """
-    r = subprocess.run([sys.executable, "-c", crash], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", crash], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 9, r.stderr
     assert not dest.exists() and any(p.name.startswith(".b.old-") for p in tmp_path.iterdir())
     BundleWriter(dest)  # the next build to that path (here: only its start)
