@@ -406,3 +406,78 @@ def test_image_limits_are_413_and_unreadable_images_400():
         decode_images([_png(), b"not an image"], pre)
     assert e.value.status == 400
     assert decode_images([_png()], pre, InputLimits(max_images=1)).shape == (1, 1)
+
+
+# ---------------------------------------------------------------- boundaries found by mutation testing
+@pytest.mark.parametrize("req,message", [
+    ({"parameters": [1], "inputs": [_input()]}, "parameters must be an object."),
+    ({"inputs": [1]}, "inputs[0] must be an object."),
+    ({"inputs": [_input()], "outputs": []}, 'outputs must be a non-empty list of {"name": ...} objects.'),
+    ({"inputs": [_input(parameters=[1])]}, "inputs[0].parameters must be an object."),
+])
+def test_whole_messages(req, message):
+    assert str(_refused(_json(req), ".")) == message
+
+
+def test_a_one_byte_json_header_is_inside_the_body():
+    _refused(b"7xyz", "request body must be a JSON object, got int", "1")
+
+
+def test_a_zero_byte_binary_tensor_is_accepted():
+    head = _binary_head(0, (0, 2))
+    req = parse_infer_request(head, str(len(head)))
+    assert req.tensor.shape == (0, 2) and req.tensor.dtype == np.float32
+
+
+def test_an_empty_bytes_element_may_end_the_binary_data():
+    blob = struct.pack("<I", 2) + b"xy" + struct.pack("<I", 0)
+    head = _bytes_head(len(blob), (2,))
+    assert parse_infer_request(head + blob, str(len(head))).tensor == [b"xy", b""]
+
+
+def test_bytes_element_lengths_are_unsigned():
+    head = _bytes_head(4)
+    _refused(head + b"\xff\xff\xff\xff", "BYTES element at byte 0 claims 4294967295 bytes past the end",
+             str(len(head)))
+
+
+@pytest.mark.parametrize("data,match", [
+    (["aGk=", 1], r"data\[1\] must be a base64 string"),  # not read as the string "1"
+    (["aGk=!"], r"data\[0\] is not valid base64"),  # characters outside the alphabet are not skipped
+])
+def test_json_bytes_elements_are_strict(data, match):
+    _refused(_json({"inputs": [{"name": "image", "shape": [len(data)], "datatype": "BYTES", "data": data}]}), match)
+
+
+def test_json_depth_of_nothing_is_zero():
+    assert json_depth(b"") == 0 and json_depth(b'"[["') == 0
+
+
+def test_the_answers_json_header_is_compact():
+    body, _ = encode_infer_response("m", "1", _request(["expert"]), _result())
+    assert body == b'{"model_name":"m","model_version":"1","outputs":[{"name":"expert","datatype":"INT32",' \
+                   b'"shape":[2],"data":[1,0]}]}'
+
+
+def test_the_pixel_total_is_over_all_images_of_a_request():
+    from moqe_compile.tasks.image.preprocess import InputLimits
+
+    limits = InputLimits(max_total_pixels=30)  # each 4x3 image fits, three do not
+    pre = lambda im: np.zeros((1,))  # noqa: E731
+    assert decode_images([_png(), _png()], pre, limits).shape == (2, 1)
+    with pytest.raises(ProtocolError, match=r"inputs\[0\] \(image\)") as e:
+        decode_images([_png()] * 3, pre, limits)
+    assert e.value.status == 413
+
+
+def test_a_decompression_bomb_header_is_413_naming_the_limit():
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 2, 0, 0, 0)  # claims 1.6 G pixels, holds none
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    with pytest.raises(ProtocolError, match=r"element 0 is a decompression bomb .*max_image_pixels=50000000") as e:
+        decode_images([png], lambda im: np.zeros((1,)))
+    assert e.value.status == 413
