@@ -280,15 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     children = args.max_children or int(cfg.get("max_children", 2))
     min_score = float(cfg.get("min_score", 0.85))
 
-    rows, survivors, failed, t_all = {}, [], False, time.monotonic()
+    rows, survivors, failed, run_failed, t_all = {}, [], False, False, time.monotonic()
     for g in groups:
         d = prepare(g, args.workdir, args.keep)
         code, secs = run_mutmut(d, g, children)
         print(f"[{g.name}] mutmut {'timed out' if code is None else f'exit {code}'} after {secs:.0f} s "
               f"(log: {d / 'mutmut.log'})", flush=True)
         if code != 0:
-            failed = True
-            if code is not None:
+            run_failed = True
+            if code is not None:  # a time limit keeps what was tested; anything else has no results
                 print((d / "mutmut.log").read_text(errors="replace")[-3000:])
                 continue
         for mod in g.modules:
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     low = [mod for mod, r in rows.items() if r["score"] < min_score]
     if low:
         print(f"below {100 * min_score:.0f}% killed: {low}")
-    return 2 if failed and not rows else 1 if failed or low else 0
+    return 2 if run_failed else 1 if failed or low else 0
 
 
 if __name__ == "__main__":

@@ -205,3 +205,35 @@ def test_gate_keys_and_forcing():
                       "reason", "forced", "split"}
     assert g["decision"] == "routed" and g["forced"] and g["reason"].startswith("forced by --force-routing")
     assert "nats/token" in g["reason"] and g["split"] == "router_val"
+
+
+def test_gains_are_written_in_the_metrics_unit():
+    from moqe_compile.gate import format_gain
+
+    assert format_gain("top1", 0.0123) == "+1.23 points" and format_gain("fp_top1_agreement", -0.5) == "-50.00 points"
+    assert format_gain("mean_nll", 0.01234) == "+0.0123 nats/token" and format_gain("kl", 0.000123456) == "+0.0001235"
+
+
+def test_every_reason_is_in_the_metrics_unit_and_all_are_joined():
+    g = decide(Comparison("e", 0.0, 0.5), 0.05, False, "top1", copies_gain=0.01, copies_control="copies router",
+               headline=Comparison("stem", -0.02, 0.03))
+    assert g["reason"] == ("paired test vs e: p = 0.5 >= 0.05; no gain over e (+0.00 points); gain +0.00 points does "
+                           "not exceed the copies router's +1.00 points; does not significantly beat stem, the best "
+                           "single expert on top1 (-2.00 points, p = 0.03)")
+    assert g["forced"] is False and g["decision"] == "single"
+
+
+def test_routed_reasons_name_the_gain_and_the_test():
+    g = decide(Comparison("e", 0.02, 0.001), 0.05, False, "top1", copies_gain=0.01, copies_control="copies oracle",
+               split="val")
+    assert g["reason"] == ("MoQE beats e on val by +2.00 points (p = 0.001 < 0.05), more than the copies oracle's "
+                           "+1.00 points")
+    assert g["forced"] is False and g["decision"] == "routed" and g["copies_control"] == "copies oracle"
+    g = decide(Comparison("e", 0.02, 0.001), 0.05, False, "top1")
+    assert g["reason"] == ("MoQE beats e on router_val by +2.00 points (p = 0.001 < 0.05); no copies control "
+                           "was built")
+
+
+def test_a_headline_expert_with_no_gain_is_not_beaten_even_when_significant():
+    g = decide(Comparison("e", 0.02, 0.01), 0.05, False, "top1", headline=Comparison("stem", 0.0, 0.001))
+    assert g["decision"] == "single" and "does not significantly beat stem" in g["reason"]

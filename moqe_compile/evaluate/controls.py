@@ -84,10 +84,9 @@ def cost_matched(names: list[str], costs: dict | None, route: np.ndarray, val_lo
         score, chosen_on = split_score, split
     else:
         return {"applicable": False, **base, "reason": "no validation losses to choose the bracketing experts on"}
-    pair = frontier_pair(names, c, expected, score)
-    if pair is None:  # cannot happen: the expected cost lies within [min c, max c]
-        return {"applicable": False, **base, "reason": "no expert brackets the expected cost"}
-    lo, hi, wl = pair
+    # Never None here: the expected cost is a mix of the experts' costs, so the cheapest and the
+    # costliest expert bracket it.
+    lo, hi, wl = frontier_pair(names, c, expected, score)
     return {"applicable": True, **base, "cheaper": lo, "costlier": hi, "weight_cheaper": float(wl),
             "chosen_on": chosen_on}
 
