@@ -33,6 +33,7 @@ import difflib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -212,9 +213,11 @@ def run_mutmut(d: Path, group: Group, max_children: int) -> tuple[int | None, fl
         try:
             code = p.wait(timeout=group.timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
-            p.wait()
             code = None
+        finally:  # a time limit, Ctrl-C or SIGTERM: stop mutmut and its workers too
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     return code, time.monotonic() - t0
 
 
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"no group {sorted(unknown)} in {CONFIG.name}")
         groups = [g for g in groups if g.name in args.only]
     os.nice(int(cfg.get("nice", 10)))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in run_mutmut
     children = args.max_children or int(cfg.get("max_children", 2))
     min_score = float(cfg.get("min_score", 0.85))
 
