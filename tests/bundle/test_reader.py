@@ -430,3 +430,41 @@ def test_configure_hands_external_data_and_shared_tensors_to_the_session_options
     calls.clear()
     Graph("g.onnx", b"").configure(Options())
     assert calls == []
+
+
+# ---------------------------------------------------------------- every place a tensor can keep external data
+def _external(name: str, location: str | None, mark_location: bool = True):
+    from onnx import TensorProto, helper
+
+    t = helper.make_tensor(name, TensorProto.FLOAT, [1], [0.0])
+    t.ClearField("float_data")
+    if mark_location:
+        t.data_location = TensorProto.EXTERNAL
+    if location is not None:
+        t.external_data.add(key="offset", value="0")
+        t.external_data.add(key="location", value=location)
+    return t
+
+
+def test_external_data_is_found_in_nodes_subgraphs_and_functions():
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from moqe_compile.bundle import onnx_refs
+
+    const = helper.make_node("Constant", [], ["c"], value=_external("c", "const.bin"))
+    inner = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "then", [],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])],
+                              [_external("sub", "sub.bin")])
+    branch = helper.make_node("If", ["cond"], ["y"], then_branch=inner, else_branch=inner)
+    fn_const = helper.make_node("Constant", [], ["f"], value=_external("fn", "fn.bin"))
+    fn = helper.make_function("local", "F", [], ["f"], [fn_const], [helper.make_opsetid("", 17)])
+    g = helper.make_graph([const, branch], "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                          [_external("listed_only", "w.bin", mark_location=False), _external("no_location", None),
+                           helper.make_tensor("inline", TensorProto.FLOAT, [1], [1.0])])
+    model = helper.make_model(g, functions=[fn])
+    got = onnx_refs.external_data(onnx_refs.parse(model.SerializeToString(), "m.onnx"))
+    assert sorted(got) == sorted([("listed_only", "w.bin"), ("no_location", ""), ("c", "const.bin"),
+                                  ("sub", "sub.bin"), ("sub", "sub.bin"), ("fn", "fn.bin")])  # both branches
+    assert onnx_refs.output_shapes(onnx_refs.parse(model.SerializeToString(), "m.onnx")) == {"y": [1]}
