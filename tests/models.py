@@ -4,7 +4,8 @@ into ``folder`` and returns what was written. Each builds in seconds on 2 CPUs.
 - ``cnn``: TinyCNN (3 channels, CROP x CROP, NUM_CLASSES outputs) fitted to the class images
   (``class_batch``): it classifies them correctly, so outputs depend on the input.
 - ``gray-cnn``: TinyCNN with a 1-channel stem (GRAY_CROP x GRAY_CROP) as ONNX.
-- ``lm``: a random Llama causal LM with a word-level fast tokenizer (transformers needed).
+- ``lm``: a tiny Llama causal LM trained to continue alternating word pairs, with a word-level
+  fast tokenizer (transformers needed).
 - ``moe-lm``: a sparse MoE causal LM (Mixtral, Qwen2-MoE or OLMoE layout), briefly trained so its
   gates move, plus its gate-norm history file (transformers needed).
 - ``handmade-bundle``: a complete bundle of hand-written ONNX graphs whose routing and experts
@@ -242,8 +243,12 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
 
 
-def make_tiny_lm(out: Path, seed: int = 0) -> Path:
-    """save_pretrained directory: LlamaForCausalLM (2 layers, d = 64, GQA 4/2 heads) + tokenizer."""
+def make_tiny_lm(out: Path, seed: int = 0, steps: int = 60) -> Path:
+    """save_pretrained directory: LlamaForCausalLM (2 layers, d = 64, GQA 4/2 heads) + tokenizer,
+    trained for ``steps`` Adam steps (about 2 s on one thread) on alternating word pairs
+    ("a b a b ..."): the next word is the one two back, so greedy continuations follow the
+    prompt ("cat dog cat" -> "dog cat dog ...") and a decoder that loses its context (its KV
+    cache) gives other tokens. Untrained, the tied embeddings make it repeat the last word."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _word_tokenizer()
@@ -251,11 +256,27 @@ def make_tiny_lm(out: Path, seed: int = 0) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, eos_token_id=1, bos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg)
     # A random init gives near-uniform next-token distributions; a sharper embedding makes the
     # experts' errors (and so the loss matrix) non-trivial.
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(4)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: thread hand-offs cost more than they save
+    try:
+        for _ in range(steps):
+            pairs = rng.choice(len(WORDS), (16, 2)) + 3  # word ids start after <unk>, <eos>, "."
+            x = torch.from_numpy(np.tile(pairs, 6))
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
