@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .models import (make_tiny_lm, tiny_config, tiny_lm_config, write_cnn, write_corpus, write_fake_fmnist,
+from .models import (make_routed_bundle, make_tiny_lm, tiny_config, tiny_lm_config, write_cnn, write_corpus, write_fake_fmnist,
                      write_gray_cnn, write_images)
 
 
@@ -41,6 +41,13 @@ def tiny_bundle(tmp_path_factory, tiny_onnx, tiny_images) -> Path:
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return build(tiny_config(tiny_onnx, tiny_images), out, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def routed_bundle(tmp_path_factory) -> Path:
+    """The ``routed-bundle``: routes by the input's brightest channel, with a fallback, by
+    construction (``models.routed_oracle`` / ``routed_reference`` are its oracles)."""
+    return make_routed_bundle(tmp_path_factory.mktemp("bundles") / "routed")
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,18 @@
 """Every tiny model the tests build, in one registry: ``MODELS[name](folder)`` writes that model
 into ``folder`` and returns what was written. Each builds in seconds on 2 CPUs.
 
-- ``cnn``: TinyCNN (3 channels, CROP x CROP, NUM_CLASSES outputs, non-trivial BatchNorm statistics) as ONNX.
+- ``cnn``: TinyCNN (3 channels, CROP x CROP, NUM_CLASSES outputs) fitted to the class images
+  (``class_batch``): it classifies them correctly, so outputs depend on the input.
 - ``gray-cnn``: TinyCNN with a 1-channel stem (GRAY_CROP x GRAY_CROP) as ONNX.
-- ``lm``: a random Llama causal LM with a word-level fast tokenizer (transformers needed).
+- ``lm``: a tiny Llama causal LM trained to continue alternating word pairs, with a word-level
+  fast tokenizer (transformers needed).
 - ``moe-lm``: a sparse MoE causal LM (Mixtral, Qwen2-MoE or OLMoE layout), briefly trained so its
   gates move, plus its gate-norm history file (transformers needed).
 - ``handmade-bundle``: a complete bundle of hand-written ONNX graphs whose routing and experts
   are readable from the outputs (no build).
+- ``routed-bundle``: hand-written graphs at the ``cnn`` model's input, whose router sends each
+  input to the expert of its brightest channel, with a confidence fallback (``routed_oracle``
+  says what it must do, in numpy).
 
 ``DATA`` holds the matching data writers (labelled images, a fake Fashion-MNIST, a text corpus), and ``tiny_config`` /
 ``tiny_lm_config`` the recipes that build bundles of the tiny models.
@@ -43,17 +48,64 @@ class TinyCNN(nn.Module):
         return self.fc(self.body(x).mean(dim=(2, 3)))
 
 
+# The default preprocessing's normalization (ImageNet's), which ``tiny_config`` keeps.
+IMAGE_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+IMAGE_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+
+
+def class_pixels(labels: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """(n, size, size, 3) uint8 images of ``labels``: class c lights channel c % 3 at 160 + 20 c,
+    plus noise (classes 0 and 3 share a channel and differ by brightness)."""
+    labels = np.asarray(labels)
+    base = np.zeros((len(labels), size, size, 3), np.float32)
+    base[np.arange(len(labels)), ..., labels % 3] = (160 + 20 * labels)[:, None, None]
+    return np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+
+
+def class_batch(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(x, labels): n preprocessed (n, 3, CROP, CROP) float32 images of every class in turn, drawn
+    like ``write_images`` draws them; the ``cnn`` model tells their classes apart, so outputs
+    (and quantization errors) vary with the input, unlike on Gaussian noise."""
+    y = np.arange(n) % NUM_CLASSES
+    img = class_pixels(y, np.random.default_rng(seed), CROP).transpose(0, 3, 1, 2) / np.float32(255)
+    return ((img - IMAGE_MEAN) / IMAGE_STD).astype(np.float32), y
+
+
+def fit_tiny_cnn(m: TinyCNN, seed: int = 0) -> TinyCNN:
+    """Give ``m`` real BatchNorm statistics and a classifier that reads the class colour.
+
+    Closed form instead of training (a second on 2 CPUs): the BN running statistics are
+    the class images' own, then the last layer is a ridge regression of centred one-hot
+    targets on the standardized pooled features. Every class image is then classified
+    correctly with a logit margin of about 3.5, so quantization moves logits by an amount
+    the tests can see, and checks on class agreement can fail."""
+    x, y = class_batch(256, seed)
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.momentum = None  # cumulative: the statistics of this one batch
+                mod.reset_running_stats()
+        m.train()
+        m.body(xt)
+        m.eval()
+        f = m.body(xt).mean(dim=(2, 3)).double().numpy()
+        mu, sd = f.mean(0), f.std(0) + 1e-6
+        z = (f - mu) / sd
+        target = 4.0 * (np.eye(NUM_CLASSES)[y] - 1 / NUM_CLASSES)
+        w = np.linalg.solve(z.T @ z + np.eye(z.shape[1]), z.T @ target)
+        m.fc.weight.copy_(torch.from_numpy((w / sd[:, None]).T.astype(np.float32)))
+        m.fc.bias.copy_(torch.from_numpy((-(mu / sd) @ w).astype(np.float32)))
+    return m
+
+
 def write_cnn(out: Path) -> Path:
-    """``out/tiny.onnx``: TinyCNN, input (batch, 3, CROP, CROP)."""
+    """``out/tiny.onnx``: TinyCNN fitted to the class images (``fit_tiny_cnn``), input
+    (batch, 3, CROP, CROP)."""
     from moqe_compile.tasks.image.model import export_torch
 
     torch.manual_seed(0)
-    m = TinyCNN().eval()
-    with torch.no_grad():  # non-trivial BN statistics so folding is exercised
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
+    m = fit_tiny_cnn(TinyCNN())
     out.mkdir(parents=True, exist_ok=True)
     export_torch(m, out / "tiny.onnx", CROP, 18)
     return out / "tiny.onnx"
@@ -73,17 +125,13 @@ def write_gray_cnn(out: Path) -> Path:
 
 
 def write_images(root: Path) -> Path:
-    """16 labelled images (NUM_CLASSES classes, class-dependent colour + noise) in class-index folders."""
+    """16 labelled 40 x 40 images (NUM_CLASSES classes, ``class_pixels``) in class-index folders."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        c = i % NUM_CLASSES
-        d = root / str(c)
+    y = np.arange(16) % NUM_CLASSES
+    for i, img in enumerate(class_pixels(y, np.random.default_rng(0), 40)):
+        d = root / str(y[i])
         d.mkdir(parents=True, exist_ok=True)
-        base = np.zeros((40, 40, 3), np.float32)
-        base[..., c % 3] = 160 + 20 * c
-        img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(d / f"img_{i:02d}.png")
     return root
 
@@ -102,9 +150,9 @@ def tiny_config(model_path: Path, images: Path, **data_kw):
                  ExpertRecipe(name="entropy", calibration="entropy")],
         router=RouterConfig(input_size=8, epochs=3, batch_size=8),
         controls=ControlsConfig(copies=2),
-        # The untrained tiny model's experts are indistinguishable, so the significance gate
-        # would (rightly) refuse the router; tests of the routed path keep it. The gate's own
-        # branches are tested in tests/test_gate.py.
+        # 16 images are too few for the significance gate to accept a router; tests of the
+        # built routed path keep it whatever the gate says. The gate's own branches are
+        # tested in tests/test_gate.py.
         gate=GateConfig(force_routing=True),
     )
 
@@ -195,8 +243,12 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
 
 
-def make_tiny_lm(out: Path, seed: int = 0) -> Path:
-    """save_pretrained directory: LlamaForCausalLM (2 layers, d = 64, GQA 4/2 heads) + tokenizer."""
+def make_tiny_lm(out: Path, seed: int = 0, steps: int = 60) -> Path:
+    """save_pretrained directory: LlamaForCausalLM (2 layers, d = 64, GQA 4/2 heads) + tokenizer,
+    trained for ``steps`` Adam steps (about 2 s on one thread) on alternating word pairs
+    ("a b a b ..."): the next word is the one two back, so greedy continuations follow the
+    prompt ("cat dog cat" -> "dog cat dog ...") and a decoder that loses its context (its KV
+    cache) gives other tokens. Untrained, the tied embeddings make it repeat the last word."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _word_tokenizer()
@@ -204,11 +256,27 @@ def make_tiny_lm(out: Path, seed: int = 0) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, eos_token_id=1, bos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg)
     # A random init gives near-uniform next-token distributions; a sharper embedding makes the
     # experts' errors (and so the loss matrix) non-trivial.
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(4)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: thread hand-offs cost more than they save
+    try:
+        for _ in range(steps):
+            pairs = rng.choice(len(WORDS), (16, 2)) + 3  # word ids start after <unk>, <eos>, "."
+            x = torch.from_numpy(np.tile(pairs, 6))
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
@@ -347,12 +415,116 @@ def make_handmade_bundle(root: Path) -> Path:
     return root
 
 
+# --- routed-bundle ---------------------------------------------------------------------------
+
+# The routed bundle's router: softmax(ROUTER_SHARPNESS * channel means); inputs whose router
+# confidence is below ROUTED_THRESHOLD go to expert ROUTED_FALLBACK.
+ROUTED_EXPERTS, ROUTER_SHARPNESS, ROUTED_THRESHOLD, ROUTED_FALLBACK = ("r", "g", "b"), 100.0, 0.6, 1
+
+
+def _means_graph(path: Path, out_width: int, weight: np.ndarray | None, bias: np.ndarray | None,
+                 sharpness: float | None) -> None:
+    """(N, 3, CROP, CROP) -> channel means m (N, 3), then m @ weight + bias (an expert) or
+    softmax(sharpness * m) (the router)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, CROP, CROP])
+    name = "logits" if sharpness is None else "probs"
+    y = helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", out_width])
+    inits = [numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    nodes = [helper.make_node("ReduceMean", ["input", "axes"], ["m"], keepdims=0)]
+    if sharpness is None:
+        inits += [numpy_helper.from_array(weight.astype(np.float32), "w"),
+                  numpy_helper.from_array(bias.astype(np.float32), "b")]
+        nodes += [helper.make_node("MatMul", ["m", "w"], ["mw"]), helper.make_node("Add", ["mw", "b"], [name])]
+    else:
+        inits.append(numpy_helper.from_array(np.array(sharpness, np.float32), "s"))
+        nodes += [helper.make_node("Mul", ["m", "s"], ["ms"]), helper.make_node("Softmax", ["ms"], [name], axis=-1)]
+    g = helper.make_graph(nodes, "g", [x], [y], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def routed_expert_weights(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (3, NUM_CLASSES), bias) of routed expert k: its own random linear map of the
+    channel means, so experts give visibly different logits."""
+    rng = np.random.default_rng(100 + k)
+    return rng.normal(0, 2, (3, NUM_CLASSES)), rng.normal(0, 1, NUM_CLASSES)
+
+
+def routed_oracle(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(expert index, confidence, fell back) the routed bundle must give ``x``, from its
+    construction in numpy (no ONNX, no moqe code)."""
+    z = ROUTER_SHARPNESS * x.astype(np.float64).mean(axis=(2, 3))
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    conf = p.max(1)
+    low = conf < ROUTED_THRESHOLD
+    return np.where(low, ROUTED_FALLBACK, p.argmax(1)), conf, low
+
+
+def routed_reference(root: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(expert index, confidence, logits) for ``x`` on the routed bundle at ``root``: the routing
+    from ``routed_oracle``, each sample's logits from its expert's graph run alone, on that
+    one sample, in a plain onnxruntime session (nothing of moqe's runtime or dispatch)."""
+    import onnxruntime as ort
+
+    idx, conf, _ = routed_oracle(x)
+    sessions = {n: ort.InferenceSession(str(root / f"experts/{n}/onnxruntime-cpu.onnx"),
+                                        providers=["CPUExecutionProvider"]) for n in ROUTED_EXPERTS}
+    logits = np.stack([sessions[ROUTED_EXPERTS[k]].run(None, {"input": x[i:i + 1]})[0][0]
+                       for i, k in enumerate(idx)])
+    return idx, conf, logits
+
+
+def make_routed_bundle(root: Path) -> Path:
+    """A bundle of hand-written graphs that routes by construction: the router sends each input
+    to the expert of its brightest channel (r, g, b) unless unsure (``routed_oracle``), and
+    expert k maps the channel means to NUM_CLASSES logits with its own weights. Input and
+    preprocessing are the ``cnn`` model's, so the class images route by colour and Gaussian
+    batches mix every expert and the fallback."""
+    from moqe_compile.bundle.manifest import sha256_file
+
+    root.mkdir(parents=True)
+    for d in ("router", "task", "fp"):
+        (root / d).mkdir()
+    files = ["router/router.onnx", "task/labels.json", "fp/model.onnx"]
+    _means_graph(root / files[0], len(ROUTED_EXPERTS), None, None, ROUTER_SHARPNESS)
+    (root / files[1]).write_text(json.dumps([f"class_{i}" for i in range(NUM_CLASSES)]))
+    _means_graph(root / files[2], NUM_CLASSES, *routed_expert_weights(0), None)
+    experts = []
+    for k, n in enumerate(ROUTED_EXPERTS):
+        (root / "experts" / n).mkdir(parents=True)
+        rel = f"experts/{n}/onnxruntime-cpu.onnx"
+        _means_graph(root / rel, NUM_CLASSES, *routed_expert_weights(k), None)
+        files.append(rel)
+        experts.append({"name": n, "variants": {"onnxruntime-cpu": {"path": rel}}})
+    manifest = {"schema_version": 1, "model": {"fp": {"path": files[2]}},
+                "preprocessing": {"resize": 36, "crop": CROP, "mean": IMAGE_MEAN.ravel().tolist(),
+                                  "std": IMAGE_STD.ravel().tolist()},
+                "task": {"kind": "image-classification", "num_classes": NUM_CLASSES,
+                         "labels": {"path": files[1]}},
+                "io": {"input": {"name": "input", "shape": ["batch", 3, CROP, CROP], "dtype": "float32"},
+                       "output": {"name": "logits", "shape": ["batch", NUM_CLASSES], "dtype": "float32"}},
+                "experts": experts,
+                "router": {"path": files[0], "input": "input", "output": "probs"},
+                "backends": ["onnxruntime-cpu"],
+                "routing": {"enabled": True, "default_expert": ROUTED_EXPERTS[0],
+                            "fallback_threshold": ROUTED_THRESHOLD,
+                            "fallback_expert": ROUTED_EXPERTS[ROUTED_FALLBACK]}}
+    manifest["files"] = {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
+                         for rel in files}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
 MODELS = {
     "cnn": write_cnn,
     "gray-cnn": write_gray_cnn,
     "lm": make_tiny_lm,
     "moe-lm": make_tiny_moe,
     "handmade-bundle": make_handmade_bundle,
+    "routed-bundle": make_routed_bundle,
 }
 DATA = {
     "images": write_images,

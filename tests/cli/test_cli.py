@@ -119,8 +119,12 @@ def test_build_bad_recipe_key(tmp_path, capsys):
 
 
 def test_console_scripts_installed():
-    out = subprocess.run([sys.executable, "-m", "moqe_compile.cli.run", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--input" in out.stdout
+    from ..runtime.test_tamper import _env, console_script
+
+    for name, needle in (("moqe-compile", "build"), ("moqe-serve", "--port"), ("moqe-run", "--input")):
+        res = subprocess.run([console_script(name), "--help"], capture_output=True, text=True, env=_env())
+        assert res.returncode == 0 and needle in res.stdout, name
+    out = subprocess.run([console_script("moqe-run"), "--help"], capture_output=True, text=True, env=_env())
     # one moqe-run for both tasks: the causal-LM options and the --json schema are in its help
     for s in ("causal-LM bundles", "--max-new-tokens", "--input-file", '"topk"'):
         assert s in out.stdout, s

@@ -4,12 +4,6 @@ from ..models import tiny_config
 
 
 @pytest.fixture(scope="session")
-def routed_bundle(tiny_bundle):
-    """The shared tiny bundle, built with force_routing: serving is tested on the routed path."""
-    return tiny_bundle
-
-
-@pytest.fixture(scope="session")
 def single_bundle(tmp_path_factory, tiny_onnx, tiny_images):
     """A tiny bundle whose gate refused routing (a threshold no paired test can pass)."""
     from moqe_compile.tasks.image.config import ControlsConfig, GateConfig
@@ -34,7 +28,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_deployment(routed_bundle):
-    """The tiny bundle on a local Ray Serve: router ingress (the moqe-serve app) + experts,
+    """The routed bundle on a local Ray Serve: router ingress (the moqe-serve app) + experts,
     2 replicas of the first expert. (handle, "host:port", expert names)."""
     serve = pytest.importorskip("ray.serve")
     import ray
@@ -56,7 +50,7 @@ def ray_deployment(routed_bundle):
 
 @pytest.fixture(scope="session")
 def local_server(routed_bundle):
-    """moqe-serve (uvicorn, in a thread) on the tiny bundle: "host:port"."""
+    """moqe-serve (uvicorn, in a thread) on the routed bundle: "host:port"."""
     pytest.importorskip("fastapi")
     from moqe_compile import Runtime
     from moqe_compile.runtime import QueueConfig

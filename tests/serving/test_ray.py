@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 serve = pytest.importorskip("ray.serve")
-from moqe_compile import Runtime  # noqa: E402
 from moqe_compile.errors import ConfigError  # noqa: E402
 from moqe_compile.serving.ray_serve import parse_replicas  # noqa: E402
 
-from ..models import CROP  # noqa: E402
+from ..models import ROUTED_EXPERTS, routed_reference  # noqa: E402
+from ..runtime.test_routed import ATOL, CONF_ATOL, RTOL, mixed_batch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -16,20 +16,17 @@ def deployed(ray_deployment):
     return ray_deployment
 
 
-def _batch(n, seed):
-    return np.random.default_rng(seed).normal(size=(n, 3, CROP, CROP)).astype(np.float32)
-
-
-def test_ray_results_equal_in_process_runtime(deployed, routed_bundle):
+def test_ray_answers_each_sample_with_its_constructed_expert(deployed, routed_bundle):
     handle, _, names = deployed
-    xs = [_batch(1 + i % 4, seed=300 + i) for i in range(12)]
+    mixed = mixed_batch(40, seed=300)  # every expert and the fallback
+    xs = [mixed[i:i + 1 + i % 4] for i in range(16)]
     pending = [handle.infer.remote(x) for x in xs]  # concurrent: the ingress merges some of them
-    with Runtime.load(routed_bundle) as rt:
-        for x, p in zip(xs, pending):
-            got, want = p.result(timeout_s=60), rt.run(x)
-            np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-            assert got.experts == want.experts
-            np.testing.assert_allclose(got.confidence, want.confidence, rtol=1e-5)
+    for x, p in zip(xs, pending):
+        got = p.result(timeout_s=60)
+        idx, conf, logits = routed_reference(routed_bundle, x)
+        np.testing.assert_allclose(got.logits, logits, rtol=RTOL, atol=ATOL)
+        assert got.experts == [ROUTED_EXPERTS[k] for k in idx]
+        np.testing.assert_allclose(got.confidence, conf, atol=CONF_ATOL)
 
 
 def test_expert_replicas_as_configured(deployed):
@@ -44,14 +41,13 @@ def test_expert_replicas_as_configured(deployed):
 def test_ray_http_speaks_v2(deployed, routed_bundle):
     tc = pytest.importorskip("tritonclient.http")
     _, url, _ = deployed
-    x = _batch(3, seed=9)
+    x = mixed_batch(12, seed=9)
     inp = tc.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     res = tc.InferenceServerClient(url).infer("tiny", [inp])
-    with Runtime.load(routed_bundle) as rt:
-        want = rt.run(x)
-    np.testing.assert_allclose(res.as_numpy("logits"), want.logits, rtol=1e-5, atol=1e-5)
-    assert res.as_numpy("expert").tolist() == want.expert_index.tolist()
+    idx, _, logits = routed_reference(routed_bundle, x)
+    np.testing.assert_allclose(res.as_numpy("logits"), logits, rtol=RTOL, atol=ATOL)
+    assert np.ravel(res.as_numpy("expert")).tolist() == idx.tolist()
 
 
 def test_replica_flags_are_checked():

@@ -28,9 +28,9 @@ def serve_load():
 
 
 @pytest.mark.parametrize("kind", ["tensor", "image"])
-def test_each_payload_kind_is_served_with_its_own_id(serve_load, routed_bundle, kind):
-    with Runtime.load(routed_bundle) as rt:
-        payloads = serve_load._payloads(str(routed_bundle), rt.input_shape, 3, kind)
+def test_each_payload_kind_is_served_with_its_own_id(serve_load, tiny_bundle, kind):
+    with Runtime.load(tiny_bundle) as rt:
+        payloads = serve_load._payloads(str(tiny_bundle), rt.input_shape, 3, kind)
         assert payloads[0][1]["name"] == ("input" if kind == "tensor" else "image")
         with TestClient(create_app(rt, "m", close_on_shutdown=False)) as c:
             for i, p in enumerate(payloads):
@@ -40,12 +40,12 @@ def test_each_payload_kind_is_served_with_its_own_id(serve_load, routed_bundle, 
                 assert r.json()["id"] == f"r{i}"
 
 
-def test_image_payload_is_a_jpeg_of_the_stored_pixels(serve_load, routed_bundle):
+def test_image_payload_is_a_jpeg_of_the_stored_pixels(serve_load, tiny_bundle):
     import io
 
     from PIL import Image
 
-    with np.load(Path(routed_bundle) / "report" / "eval_data.npz") as z:
+    with np.load(Path(tiny_bundle) / "report" / "eval_data.npz") as z:
         pix = z["test_pixels"][0]
     raw, spec = serve_load.image_payload(pix)
     assert spec["parameters"]["binary_data_size"] == len(raw)

@@ -13,7 +13,8 @@ tritonclient_http = pytest.importorskip("tritonclient.http")
 from moqe_compile import Runtime  # noqa: E402
 from moqe_compile.serving.server import ServeConfig, ServerThread  # noqa: E402
 
-from ..models import CROP  # noqa: E402
+from ..models import CROP, ROUTED_EXPERTS, routed_reference  # noqa: E402
+from ..runtime.test_routed import ATOL, CONF_ATOL, RTOL, mixed_batch  # noqa: E402
 
 from .conftest import NAME  # noqa: E402
 
@@ -39,14 +40,15 @@ def test_infer_matches_in_process_runtime(served, binary):
     url, ref = served
     c = _client(url)
     assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(NAME)
-    x = _batch(5, seed=7)
+    x = mixed_batch(8, seed=2)  # every expert and the fallback, small enough for JSON under 1 MB
     res = _infer(c, x, outputs=None if binary else ["logits", "expert", "expert_name", "router_confidence"],
                  binary=binary)
-    want = ref.run(x)
-    np.testing.assert_allclose(res.as_numpy("logits"), want.logits, rtol=1e-5, atol=1e-5)
-    assert res.as_numpy("expert").tolist() == want.expert_index.tolist()
-    assert [e.decode() if isinstance(e, bytes) else e for e in res.as_numpy("expert_name")] == want.experts
-    np.testing.assert_allclose(res.as_numpy("router_confidence"), want.confidence, rtol=1e-5)
+    idx, conf, logits = routed_reference(ref.root, x)
+    np.testing.assert_allclose(res.as_numpy("logits"), logits, rtol=RTOL, atol=ATOL)
+    assert np.ravel(res.as_numpy("expert")).tolist() == idx.tolist()
+    assert [e.decode() if isinstance(e, bytes) else e for e in np.ravel(res.as_numpy("expert_name"))] == \
+        [ROUTED_EXPERTS[k] for k in idx]
+    np.testing.assert_allclose(np.ravel(res.as_numpy("router_confidence")), conf, atol=CONF_ATOL)
 
 
 def test_metadata_lists_io_and_experts(served, routed_bundle):
@@ -61,7 +63,8 @@ def test_metadata_lists_io_and_experts(served, routed_bundle):
 def test_concurrent_clients_each_get_their_own_answer(served):
     url, ref = served
     c = _client(url)
-    xs = [_batch(1 + i % 3, seed=50 + i) for i in range(16)]
+    mixed = mixed_batch(40, seed=50)
+    xs = [mixed[i:i + 1 + i % 3] for i in range(16)]
     pending = []
     for x in xs:
         inp = tritonclient_http.InferInput("input", list(x.shape), "FP32")
@@ -69,20 +72,22 @@ def test_concurrent_clients_each_get_their_own_answer(served):
         pending.append(c.async_infer(NAME, [inp]))
     for x, p in zip(xs, pending):
         got = p.get_result()
-        want = ref.run(x)
-        np.testing.assert_allclose(got.as_numpy("logits"), want.logits, rtol=1e-5, atol=1e-5)
-        assert got.as_numpy("expert").tolist() == want.expert_index.tolist()
+        idx, _, logits = routed_reference(ref.root, x)
+        np.testing.assert_allclose(got.as_numpy("logits"), logits, rtol=RTOL, atol=ATOL)
+        assert np.ravel(got.as_numpy("expert")).tolist() == idx.tolist()
 
 
 def test_encoded_images_as_bytes_input(served, tiny_images):
     url, ref = served
-    files = sorted(p for p in tiny_images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:3]
+    files = [sorted((tiny_images / str(c)).iterdir())[0] for c in range(4)]  # one image per class
     blobs = np.array([f.read_bytes() for f in files], dtype=object)
     inp = tritonclient_http.InferInput("image", [len(blobs)], "BYTES")
     inp.set_data_from_numpy(blobs)
     res = _client(url).infer(NAME, [inp])
+    # class c lights channel c % 3: the image of class c goes to expert c % 3
+    assert np.ravel(res.as_numpy("expert")).tolist() == [int(f.parent.name) % 3 for f in files]
     for f, got in zip(files, res.as_numpy("logits")):
-        np.testing.assert_allclose(got, ref.run(ref.load_inputs(f)[1]).logits[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, routed_reference(ref.root, ref.load_inputs(f)[1])[2][0], rtol=RTOL, atol=ATOL)
 
 
 def _post(url, path, body: bytes, headers=None):

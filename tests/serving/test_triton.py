@@ -21,7 +21,8 @@ from moqe_compile import Runtime  # noqa: E402
 from moqe_compile.errors import BackendError, BundleError, ConfigError  # noqa: E402
 from moqe_compile.serving.triton import TritonExport, export_triton, parse_config, plan_models  # noqa: E402
 
-from ..models import CROP  # noqa: E402
+from ..models import CROP, ROUTED_EXPERTS, ROUTED_FALLBACK, routed_oracle, routed_reference  # noqa: E402
+from ..runtime.test_routed import ATOL, CONF_ATOL, RTOL, mixed_batch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,20 +136,34 @@ def _batch(n, seed):
     return np.random.default_rng(seed).normal(size=(n, 3, CROP, CROP)).astype(np.float32)
 
 
-def test_bls_answers_each_request_like_the_runtime(repo, routed_bundle, monkeypatch):
+def test_bls_answers_each_request_with_its_constructed_expert(repo, routed_bundle, monkeypatch):
     model, pb = _load_bls(repo, monkeypatch)
-    xs = [_batch(n, seed=20 + n) for n in (1, 4, 2)]
+    mixed = mixed_batch(24, seed=20)  # every expert and the fallback
+    xs = [mixed[:3], mixed[3:17], mixed[17:]]
     resps = asyncio.run(model.execute([_Req(pb, x) for x in xs]))
-    with Runtime.load(routed_bundle) as rt:
-        for x, r in zip(xs, resps):
-            want = rt.run(x)
-            got = {t.name(): t.as_numpy() for t in r.output_tensors}
-            np.testing.assert_allclose(got["logits"], want.logits, rtol=1e-5, atol=1e-5)
-            assert got["expert"].ravel().tolist() == want.expert_index.tolist()
-            assert [e.decode() for e in got["expert_name"].ravel()] == want.experts
-            np.testing.assert_allclose(got["router_confidence"].ravel(), want.confidence, rtol=1e-5)
-    # One router call for the three merged requests, then one call per chosen expert.
-    assert pb.calls[0] == ("router", 7) and len(pb.calls) == 1 + len({c for c in pb.calls[1:]})
+    for x, r in zip(xs, resps):
+        idx, conf, logits = routed_reference(routed_bundle, x)
+        got = {t.name(): t.as_numpy() for t in r.output_tensors}
+        np.testing.assert_allclose(got["logits"], logits, rtol=RTOL, atol=ATOL)
+        assert got["expert"].ravel().tolist() == idx.tolist()
+        assert [e.decode() for e in got["expert_name"].ravel()] == [ROUTED_EXPERTS[k] for k in idx]
+        np.testing.assert_allclose(got["router_confidence"].ravel(), conf, atol=CONF_ATOL)
+    # One router call for the three merged requests, then one call per expert with its share.
+    counts = np.bincount(routed_oracle(mixed)[0], minlength=3)
+    assert pb.calls[0] == ("router", 24)
+    assert sorted(pb.calls[1:]) == sorted((f"expert_{n}", int(c)) for n, c in zip(ROUTED_EXPERTS, counts))
+
+
+def test_bls_applies_the_fallback_threshold_of_the_manifest(repo, monkeypatch):
+    # Router probabilities on either side of the bundle's threshold (0.6): below it the
+    # fallback expert serves, at or above it the router's choice.
+    probs = np.array([[0.59, 0.01, 0.40], [0.60, 0.10, 0.30], [0.05, 0.35, 0.60], [0.20, 0.2, 0.59999]],
+                     np.float32)
+    model, pb = _load_bls(repo, monkeypatch, router_override=lambda x: probs[:len(x)])
+    (resp,) = asyncio.run(model.execute([_Req(pb, _batch(4, seed=4))]))
+    got = {t.name(): t.as_numpy() for t in resp.output_tensors}
+    assert got["expert"].ravel().tolist() == [ROUTED_FALLBACK, 0, 2, ROUTED_FALLBACK]
+    np.testing.assert_allclose(got["router_confidence"].ravel(), probs.max(1))
 
 
 def test_bls_groups_forced_mixed_routing_one_request_per_expert(repo, routed_bundle, monkeypatch):
@@ -164,11 +179,11 @@ def test_bls_groups_forced_mixed_routing_one_request_per_expert(repo, routed_bun
     (resp,) = asyncio.run(model.execute([_Req(pb, x)]))
     got = {t.name(): t.as_numpy() for t in resp.output_tensors}
     assert got["expert"].ravel().tolist() == forced.tolist()
-    with Runtime.load(routed_bundle) as rt:
-        assert sorted(pb.calls[1:]) == sorted(("expert_" + n, c) for n, c in zip(rt.expert_names, (3, 1, 2)))
-        for i, k in enumerate(forced):
-            np.testing.assert_allclose(got["logits"][i], rt.run_expert(rt.expert_names[k], x[i:i + 1])[0],
-                                       rtol=1e-5, atol=1e-5)
+    assert sorted(pb.calls[1:]) == sorted(("expert_" + n, c) for n, c in zip(ROUTED_EXPERTS, (3, 1, 2)))
+    for i, k in enumerate(forced):  # each expert's graph alone, in plain onnxruntime
+        alone = ort.InferenceSession(str(routed_bundle / f"experts/{ROUTED_EXPERTS[k]}/onnxruntime-cpu.onnx"))
+        np.testing.assert_allclose(got["logits"][i], alone.run(None, {"input": x[i:i + 1]})[0][0],
+                                   rtol=RTOL, atol=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +236,19 @@ def test_engines_are_ignored_on_cpu_instances_and_checked_against_the_batch_size
     assert list(cfgs[f"expert_{first}"]) == ["model.onnx"]
     with pytest.raises(ConfigError, match="takes batches up to 64, below max_batch_size 128; pass --max-batch 64"):
         plan_models(manifest, TritonExport(instance_kind="KIND_GPU", max_batch_size=128), "b")
+
+
+def test_variant_tensorrt_ships_each_experts_s8s8_graph(engine_bundle, tmp_path, capsys):
+    from moqe_compile.cli.main import main
+
+    root, _ = engine_bundle
+    assert main(["export-triton", str(root), "-o", str(tmp_path / "r"), "--name", "m", "--variant", "tensorrt"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((root / "manifest.json").read_text())
+    for e in manifest["experts"]:
+        shipped = (tmp_path / "r" / f"expert_{e['name']}" / "1" / "model.onnx").read_bytes()
+        assert shipped == (root / e["variants"]["tensorrt"]["path"]).read_bytes()
+        assert shipped != (root / e["variants"]["onnxruntime-cpu"]["path"]).read_bytes()
 
 
 def test_bad_options_and_existing_output_are_refused(routed_bundle, tmp_path):

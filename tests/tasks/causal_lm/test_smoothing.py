@@ -31,4 +31,6 @@ def test_scaling_keeps_the_fp_function(tiny, kind):
     with torch.no_grad():
         a, b = model(x).logits, new(x).logits
     assert torch.allclose(a, b, atol=1e-3)
-    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, new.model.layers[0].self_attn.q_proj.weight)
+    # Some layer was rescaled (AWQ's grid may keep scale 1 where that quantizes best).
+    old, changed = dict(model.named_parameters()), dict(new.named_parameters())
+    assert any(not torch.equal(old[n], changed[n]) for n in old if n.endswith("proj.weight"))

@@ -22,15 +22,20 @@ def built(tmp_path_factory, tiny_onnx, tiny_images):
     cfg = tiny_config(tiny_onnx, tiny_images, targets="labels")
     cfg.router = RouterConfig(preset="small", input_size=8, epochs=3, batch_size=8, targets="fp-teacher",
                               stabilizers=["balance", "usage-bias", "noise"])
-    seen = {}
-    real = steps.train_router
+    seen = {"fallback": []}
+    real, real_fallback = steps.train_router, steps.choose_fallback
 
     def spy(rc, x_train, loss_train, x_val, loss_val, progress=None, target_matrix=None):
         seen.update(loss_train=loss_train, target_matrix=target_matrix)
         return real(rc, x_train, loss_train, x_val, loss_val, progress, target_matrix=target_matrix)
 
+    def fallback_spy(probs, loss):
+        seen["fallback"].append((np.array(probs), np.array(loss)))
+        return real_fallback(probs, loss)
+
     mp = pytest.MonkeyPatch()
     mp.setattr(steps, "train_router", spy)
+    mp.setattr(steps, "choose_fallback", fallback_spy)
     try:
         out = build(cfg, tmp_path_factory.mktemp("b") / "small", quiet=True)
     finally:
@@ -46,12 +51,27 @@ def test_fp_teacher_on_labelled_data_trains_on_the_kl_matrix(built):
 
 
 def test_manifest_records_the_fallback_and_runtime_serves_it(built):
-    out, _ = built
+    out, seen = built
     m = json.loads((out / "manifest.json").read_text())
     r = m["routing"]
     assert 0.0 <= r["fallback_threshold"] <= 1.0 and r["fallback_expert"] == r["default_expert"]
     chosen = r["fallback_chosen_on"]
-    assert chosen["val_loss_with_fallback"] <= chosen["val_routed_loss"] + 1e-12
+    # The router's validation probabilities and losses as the build had them (the copies
+    # control's router has another width); the threshold and losses recomputed by trying
+    # every threshold that changes something, sample by sample.
+    (probs, loss), = [c for c in seen["fallback"] if c[0].shape[1] == len(m["experts"])]
+    best = int(loss.mean(0).argmin())
+    assert m["experts"][best]["name"] == r["fallback_expert"]
+    conf, route = probs.max(1), probs.argmax(1)
+
+    def val_loss(t):
+        return float(np.mean([loss[i, best if conf[i] < t else route[i]] for i in range(len(loss))]))
+
+    candidates = sorted({0.0, 1.0, *conf.tolist()})
+    losses = [val_loss(t) for t in candidates]
+    assert chosen["val_routed_loss"] == pytest.approx(val_loss(0.0), rel=1e-9)
+    assert chosen["val_loss_with_fallback"] == pytest.approx(min(losses), rel=1e-9)
+    assert val_loss(r["fallback_threshold"]) == pytest.approx(min(losses), rel=1e-9)
     assert m["router"]["config"]["preset"] == "small" and m["router"]["config"]["downsample"] == "subsample"
     x = np.random.default_rng(0).normal(size=(12, 3, CROP, CROP)).astype(np.float32)
     with Runtime.load(out) as rt:
