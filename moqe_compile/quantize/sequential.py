@@ -148,9 +148,11 @@ def _gptq_layer(base: onnx.ModelProto, q: onnx.ModelProto, inits: dict, node: on
     scale = numpy_helper.to_array(inits[w_s]).astype(np.float32)
     wint = numpy_helper.to_array(inits[w_q])
     h = LayerHessian(layer.op, layer.attrs, wint.shape)
-    # im2col of the whole set at once would not fit in memory: chunks of about IM2COL_BYTES.
-    per_sample = 4 * wint.size // wint.shape[0] * int(np.prod(xin.shape[2:]) if xin.ndim > 2 else 1) * \
-        (int(layer.attrs.get("group", 1)) if layer.op == "Conv" else 1)
+    # im2col of the whole set at once would not fit in memory: chunks of about IM2COL_BYTES
+    # (a sample's im2col rows in float32 and its per-group products in float32 and float64).
+    groups = int(layer.attrs.get("group", 1)) if layer.op == "Conv" else 1
+    cols = wint.size // wint.shape[0]
+    per_sample = 4 * cols * groups * int(np.prod(xin.shape[2:]) if xin.ndim > 2 else 1) + 12 * groups * cols**2
     step = int(max(1, min(32, IM2COL_BYTES // max(per_sample, 1))))
     for i in range(0, len(xin), step):
         h.add(xin[i : i + step])
