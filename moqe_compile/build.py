@@ -3,7 +3,7 @@
 A build opens a :class:`~moqe_compile.bundle.BundleWriter` (nothing reaches the output path
 unless every stage succeeds) and a scratch folder, then runs the task plug-in's steps in the
 plug-in's order. What is the same for every task lives here or in :mod:`moqe_compile.stages`:
-stage timing and logging, the copies control (:func:`moqe_compile.stages.build_copies`), the
+stage timing, peak memory and logging, the copies control (:func:`moqe_compile.stages.build_copies`), the
 significance gate (``gate.py``), the provenance fields of the manifest and the commit.
 Rationale: ``docs/design.md#one-core-two-task-plug-ins``.
 """
@@ -34,4 +34,5 @@ def build(cfg, out: str | Path, quiet: bool = False, force: bool = False) -> Pat
         manifest = {"created_with": versions(**steps.extra_versions()), "created_at": created_at(),
                     "build_config": cfg.to_manifest(), **steps.manifest()}
         manifest["report"]["build_seconds"] = stages.finish()
+        stages.add_to_report(w.path(manifest["report"]["path"]))
         return w.commit(manifest)

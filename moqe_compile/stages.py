@@ -1,5 +1,5 @@
-"""What every build stage shares: logging, progress bars, stage timing, provenance, and the
-copies control's builder (:func:`build_copies`), which both tasks' steps call.
+"""What every build stage shares: logging, progress bars, stage timing and peak memory,
+provenance, and the copies control's builder (:func:`build_copies`), which both tasks' steps call.
 
 Stages log through :mod:`logging` (logger ``moqe_compile.build``); ``moqe-compile build -v/-q``
 sets its level. Progress bars go to stderr and are off when the build is quiet.
@@ -8,8 +8,10 @@ sets its level. Progress bars go to stderr and are off when the build is quiet.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,24 +39,73 @@ def created_at() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak resident set size to its current size (Linux >= 4.0,
+    ``/proc/self/clear_refs``, proc(5)); False where the OS has no such reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size in MiB since start or the last reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
+
+
 class Stages:
-    """Times named stages (``seconds``: stage -> s, plus ``total``) and makes progress bars."""
+    """Times named stages (``seconds``: stage -> s, plus ``total``), records each stage's peak
+    resident memory (``peak_rss_mb``) and makes progress bars.
+
+    A stage's peak RSS is the highest resident memory while it ran where the OS can reset the
+    peak (Linux); elsewhere it is the process's peak up to the stage's end (``rss_per_stage``
+    False), so only the stage that raised it is told apart."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+        self.rss_per_stage = True
         self._start = time.perf_counter()
+        self._peak_before = peak_rss_mb()  # loading the libraries, before any stage
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self.say(name)
+        self.rss_per_stage = _reset_peak_rss() and self.rss_per_stage
         t0 = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 2)
+        self.peak_rss_mb[name] = round(peak_rss_mb(), 1)
 
     def finish(self) -> dict[str, float]:
         self.seconds["total"] = round(time.perf_counter() - self._start, 2)
         return self.seconds
+
+    def report(self) -> dict:
+        """The build's cost for ``report.json``: seconds and peak RSS per stage, in run order."""
+        return {"stages": [{"name": n, "seconds": self.seconds[n], "peak_rss_mb": self.peak_rss_mb[n]}
+                           for n in self.peak_rss_mb],
+                "total_seconds": self.seconds.get("total", round(time.perf_counter() - self._start, 2)),
+                "peak_rss_mb": round(max([self._peak_before, *self.peak_rss_mb.values()]), 1),
+                "rss_per_stage": self.rss_per_stage}
+
+    def add_to_report(self, report_json) -> None:
+        """Write :meth:`report` into the bundle's ``report.json`` as its ``build`` entry
+        (after the last stage, so the report stage itself is counted)."""
+        rep = json.loads(report_json.read_text())
+        rep["build"] = self.report()
+        report_json.write_text(json.dumps(rep, indent=2))
 
     def bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
@@ -65,6 +116,15 @@ class Stages:
         """A progress message: logged at INFO unless the build is quiet."""
         if not self.quiet:
             log.info(msg)
+
+
+def format_build_cost(build: dict) -> str:
+    """A ``report.json`` ``build`` entry as the table ``moqe-compile build`` prints at its end."""
+    rows = [(st["name"], f"{st['seconds']:.1f}", f"{st['peak_rss_mb']:.0f}") for st in build["stages"]]
+    rows.append(("total", f"{build['total_seconds']:.1f}", f"{build['peak_rss_mb']:.0f}"))
+    w = max(len(r[0]) for r in rows)
+    head = f"{'stage':<{w}}  {'seconds':>8}  {'peak RSS MiB':>12}"
+    return "\n".join([head, *(f"{n:<{w}}  {s:>8}  {m:>12}" for n, s, m in rows)])
 
 
 def copy_parts(n: int, k: int, seed: int) -> list[np.ndarray]:

@@ -4,6 +4,8 @@ into ``folder`` and returns what was written. Each builds in seconds on 2 CPUs.
 - ``cnn``: TinyCNN (3 channels, CROP x CROP, NUM_CLASSES outputs) fitted to the class images
   (``class_batch``): it classifies them correctly, so outputs depend on the input.
 - ``gray-cnn``: TinyCNN with a 1-channel stem (GRAY_CROP x GRAY_CROP) as ONNX.
+- ``residual-cnn``: a MobileNetV2-style inverted residual (1x1 expand, depthwise 3x3, ReLU6,
+  1x1 project, skip Add) between a stem and a classifier, as ONNX (CROP x CROP).
 - ``lm``: a tiny Llama causal LM trained to continue alternating word pairs, with a word-level
   fast tokenizer (transformers needed).
 - ``moe-lm``: a sparse MoE causal LM (Mixtral, Qwen2-MoE or OLMoE layout), briefly trained so its
@@ -109,6 +111,33 @@ def write_cnn(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     export_torch(m, out / "tiny.onnx", CROP, 18)
     return out / "tiny.onnx"
+
+
+class TinyResidualCNN(nn.Module):
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 24, 1), nn.BatchNorm2d(24), nn.ReLU6(),
+            nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.BatchNorm2d(24), nn.ReLU6(),
+            nn.Conv2d(24, 8, 1), nn.BatchNorm2d(8),
+        )
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.fc((h + self.block(h)).mean(dim=(2, 3)))
+
+
+def write_residual_cnn(out: Path) -> Path:
+    """``out/residual.onnx``: TinyResidualCNN, input (batch, 3, CROP, CROP)."""
+    from moqe_compile.tasks.image.model import export_torch
+
+    torch.manual_seed(1)
+    m = TinyResidualCNN().eval()
+    out.mkdir(parents=True, exist_ok=True)
+    export_torch(m, out / "residual.onnx", CROP, 18)
+    return out / "residual.onnx"
 
 
 def write_gray_cnn(out: Path) -> Path:
@@ -521,6 +550,7 @@ def make_routed_bundle(root: Path) -> Path:
 MODELS = {
     "cnn": write_cnn,
     "gray-cnn": write_gray_cnn,
+    "residual-cnn": write_residual_cnn,
     "lm": make_tiny_lm,
     "moe-lm": make_tiny_moe,
     "handmade-bundle": make_handmade_bundle,

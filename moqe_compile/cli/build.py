@@ -56,12 +56,25 @@ def cmd_build(args) -> int:
     from moqe_compile.build import build
 
     out = build(cfg, args.output, quiet=args.quiet, force=args.force)
+    if not args.quiet:
+        print(_build_cost(out))
     print(f"bundle written to {out}")
     if "tensorrt" in backends:
         # TensorRT only builds: calibration is already in the S8S8 Q/DQ graphs (TensorRT 11 has
         # no implicit INT8 calibration). The ONNX bundle is complete either way.
         return _engines(out, args)
     return 0
+
+
+def _build_cost(bundle) -> str:
+    """The per-stage seconds and peak memory that the build recorded in its report."""
+    import json
+
+    from moqe_compile.bundle import read_bundle
+    from moqe_compile.stages import format_build_cost
+
+    b = read_bundle(bundle, verify=False)  # just written and hashed by the build
+    return format_build_cost(json.loads(b.file(b.manifest["report"]["path"]).read_text())["build"])
 
 
 def _engines(bundle, args) -> int:

@@ -97,12 +97,17 @@ class LayerHessian(Hessian):
             self.add_rows(X.reshape(len(X), -1)[:, None, :])
             return
         strides, dil, pads, _ = _conv_geometry(self.attrs)
-        # ONNX pads = [top, left, bottom, right]; F.pad wants (left, right, top, bottom).
-        X = F.pad(X, (pads[1], pads[3], pads[0], pads[2]))
-        cols = F.unfold(X, self.kernel, dilation=dil, stride=strides)  # (N, C_in*kh*kw, L)
+        if self.kernel == (1, 1) and set(strides) == {1} and not any(pads):
+            cols = X.reshape(X.shape[0], X.shape[1], -1)  # a pointwise conv's im2col is the input itself
+        else:
+            # ONNX pads = [top, left, bottom, right]; F.pad wants (left, right, top, bottom).
+            X = F.pad(X, (pads[1], pads[3], pads[0], pads[2]))
+            cols = F.unfold(X, self.kernel, dilation=dil, stride=strides)  # (N, C_in*kh*kw, L)
         n, _, L = cols.shape
-        self.add_rows(cols.reshape(n, self.groups, self.cols, L).permute(0, 3, 1, 2).reshape(n * L, self.groups,
-                                                                                             self.cols))
+        # Per sample and group, X_g X_g^T on the (cols, L) view: no (rows, groups, cols) copy.
+        c = cols.reshape(n, self.groups, self.cols, L)
+        self.H += torch.matmul(c, c.transpose(-1, -2)).to(torch.float64).sum(0)
+        self.rows += n * L
 
 
 # ---------------------------------------------------------------- grids
