@@ -31,6 +31,7 @@ MOE_ALLOCATIONS = ("combined", "gate-norm", "maxvar", "uniform", "random", "freq
 MOE_WIDTHS = {"rtn": (2, 4, 8), "gptq": (4, 8)}  # MatMulNBits widths each weight algorithm writes here
 SCHEMES = ("w8a8-dynamic", "nbits")
 WEIGHT_ALGOS = ("rtn", "hqq", "gptq", "gptq-ort")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level attribute
 
 
 @dataclass
@@ -110,6 +111,11 @@ class LMExpertRecipe:
     awq_grid: int = 10
     gptq_damp: float = 0.01
     quantize_lm_head: bool = True
+    # MatMulNBits' compute type (ONNX Runtime's accuracy_level): 0 = unset (float compute),
+    # 1 fp32, 2 fp16, 3 bf16, 4 int8 (activations quantized per block at run time, MLAS'
+    # VNNI/AVX-512 path). 4 decodes faster on the CPUs measured
+    # (docs/results.md#runtime-performance-gated-bundles-routers-int8-openvino-4-bit-lms).
+    accuracy_level: int = 4
     # Expert-wise bits for sparse MoE models (preset "moe-expert-bits", tasks/causal_lm/moe_bits.py).
     # moe_bits: target mean bits per routed-expert weight (0 = off); moe_widths: the widths an
     # expert may get; moe_allocation: "combined" (the paper: gate-norm-change order, reordered by
@@ -150,6 +156,9 @@ class LMExpertRecipe:
         if self.smoothquant_alpha and self.awq:
             raise ConfigError(f"[experts.{self.name}] choose smoothquant_alpha or awq, not both.")
         positive(f"experts.{self.name}", "awq_grid", self.awq_grid)
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ConfigError(f"[experts.{self.name}] accuracy_level = {self.accuracy_level} is not one of "
+                              f"{list(ACCURACY_LEVELS)} (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
         if self.moe_bits:
             self._check_moe()
 
