@@ -13,8 +13,10 @@ loss on router_val with the fallback (the build's ``choose_fallback`` on router_
 95% bootstrap interval over source images and a paired test against the first preset of the
 same seed. router_val is the split that chose the fallback, so these figures are optimistic
 for every preset alike; the test split is not touched. Latency: each router session at the
-Runtime's thread choice (1 thread up to batch 2, the experts' count above) and the bundle's
-default expert, interleaved round by round; ratio = router median / expert median.
+Runtime's thread choice (1 thread up to batch 2, the experts' count above), ``Runtime.run``
+with routing on and that router and fallback (``moqe:<preset>``), and the bundle's default
+expert, interleaved round by round; ratio = median / expert median (and min / expert min:
+the least-disturbed rounds on a shared machine).
 """
 
 from __future__ import annotations
@@ -67,12 +69,26 @@ def train_and_export(cfg: BuildConfig, preset: str, seed: int, splits, loss, out
     return path, rc
 
 
-def routed_val_loss(path: Path, x: np.ndarray, loss: np.ndarray) -> np.ndarray:
-    """Per-sample router_val loss as deployed: argmax, fallback chosen on router_val."""
+def routed_val_loss(path: Path, x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(per-sample router_val loss as deployed: argmax, fallback chosen on router_val; the fallback)."""
     probs = run_batched(OrtCpuSession("router", path, 1), x)
     fb = choose_fallback(probs, loss)
     idx = apply_fallback(probs, fb["threshold"], fb["expert"])[0]
-    return loss[np.arange(len(loss)), idx]
+    return loss[np.arange(len(loss)), idx], fb
+
+
+def routed_runtime(rt: Runtime, sessions: dict) -> Runtime:
+    """The bundle with routing on and this preset's router in the Runtime's two sessions (1
+    thread up to batch 2, the experts' count above) and its fallback: ``run`` as deployed
+    with that router."""
+    from moqe_compile.runtime.base import RouterSessions
+
+    m = {**rt.manifest, "routing": {**rt.manifest["routing"], "enabled": True}}
+    r = Runtime(rt.root, m, rt.backend)
+    r._router.close()
+    r._router = RouterSessions(sessions[1], sessions[0], 2)
+    r.fallback_threshold, r.fallback_expert = sessions["fallback"]["threshold"], sessions["fallback"]["expert"]
+    return r
 
 
 def main() -> None:
@@ -105,9 +121,10 @@ def main() -> None:
         for seed in args.seeds:
             for preset in args.presets:
                 path, rc = train_and_export(cfg, preset, seed, splits, loss, Path(tmp))
-                per_sample[preset, seed] = routed_val_loss(path, val_x, val_loss)
+                per_sample[preset, seed], fb = routed_val_loss(path, val_x, val_loss)
                 if seed == args.seeds[0]:
-                    sessions[preset] = {1: OrtCpuSession(preset, path, 1), 0: OrtCpuSession(preset, path, 0)}
+                    sessions[preset] = {1: OrtCpuSession(preset, path, 1), 0: OrtCpuSession(preset, path, 0),
+                                        "fallback": fb}
         for (preset, seed), v in per_sample.items():
             ref = per_sample[args.presets[0], seed]
             row = {"val_loss": float(v.mean()), "ci95": list(bootstrap_ci(v, groups=groups)),
@@ -118,20 +135,28 @@ def main() -> None:
                   f"minus {args.presets[0]} {d['diff']:+.4f} {np.round(d['ci95'], 4)} p={d['p_value']:.3f}")
         expert = rt.expert_names[rt.default_expert]
         _, pool = rt.load_inputs(foolbox_dir())
+        routed = {p: routed_runtime(rt, s) for p, s in sessions.items()}
         for bs in args.batches:
             x = tile_batch(pool, bs)
             th = 1 if bs <= 2 else 0  # the Runtime's choice (router_threads_max_batch = 2)
             cands = {"expert": lambda: rt.run_expert(expert, x)}
             for p, s in sessions.items():
                 cands[f"router:{p}"] = (lambda s=s[th]: s.run(x))
+                cands[f"moqe:{p}"] = (lambda r=routed[p]: r.run(x))
             row = time_interleaved(cands, args.repeats)
-            e = row["expert"]["median_ms"]
-            for p in sessions:
-                row[f"router:{p}"]["ratio_to_expert"] = round(row[f"router:{p}"]["median_ms"] / e, 4)
+            e, e_min = row["expert"]["median_ms"], row["expert"]["min_ms"]
+            for k, v in row.items():
+                if k != "expert":
+                    v["ratio_to_expert"] = round(v["median_ms"] / e, 4)
+                    v["min_ratio_to_expert_min"] = round(v["min_ms"] / e_min, 4)
+            row["experts_used"] = {p: sorted(set(r.run(x).experts)) for p, r in routed.items()}
             results["latency"][str(bs)] = row
-            print(f"batch {bs}: expert {expert} {e:.3f} ms; " + ", ".join(
-                f"{p} {row[f'router:{p}']['median_ms']:.3f} ms ({row[f'router:{p}']['ratio_to_expert']:.3f})"
-                for p in sessions))
+            print(f"batch {bs}: expert {expert} {e:.3f} ms (min {e_min:.3f})")
+            for k, v in row.items():
+                if k.startswith(("router:", "moqe:")):
+                    print(f"  {k:<16} {v['median_ms']:9.3f} ms  ratio {v['ratio_to_expert']:.4f}  "
+                          f"(min {v['min_ms']:.3f} ms, ratio {v['min_ratio_to_expert_min']:.4f})")
+            print(f"  experts used: {row['experts_used']}")
     write_json(args.json, results)
 
 

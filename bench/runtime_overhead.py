@@ -16,7 +16,9 @@ Candidates, interleaved round by round on the same real photos (``evaluate/laten
   memory (its router file, the one the gate judged), the same two dispatches;
 - ``router``: the router session alone, at the thread count the Runtime picks for that batch.
 
-Ratios are medians over ``--repeats`` rounds divided by the ``bare`` median. ``--profile``
+Ratios are medians over ``--repeats`` rounds divided by the ``bare`` median; also the
+least-disturbed round (min / min) and the median process CPU time per call (all threads),
+which a busy machine disturbs least. ``--profile``
 also runs ``gated:before`` and ``gated:after`` under pyinstrument at batch 1 and prints where
 the time goes.
 """
@@ -33,7 +35,7 @@ import numpy as np
 
 from moqe_compile import Runtime
 from moqe_compile.bundle import read_bundle
-from moqe_compile.evaluate.latency import tile_batch, time_interleaved
+from moqe_compile.evaluate.latency import summarize, tile_batch
 from moqe_compile.runtime.base import timing
 from moqe_compile.runtime.dispatch import group_by_expert, scatter
 from moqe_compile.tasks.image.data import foolbox_dir
@@ -63,13 +65,35 @@ def dispatch_before(rt: Runtime, batch: np.ndarray) -> RunResult:
         return RunResult(out, idx, [rt.expert_names[k] for k in idx], conf, timing(t0, t1, t2), rt.fell_back(conf))
 
 
-def open_runtimes(bundle: str, routed: bool) -> dict[str, Runtime]:
+def open_runtimes(bundle: str, routed: bool, threads: int) -> dict[str, Runtime]:
     b = read_bundle(bundle)
-    rts = {"after": Runtime.load(bundle), "before": Runtime.load(bundle, all_experts=True)}
+    rts = {"after": Runtime.load(bundle, intra_op_threads=threads),
+           "before": Runtime.load(bundle, intra_op_threads=threads, all_experts=True)}
     if routed:
         m = {**b.manifest, "routing": {**b.manifest["routing"], "enabled": True}}
-        rts["routed"] = Runtime(b.root, m, rts["after"].backend)
+        rts["routed"] = Runtime(b.root, m, rts["after"].backend, intra_op_threads=threads)
     return rts
+
+
+def time_wall_and_cpu(cands: dict, repeats: int) -> dict[str, dict]:
+    """``evaluate.latency.time_interleaved`` plus the process CPU time of each call (all threads):
+    on a machine shared with other jobs, a call descheduled mid-way loses wall time but not CPU
+    time, so the CPU ratios show the work added where wall-clock medians drown it."""
+    wall: dict[str, list[float]] = {k: [] for k in cands}
+    cpu: dict[str, list[float]] = {k: [] for k in cands}
+    for f in cands.values():
+        f()
+    for _ in range(repeats):
+        for k, f in cands.items():
+            c, t = time.process_time(), time.perf_counter()
+            f()
+            wall[k].append((time.perf_counter() - t) * 1e3)
+            cpu[k].append((time.process_time() - c) * 1e3)
+    out = {}
+    for k in cands:
+        out[k] = summarize(wall[k])
+        out[k]["cpu_median_ms"] = round(float(np.median(cpu[k])), 3)
+    return out
 
 
 def main() -> None:
@@ -78,18 +102,20 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--routed", action="store_true", help="also time the bundle with routing switched on")
+    ap.add_argument("--threads", type=int, default=0, help="experts' intra-op threads (0: ONNX Runtime's default)")
     ap.add_argument("--profile", action="store_true", help="pyinstrument profiles of the gated dispatch at batch 1")
     add_json_option(ap)
     args = ap.parse_args()
 
-    rts = open_runtimes(args.bundle, args.routed)
+    rts = open_runtimes(args.bundle, args.routed, args.threads)
     after, before = rts["after"], rts["before"]
     name = after.expert_names[after.default_expert]
     bare = after._session(after.default_expert)._sess  # the ORT InferenceSession itself
     feed = bare.get_inputs()[0].name
     _, pool = after.load_inputs(foolbox_dir())
     results = {"bundle": str(args.bundle), "expert": name, "routing_enabled": bool(after.routed),
-               "cpu": platform.processor() or platform.machine(), "repeats": args.repeats, "batches": {}}
+               "cpu": platform.processor() or platform.machine(), "repeats": args.repeats, "threads": args.threads,
+               "batches": {}}
     for bs in args.batches:
         x = tile_batch(pool, bs)
         cands = {"bare": lambda: bare.run(None, {feed: x}),
@@ -101,17 +127,20 @@ def main() -> None:
             cands["routed:after"] = lambda: r.run(x)
             cands["routed:before"] = lambda: dispatch_before(r, x)
             cands["router"] = lambda: r.router_session.run(x)
-        row = time_interleaved(cands, args.repeats)
-        base = row["bare"]["median_ms"]
+        row = time_wall_and_cpu(cands, args.repeats)
+        base = row["bare"]
         for k, v in row.items():
-            v["over_bare"] = round(v["median_ms"] / base, 4)
+            v["over_bare"] = round(v["median_ms"] / base["median_ms"], 4)
+            v["min_over_bare_min"] = round(v["min_ms"] / base["min_ms"], 4)
+            v["cpu_over_bare"] = round(v["cpu_median_ms"] / base["cpu_median_ms"], 4)
         if "routed" in rts:
             row["routed_experts_used"] = sorted(set(rts["routed"].run(x).experts))
         results["batches"][str(bs)] = row
         print(f"batch {bs}:")
         for k, v in row.items():
             if isinstance(v, dict):
-                print(f"  {k:<14} median {v['median_ms']:9.3f} ms  IQR {v['iqr_ms']}  x{v['over_bare']:.4f} of bare")
+                print(f"  {k:<14} median {v['median_ms']:9.3f} ms  IQR {v['iqr_ms']}  x{v['over_bare']:.4f} of bare"
+                      f"  (min x{v['min_over_bare_min']:.4f}; CPU {v['cpu_median_ms']:.3f} ms, x{v['cpu_over_bare']:.4f})")
         if "routed_experts_used" in row:
             print(f"  routed experts used: {row['routed_experts_used']}")
     if args.profile:

@@ -57,7 +57,17 @@ def test_accuracy_level_is_checked_in_the_recipe():
     from moqe_compile.errors import ConfigError
     from moqe_compile.tasks.causal_lm.config import expert_from_dict
 
-    assert expert_from_dict({"name": "a", "preset": "w4-rtn"}).accuracy_level == 4
-    assert expert_from_dict({"name": "a", "preset": "w4-rtn", "accuracy_level": 0}).accuracy_level == 0
+    assert expert_from_dict({"name": "a", "preset": "w4-rtn"}).accuracy_level == 0
+    assert expert_from_dict({"name": "a", "preset": "w4-rtn", "accuracy_level": 4}).accuracy_level == 4
     with pytest.raises(ConfigError, match="accuracy_level = 5"):
         expert_from_dict({"name": "a", "preset": "w4-rtn", "accuracy_level": 5})
+
+
+def test_accuracy_level_reaches_the_manifest_only_when_set():
+    from moqe_compile.tasks.causal_lm.config import LMBuildConfig, expert_from_dict
+
+    cfg = LMBuildConfig(experts=[expert_from_dict({"name": "a", "preset": "w4-rtn", "accuracy_level": 4}),
+                                 expert_from_dict({"name": "b", "preset": "w4-hqq"})])
+    written = cfg.to_manifest()["_data"]["experts"]
+    assert written[0]["accuracy_level"] == 4 and "accuracy_level" not in written[1]
+    assert LMBuildConfig.from_manifest(cfg.to_manifest()) == cfg
