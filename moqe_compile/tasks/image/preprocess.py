@@ -140,8 +140,8 @@ def all_finite(batch: np.ndarray) -> bool:
     """True when a float batch holds no NaN or infinity, in one pass over its memory.
 
     A batch's dot product with itself is NaN or inf exactly when it holds a NaN or an inf,
-    or when the squares of huge finite values overflow; the BLAS dot reads the batch once
-    (min and max read it twice: 1.4x slower at batch 32, 2.4x at batch 1 on 224 px images),
+    or when the squares of huge finite values overflow. The BLAS dot reads the batch once,
+    where min and max read it twice (docs/results.md#runtime-performance-gated-bundles-routers-int8-openvino-4-bit-lms),
     so a clean batch costs one memory pass. False therefore means "maybe": callers look
     sample by sample (:func:`nonfinite_samples`).
     """
