@@ -27,20 +27,22 @@ LEVELS = {
 
 def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = "all",
             add_shared: Callable[[ort.SessionOptions], None] | None = None,
-            optimized_path: str | Path | None = None, name: str = "") -> ort.InferenceSession:
+            optimized_path: str | Path | None = None, name: str = "", spinning: bool = False,
+            disabled_optimizers: tuple[str, ...] = ()) -> ort.InferenceSession:
     """A CPU ``InferenceSession`` for a model path or serialized bytes.
 
     ``threads``: intra-op threads (0: ONNX Runtime's default). ``optimization``: one of
     ``LEVELS``. ``add_shared(options)`` supplies initializers a bundle stores once
     (``bundle/shared_weights.py``). ``optimized_path``: where ONNX Runtime writes the graph it
-    executes (used to check which kernels run).
+    executes (used to check which kernels run). ``spinning`` and ``disabled_optimizers``
+    (ONNX Runtime graph transformer names, e.g. ``NhwcTransformer``) exist for benchmarks.
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[optimization]
     # A MoQE call runs the router, then one session per expert group, back to back. With ORT's
     # default spin-waiting, the previous session's idle threads keep spinning and starve the
     # next one (docs/results.md#demo-bundle-build-time-and-cpu-latency).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads:
         so.intra_op_num_threads = threads
     if add_shared is not None:
@@ -49,7 +51,8 @@ def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = 
         so.optimized_model_filepath = str(optimized_path)
     src = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(disabled_optimizers) or None)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         what = "an in-memory model" if isinstance(model, bytes) else repr(str(model))
         raise BackendError(f"{name or 'model'}: ONNX Runtime could not load {what}: {e}") from e

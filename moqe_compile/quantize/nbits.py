@@ -142,6 +142,29 @@ def quantize_matmulnbits(fp_onnx: Path, out: Path, method: str, bits: int, block
     q.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
+def set_accuracy_level(path: Path, level: int) -> int:
+    """Set ``accuracy_level`` on every MatMulNBits node of the model at ``path`` (rewritten in
+    place); returns how many nodes it set. 0 removes the attribute (ORT's float compute).
+    ORT's quantizers and our GPTQ write the nodes without it, so the level is one pass here."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    count = 0
+    for n in model.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        keep = [a for a in n.attribute if a.name != "accuracy_level"]
+        del n.attribute[:]
+        n.attribute.extend(keep)
+        if level:
+            n.attribute.append(helper.make_attribute("accuracy_level", int(level)))
+        count += 1
+    if count:
+        onnx.save(model, str(path))
+    return count
+
+
 # ---------------------------------------------------------------- the kernel check
 
 def check_kernels(path: Path, allow_fp_head: bool = False, allow_fp=()) -> dict:
@@ -165,8 +188,12 @@ def check_kernels(path: Path, allow_fp_head: bool = False, allow_fp=()) -> dict:
     init_type = {i.name: i.data_type for i in g.initializer}
     slow = sum(1 for n in g.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]
                and init_type.get(n.input[3]) == 1)
+    levels = collections.Counter(next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+                                 for n in g.node if n.op_type == "MatMulNBits")
     out = {"ok": not float_w and bool(kernels), "kernels": kernels, "float_weight_matmuls": float_w,
            "embedding_gathers": ops["Gather"], "matmulnbits_float_zero_points": slow}
+    if levels:
+        out["matmulnbits_accuracy_levels"] = {str(k): v for k, v in sorted(levels.items())}
     if allow_fp:
         out["float_by_design"] = by_design
     return out

@@ -75,3 +75,85 @@ def test_bad_batches(rt, bad, match):
 def test_unknown_backend(tiny_bundle):
     with pytest.raises(BackendError, match="unknown backend 'tpu'"):
         Runtime.load(tiny_bundle, backend="tpu")
+
+
+def _raw_expert(bundle, manifest, name):
+    """The expert's graph on a plain ONNX Runtime session: the oracle for Runtime's outputs."""
+    import onnxruntime as ort
+
+    e = next(e for e in manifest["experts"] if e["name"] == name)
+    return ort.InferenceSession(str(bundle / e["variants"]["onnxruntime-cpu"]["path"]),
+                                providers=["CPUExecutionProvider"])
+
+
+def _gated(tiny_bundle, **kw):
+    """The tiny bundle as if the gate had refused routing (the manifest Runtime is given)."""
+    from moqe_compile.bundle import read_bundle
+
+    b = read_bundle(tiny_bundle)
+    m = {**b.manifest, "routing": {**b.manifest["routing"], "enabled": False}}
+    return Runtime(b.root, m, "onnxruntime-cpu", **kw)
+
+
+def test_gated_bundle_opens_its_expert_only_and_others_on_demand(tiny_bundle):
+    with _gated(tiny_bundle) as g:
+        default = g.expert_names[g.default_expert]
+        assert [s is not None for s in g._experts] == [n == default for n in g.expert_names]
+        assert not g.routed
+        x = _batch(5, seed=3)
+        res = g.run(x)
+        raw = _raw_expert(tiny_bundle, g.manifest, default)
+        np.testing.assert_allclose(res.logits, raw.run(None, {raw.get_inputs()[0].name: x})[0], rtol=1e-5, atol=1e-6)
+        assert res.experts == [default] * 5
+        other = next(n for n in g.expert_names if n != default)
+        got = g.run_expert(other, x)  # opened now, once
+        raw = _raw_expert(tiny_bundle, g.manifest, other)
+        np.testing.assert_allclose(got, raw.run(None, {raw.get_inputs()[0].name: x})[0], rtol=1e-5, atol=1e-6)
+        assert g._experts[g.expert_names.index(other)] is not None
+    with _gated(tiny_bundle, all_experts=True) as g:
+        assert all(s is not None for s in g._experts)
+
+
+def test_gated_bundle_opens_an_expert_once_under_threads(tiny_bundle):
+    with _gated(tiny_bundle) as g:
+        other = next(n for n in g.expert_names if n != g.expert_names[g.default_expert])
+        x = _batch(2, seed=4)
+        seen = []
+        ts = [threading.Thread(target=lambda: seen.append(g.run_expert(other, x))) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert len(seen) == 4 and all(np.array_equal(seen[0], s) for s in seen)
+        assert g._experts[g.expert_names.index(other)] is not None
+
+
+def test_only_expert_still_refuses_the_others(tiny_bundle):
+    with Runtime.load(tiny_bundle, only_expert="minmax") as r:
+        other = next(n for n in r.expert_names if n != "minmax")
+        with pytest.raises(InputError, match="was not loaded"):
+            r.run_expert(other, _batch(1))
+        with pytest.raises(InputError, match="not in this bundle"):
+            r.run_expert("nope", _batch(1))
+
+
+@pytest.mark.parametrize("forced", [[1] * 7, [2, 0, 2, 2, 1, 0, 2]])
+def test_run_equals_raw_expert_sessions(rt, monkeypatch, forced):
+    # One expert for the whole batch (the batch passed as it is) and mixed groups (gathered and
+    # scattered back) give each sample exactly its expert's raw-session output.
+    x = _batch(7, seed=5)
+    monkeypatch.setattr(rt, "route", lambda b: (np.array(forced), np.ones(len(b), np.float32)))
+    res = rt.run(x)
+    for k in set(forced):
+        raw = _raw_expert(rt.root, rt.manifest, rt.expert_names[k])
+        rows = [i for i, f in enumerate(forced) if f == k]
+        want = raw.run(None, {raw.get_inputs()[0].name: x[rows]})[0]
+        np.testing.assert_allclose(res.logits[rows], want, rtol=1e-5, atol=1e-6)
+    assert res.experts == [rt.expert_names[k] for k in forced]
+
+
+def test_run_refuses_nonfinite_samples_by_index(rt):
+    x = _batch(4, seed=6)
+    x[2, 0, 1, 1] = np.inf
+    with pytest.raises(InputError, match="batch sample 2 hold"):
+        rt.run(x)

@@ -31,6 +31,7 @@ MOE_ALLOCATIONS = ("combined", "gate-norm", "maxvar", "uniform", "random", "freq
 MOE_WIDTHS = {"rtn": (2, 4, 8), "gptq": (4, 8)}  # MatMulNBits widths each weight algorithm writes here
 SCHEMES = ("w8a8-dynamic", "nbits")
 WEIGHT_ALGOS = ("rtn", "hqq", "gptq", "gptq-ort")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level attribute
 
 
 @dataclass
@@ -110,6 +111,11 @@ class LMExpertRecipe:
     awq_grid: int = 10
     gptq_damp: float = 0.01
     quantize_lm_head: bool = True
+    # MatMulNBits' compute type (ONNX Runtime's accuracy_level): 0 = unset (float compute, what
+    # every bundle before this key was built with), 1 fp32, 2 fp16, 3 bf16, 4 int8 (activations
+    # quantized per block at run time: MLAS' VNNI/AVX-512 path). Written to the manifest only
+    # when set (LMBuildConfig.to_dict).
+    accuracy_level: int = 0
     # Expert-wise bits for sparse MoE models (preset "moe-expert-bits", tasks/causal_lm/moe_bits.py).
     # moe_bits: target mean bits per routed-expert weight (0 = off); moe_widths: the widths an
     # expert may get; moe_allocation: "combined" (the paper: gate-norm-change order, reordered by
@@ -150,6 +156,9 @@ class LMExpertRecipe:
         if self.smoothquant_alpha and self.awq:
             raise ConfigError(f"[experts.{self.name}] choose smoothquant_alpha or awq, not both.")
         positive(f"experts.{self.name}", "awq_grid", self.awq_grid)
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ConfigError(f"[experts.{self.name}] accuracy_level = {self.accuracy_level} is not one of "
+                              f"{list(ACCURACY_LEVELS)} (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
         if self.moe_bits:
             self._check_moe()
 
@@ -230,6 +239,15 @@ class LMBuildConfig(Recipe):
     router: LMRouterConfig = field(default_factory=LMRouterConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     controls: ControlsConfig = field(default_factory=ControlsConfig)
+
+    def to_dict(self) -> dict:
+        # Expert keys added after this config's VERSION are written only when set, so an
+        # unchanged recipe keeps a byte-identical manifest (Recipe.WRITTEN_WHEN_SET, per expert).
+        data = super().to_dict()
+        for e in data["experts"]:
+            if e.get("accuracy_level") == 0:
+                del e["accuracy_level"]
+        return data
 
     def __post_init__(self) -> None:
         if self.task != TASK:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moqe_compile.quantize.gptq import gptq_onnx
-from moqe_compile.quantize.nbits import lm_head_node, quantize_dynamic_w8a8, quantize_matmulnbits
+from moqe_compile.quantize.nbits import lm_head_node, quantize_dynamic_w8a8, quantize_matmulnbits, set_accuracy_level
 from moqe_compile.tasks.causal_lm.config import LMExpertRecipe
 
 
@@ -30,3 +30,5 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
     else:
         quantize_matmulnbits(fp_onnx, out, recipe.weights, recipe.bits, recipe.block_size, recipe.symmetric,
                              exclude, calib_feeds, recipe.gptq_damp)
+    if recipe.scheme == "nbits":
+        set_accuracy_level(out, recipe.accuracy_level)

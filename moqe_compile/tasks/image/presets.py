@@ -42,9 +42,13 @@ EXPERT_PRESETS: dict[str, dict[str, Any]] = {
 # Router architectures (docs/design.md#routers). "default": SE-ResNet-8 16/32/64 + 8x8
 # attention over the image average-pooled to 32 px; "small", the latency-budget router: 16 px
 # subsampled, 8/16/32, no squeeze-excite, 1x32 attention.
+PAPER_ROUTER = {"input_size": 32, "downsample": "avgpool", "channels": [16, 32, 64],
+                "se": [True, True, True], "heads": 8, "head_dim": 8, "quantize": "none"}
 ROUTER_PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"input_size": 32, "downsample": "avgpool", "channels": [16, 32, 64],
-                "se": [True, True, True], "heads": 8, "head_dim": 8, "quantize": "none"},
+    "default": dict(PAPER_ROUTER),
+    "paper": dict(PAPER_ROUTER),
     "small": {"input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
               "se": [False, False, False], "heads": 1, "head_dim": 32, "quantize": "none"},
+    "compact": {"input_size": 16, "downsample": "subsample", "channels": [16, 32, 64],
+                "se": [False, False, False], "heads": 1, "head_dim": 64, "quantize": "none"},
 }

@@ -14,6 +14,7 @@ docs/results.md#demo-bundle-build-time-and-cpu-latency).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,9 @@ class ImageBundleRuntime(base.BundleRuntime):
             raise InputError(f"batch has dtype {batch.dtype}; expected float32 (preprocessed).")
         if len(batch) == 0:
             raise InputError("batch is empty.")
+        batch = np.ascontiguousarray(batch)  # no copy when it already is; the check then reads a view
         refuse_nonfinite(batch, "batch sample {}")
-        return np.ascontiguousarray(batch)
+        return batch
 
 
 class Runtime(ImageBundleRuntime):
@@ -132,19 +134,25 @@ class Runtime(ImageBundleRuntime):
 
     def __init__(self, root: Path, manifest: dict, backend: str, intra_op_threads: int = 0, router_threads: int = 1,
                  router_threads_max_batch: int = 2, queue: QueueConfig | None = None,
-                 only_expert: str | None = None, route_only: bool = False, verify: bool = True):
+                 only_expert: str | None = None, route_only: bool = False, verify: bool = True,
+                 all_experts: bool = False):
         super().__init__(root, manifest, queue, only_expert)
         self.bundle.verify = verify
         self.backend = backend
-        cls = BACKENDS[backend]
-        # only_expert: serve that expert alone, no router (benchmarks' single-expert baseline);
-        # the other experts' sessions are never created.
-        # route_only: the router alone (a scale-out ingress whose experts run elsewhere).
-        self._experts = [cls(e["name"], self._graph(cls, e["variants"][backend]["path"], self.num_classes),
-                             intra_op_threads)
-                         if only_expert in (None, e["name"]) and not route_only else None
-                         for e in manifest["experts"]]
-        if manifest["routing"]["enabled"] and only_expert is None:
+        cls = self._cls = BACKENDS[backend]
+        self._threads = intra_op_threads
+        routed = manifest["routing"]["enabled"] and only_expert is None
+        # Which experts may run: every one, except with only_expert (that expert alone, no
+        # router: benchmarks' single-expert baseline) or route_only (the router alone: a
+        # scale-out ingress whose experts run elsewhere), whose other sessions are never made.
+        self._allowed = [only_expert in (None, e["name"]) and not route_only for e in manifest["experts"]]
+        # Created now: the sessions run() can reach (every expert when routed, else the default
+        # one) or, with all_experts, every allowed one. A gated bundle serves one expert: the
+        # others' sessions (memory, thread pools) are made on first run_expert only.
+        eager = [ok and (all_experts or routed or k == self.default_expert) for k, ok in enumerate(self._allowed)]
+        self._experts = [self._open_expert(k) if now else None for k, now in enumerate(eager)]
+        self._open_lock = threading.Lock()
+        if routed:
             rpath = self._graph(cls, manifest["router"]["path"], len(self.expert_names))
             few = (cls("router", rpath, router_threads)
                    if router_threads != intra_op_threads and router_threads_max_batch > 0 else None)
@@ -154,8 +162,11 @@ class Runtime(ImageBundleRuntime):
     def load(cls, path: str | Path, backend: str = "auto", verify: bool = True, intra_op_threads: int = 0,
              router_threads: int = 1, router_threads_max_batch: int = 2,
              queue: QueueConfig | None = None, only_expert: str | None = None,
-             route_only: bool = False) -> "Runtime":
-        """Open a bundle (hashes verified unless ``verify=False``) and create every session once.
+             route_only: bool = False, all_experts: bool = False) -> "Runtime":
+        """Open a bundle (hashes verified unless ``verify=False``) and create the sessions
+        ``run`` uses, once: the router and every expert when the bundle routes, its one expert
+        when the gate refused routing (other experts then open on their first ``run_expert``;
+        ``all_experts=True`` opens them now).
         ``intra_op_threads``: experts, and the router above ``router_threads_max_batch``
         (0: ONNX Runtime's default); ``router_threads``: the router on small batches;
         ``queue``: the dynamic batcher behind ``submit``; ``only_expert``: serve that expert
@@ -164,30 +175,50 @@ class Runtime(ImageBundleRuntime):
         b = read_bundle(path, verify=verify)
         name = resolve_backend(backend, b.manifest["backends"])
         return cls(b.root, b.manifest, name, intra_op_threads, router_threads, router_threads_max_batch, queue,
-                   only_expert, route_only, verify)
+                   only_expert, route_only, verify, all_experts)
+
+    def _open_expert(self, k: int):
+        e = self.manifest["experts"][k]
+        return self._cls(e["name"], self._graph(self._cls, e["variants"][self.backend]["path"], self.num_classes),
+                         self._threads)
 
     def _release(self) -> None:
-        for s in [*self._experts, self._router]:
-            if s is not None:
-                s.close()
+        with self._open_lock:
+            for s in [*self._experts, self._router]:
+                if s is not None:
+                    s.close()
 
     def _run(self, batch: np.ndarray) -> RunResult:
         t0 = time.perf_counter()
         idx, conf = self.route(batch)
         t1 = time.perf_counter()
-        groups = group_by_expert(idx)
-        out = scatter(groups, [self._session(k).run(np.ascontiguousarray(batch[m])) for k, m in groups], len(batch))
+        first = int(idx[0])
+        if (idx == first).all():
+            # One expert for the whole batch (always so when gated): the batch as it came, no
+            # gather into a new array and no scatter back (bench/runtime_overhead.py).
+            out = self._session(first).run(batch)
+        else:
+            groups = group_by_expert(idx)
+            out = scatter(groups, [self._session(k).run(batch[m]) for k, m in groups], len(batch))
         t2 = time.perf_counter()
-        return RunResult(out, idx, [self.expert_names[k] for k in idx], conf, timing(t0, t1, t2),
+        return RunResult(out, idx, [self.expert_names[k] for k in idx.tolist()], conf, timing(t0, t1, t2),
                          self.fell_back(conf))
 
     def run_expert(self, name: str, batch: np.ndarray) -> np.ndarray:
         """Run one expert alone (benchmarks, controls)."""
+        if name not in self.expert_names:
+            raise InputError(f"expert {name!r} is not in this bundle; it has {self.expert_names}.")
         return self._session(self.expert_names.index(name)).run(self._check(batch))
 
     def _session(self, k: int):
         sess = self._experts[k]
-        if sess is None:
-            loaded = [n for n, e in zip(self.expert_names, self._experts) if e is not None]
+        if sess is not None:
+            return sess
+        if not self._allowed[k]:
+            loaded = [n for n, ok in zip(self.expert_names, self._allowed) if ok]
             raise InputError(f"expert {self.expert_names[k]!r} was not loaded (this runtime has {loaded}).")
-        return sess
+        with self._open_lock:  # first use of an expert a gated bundle does not serve: open it once
+            self._raise_if_closed()
+            if self._experts[k] is None:
+                self._experts[k] = self._open_expert(k)
+            return self._experts[k]

@@ -27,6 +27,9 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
         assert check["ok"] and not check["float_weight_matmuls"]
         expected = "MatMulNBits" if e["recipe"]["scheme"] == "nbits" else "MatMulIntegerToFloat"
         assert k.get(expected, 0) > 0, (e["name"], k)
+        if e["recipe"]["scheme"] == "nbits":  # the recipe's level (0: unset) on every MatMulNBits node
+            level = str(e["recipe"].get("accuracy_level", 0))
+            assert check["matmulnbits_accuracy_levels"] == {level: k["MatMulNBits"]}, (e["name"], check)
         assert check["embedding_gathers"] >= 1  # the embedding stays an FP Gather
     awq = next(e for e in m["experts"] if e["name"] == "w4-awq")
     assert len(awq["awq_alphas"]) == 2 * m["model"]["decoder"]["layers"]  # one per norm -> linears group

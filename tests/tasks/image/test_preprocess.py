@@ -122,3 +122,30 @@ def test_a_directory_listing_skips_fifos(tmp_path):
     (tmp_path / "c.png").symlink_to(tmp_path / "b.png")
     assert list_images(tmp_path) == [tmp_path / "a.png"]
     assert load_inputs(tmp_path, PRE)[0] == [str(tmp_path / "a.png")]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonfinite_samples_match_isfinite(dtype):
+    # The oracle is numpy's element-wise isfinite, sample by sample; the one-pass check must
+    # name exactly those samples, including huge finite values whose squares overflow.
+    from moqe_compile.tasks.image.preprocess import all_finite, nonfinite_samples
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        x = rng.normal(size=(6, 3, 8, 8)).astype(dtype)
+        for _ in range(trial % 4):
+            x[tuple(rng.integers(0, s) for s in x.shape)] = rng.choice([np.nan, np.inf, -np.inf])
+        if trial % 5 == 0:
+            x[tuple(rng.integers(0, s) for s in x.shape)] = np.finfo(dtype).max / 2
+        expected = np.flatnonzero(~np.isfinite(x).reshape(6, -1).all(axis=1)).tolist()
+        assert nonfinite_samples(x) == expected
+        if all_finite(x):  # "clean" is never wrong; "maybe not" may be (overflow)
+            assert np.isfinite(x).all()
+
+
+def test_all_finite_reads_non_contiguous_batches():
+    from moqe_compile.tasks.image.preprocess import all_finite
+
+    x = np.zeros((4, 3, 8, 8), np.float32)
+    x[2, 1, 3, 3] = np.nan
+    assert all_finite(x[:, :, ::2]) and not all_finite(x[:, :, 1::2])

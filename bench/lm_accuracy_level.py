@@ -1,0 +1,122 @@
+"""4-bit weight-only LM experts (MatMulNBits) at ``accuracy_level`` 0 (float compute) and 4
+(int8 compute) against the FP decoder: prefill and decode speed, perplexity, side by side.
+
+    python bench/lm_accuracy_level.py bundles/smollm2-135m --windows 4 --decode-tokens 16 --repeats 3 [--json PATH]
+
+For every MatMulNBits expert of an LM bundle, two sessions are made from its verified graph
+with the attribute set to 0 and to 4 on every MatMulNBits node (in memory; the bundle is not
+touched), next to the FP decoder. Per round, interleaved: a prefill of one test window
+(``seq_len`` tokens) and a decode of ``--decode-tokens`` single-token steps on the KV cache
+after a 32-token prompt. Perplexity: mean token NLL over the first ``--windows`` test
+windows of the bundle's ``report/eval_data.npz``, with a paired bootstrap over windows of
+level 4 minus level 0 (test split, chose nothing here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
+from common import add_json_option, write_json  # noqa: E402
+
+
+def with_level(graph, level: int):
+    """The bundle graph with ``accuracy_level = level`` on every MatMulNBits node."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load_from_string(graph.model)
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits":
+            keep = [a for a in n.attribute if a.name != "accuracy_level"]
+            del n.attribute[:]
+            n.attribute.extend(keep + ([helper.make_attribute("accuracy_level", level)] if level else []))
+    return dataclasses.replace(graph, model=m.SerializeToString())
+
+
+def decode(sess, prompt: np.ndarray, steps: int) -> None:
+    ids = prompt[None].astype(np.int64)
+    logits, past = sess.step(ids, np.ones_like(ids), sess.empty_past(1))
+    mask_len = ids.shape[1]
+    for _ in range(steps):
+        nxt = logits[:, -1:].argmax(-1).astype(np.int64)
+        mask_len += 1
+        logits, past = sess.step(nxt, np.ones((1, mask_len), np.int64), past)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    add_json_option(ap)
+    args = ap.parse_args()
+
+    from moqe_compile.bundle import read_bundle
+    from moqe_compile.evaluate.stats import bootstrap_ci, paired_bootstrap
+    from moqe_compile.tasks.causal_lm.score import DecoderSession, token_nll
+
+    b = read_bundle(args.bundle)
+    m = b.manifest
+    d = m["model"]["decoder"]
+
+    def open_(name, graph):
+        return DecoderSession(name, graph, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
+
+    sessions = {"fp": open_("fp", b.graph(m["model"]["fp"]["path"]))}
+    for e in m["experts"]:
+        if e["recipe"].get("scheme") != "nbits":
+            continue
+        g = b.graph(e["variants"]["onnxruntime-cpu"]["path"])
+        for level in (0, 4):
+            sessions[f"{e['name']}/a{level}"] = open_(f"{e['name']}/a{level}", with_level(g, level))
+    with np.load(b.file("report/eval_data.npz"), allow_pickle=False) as z:
+        windows = z["test_ids"][: args.windows]
+    window, prompt = windows[0], windows[0][:32]
+
+    nll = {k: np.array([token_nll(s.logits(w[None]), w[None].astype(np.int64)).mean() for w in windows])
+           for k, s in sessions.items()}
+    cands = {}
+    for k, s in sessions.items():
+        cands[f"prefill/{k}"] = (lambda s=s: s.logits(window[None]))
+        cands[f"decode/{k}"] = (lambda s=s: decode(s, prompt, args.decode_tokens))
+    times = {k: [] for k in cands}
+    for f in cands.values():
+        f()
+    for _ in range(args.repeats):
+        for k, f in cands.items():
+            t = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(len(window)),
+           "decode_tokens": args.decode_tokens, "repeats": args.repeats, "median_ms": med, "models": {}}
+    print(f"{len(windows)} test windows of {len(window)} tokens; prefill = one window, decode = "
+          f"{args.decode_tokens} tokens after a 32-token prompt; medians of {args.repeats} interleaved rounds")
+    for k in sessions:
+        row = {"ppl": float(np.exp(nll[k].mean())), "nll_ci95": list(bootstrap_ci(nll[k])),
+               "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"],
+               "prefill_speedup_vs_fp": med["prefill/fp"] / med[f"prefill/{k}"],
+               "decode_speedup_vs_fp": med["decode/fp"] / med[f"decode/{k}"]}
+        if k.endswith("/a4"):
+            row["nll_a4_minus_a0"] = paired_bootstrap(nll[k], nll[k[:-1] + "0"])
+        out["models"][k] = row
+        extra = ""
+        if "nll_a4_minus_a0" in row:
+            p = row["nll_a4_minus_a0"]
+            extra = f"  NLL a4 - a0 {p['diff']:+.4f} {np.round(p['ci95'], 4)}"
+        print(f"  {k:<12} ppl {row['ppl']:8.3f}  prefill {row['prefill_ms']:8.1f} ms (x{row['prefill_speedup_vs_fp']:.2f} "
+              f"vs FP)  decode {row['decode_ms']:8.1f} ms (x{row['decode_speedup_vs_fp']:.2f} vs FP){extra}")
+    write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
