@@ -220,10 +220,16 @@ def measure_costs(cands: list[Candidate], runners: dict[str, Callable[[int], Cal
         for c in cands:
             if c.name in row:
                 c.cost.setdefault("latency_ms", {})[str(bs)] = row[c.name]["median_ms"]
+    flag_slower(cands, fp_ms)
+    return fp_ms
+
+
+def flag_slower(cands: list[Candidate], fp_ms: dict[str, float]) -> None:
+    """``slower_than_fp``: a quantized candidate whose median latency is not below FP's at some
+    measured batch size (it saves nothing on this machine, whatever its bits)."""
     for c in cands:
         if "latency_ms" in c.cost:
-            c.slower_than_fp = any(c.cost["latency_ms"][b] >= fp_ms[b] for b in fp_ms)
-    return fp_ms
+            c.slower_than_fp = any(c.cost["latency_ms"][b] >= fp_ms[b] for b in fp_ms if b in c.cost["latency_ms"])
 
 
 def choose_default(val_loss: np.ndarray, names: list[str], strongest: str | None, alpha: float,
