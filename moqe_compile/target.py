@@ -341,3 +341,27 @@ def routed_within(routed_drop: dict, max_drop: float, routed_cost: float, single
     if routed_cost > single_cost:
         reasons.append(f"its expected cost {routed_cost:.4g} exceeds the budget expert's {single_cost:.4g}")
     return reasons
+
+
+def summary_lines(m: dict) -> list[str]:
+    """``inspect``: which rule chose the single expert, and the budget when the bundle was built to one."""
+    rule = m["routing"].get("default_rule")
+    L = [f"default     {m['routing']['default_expert']} by rule {rule['rule']}: {rule['reason']}"] if rule else []
+    f = m.get("report", {}).get("frontier")
+    if f:
+        v, t = f["val"], f["test"]
+        L.append(f"budget      max_drop {f['max_drop']} {f['unit']}, cost {f['cost']}: chose {f['chosen']} "
+                 f"({f['cost_value']:.4g}); val drop {v['drop']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}], "
+                 f"test drop {t['drop']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]: "
+                 f"{'held' if t['held'] else 'did NOT hold'} on test; {f['candidates']} candidates in "
+                 f"{f['search_seconds']:.1f} s (frontier: {f['markdown']})")
+    return L
+
+
+def frontier_section(root: Path, m: dict) -> list[str]:
+    """``inspect``: the frontier table of a bundle built to an accuracy budget."""
+    f = m.get("report", {}).get("frontier")
+    if not f:
+        return []
+    text = (Path(root) / f["markdown"]).read_text()
+    return ["", "accuracy budget frontier:"] + [line for line in text.splitlines()[1:] if line.strip()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moqe_compile.target import frontier_section, summary_lines
+
 
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -38,30 +40,6 @@ def _gate_line(m: dict) -> str:
             f"p = {g['p_value']:.3g} (< {g.get('threshold', 0.05)} needed); {g['reason']}")
 
 
-def _default_lines(m: dict) -> list[str]:
-    """Which rule chose the single expert, and the accuracy budget when the bundle was built to one."""
-    rule = m["routing"].get("default_rule")
-    L = [f"default     {m['routing']['default_expert']} by rule {rule['rule']}: {rule['reason']}"] if rule else []
-    f = m.get("report", {}).get("frontier")
-    if f:
-        v, t = f["val"], f["test"]
-        L.append(f"budget      max_drop {f['max_drop']} {f['unit']}, cost {f['cost']}: chose {f['chosen']} "
-                 f"({f['cost_value']:.4g}); val drop {v['drop']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}], "
-                 f"test drop {t['drop']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]: "
-                 f"{'held' if t['held'] else 'did NOT hold'} on test; {f['candidates']} candidates in "
-                 f"{f['search_seconds']:.1f} s (frontier: {f['markdown']})")
-    return L
-
-
-def frontier_section(b) -> list[str]:
-    """The frontier table of a bundle built to an accuracy budget (``report/frontier.md``)."""
-    f = b.manifest.get("report", {}).get("frontier")
-    if not f:
-        return []
-    text = (b.root / f["markdown"]).read_text()
-    return ["", "accuracy budget frontier:"] + [line for line in text.splitlines()[1:] if line.strip()]
-
-
 def render(b) -> str:
     """The summary of a read image bundle ``b`` (``bundle.Bundle``)."""
     m = b.manifest
@@ -76,7 +54,7 @@ def render(b) -> str:
          f"routing     {'on' if m['routing']['enabled'] else 'OFF'} ({m['routing']['granularity']});"
          f" default/best-on-val expert: {m['routing']['default_expert']}",
          _gate_line(m),
-         *_default_lines(m),
+         *summary_lines(m),
          "splits      " + ", ".join(f"{k}={v['samples']} ({v['source_images']} images)"
                                     for k, v in m["splits"].items() if isinstance(v, dict)),
          "", "experts (metrics on the test split, vs FP):"]
@@ -103,7 +81,7 @@ def render(b) -> str:
     rep = m.get("report", {})
     if rep.get("build_seconds"):
         L.append("build time  " + ", ".join(f"{k} {v:.1f}s" for k, v in rep["build_seconds"].items()))
-    L += frontier_section(b)
+    L += frontier_section(b.root, m)
     L += ["", "files:"]
     for rel, meta in sorted(m["files"].items()):
         L.append(f"  {rel:<48} {meta['size']:>11,d} B  sha256 {meta['sha256'][:16]}…")
