@@ -135,3 +135,11 @@ def test_cli_build_takes_max_drop_and_cost(tmp_path, tiny_onnx, tiny_images, cap
     assert "target: max_drop 0.5, cost weight_bits" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["build", str(recipe), "--max-drop", "0.5", "--cost", "speed", "--dry-run"])
+
+
+def test_eval_report_carries_the_budget_section(fitted, tmp_path):
+    from moqe_compile.tasks.image.eval import evaluate_bundle
+
+    _, out = evaluate_bundle(fitted, "test", tmp_path / "eval", latency=False)
+    md = (out / "report.md").read_text()
+    assert "## Accuracy budget" in md and "Test split, evaluated once for w4a8-minmax" in md
