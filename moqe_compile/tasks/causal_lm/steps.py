@@ -42,6 +42,8 @@ class LMSteps:
         self.cfg, self.w, self.work, self.st = cfg, writer, work, stages
         self.copies: dict | None = None
         self.budget: dict | None = None
+        if not cfg.target.enabled:  # no budget: no target stage, and the manifest's stage times stay as before
+            self.ORDER = tuple(n for n in self.ORDER if n != "target")
         torch.manual_seed(cfg.router.seed)
 
     def extra_versions(self) -> dict:

@@ -51,6 +51,8 @@ class ImageSteps:
         self.backend = "onnxruntime-cpu" if "onnxruntime-cpu" in targets else targets[0]
         self.copies: Copies | None = None
         self.budget: dict | None = None
+        if not cfg.target.enabled:  # no budget: no target stage, and the manifest's stage times stay as before
+            self.ORDER = tuple(n for n in self.ORDER if n != "target")
 
     def extra_versions(self) -> dict:
         return {}
