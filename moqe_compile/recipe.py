@@ -186,13 +186,46 @@ class GateConfig:
                               "significance level of the paired test.")
 
 
+TARGET_COSTS = ("latency", "size", "weight_bits")
+
+
+@dataclass
+class TargetConfig:
+    """Compile to an accuracy budget (docs/design.md#compiling-to-an-accuracy-budget).
+
+    max_drop: the largest drop from FP the bundle may show, in the task's headline units (top-1
+    points with labels, FP-agreement points without, percent perplexity for causal LMs);
+    0 builds the recipe's experts as listed, without a budget. A candidate meets it when the
+    upper end of the paired 95% interval of its drop on router_val is at most max_drop; among
+    those the lowest measured ``cost`` wins: ``latency`` (median on the build machine at
+    ``batch``, timed interleaved), ``size`` (bytes of the expert graph) or ``weight_bits``
+    (mean bits per weight). search_minutes bounds the search; what it measured by then is the
+    frontier."""
+
+    max_drop: float = 0.0
+    cost: str = "latency"
+    batch: int = 1
+    search_minutes: float = 10.0
+
+    def __post_init__(self) -> None:
+        positive("target", "max_drop", self.max_drop, zero_ok=True)
+        choice("target", "cost", self.cost, TARGET_COSTS)
+        positive("target", "batch", self.batch)
+        positive("target", "search_minutes", self.search_minutes)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_drop > 0
+
+
 class Recipe:
     """Base of a task's top-level recipe dataclass.
 
     ``MANIFEST_TYPE`` and ``VERSION`` tag the manifest's ``build_config``; a reader refuses any
     other pair. ``WRITTEN_WHEN_SET``: dotted keys a task's manifest did not have in its
     ``VERSION``; they are written only when they differ from their default, so an unchanged
-    recipe keeps a byte-identical manifest."""
+    recipe keeps a byte-identical manifest. A name without a dot is a whole section (e.g.
+    ``target``), left out while every key in it has its default."""
 
     MANIFEST_TYPE = ""
     VERSION = 1
@@ -201,6 +234,10 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         for dotted in self.WRITTEN_WHEN_SET:
+            if "." not in dotted:
+                if data[dotted] == dataclasses.asdict(type(getattr(self, dotted))()):
+                    del data[dotted]
+                continue
             section, key = dotted.split(".")
             if data[section][key] == _default(type(getattr(self, section)), key):
                 del data[section][key]

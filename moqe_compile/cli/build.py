@@ -45,11 +45,21 @@ def cmd_build(args) -> int:
                           "MatMulNBits experts have no TensorRT path); drop --backend.")
     if args.force_routing:
         cfg.gate.force_routing = True
+    if args.max_drop is not None or args.cost or args.search_minutes is not None:
+        from dataclasses import replace
+
+        t = cfg.target  # replace() re-validates the section
+        cfg.target = replace(t, max_drop=t.max_drop if args.max_drop is None else args.max_drop,
+                             cost=args.cost or t.cost,
+                             search_minutes=t.search_minutes if args.search_minutes is None else args.search_minutes)
     for b in backends:  # adds the backend's Q/DQ graph to every expert (tensorrt: S8S8)
         if b not in cfg.backends.targets:
             cfg.backends.targets.append(b)
     if args.dry_run:
         print(f"recipe {name} (task {task.KIND}): valid; nothing written")
+        if cfg.target.enabled:
+            t = cfg.target
+            print(f"  target: max_drop {t.max_drop}, cost {t.cost} (batch {t.batch}), search <= {t.search_minutes} min")
         for r in cfg.experts:
             print(f"  expert {r.name}" + (f"  preset={r.preset}" if getattr(r, "preset", "") else ""))
         return 0
@@ -129,6 +139,13 @@ def add_parser(sub) -> None:
                    help="replace the output directory even when it is not a moqe bundle (deletes everything in it)")
     b.add_argument("--force-routing", action="store_true",
                    help="keep the router even where the significance gate refuses it (recorded in the manifest)")
+    b.add_argument("--max-drop", type=float, default=None, metavar="X",
+                   help="compile to an accuracy budget: the cheapest candidate whose drop from FP on router_val "
+                        "is at most X (upper end of its 95%% interval; top-1 or FP-agreement points, percent "
+                        "perplexity for causal LMs); overrides [target] max_drop")
+    b.add_argument("--cost", choices=["latency", "size", "weight_bits"], default=None,
+                   help="what 'cheapest' means under --max-drop (default: [target] cost, latency)")
+    b.add_argument("--search-minutes", type=float, default=None, help="bound on the budget search ([target])")
     b.add_argument("--backend", action="append", choices=["onnxruntime-cpu", "tensorrt"],
                    help="also build for this backend (repeatable; tensorrt: S8S8 graphs, then engines on this GPU)")
     _trt_options(b)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moqe_compile.errors import ConfigError
-from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, build_section, check_experts, choice,
-                                 positive, read_recipe_toml, resolve_path)
+from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, TargetConfig, build_section,
+                                 check_experts, choice, positive, read_recipe_toml, resolve_path)
 from moqe_compile.tasks.causal_lm.presets import DEFAULT_EXPERTS, LM_EXPERT_PRESETS
 
 LM_CONFIG_VERSION = 1
@@ -231,6 +231,8 @@ class LMBuildConfig(Recipe):
 
     MANIFEST_TYPE = "LMBuildConfig"
     VERSION = LM_CONFIG_VERSION
+    # No [target] in manifest version 1: written only when a recipe sets it.
+    WRITTEN_WHEN_SET = ("target",)
 
     task: str = TASK
     model: LMModelConfig = field(default_factory=LMModelConfig)
@@ -239,6 +241,7 @@ class LMBuildConfig(Recipe):
     router: LMRouterConfig = field(default_factory=LMRouterConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     controls: ControlsConfig = field(default_factory=ControlsConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
 
     def to_dict(self) -> dict:
         # Expert keys added after this config's VERSION are written only when set, so an

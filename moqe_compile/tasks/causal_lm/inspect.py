@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moqe_compile.target import frontier_section, summary_lines
+
 
 def _moe_model_line(moe: dict | None) -> list[str]:
     if not moe:
@@ -54,6 +56,7 @@ def render(b) -> str:
          f"routing     {'ROUTED' if r['enabled'] else 'single expert ' + r['default_expert']} per sequence on "
          f"{r['routed_on']}; default (best on router_val) {r['default_expert']}",
          f"gate        {gate_decision(g)}{' FORCED' if g.get('forced') else ''}: {g['reason']}",
+         *summary_lines(m),
          "experts"]
     for e in m["experts"]:
         rc, v = e["recipe"], e["variants"]["onnxruntime-cpu"]
@@ -69,6 +72,7 @@ def render(b) -> str:
                      f"{t['fp_top1_agreement']:.4f}")
         L.append(f"  {'':<24} kernels {v['kernels']}")
         L += _moe_bits_lines(e.get("moe_bits"))
+    L += frontier_section(b.root, m)
     total = sum(f["size"] for f in m["files"].values())
     L.append(f"files       {len(m['files'])} files, {total / 1e6:.1f} MB, sha256-verified")
     return "\n".join(L)

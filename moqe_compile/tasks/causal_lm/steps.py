@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from moqe_compile.errors import BuildError
+from moqe_compile.tasks.causal_lm.budget import default_expert
 from moqe_compile.tasks.causal_lm.config import TASK
 from moqe_compile.tasks.causal_lm.data import build_text_splits, encoder
 from moqe_compile.tasks.causal_lm.report import gate_decision, lm_split_report
@@ -33,13 +34,16 @@ def calib_feeds(ids: np.ndarray, spec) -> list[dict]:
 
 
 class LMSteps:
-    ORDER = ("export", "data", "quantize", "controls", "score", "router", "report")
+    ORDER = ("export", "data", "quantize", "target", "controls", "score", "router", "report")
 
     def __init__(self, cfg, writer, work: Path, stages):
         import torch
 
         self.cfg, self.w, self.work, self.st = cfg, writer, work, stages
         self.copies: dict | None = None
+        self.budget: dict | None = None
+        if not cfg.target.enabled:  # no budget: no target stage, and the manifest's stage times stay as before
+            self.ORDER = tuple(n for n in self.ORDER if n != "target")
         torch.manual_seed(cfg.router.seed)
 
     def extra_versions(self) -> dict:
@@ -118,6 +122,14 @@ class LMSteps:
                                                                  "check": check}},
                                      "build_seconds": round(time.perf_counter() - t0, 2)})
                 pb.update(1)
+
+    def target(self) -> None:
+        """Compile to an accuracy budget (``[target] max_drop`` > 0, in percent perplexity): the
+        cheapest rung of the weight-only ladder that meets it joins the experts."""
+        if self.cfg.target.enabled:
+            from moqe_compile.tasks.causal_lm.budget import budget_step
+
+            self.budget = budget_step(self)
 
     def controls(self) -> None:
         cfg = self.cfg
@@ -221,7 +233,7 @@ class LMSteps:
     def report(self) -> None:
         w, d, names = self.w, self.cfg.data, [e["name"] for e in self.experts]
         va = self.scores["router_val"]
-        self.best_k = int(va.loss.mean(0).argmin())  # best single expert: chosen on validation
+        self.best_k, self.default_rule = default_expert(self.budget, names, va.loss, self.cfg.gate.p_value)
         self.val_loss = {n: float(v) for n, v in zip(names, va.loss.mean(0))}
         self.costs = {e["name"]: float(e.get("moe_bits", {}).get("mean_weight_bits", e["recipe"]["bits"]))
                       for e in self.experts}
@@ -235,6 +247,10 @@ class LMSteps:
                                                   val_loss=self.val_loss)
         self.gate = gate_decision(report["splits"]["router_val"], self.cfg.gate.p_value,
                                   self.cfg.gate.force_routing)
+        if self.budget:
+            from moqe_compile.tasks.causal_lm.budget import gate_within_budget
+
+            self.gate = gate_within_budget(self, self.gate)
         report["gate"] = self.gate
         for e in self.experts:
             t = report["splits"]["test"]["overall"]["experts"][e["name"]]
@@ -283,12 +299,13 @@ class LMSteps:
                        "prefix_tokens": n_pre, "config": asdict(cfg.router), "best_epoch": self.trained.best_epoch,
                        "gate": gate},
             "routing": {"enabled": gate["decision"] == "routed", "granularity": "per-sequence",
-                        "default_expert": names[self.best_k],
+                        "default_expert": names[self.best_k], "default_rule": self.default_rule,
                         "routed_on": f"FP embeddings of the first {n_pre} tokens (generation: of the prompt)"},
             "backends": [MAIN_BACKEND],
             "report": {"path": "report/report.json", "loss_matrix": {"path": "report/loss_matrix.npz"},
                        "eval_data": {"path": EVAL_DATA, "splits": list(REPORTED)},
                        "expert_val_loss": self.val_loss, "expert_costs": self.costs,
+                       **({"frontier": self.budget["manifest"]} if self.budget else {}),
                        "controls": ({"path": CONTROLS_FILE, "copies": c["names"], "of": c["of"],
                                      "calibration_per_copy": c["calibration_per_copy"],
                                      "copies_router": cfg.controls.copies_router} if c else None)},

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from moqe_compile.errors import ConfigError
-from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, check_experts, choice, positive,
-                                 read_recipe_toml, resolve_path)
+from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, TargetConfig, check_experts, choice,
+                                 positive, read_recipe_toml, resolve_path)
 from moqe_compile.tasks.image.fashion_mnist import DOMAINS, DOMAINS_SOURCE
 from moqe_compile.tasks.image.presets import (  # noqa: F401 - importers of the presets through config keep working
     EXPERT_PRESETS,
@@ -354,8 +354,8 @@ class BuildConfig(Recipe):
 
     MANIFEST_TYPE = "BuildConfig"
     VERSION = CONFIG_VERSION
-    # Images had no copies_of in manifest version 1: written only when a recipe sets it.
-    WRITTEN_WHEN_SET = ("controls.copies_of",)
+    # Images had no copies_of and no [target] in manifest version 1: written only when a recipe sets them.
+    WRITTEN_WHEN_SET = ("controls.copies_of", "target")
 
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -365,6 +365,7 @@ class BuildConfig(Recipe):
     backends: BackendConfig = field(default_factory=BackendConfig)
     controls: ControlsConfig = field(default_factory=ControlsConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
 
     def __post_init__(self) -> None:
         check_experts(self.experts)

@@ -270,7 +270,7 @@ def evaluate_bundle(bundle: str | Path, data: str = "test", out: str | Path | No
               "latency": lat, "eval_seconds": round(score_s, 2)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(render_markdown(report))
+    (out_dir / "report.md").write_text(render_markdown(report) + frontier_text(root, m))
     write_plots(rep, out_dir)
     return report, out_dir
 
@@ -323,6 +323,12 @@ def measure_bundle(rt, pool: np.ndarray, batches=(1, 32), repeats: int = 30, fp_
         row["experts_used"] = sorted(set(rt.run(x).experts))
         results["batches"][str(bs)] = row
     return results
+
+
+def frontier_text(root: Path, m: dict) -> str:
+    """The accuracy-budget section of a bundle built to one (its ``report/frontier.md``), else ""."""
+    f = m.get("report", {}).get("frontier")
+    return "\n" + (Path(root) / f["markdown"]).read_text() if f else ""
 
 
 def render_markdown(report: dict) -> str:

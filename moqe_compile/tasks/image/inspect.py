@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moqe_compile.target import frontier_section, summary_lines
+
 
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -52,6 +54,7 @@ def render(b) -> str:
          f"routing     {'on' if m['routing']['enabled'] else 'OFF'} ({m['routing']['granularity']});"
          f" default/best-on-val expert: {m['routing']['default_expert']}",
          _gate_line(m),
+         *summary_lines(m),
          "splits      " + ", ".join(f"{k}={v['samples']} ({v['source_images']} images)"
                                     for k, v in m["splits"].items() if isinstance(v, dict)),
          "", "experts (metrics on the test split, vs FP):"]
@@ -78,6 +81,7 @@ def render(b) -> str:
     rep = m.get("report", {})
     if rep.get("build_seconds"):
         L.append("build time  " + ", ".join(f"{k} {v:.1f}s" for k, v in rep["build_seconds"].items()))
+    L += frontier_section(b.root, m)
     L += ["", "files:"]
     for rel, meta in sorted(m["files"].items()):
         L.append(f"  {rel:<48} {meta['size']:>11,d} B  sha256 {meta['sha256'][:16]}…")

@@ -23,6 +23,7 @@ from moqe_compile.tasks.image.preprocess import Preprocess
 from moqe_compile.tasks.image.report import build_split_report, gate_decision
 from moqe_compile.tasks.image.router import kl_to_fp_matrix, predict_probs, small_inputs, train_router
 from moqe_compile.tasks.image.router_export import export_router
+from moqe_compile.tasks.image.budget import default_expert
 from moqe_compile.tasks.image.score import diversity, run_batched, score
 
 SCORED = SPLITS[1:]  # every split but calibration
@@ -39,7 +40,7 @@ def check_router_input(cfg) -> None:
 
 
 class ImageSteps:
-    ORDER = ("export", "data", "quantize", "score", "controls", "router", "report")
+    ORDER = ("export", "data", "quantize", "score", "target", "controls", "router", "report")
 
     def __init__(self, cfg, writer, work: Path, stages):
         check_router_input(cfg)
@@ -49,6 +50,9 @@ class ImageSteps:
         targets = cfg.backends.targets
         self.backend = "onnxruntime-cpu" if "onnxruntime-cpu" in targets else targets[0]
         self.copies: Copies | None = None
+        self.budget: dict | None = None
+        if not cfg.target.enabled:  # no budget: no target stage, and the manifest's stage times stay as before
+            self.ORDER = tuple(n for n in self.ORDER if n != "target")
 
     def extra_versions(self) -> dict:
         return {}
@@ -102,6 +106,14 @@ class ImageSteps:
             for s in SCORED:
                 d = self.splits[s]
                 self.scores[s] = score(fp_sess, ex_sess, d.x, d.labels, self.cfg.data.targets, pb)
+
+    def target(self) -> None:
+        """Compile to an accuracy budget (``[target] max_drop`` > 0): the cheapest candidate that
+        meets it joins the experts and is served unless routing does better within the budget."""
+        if self.cfg.target.enabled:
+            from moqe_compile.tasks.image.budget import budget_step
+
+            self.budget = budget_step(self)
 
     def controls(self) -> None:
         if not self.cfg.controls.copies:
@@ -186,8 +198,11 @@ class ImageSteps:
         cfg, w = self.cfg, self.w
         names = [e["name"] for e in self.experts]
         va = self.scores["router_val"]
-        self.best_k = int(va.loss.mean(0).argmin())  # the best single expert is chosen on validation
         self.strongest = strongest_expert(cfg.experts)
+        # The single expert served without routing: the budget's choice, else the strongest
+        # preset unless another expert is significantly better on validation.
+        self.best_k, self.default_rule = default_expert(self.budget, names, va.loss, self.strongest,
+                                                        cfg.gate.p_value, self.splits["router_val"].sources)
         costs = {e["name"]: e["cost"]["mean_weight_bits"] for e in self.experts}
         self.val_loss = {n: float(v) for n, v in zip(names, va.loss.mean(0))}
         report = {"targets": cfg.data.targets, "splits": {}}
@@ -200,6 +215,10 @@ class ImageSteps:
                 copies=self.copies.for_split(s) if self.copies else None)
             report["splits"][s]["diversity"] = diversity(sc.expert_logits, names, sc.fp_logits, d.labels)
         self.gate = gate_decision(report["splits"]["router_val"], cfg.gate.p_value, cfg.gate.force_routing)
+        if self.budget:
+            from moqe_compile.tasks.image.budget import gate_within_budget
+
+            self.gate = gate_within_budget(self, self.gate)
         report["gate"] = self.gate
         for e in self.experts:
             e["metrics"] = {"test": flat_metrics(report["splits"]["test"]["experts"][e["name"]],
@@ -235,7 +254,7 @@ class ImageSteps:
                        "input": "input", "output": "expert_probs", "config": asdict(cfg.router),
                        "best_epoch": self.trained.best_epoch, "gate": gate},
             "routing": {"enabled": gate["decision"] == "routed", "granularity": "per-input",
-                        "default_expert": names[self.best_k],
+                        "default_expert": names[self.best_k], "default_rule": self.default_rule,
                         "fallback_threshold": self.fallback["threshold"],
                         "fallback_expert": names[self.fallback["expert"]],
                         "fallback_chosen_on": {k: v for k, v in self.fallback.items() if k.startswith("val_")}},
@@ -244,6 +263,7 @@ class ImageSteps:
                        "eval_data": {"path": "report/eval_data.npz", "splits": list(EVAL_SPLITS),
                                      "storage": self.eval_storage},
                        "strongest_expert": self.strongest,
+                       **({"frontier": self.budget["manifest"]} if self.budget else {}),
                        "expert_val_loss": self.val_loss,  # cost-matched controls pick brackets by it
                        "controls": ({"path": CONTROLS_FILE, "copies": copies.names, "preset": copies.preset,
                                      "calibration_per_copy": copies.calibration_per_copy,

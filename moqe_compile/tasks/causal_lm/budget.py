@@ -1,0 +1,145 @@
+"""The causal-LM side of compiling to an accuracy budget: the weight-only ladder 4-bit g128 ->
+g64 -> g32 -> 8-bit (our GPTQ into ``MatMulNBits``), each candidate scored on the router_val
+windows against FP in percent perplexity. The search and the rule are task-free
+(:mod:`moqe_compile.target`). Per-MatMul precision on top of a rung is not searched yet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from moqe_compile import target as tg
+from moqe_compile.tasks.causal_lm.config import LMExpertRecipe, expert_from_dict
+from moqe_compile.tasks.causal_lm.score import DecoderSession, score_windows
+
+LADDER = (("w4-gptq", 128), ("w4-gptq", 64), ("w4-gptq", 32), ("w8-gptq", 128))
+UNIT = "percent perplexity"
+LATENCY_REPEATS = 10
+
+
+def recipe_for(spec: tuple[str, int]) -> LMExpertRecipe:
+    preset, block = spec
+    return expert_from_dict({"name": f"{preset}-g{block}", "preset": preset, "block_size": block})
+
+
+def nominal_bits(r: LMExpertRecipe) -> float:
+    """Mean bits per quantized weight: the integer width plus one float32 scale per block."""
+    return r.bits + (32 / r.block_size if r.scheme == "nbits" else 0.0)
+
+
+def default_expert(budget: dict | None, names: list[str], val_loss: np.ndarray, alpha: float) -> tuple[int, dict]:
+    """The single expert a bundle serves without routing, and the rule that chose it (LM menus
+    have no strongest preset: the lowest router_val loss, unless a budget chose)."""
+    if budget:
+        m = budget["manifest"]
+        return names.index(m["expert"]), {"rule": "budget", "reason": f"the cheapest candidate whose router_val "
+                                          f"drop interval is within max_drop = {m['max_drop']} ({m['cost']})"}
+    return tg.choose_default(val_loss, names, None, alpha)
+
+
+def budget_step(st) -> dict:
+    """The LM build's ``target`` step (``tasks/causal_lm/steps.py``): search the ladder on
+    router_val, add the chosen candidate to the experts, evaluate it once on test, write the
+    frontier report."""
+    cfg, t = st.cfg, st.cfg.target
+    dims = (st.spec.layers, st.spec.kv_heads, st.spec.head_dim)
+    fp = DecoderSession("fp", st.w.path("fp/model.onnx"), *dims)
+    val = st.splits["router_val"].ids
+    paths: dict[str, Path] = {}
+    recipes: dict[str, LMExpertRecipe] = {}
+    fp_nll: dict[str, np.ndarray] = {}
+
+    def evaluate(spec) -> tg.Candidate:
+        r = recipe_for(spec)
+        dest = st.work / f"budget.{r.name}.onnx"
+        t0 = time.perf_counter()
+        st._quantize_one(r, st._calib_ids(r), dest)  # noqa: SLF001 - the plug-in's own builder
+        seconds = time.perf_counter() - t0
+        sc = score_windows(fp, [DecoderSession(r.name, dest, *dims)], val, mix_of=0)
+        fp_nll["val"] = sc.nll
+        paths[r.name], recipes[r.name] = dest, r
+        return tg.Candidate(name=r.name, rung=spec[0], recipe=asdict(r), val=tg.perplexity_drop(sc.nll, sc.loss[:, 0]),
+                            cost={"mean_weight_bits": nominal_bits(r), "bytes": _bytes(dest)},
+                            build_seconds=round(seconds, 2))
+
+    res = tg.search([tg.Tier(list(LADDER))], evaluate, t.max_drop, 60 * t.search_minutes, st.st.say)
+    if not any(c.meets for c in res.candidates):
+        raise tg.no_fit_error(res.candidates, t.max_drop, UNIT, res.timed_out)
+    fp_ms = _measure(res.candidates, paths, fp, dims, val, sorted({1, t.batch}))
+    chosen = tg.choose(res.candidates, t.cost, t.batch)
+    c = res.candidates[chosen]
+    taken = {e["name"] for e in st.experts}
+    name = c.name if c.name not in taken else f"budget-{c.name}"
+    rel = f"experts/{name}/onnxruntime-cpu.onnx"
+    _copy_graph(paths[c.name], st.w.path(rel))
+    from moqe_compile.quantize.nbits import check_kernels
+
+    check = check_kernels(st.w.path(rel), allow_fp_head=not recipes[c.name].quantize_lm_head, allow_fp=st.gates)
+    st.experts.append({"name": name, "recipe": {**asdict(recipes[c.name]), "name": name},
+                       "variants": {"onnxruntime-cpu": {"path": rel, "kernels": check["kernels"], "check": check}},
+                       "build_seconds": c.build_seconds})
+    te = score_windows(fp, [DecoderSession(name, st.w.path(rel), *dims)], st.splits["test"].ids, mix_of=0)
+    test = tg.held_on_test(tg.perplexity_drop(te.nll, te.loss[:, 0]), t.max_drop)
+    st.st.say(f"target: chose {c.name}; on test +{test['drop']:.2f}% perplexity [{test['ci95'][0]:.2f}, "
+              f"{test['ci95'][1]:.2f}]: budget {'held' if test['held'] else 'did NOT hold'}")
+    doc = tg.frontier(res.candidates, chosen, asdict(t), UNIT, fp_ms, res.seconds, res.timed_out, test)
+    doc["expert"] = name
+    st.w.path(tg.FRONTIER_JSON).write_text(json.dumps(doc, indent=2))
+    st.w.path(tg.FRONTIER_MD).write_text(tg.frontier_markdown(doc))
+    tg.plot_frontier(doc, st.w.path(tg.FRONTIER_PNG))
+    return {"expert": name, "doc": doc,
+            "manifest": {"path": tg.FRONTIER_JSON, "plot": tg.FRONTIER_PNG, "markdown": tg.FRONTIER_MD,
+                         "max_drop": t.max_drop, "cost": t.cost, "batch": t.batch, "unit": UNIT, "chosen": c.name,
+                         "expert": name, "val": c.val, "test": test, "cost_value": tg.cost_value(c, t.cost, t.batch),
+                         "search_seconds": round(res.seconds, 2), "timed_out": res.timed_out,
+                         "candidates": len(res.candidates)}}
+
+
+def _bytes(path: Path) -> int:
+    """The graph and its external data file, if any."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def _copy_graph(src: Path, dest: Path) -> None:
+    import onnx
+
+    # Loading and saving brings any external data along under the bundle's own file name.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if any(p != src for p in src.parent.glob(src.name + "*")):
+        onnx.save(onnx.load(str(src)), str(dest))
+    else:
+        shutil.copyfile(src, dest)
+
+
+def _measure(cands, paths: dict, fp: DecoderSession, dims, val: np.ndarray, batches: list[int]) -> dict:
+    """Latency of one forward pass over whole windows (the scoring path), interleaved with FP."""
+    sessions = {c.name: DecoderSession(c.name, paths[c.name], *dims) for c in cands}
+
+    def runner(sess):
+        return lambda bs: (lambda x=np.ascontiguousarray(np.resize(val, (bs, val.shape[1]))): sess.logits(x))
+
+    return tg.measure_costs(cands, {n: runner(s) for n, s in sessions.items()}, runner(fp), batches,
+                            LATENCY_REPEATS)
+
+
+def gate_within_budget(st, gate: dict) -> dict:
+    """A routed LM bundle must meet the budget on router_val at an expected mean weight width no
+    higher than the budget expert's; otherwise it serves the budget expert."""
+    if gate["decision"] != "routed" or gate.get("forced"):
+        return gate
+    m = st.budget["manifest"]
+    va = st.scores["router_val"]
+    route = np.asarray(st.routes["router_val"]).astype(np.int64)
+    routed = tg.perplexity_drop(va.nll, va.loss[np.arange(len(route)), route])
+    names = [e["name"] for e in st.experts]
+    bits = np.array([st.costs[n] for n in names])
+    reasons = tg.routed_within(routed, m["max_drop"], float(bits[route].mean()), float(bits[names.index(m["expert"])]))
+    if not reasons:
+        return {**gate, "budget": {"routed_val_drop": routed}}
+    return {**gate, "decision": "single", "budget": {"routed_val_drop": routed},
+            "reason": gate["reason"] + "; but under the accuracy budget " + "; ".join(reasons)}
