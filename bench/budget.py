@@ -4,7 +4,7 @@ the budget on val, and the anchors' point-estimate rule against the interval rul
 validation draws.
 
     python bench/budget.py fmnist-cnn --budgets 0.05 0.1 0.3 --costs latency weight_bits --draws 5 \\
-        --json bench/results/xeon-2core/budget_fmnist.json
+        --json bench/results/epyc-2core/budget_fmnist.json
 
 It runs the build's own search (``moqe_compile.target.search`` with the image plug-in's
 candidates, ``tasks/image/budget.py``) once per (cost, budget); a candidate another search

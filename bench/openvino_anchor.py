@@ -1,7 +1,7 @@
 """An anchor for the CPU figures: OpenVINO runs the same ONNX graphs (the bundle's Q/DQ INT8
 expert and its FP32 model) side by side with ONNX Runtime.
 
-    pip install openvino
+    pip install -e ".[bench]"
     python bench/openvino_anchor.py bundles/mobilenetv2-demo --batches 1 16 32 --repeats 20 [--json PATH]
 
 ONNX Runtime: the project's session factory as the Runtime uses it (level ``all``, default

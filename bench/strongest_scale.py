@@ -3,7 +3,7 @@ change, side by side, and how far the two experts' outputs differ.
 
     git worktree add ../moqe-before <commit>      # the code to compare against
     python bench/strongest_scale.py --before-tree ../moqe-before --rounds 2 --work WORK \\
-        --json bench/results/xeon-2core/strongest-scale-mobilenetv2.json
+        --json bench/results/epyc-2core/strongest-scale-mobilenetv2.json
     python bench/strongest_scale.py --model-onnx efficientnet_lite0.onnx ...   # another model
 
 The model, preprocessing and calibration views are the recipe's (default: the demo recipe,
