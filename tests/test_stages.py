@@ -19,7 +19,9 @@ def _build_entry(root):
 def _check(root, order):
     b = _build_entry(root)
     names = [s["name"] for s in b["stages"]]
-    assert names == list(order)  # every step the plug-in ran, in its order
+    # The fixtures set no accuracy budget, so the plug-in skips its ``target`` step.
+    assert "target" in order
+    assert names == [n for n in order if n != "target"]  # every step the plug-in ran, in its order
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in b["stages"])
     assert b["total_seconds"] >= max(s["seconds"] for s in b["stages"])
     assert b["peak_rss_mb"] >= max(s["peak_rss_mb"] for s in b["stages"])

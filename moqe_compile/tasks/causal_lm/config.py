@@ -11,7 +11,7 @@ controls and gate sections and the TOML machinery are the shared ones of
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moqe_compile.errors import ConfigError
@@ -114,7 +114,7 @@ class LMExpertRecipe:
     # MatMulNBits' compute type (ONNX Runtime's accuracy_level): 0 = unset (float compute, what
     # every bundle before this key was built with), 1 fp32, 2 fp16, 3 bf16, 4 int8 (activations
     # quantized per block at run time: MLAS' VNNI/AVX-512 path). Written to the manifest only
-    # when set (LMBuildConfig.to_dict).
+    # when set (to_dict).
     accuracy_level: int = 0
     # Expert-wise bits for sparse MoE models (preset "moe-expert-bits", tasks/causal_lm/moe_bits.py).
     # moe_bits: target mean bits per routed-expert weight (0 = off); moe_widths: the widths an
@@ -129,6 +129,14 @@ class LMExpertRecipe:
     # Calibrate on one corpus only (its label in [data] corpora: wiki, c4, tiny or a file's
     # stem); "" = the calibration windows of every corpus: per-domain experts.
     calibration_corpus: str = ""
+
+    def to_dict(self) -> dict:
+        # Keys added after the config's VERSION are written only when set, so an unchanged recipe
+        # keeps a byte-identical manifest (in the recipe section and in each expert's entry).
+        data = asdict(self)
+        if data["accuracy_level"] == 0:
+            del data["accuracy_level"]
+        return data
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
@@ -247,9 +255,7 @@ class LMBuildConfig(Recipe):
         # Expert keys added after this config's VERSION are written only when set, so an
         # unchanged recipe keeps a byte-identical manifest (Recipe.WRITTEN_WHEN_SET, per expert).
         data = super().to_dict()
-        for e in data["experts"]:
-            if e.get("accuracy_level") == 0:
-                del e["accuracy_level"]
+        data["experts"] = [e.to_dict() for e in self.experts]
         return data
 
     def __post_init__(self) -> None:

@@ -117,7 +117,7 @@ class LMSteps:
                 rel = f"experts/{r.name}/{MAIN_BACKEND}.onnx"
                 extra = self._quantize_one(r, self._calib_ids(r), self.w.path(rel))
                 check = extra.pop("check")
-                self.experts.append({"name": r.name, "recipe": asdict(r), **extra,
+                self.experts.append({"name": r.name, "recipe": r.to_dict(), **extra,
                                      "variants": {MAIN_BACKEND: {"path": rel, "kernels": check["kernels"],
                                                                  "check": check}},
                                      "build_seconds": round(time.perf_counter() - t0, 2)})
