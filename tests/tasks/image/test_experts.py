@@ -11,6 +11,7 @@ from moqe_compile.quantize import check_qdq
 from moqe_compile.quantize.graph import run_with_outputs, weight_layers
 from moqe_compile.tasks.image.config import EXPERT_PRESETS, ExpertRecipe
 
+from ...models import class_batch
 from .helpers import build, make_setup, run_ort
 
 
@@ -77,7 +78,6 @@ def test_excluded_nodes_stay_float(setup):
 
 def test_w4a8_strongest_is_closer_to_fp_than_mse_bc_and_exports_plain_qdq(strong_setup):
     prep, x, _ = strong_setup
-    fp = _run(prep, x)
     info, outs = _build(strong_setup, ExpertRecipe.from_preset("strong", "w4a8-strongest"))
     steps = info["steps"]
     assert steps["gptq_layers"] == 4 and steps["bias_corrected_layers"] == 4 and steps["refit_activations"] >= 5
@@ -99,8 +99,14 @@ def test_w4a8_strongest_is_closer_to_fp_than_mse_bc_and_exports_plain_qdq(strong
         return float(((np.concatenate(run_with_outputs(path, [out], "input", x)[out]) - ref) ** 2).mean())
 
     assert err(outs["onnxruntime-cpu"]) < err(outs_bc["onnxruntime-cpu"])
-    # The TensorRT graph is the same recipe on a symmetric grid: it must agree with FP as well.
-    assert (_run(outs["tensorrt"], x).argmax(-1) == fp.argmax(-1)).mean() >= 0.8
+    # The TensorRT graph is the same recipe on a symmetric grid: it must agree with FP as well,
+    # on class images (on the Gaussian calibration noise FP predicts one class for every input,
+    # so agreement there could not fail).
+    xc, _ = class_batch(40)
+    fp_c = _run(prep, xc).argmax(-1)
+    assert len(set(fp_c)) > 1
+    # Measured 0.875 (W4A8 calibrated on noise, evaluated on class images).
+    assert (_run(outs["tensorrt"], xc).argmax(-1) == fp_c).mean() >= 0.8
 
 
 def test_w2_expert_with_a_layer_kept_at_8_bits(strong_setup):
