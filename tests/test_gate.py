@@ -237,3 +237,36 @@ def test_routed_reasons_name_the_gain_and_the_test():
 def test_a_headline_expert_with_no_gain_is_not_beaten_even_when_significant():
     g = decide(Comparison("e", 0.02, 0.01), 0.05, False, "top1", headline=Comparison("stem", 0.0, 0.001))
     assert g["decision"] == "single" and "does not significantly beat stem" in g["reason"]
+
+
+def test_the_gate_refuses_routing_on_the_tiny_recipe_built_unforced(tiny_onnx, tiny_images, tmp_path_factory):
+    """The tiny recipe built as a user would (real scores, no forcing): its 16 images cannot show
+    a gain, so the gate must refuse, serve the expert with the lowest router_val loss, and the
+    runtime must run that expert alone (checked against a plain session on its file)."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from moqe_compile.tasks.image.config import GateConfig
+
+    from .models import class_batch
+
+    cfg = dataclasses.replace(tiny_config(tiny_onnx, tiny_images), gate=GateConfig(force_routing=False))
+    root = build(cfg, tmp_path_factory.mktemp("unforced") / "b", quiet=True)
+    m = json.loads((root / "manifest.json").read_text())
+    g = m["router"]["gate"]
+    assert g["decision"] == "single" and g["forced"] is False and g["p_value"] >= g["threshold"]
+    val = json.loads((root / "report" / "report.json").read_text())["splits"]["router_val"]
+    lowest = min(val["experts"], key=lambda n: val["experts"][n]["mean_loss"]["value"])
+    assert m["routing"]["enabled"] is False and m["routing"]["default_expert"] == lowest
+    assert lowest in g["reason"]
+    names = [e["name"] for e in m["experts"]]
+    path = root / m["experts"][names.index(lowest)]["variants"]["onnxruntime-cpu"]["path"]
+    x, _ = class_batch(24)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    with Runtime.load(root) as rt:
+        got = rt.run(x)
+    assert (np.asarray(got.expert_index) == names.index(lowest)).all()
+    # Same file, same provider: only thread scheduling could differ, and it does not change
+    # integer kernels' results; 1e-6 leaves room for the float dequantized output.
+    np.testing.assert_allclose(got.logits, want, rtol=0, atol=1e-6)
