@@ -44,3 +44,10 @@ def gpu_missing() -> bool:
     print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
     return True
 
+
+
+def served_and_fp_paths(rt) -> tuple[str, dict]:
+    """(the expert a bundle serves by default, {"int8": its ORT CPU graph, "fp32": the FP graph})."""
+    e = rt.manifest["experts"][rt.default_expert]
+    return rt.expert_names[rt.default_expert], {"int8": rt.root / e["variants"]["onnxruntime-cpu"]["path"],
+                                                "fp32": rt.root / rt.manifest["model"]["fp"]["path"]}

@@ -33,7 +33,7 @@ from moqe_compile.evaluate.latency import tile_batch, time_interleaved
 from moqe_compile.tasks.image.data import foolbox_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
-from common import add_json_option, write_json  # noqa: E402
+from common import add_json_option, served_and_fp_paths, write_json  # noqa: E402
 
 VARIANTS = {
     "shipped": {},
@@ -81,9 +81,7 @@ def main() -> None:
     args = ap.parse_args()
 
     rt = Runtime.load(args.bundle)
-    expert = rt.expert_names[rt.default_expert]
-    paths = {"int8": rt.root / rt.manifest["experts"][rt.default_expert]["variants"]["onnxruntime-cpu"]["path"],
-             "fp32": rt.root / rt.manifest["model"]["fp"]["path"]}
+    expert, paths = served_and_fp_paths(rt)
     pre = rt.preprocess
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
     sess = {}

@@ -26,7 +26,7 @@ from moqe_compile.evaluate.latency import tile_batch, time_interleaved
 from moqe_compile.tasks.image.data import foolbox_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
-from common import add_json_option, write_json  # noqa: E402
+from common import add_json_option, served_and_fp_paths, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -40,9 +40,7 @@ def main() -> None:
     import openvino as ov
 
     rt = Runtime.load(args.bundle)
-    expert = rt.expert_names[rt.default_expert]
-    paths = {"int8": rt.root / rt.manifest["experts"][rt.default_expert]["variants"]["onnxruntime-cpu"]["path"],
-             "fp32": rt.root / rt.manifest["model"]["fp"]["path"]}
+    expert, paths = served_and_fp_paths(rt)
     core = ov.Core()
     ort = {k: session(p, name=k) for k, p in paths.items()}
     _, pool = rt.load_inputs(foolbox_dir())

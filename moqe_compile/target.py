@@ -23,6 +23,7 @@ try, which one meets the budget, and writes the frontier.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -365,3 +366,20 @@ def frontier_section(root: Path, m: dict) -> list[str]:
         return []
     text = (Path(root) / f["markdown"]).read_text()
     return ["", "accuracy budget frontier:"] + [line for line in text.splitlines()[1:] if line.strip()]
+
+
+def publish(write_path: Callable[[str], Path], res, chosen: int | None, c: Candidate, t, unit: str,
+            fp_ms: dict, test: dict, name: str) -> dict:
+    """Write the frontier (JSON, Markdown, plot) through the bundle writer's ``write_path`` and
+    return the target step's result: the chosen expert, the frontier and its manifest entry."""
+    doc = frontier(res.candidates, chosen, asdict(t), unit, fp_ms, res.seconds, res.timed_out, test)
+    doc["expert"] = name
+    write_path(FRONTIER_JSON).write_text(json.dumps(doc, indent=2))
+    write_path(FRONTIER_MD).write_text(frontier_markdown(doc))
+    plot_frontier(doc, write_path(FRONTIER_PNG))
+    return {"expert": name, "doc": doc,
+            "manifest": {"path": FRONTIER_JSON, "plot": FRONTIER_PNG, "markdown": FRONTIER_MD,
+                         "max_drop": t.max_drop, "cost": t.cost, "batch": t.batch, "unit": unit,
+                         "chosen": c.name, "expert": name, "val": c.val, "test": test,
+                         "cost_value": cost_value(c, t.cost, t.batch), "search_seconds": round(res.seconds, 2),
+                         "timed_out": res.timed_out, "candidates": len(res.candidates)}}

@@ -5,7 +5,6 @@ windows against FP in percent perplexity. The search and the rule are task-free
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict
@@ -46,7 +45,7 @@ def budget_step(st) -> dict:
     """The LM build's ``target`` step (``tasks/causal_lm/steps.py``): search the ladder on
     router_val, add the chosen candidate to the experts, evaluate it once on test, write the
     frontier report."""
-    cfg, t = st.cfg, st.cfg.target
+    t = st.cfg.target
     dims = (st.spec.layers, st.spec.kv_heads, st.spec.head_dim)
     fp = DecoderSession("fp", st.w.path("fp/model.onnx"), *dims)
     val = st.splits["router_val"].ids
@@ -80,24 +79,14 @@ def budget_step(st) -> dict:
     from moqe_compile.quantize.nbits import check_kernels
 
     check = check_kernels(st.w.path(rel), allow_fp_head=not recipes[c.name].quantize_lm_head, allow_fp=st.gates)
-    st.experts.append({"name": name, "recipe": {**asdict(recipes[c.name]), "name": name},
+    st.experts.append({"name": name, "recipe": {**recipes[c.name].to_dict(), "name": name},
                        "variants": {"onnxruntime-cpu": {"path": rel, "kernels": check["kernels"], "check": check}},
                        "build_seconds": c.build_seconds})
     te = score_windows(fp, [DecoderSession(name, st.w.path(rel), *dims)], st.splits["test"].ids, mix_of=0)
     test = tg.held_on_test(tg.perplexity_drop(te.nll, te.loss[:, 0]), t.max_drop)
     st.st.say(f"target: chose {c.name}; on test +{test['drop']:.2f}% perplexity [{test['ci95'][0]:.2f}, "
               f"{test['ci95'][1]:.2f}]: budget {'held' if test['held'] else 'did NOT hold'}")
-    doc = tg.frontier(res.candidates, chosen, asdict(t), UNIT, fp_ms, res.seconds, res.timed_out, test)
-    doc["expert"] = name
-    st.w.path(tg.FRONTIER_JSON).write_text(json.dumps(doc, indent=2))
-    st.w.path(tg.FRONTIER_MD).write_text(tg.frontier_markdown(doc))
-    tg.plot_frontier(doc, st.w.path(tg.FRONTIER_PNG))
-    return {"expert": name, "doc": doc,
-            "manifest": {"path": tg.FRONTIER_JSON, "plot": tg.FRONTIER_PNG, "markdown": tg.FRONTIER_MD,
-                         "max_drop": t.max_drop, "cost": t.cost, "batch": t.batch, "unit": UNIT, "chosen": c.name,
-                         "expert": name, "val": c.val, "test": test, "cost_value": tg.cost_value(c, t.cost, t.batch),
-                         "search_seconds": round(res.seconds, 2), "timed_out": res.timed_out,
-                         "candidates": len(res.candidates)}}
+    return tg.publish(st.w.path, res, chosen, c, t, UNIT, fp_ms, test, name)
 
 
 def _bytes(path: Path) -> int:

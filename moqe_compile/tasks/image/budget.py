@@ -171,10 +171,9 @@ def _append_scores(st, name: str) -> None:
 def budget_step(st) -> dict:
     """The image build's ``target`` step (``tasks/image/steps.py``): search, choose, add the chosen
     candidate to the bundle's experts, evaluate it once on test, write the frontier report."""
-    import json
     from dataclasses import replace
 
-    cfg, t = st.cfg, st.cfg.target
+    t = st.cfg.target
     if st.sensitivity is None:
         st.sensitivity = sensitivity_ranking(st.prepared, st.fp.input_name, st.splits["calibration"].x, st.work)
     budget, res, chosen, fp_ms, unit = run_budget(t, st.prepared, st.fp.path, st.fp.input_name,
@@ -192,17 +191,7 @@ def budget_step(st) -> dict:
     test = tg.held_on_test(drop, t.max_drop)
     st.st.say(f"target: chose {c.name}; on test drop {drop['drop']:.3f} [{drop['ci95'][0]:.3f}, "
               f"{drop['ci95'][1]:.3f}]: budget {'held' if test['held'] else 'did NOT hold'}")
-    doc = tg.frontier(res.candidates, chosen, asdict(t), unit, fp_ms, res.seconds, res.timed_out, test)
-    doc["expert"] = name
-    st.w.path(tg.FRONTIER_JSON).write_text(json.dumps(doc, indent=2))
-    st.w.path(tg.FRONTIER_MD).write_text(tg.frontier_markdown(doc))
-    tg.plot_frontier(doc, st.w.path(tg.FRONTIER_PNG))
-    return {"expert": name, "doc": doc,
-            "manifest": {"path": tg.FRONTIER_JSON, "plot": tg.FRONTIER_PNG, "markdown": tg.FRONTIER_MD,
-                         "max_drop": t.max_drop, "cost": t.cost, "batch": t.batch, "unit": unit,
-                         "chosen": c.name, "expert": name, "val": c.val, "test": test,
-                         "cost_value": tg.cost_value(c, t.cost, t.batch), "search_seconds": round(res.seconds, 2),
-                         "timed_out": res.timed_out, "candidates": len(res.candidates)}}
+    return tg.publish(st.w.path, res, chosen, c, t, unit, fp_ms, test, name)
 
 
 def gate_within_budget(st, gate: dict) -> dict:
