@@ -45,7 +45,6 @@ def gpu_missing() -> bool:
     return True
 
 
-
 def served_and_fp_paths(rt) -> tuple[str, dict]:
     """(the expert a bundle serves by default, {"int8": its ORT CPU graph, "fp32": the FP graph})."""
     e = rt.manifest["experts"][rt.default_expert]

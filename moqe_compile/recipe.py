@@ -232,16 +232,7 @@ class Recipe:
     WRITTEN_WHEN_SET: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for dotted in self.WRITTEN_WHEN_SET:
-            if "." not in dotted:
-                if data[dotted] == dataclasses.asdict(type(getattr(self, dotted))()):
-                    del data[dotted]
-                continue
-            section, key = dotted.split(".")
-            if data[section][key] == _default(type(getattr(self, section)), key):
-                del data[section][key]
-        return data
+        return written_when_set(self, self.WRITTEN_WHEN_SET)
 
     def to_manifest(self) -> dict[str, Any]:
         return {"_type": self.MANIFEST_TYPE, "_version": self.VERSION, "_data": self.to_dict()}
@@ -256,6 +247,24 @@ class Recipe:
             raise ConfigError(f"config is {blob.get('_type')!r} version {blob.get('_version')!r}; "
                               f"this release reads {cls.MANIFEST_TYPE} version {cls.VERSION}.")
         return cls.from_dict(blob["_data"])
+
+
+def written_when_set(obj: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``asdict(obj)`` without the ``keys`` that still have their default (see ``Recipe``):
+    a plain name is a field or a whole section, ``section.key`` one key of a section."""
+    data = dataclasses.asdict(obj)
+    for dotted in keys:
+        if "." in dotted:
+            section, key = dotted.split(".")
+            if data[section][key] == _default(type(getattr(obj, section)), key):
+                del data[section][key]
+            continue
+        value = getattr(obj, dotted)
+        default = (dataclasses.asdict(type(value)()) if dataclasses.is_dataclass(value)
+                   else _default(type(obj), dotted))
+        if data[dotted] == default:
+            del data[dotted]
+    return data
 
 
 def _default(cls: type, key: str) -> Any:

@@ -8,9 +8,11 @@ are perturbed copies of FP with independent noise, so routing must be refused. T
 its fallback, the report, the copies control and the gate are the real ones.
 """
 
+import dataclasses
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
@@ -18,13 +20,13 @@ from moqe_compile import Runtime
 from moqe_compile.build import build
 from moqe_compile.tasks.image import steps
 from moqe_compile.cli.inspect import render
-from moqe_compile.tasks.image.config import ControlsConfig, ExpertRecipe, RouterConfig
+from moqe_compile.tasks.image.config import ControlsConfig, ExpertRecipe, GateConfig, RouterConfig
 from moqe_compile.evaluate.losses import sample_losses
 from moqe_compile.gate import Comparison, decide, significant
 from moqe_compile.tasks.image.report import gate_decision
 from moqe_compile.tasks.image.score import Scores
 
-from .models import CROP, NUM_CLASSES, tiny_config
+from .models import CROP, NUM_CLASSES, class_batch, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -243,14 +245,6 @@ def test_the_gate_refuses_routing_on_the_tiny_recipe_built_unforced(tiny_onnx, t
     """The tiny recipe built as a user would (real scores, no forcing): its 16 images cannot show
     a gain, so the gate must refuse, serve the expert with the lowest router_val loss, and the
     runtime must run that expert alone (checked against a plain session on its file)."""
-    import dataclasses
-
-    import onnxruntime as ort
-
-    from moqe_compile.tasks.image.config import GateConfig
-
-    from .models import class_batch
-
     cfg = dataclasses.replace(tiny_config(tiny_onnx, tiny_images), gate=GateConfig(force_routing=False))
     root = build(cfg, tmp_path_factory.mktemp("unforced") / "b", quiet=True)
     m = json.loads((root / "manifest.json").read_text())

@@ -11,12 +11,13 @@ controls and gate sections and the TOML machinery are the shared ones of
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moqe_compile.errors import ConfigError
 from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, TargetConfig, build_section,
-                                 check_experts, choice, positive, read_recipe_toml, resolve_path)
+                                 check_experts, choice, positive, read_recipe_toml, resolve_path,
+                                 written_when_set)
 from moqe_compile.tasks.causal_lm.presets import DEFAULT_EXPERTS, LM_EXPERT_PRESETS
 
 LM_CONFIG_VERSION = 1
@@ -130,13 +131,12 @@ class LMExpertRecipe:
     # stem); "" = the calibration windows of every corpus: per-domain experts.
     calibration_corpus: str = ""
 
+    # Keys added after the config's VERSION (as Recipe.WRITTEN_WHEN_SET): written only when set,
+    # so an unchanged recipe keeps a byte-identical manifest, in the recipe and in each expert.
+    WRITTEN_WHEN_SET = ("accuracy_level",)
+
     def to_dict(self) -> dict:
-        # Keys added after the config's VERSION are written only when set, so an unchanged recipe
-        # keeps a byte-identical manifest (in the recipe section and in each expert's entry).
-        data = asdict(self)
-        if data["accuracy_level"] == 0:
-            del data["accuracy_level"]
-        return data
+        return written_when_set(self, self.WRITTEN_WHEN_SET)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
@@ -252,8 +252,6 @@ class LMBuildConfig(Recipe):
     target: TargetConfig = field(default_factory=TargetConfig)
 
     def to_dict(self) -> dict:
-        # Expert keys added after this config's VERSION are written only when set, so an
-        # unchanged recipe keeps a byte-identical manifest (Recipe.WRITTEN_WHEN_SET, per expert).
         data = super().to_dict()
         data["experts"] = [e.to_dict() for e in self.experts]
         return data
