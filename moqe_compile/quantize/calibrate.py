@@ -20,6 +20,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from moqe_compile.errors import ConfigError
+from moqe_compile.quantize.entropy import entropy_thresholds
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -122,6 +123,9 @@ def calibrate_ranges(model: Path, input_name: str, x: np.ndarray, out_json: Path
             if method == "mse":
                 ranges = TensorsData(METHODS[method], mse_ranges(cal.collector.histogram_dict,
                                                                  asymmetric=not symmetric))
+            elif method == "entropy":  # ORT's search, vectorized (quantize/entropy.py)
+                ranges = TensorsData(METHODS[method], entropy_thresholds(cal.collector.histogram_dict,
+                                                                         cal.collector.num_quantized_bins))
             else:
                 ranges = cal.compute_data()
         del cal
