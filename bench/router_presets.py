@@ -127,7 +127,7 @@ def main() -> None:
                                         "fallback": fb}
         for (preset, seed), v in per_sample.items():
             ref = per_sample[args.presets[0], seed]
-            row = {"val_loss": float(v.mean()), "ci95": list(bootstrap_ci(v, groups=groups)),
+            row = {"val_loss": float(v.mean()), "ci95": list(bootstrap_ci(v, groups=groups)[1]),
                    f"minus_{args.presets[0]}": paired_bootstrap(v, ref, groups=groups)}
             results["quality"][f"{preset}/s{seed}"] = row
             d = row[f"minus_{args.presets[0]}"]
