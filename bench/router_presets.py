@@ -1,6 +1,6 @@
 """Router presets on a built bundle: how well each routes on router_val (as deployed: the
-exported graph and the confidence fallback chosen on router_val) and what it costs next to
-one expert at batch 1 and 32 (ONNX Runtime CPU).
+exported graph and the confidence fallback chosen on router_val; and without the fallback, the
+router's own argmax) and what it costs next to one expert at batch 1 and 32 (ONNX Runtime CPU).
 
     python bench/router_presets.py bundles/mobilenetv2-demo --presets paper small compact \\
         --seeds 0 1 --repeats 30 [--json PATH]
@@ -69,12 +69,14 @@ def train_and_export(cfg: BuildConfig, preset: str, seed: int, splits, loss, out
     return path, rc
 
 
-def routed_val_loss(path: Path, x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, dict]:
-    """(per-sample router_val loss as deployed: argmax, fallback chosen on router_val; the fallback)."""
+def routed_val_loss(path: Path, x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(per-sample router_val loss as deployed: argmax, fallback chosen on router_val; the same
+    without the fallback: the router's own choice; the fallback)."""
     probs = run_batched(OrtCpuSession("router", path, 1), x)
     fb = choose_fallback(probs, loss)
     idx = apply_fallback(probs, fb["threshold"], fb["expert"])[0]
-    return loss[np.arange(len(loss)), idx], fb
+    rows = np.arange(len(loss))
+    return loss[rows, idx], loss[rows, probs.argmax(1)], fb
 
 
 def routed_runtime(rt: Runtime, sessions: dict) -> Runtime:
@@ -117,11 +119,11 @@ def main() -> None:
           f"{rt.expert_names[best]} {results['best_single_val_loss']:.4f}, oracle {results['oracle_val_loss']:.4f}")
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="router-presets-") as tmp:
-        per_sample = {}
+        per_sample, raw = {}, {}
         for seed in args.seeds:
             for preset in args.presets:
                 path, rc = train_and_export(cfg, preset, seed, splits, loss, Path(tmp))
-                per_sample[preset, seed], fb = routed_val_loss(path, val_x, val_loss)
+                per_sample[preset, seed], raw[preset, seed], fb = routed_val_loss(path, val_x, val_loss)
                 if seed == args.seeds[0]:
                     sessions[preset] = {1: OrtCpuSession(preset, path, 1), 0: OrtCpuSession(preset, path, 0),
                                         "fallback": fb}
@@ -129,10 +131,15 @@ def main() -> None:
             ref = per_sample[args.presets[0], seed]
             row = {"val_loss": float(v.mean()), "ci95": list(bootstrap_ci(v, groups=groups)[1]),
                    f"minus_{args.presets[0]}": paired_bootstrap(v, ref, groups=groups)}
+            r, rref = raw[preset, seed], raw[args.presets[0], seed]
+            row["no_fallback"] = {"val_loss": float(r.mean()), "ci95": list(bootstrap_ci(r, groups=groups)[1]),
+                                  f"minus_{args.presets[0]}": paired_bootstrap(r, rref, groups=groups)}
             results["quality"][f"{preset}/s{seed}"] = row
-            d = row[f"minus_{args.presets[0]}"]
-            print(f"  {preset:<8} seed {seed}: router_val loss {row['val_loss']:.4f} {np.round(row['ci95'], 4)}; "
-                  f"minus {args.presets[0]} {d['diff']:+.4f} {np.round(d['ci95'], 4)} p={d['p_value']:.3f}")
+            for label, q in (("deployed", row), ("no fallback", row["no_fallback"])):
+                d = q[f"minus_{args.presets[0]}"]
+                print(f"  {preset:<8} seed {seed} {label:<11}: router_val loss {q['val_loss']:.4f} "
+                      f"{np.round(q['ci95'], 4)}; minus {args.presets[0]} {d['diff']:+.4f} {np.round(d['ci95'], 4)} "
+                      f"p={d['p_value']:.3f}")
         expert = rt.expert_names[rt.default_expert]
         _, pool = rt.load_inputs(foolbox_dir())
         routed = {p: routed_runtime(rt, s) for p, s in sessions.items()}

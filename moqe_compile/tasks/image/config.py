@@ -258,9 +258,10 @@ def default_experts() -> list[ExpertRecipe]:
 class RouterConfig:
     """The image router (docs/design.md#routers) and its training schedule.
 
-    preset: the router's architecture by name (``presets.ROUTER_PRESETS``): "default" (SE-ResNet-8
-    16/32/64 + 8x8 attention over the image average-pooled to 32 px) or "small" (the
-    latency-budget router: 16 px subsampled, 8/16/32, no SE, 1x32 attention).
+    preset: the router's architecture by name (``presets.ROUTER_PRESETS``): "default" = "small"
+    (16 px subsampled, 8/16/32, no SE, 1x32 attention: within the router latency budget),
+    "paper" (SE-ResNet-8 16/32/64 + 8x8 attention over the image average-pooled to 32 px) or
+    "compact" (16 px subsampled, 16/32/64, no SE, 1x64 attention).
     The architecture keys (input_size, downsample, channels, se, heads, head_dim,
     quantize) left unset (0, "" or []) take the preset's value; set ones override it.
     targets: "hard" (argmin_k L), "soft" (softmax(-L/T)) or "fp-teacher" (softmax(-KL/T) on

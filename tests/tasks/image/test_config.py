@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from moqe_compile.errors import ConfigError
 from moqe_compile.recipe import ControlsConfig, GateConfig
 from moqe_compile.tasks.image.config import BuildConfig, ExpertRecipe, RouterConfig, load_recipe
-from moqe_compile.tasks.image.presets import EXPERT_PRESETS, STRONGEST_PRESETS
+from moqe_compile.tasks.image.presets import EXPERT_PRESETS, ROUTER_PRESETS, STRONGEST_PRESETS
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -41,7 +42,7 @@ def test_unknown_top_level_table(tmp_path):
     ('[router]\nepochs = "ten"\n', "router.epochs = 'ten' must be of type int"),
     ('[data.split]\ntest = 0.5\n', "sum to 1.35"),
     ('[[experts]]\nname = "a"\ncalibration = "kl"\n', "calibration = 'kl' is not one of"),
-    ('[router]\nheads = 4\n', "heads \\* head_dim = 32"),
+    ('[router]\nheads = 4\n', r"heads \* head_dim = 128 must equal the last stage width channels\[-1\] = 32"),
 ])
 def test_bad_values_are_named(tmp_path, toml, match):
     p = tmp_path / "r.toml"
@@ -102,11 +103,20 @@ MANIFEST_AT_8718132 = (
 )
 
 
+PAPER_SHAPE = '"input_size":32,"downsample":"avgpool","channels":[16,32,64],"se":[true,true,true],"heads":8,"head_dim":8'
+SMALL_SHAPE = '"input_size":16,"downsample":"subsample","channels":[8,16,32],"se":[false,false,false],"heads":1,"head_dim":32'
+
+
 def test_manifest_is_byte_identical_to_the_released_format():
-    # Bundles record build_config; an unchanged recipe must write the same keys, order and values.
+    # Bundles record build_config; an unchanged recipe must write the same keys, order and
+    # values, except the default router's shape (presets version 3: "default" became "small").
     now = json.dumps(BuildConfig().to_manifest(), separators=(",", ":"))
-    assert now == MANIFEST_AT_8718132
-    assert BuildConfig.from_manifest(json.loads(MANIFEST_AT_8718132)) == BuildConfig()
+    assert MANIFEST_AT_8718132.count(PAPER_SHAPE) == 1
+    assert now == MANIFEST_AT_8718132.replace(PAPER_SHAPE, SMALL_SHAPE)
+    # A bundle built before keeps its router: the manifest spells the shape out.
+    old = BuildConfig.from_manifest(json.loads(MANIFEST_AT_8718132))
+    assert old.router == RouterConfig(preset="default", **ROUTER_PRESETS["paper"])
+    assert dataclasses.replace(old, router=RouterConfig()) == BuildConfig()
 
 
 @pytest.mark.parametrize("p", [7.0, 0.0, 1.0])
@@ -166,7 +176,10 @@ def test_task_key_of_this_task_is_accepted(tmp_path):
 def test_default_preset_is_the_documented_router():
     c = RouterConfig()
     assert (c.preset, c.input_size, c.downsample, c.channels, c.se, c.heads, c.head_dim, c.quantize) == (
-        "default", 32, "avgpool", [16, 32, 64], [True, True, True], 8, 8, "none")
+        "default", 16, "subsample", [8, 16, 32], [False] * 3, 1, 32, "none")
+    p = RouterConfig(preset="paper")
+    assert (p.input_size, p.downsample, p.channels, p.se, p.heads, p.head_dim) == (
+        32, "avgpool", [16, 32, 64], [True] * 3, 8, 8)
     assert (c.targets, c.stabilizers, c.fallback) == ("hard", [], True)
 
 

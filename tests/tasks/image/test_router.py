@@ -31,8 +31,8 @@ def test_attention_equals_the_original_formulation(heads, head_dim):
 
 
 def test_se_blocks_follow_the_config():
-    keys = set(CVRouterCore(RouterConfig(), 3).state_dict())
-    assert {f"stages.{i}.se.fc1.weight" for i in range(3)} <= keys  # default: every block
+    keys = set(CVRouterCore(RouterConfig(preset="paper"), 3).state_dict())
+    assert {f"stages.{i}.se.fc1.weight" for i in range(3)} <= keys  # paper: every block
     assert not any(".se." in k for k in CVRouterCore(RouterConfig(preset="small"), 3).state_dict())
     last = set(CVRouterCore(RouterConfig(preset="small", se=[False, False, True]), 3).state_dict())
     assert {k for k in last if ".se." in k} == {"stages.2.se.fc1.weight", "stages.2.se.fc1.bias",
@@ -43,7 +43,7 @@ def _ops(path):
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
-@pytest.mark.parametrize("preset,pool_op", [("default", "AveragePool"), ("small", "Slice")])
+@pytest.mark.parametrize("preset,pool_op", [("paper", "AveragePool"), ("default", "Slice")])
 def test_export_matches_torch_with_symbolic_batch(tmp_path, preset, pool_op):
     cfg = RouterConfig(preset=preset)
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def test_export_matches_torch_with_symbolic_batch(tmp_path, preset, pool_op):
     assert info == {"quantize": "none"}
     g = onnx.load(str(p))
     assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param
-    assert pool_op in _ops(p) and (preset == "default" or "AveragePool" not in _ops(p))
+    assert pool_op in _ops(p) and (preset == "paper" or "AveragePool" not in _ops(p))
     x = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
     got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     with torch.no_grad():
