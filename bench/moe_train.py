@@ -49,8 +49,8 @@ tokens, so 4000 steps is ~17 epochs) stops at the validation plateau (``min_rel`
 
 Resuming: the output directory's ``checkpoint/state.pt`` (model, optimizer, step, data order and
 position, numpy and torch RNG states, gate snapshots, validation curve, CPU and wall seconds) is
-written every ``checkpoint_every`` steps and on SIGTERM / SIGINT, ``checkpoint/best.pt`` at every
-new best evaluation, each to a temporary file then renamed (a kill leaves the previous one
+written every ``checkpoint_every`` steps, after every evaluation and on SIGTERM / SIGINT,
+``checkpoint/best.pt`` at every new best evaluation, each to a temporary file then renamed (a kill leaves the previous one
 whole). Starting again with the same flags resumes from it; different training flags are
 refused; ``--force`` starts over.
 
@@ -381,7 +381,8 @@ def train(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConfig, c
                 say(json.dumps({k: v for k, v in rec.items() if k != "share"})
                     + " shares " + " | ".join(" ".join(f"{s:.2f}" for s in row) for row in share))
             stop = st.stop_reason or intr.requested or (stop_after is not None and done >= stop_after)
-            if stop or st.step % cfg.checkpoint_every == 0:
+            # after every evaluation too: best.pt is then never ahead of state.pt by more than a replayable step
+            if stop or st.step % cfg.checkpoint_every == 0 or st.step % cfg.eval_every == 0:
                 st.cpu_seconds += time.process_time() - cpu0
                 st.wall_seconds += time.time() - wall0
                 cpu0, wall0 = time.process_time(), time.time()
