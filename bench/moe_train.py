@@ -7,6 +7,7 @@ end): the model the ``moe-expert-bits`` measurements run on (no pretrained MoE i
     python bench/moe_train.py --preset converge                 # the same again: resumes
     python bench/moe_train.py --preset converge --export-to DIR # the best model so far, as a model dir
     python bench/moe_train.py --preset converge --print-dir     # where the model lives
+    python bench/moe_train.py --preset converge --curve         # the validation curve so far
 
 Model: transformers' Mixtral (8 experts, top-2, 4 layers, d = 128, expert width 256, GQA 4/2 heads,
 tied embeddings): 3.6 M parameters, 3.1 M of them in routed experts. Tokenizer: a byte-level BPE
@@ -427,6 +428,26 @@ def export(model, tok, ckdir: Path, out: Path, summary: dict) -> None:
     _atomic_text(out / "train_log.json", json.dumps(summary, indent=2))
 
 
+def print_curve(ckdir: Path) -> int:
+    """The validation curve of a run, finished or not, as a markdown table."""
+    import torch
+
+    if not (ckdir / "state.pt").is_file():
+        print(f"no checkpoint in {ckdir}", file=sys.stderr)
+        return 2
+    st = torch.load(ckdir / "state.pt", weights_only=False)["state"]
+    print(f"step {st['step']}, {st['tokens'] / 1e6:.2f} M tokens, CPU {st['cpu_seconds'] / 3600:.2f} h, "
+          f"wall {st['wall_seconds'] / 3600:.2f} h, {st['starts']} start(s), "
+          f"stop: {st['stop_reason'] or 'not yet'}; best step {st['best_step']}")
+    print("| step | epochs | lr | train CE | val ppl | val balance | min expert share | per-layer min / max share |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in st["curve"]:
+        mm = " · ".join(f"{min(row):.2f}/{max(row):.2f}" for row in r["share"])
+        print(f"| {r['step']} | {r['epochs']:.2f} | {r['lr']:.2e} | {r['train_loss']:.3f} | {r['val_ppl']:.2f} | "
+              f"{r['val_balance']:.3f} | {r['min_share']:.3f} | {mm} |")
+    return 0
+
+
 # ---------------------------------------------------------------- command line
 
 def _args(argv):
@@ -442,6 +463,8 @@ def _args(argv):
                     help="write the best model so far to this directory as a model directory, and exit")
     ap.add_argument("--force", action="store_true", help="start over: delete --out's checkpoint and model")
     ap.add_argument("--print-dir", action="store_true")
+    ap.add_argument("--curve", action="store_true",
+                    help="print the validation curve and expert shares so far (from the checkpoint), and exit")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     args.out = args.out or p["out"]
@@ -457,6 +480,8 @@ def main(argv=None) -> int:
         print(args.out)
         return 0
     ckdir = args.out / CHECKPOINT_DIR
+    if args.curve:
+        return print_curve(ckdir)
     if args.force and args.out.is_dir():
         shutil.rmtree(ckdir, ignore_errors=True)
         (args.out / "train_log.json").unlink(missing_ok=True)

@@ -60,6 +60,13 @@ def test_interrupted_and_resumed_run_equals_the_straight_run(tmp_path):
     assert not list((tmp_path / "b").glob("*.tmp"))
 
 
+def test_curve_prints_every_evaluation(tmp_path, capsys):
+    _run(tmp_path / "checkpoint")
+    assert moe_train.main(["--out", str(tmp_path), "--curve"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == [2, 4]
+
+
 def test_resume_refuses_other_settings(tmp_path):
     _run(tmp_path, stop_after=1)
     m = _model()
@@ -72,7 +79,7 @@ def test_shares_and_balance_loss_per_layer():
     x = torch.from_numpy(_data()[0][:2])
     ce, bal, counts = moe_train.losses(_model(), x)
     assert counts.shape == (2, 4) and counts.sum() == 2 * 2 * 16 * 2  # layers x tokens x top-2
-    assert 1.0 <= float(bal) <= 4.0  # E sum f P: 1 balanced, E when one expert takes every pick
+    assert 1.0 <= float(bal.detach()) <= 4.0  # E sum f P: 1 balanced, E when one expert takes every pick
     one_sided = torch.tensor([[9.0, 0.0, 0.0, -9.0]] * 16)
     assert float(moe_train.switch_balance(one_sided, 2)) == pytest.approx(2.0, rel=1e-3)  # f = (.5,.5,0,0), P ~ (1,0,0,0)
 
