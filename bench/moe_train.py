@@ -265,6 +265,7 @@ class TrainState:
     wall_seconds: float = 0.0
     starts: int = 0  # how many times the loop was (re)started
     stop_reason: str = ""
+    run: list = field(default_factory=lambda: [0.0, 0.0, 0])  # CE sum, balance sum, steps since the last evaluation
 
 
 class Interrupt:
@@ -341,7 +342,6 @@ def train(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConfig, c
 
     model.train()
     cpu0, wall0, done = time.process_time(), time.time(), 0
-    run_ce, run_bal, run_n = 0.0, 0.0, 0
     with Interrupt() as intr:
         while st.step < cfg.max_steps and not st.stop_reason:
             if st.pos + cfg.batch > len(st.order):
@@ -356,7 +356,7 @@ def train(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConfig, c
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             st.step, st.tokens, done = st.step + 1, st.tokens + x.numel(), done + 1
-            run_ce, run_bal, run_n = run_ce + float(ce.detach()), run_bal + float(bal.detach()), run_n + 1
+            st.run = [st.run[0] + float(ce.detach()), st.run[1] + float(bal.detach()), st.run[2] + 1]
             if st.step % cfg.eval_every == 0 or st.step == cfg.max_steps:
                 st.cpu_seconds += time.process_time() - cpu0
                 st.wall_seconds += time.time() - wall0
@@ -364,12 +364,12 @@ def train(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConfig, c
                 v, vb, share = evaluate(model, val_ids)
                 snaps[st.step] = _gates(model)
                 rec = {"step": st.step, "tokens": st.tokens, "epochs": round(st.tokens / train_ids.size, 3),
-                       "lr": lr_at(cfg, st.step - 1), "train_loss": round(run_ce / run_n, 4),
-                       "train_balance": round(run_bal / run_n, 4), "val_loss": round(v, 4),
+                       "lr": lr_at(cfg, st.step - 1), "train_loss": round(st.run[0] / st.run[2], 4),
+                       "train_balance": round(st.run[1] / st.run[2], 4), "val_loss": round(v, 4),
                        "val_ppl": round(math.exp(v), 3), "val_balance": round(vb, 4),
                        "min_share": round(float(share.min()), 4), "share": np.round(share, 4).tolist(),
                        "cpu_seconds": round(st.cpu_seconds, 1), "wall_seconds": round(st.wall_seconds, 1)}
-                run_ce, run_bal, run_n = 0.0, 0.0, 0
+                st.run = [0.0, 0.0, 0]
                 st.curve.append(rec)
                 if v < st.best_val_loss:
                     st.best_val_loss, st.best_step = v, st.step

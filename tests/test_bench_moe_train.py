@@ -53,7 +53,8 @@ def test_interrupted_and_resumed_run_equals_the_straight_run(tmp_path):
     init = _model().state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    assert [r["val_loss"] for r in st_a.curve] == [r["val_loss"] for r in st_b.curve]
+    for key in ("val_loss", "train_loss", "share"):  # train_loss: its running sum survives the interruption
+        assert [r[key] for r in st_a.curve] == [r[key] for r in st_b.curve], key
     assert [r["step"] for r in st_b.curve] == [2, 4]
     ck = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
     assert sorted(ck["gate_snapshots"]) == [2, 4]
