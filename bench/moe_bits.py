@@ -2,9 +2,16 @@
 ``moe-expert-bits`` (tasks/causal_lm/moe_bits.py), with paired intervals against uniform and random
 allocation, plus model size; on the MoE LM bench/moe_train.py trains.
 
-    nice -n 10 python bench/moe_train.py                   # once: trains and caches the model (~13 min)
+    nice -n 10 python bench/moe_train.py                   # once: trains and caches the quick model
     nice -n 10 python bench/moe_bits.py --work WORK --json bench/results/epyc-2core/moe-bits.json
     nice -n 10 python bench/moe_bits.py --onnx --work WORK --json bench/results/epyc-2core/moe-bits-onnx.json
+
+    # the converged model (bench/moe_train.py --preset converge; hours, resumable):
+    nice -n 10 python bench/moe_bits.py --model ~/.cache/moqe-compile/moe-mixtral-converged \
+        --widths 1,2,3 --averages 1.5,2,2.5 --work WORK-123 --json bench/results/epyc-2core/moe-bits-converged-123.json
+
+``--model DIR`` is any bench/moe_train.py output directory; with ``--onnx`` the recipe's widths
+and allocations are built on that model (its ``heldout.txt`` as the corpus).
 
 ``--work DIR`` keeps what a rerun can resume from: ``nll-cache.npz`` (the per-window NLL of every
 allocation evaluated so far) and, with ``--onnx``, the built ``bundle/``; without it they live
@@ -21,7 +28,11 @@ Allocations: ``combined`` (the paper), ``gate-norm``, ``maxvar``, the controls `
 around it) and ``random`` (``--random-seeds`` permutations). Perplexity on the test windows
 (documents never trained on) of wiki / c4 / tiny, per-window mean token NLL; paired bootstrap over
 windows against uniform, and against random with windows *and* seeds resampled (the random
-control's own spread); a positive difference = the allocation's NLL is lower.
+control's own spread); a positive difference = the allocation's NLL is lower. The rows
+``gate-norm`` (router change alone), ``maxvar`` (variance alone) and ``frequency`` (usage alone)
+are the per-criterion ablation of ``combined``. ``criteria`` in the JSON: every expert's score
+under each criterion and its Spearman rank correlation, per layer, with the expert's share of the
+picks on the test windows.
 
 **ONNX grid** (``--onnx``): builds ``moqe_compile/recipes/moe-mixtral-8x4m.toml`` (widths {4, 8} at 5 bits:
 combined, random x 3, frequency; uniform 4 and 8 as brackets; MatMulNBits on ONNX Runtime CPU,
@@ -133,16 +144,10 @@ def fake_quant_grid(args) -> dict:
            "fp32_mb": 4 * (moe.expert_params() + non_expert) / 1e6,
            "gate_history": why or "present", "expert_usage": (stats.counts / stats.counts.sum(1, keepdims=True)).tolist(),
            "methods": {}}
-    from scipy.stats import spearmanr
-
-    from moqe_compile.tasks.causal_lm.moe_bits import expert_scores
-
-    sc = expert_scores(moe, hist, stats.counts)
-    res["criteria"] = {**sc, "spearman_vs_usage": {
-        k: [float(spearmanr(sc[k][i], stats.counts[i]).statistic) for i in range(len(moe.blocks))]
-        for k in ("gate_norm_change", "maxvar") if k in sc}}
-    print(f"FP ppl {res['fp']['ppl']:.3f}; Spearman with usage per layer: "
-          + json.dumps({k: [round(x, 2) for x in v] for k, v in res["criteria"]["spearman_vs_usage"].items()}),
+    res["criteria"] = criteria_vs_usage(model, moe, hist, stats.counts, test)
+    res["train_log"] = _train_summary(args.model)
+    print(f"FP ppl {res['fp']['ppl']:.3f}; Spearman with usage on the test windows, per layer: "
+          + json.dumps({k: [round(x, 2) for x in v] for k, v in res["criteria"]["spearman_vs_test_usage"].items()}),
           flush=True)
     widths = [int(w) for w in args.widths.split(",")]
     for method in args.methods.split(","):
@@ -186,6 +191,31 @@ def fake_quant_grid(args) -> dict:
     return res
 
 
+def criteria_vs_usage(model, moe, hist, calib_counts: np.ndarray, test: np.ndarray) -> dict:
+    """Each criterion's score per expert (gate-norm change, MaxVar, frequency = share of the
+    calibration picks) and its Spearman rank correlation, per layer, with the expert's share of
+    the picks on the *test* windows (usage measured on text no criterion saw; the calibration
+    share would make frequency's correlation 1 by construction)."""
+    from scipy.stats import spearmanr
+
+    from moqe_compile.tasks.causal_lm.moe_bits import expert_scores, routing_stats
+
+    sc = expert_scores(moe, hist, calib_counts)
+    usage = routing_stats(model, moe, test).counts
+    rho = {k: [float(spearmanr(sc[k][i], usage[i]).statistic) for i in range(len(moe.blocks))]
+           for k in ("gate_norm_change", "maxvar", "frequency") if k in sc}
+    return {**sc, "test_usage": (usage / usage.sum(1, keepdims=True)).tolist(), "spearman_vs_test_usage": rho}
+
+
+def _train_summary(model_dir: Path) -> dict:
+    """The trained model's provenance (bench/moe_train.py's train_log.json, curve left out)."""
+    p = Path(model_dir) / "train_log.json"
+    if not p.is_file():
+        return {}
+    log = json.loads(p.read_text())
+    return {k: v for k, v in log.items() if k not in ("curve", "log")}
+
+
 def _row(v: np.ndarray, table, moe, symmetric: bool) -> dict:
     from moqe_compile.tasks.causal_lm.moe_bits import expert_bytes
 
@@ -202,7 +232,11 @@ def onnx_grid(args) -> dict:
 
     out = args.work / "bundle"
     if not (out / "manifest.json").is_file():
-        build_lm(load_lm_recipe(args.recipe), out)
+        cfg = load_lm_recipe(args.recipe)
+        if args.model_given:  # the recipe's widths and allocations on another trained model
+            cfg.model.path = str(args.model.resolve())
+            cfg.data.corpora = [str(args.model.resolve() / "heldout.txt")]
+        build_lm(cfg, out)
     b = read_bundle(out)
     m = b.manifest
     with np.load(b.file("report/loss_matrix.npz"), allow_pickle=False) as z:
@@ -236,7 +270,9 @@ def main(argv=None) -> int:
     import moe_train
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=moe_train.DEFAULT_OUT)
+    ap.add_argument("--model", type=Path, default=None,
+                    help=f"a bench/moe_train.py output directory (default {moe_train.DEFAULT_OUT}; the converged "
+                         f"run's: {moe_train.CONVERGED_OUT})")
     add_json_option(ap)
     ap.add_argument("--widths", default="2,3,4")
     ap.add_argument("--averages", default="2.5,3,3.5")
@@ -251,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "moqe_compile" / "recipes"
                                             / "moe-mixtral-8x4m.toml"))
     args = ap.parse_args(argv)
+    args.model_given = args.model is not None
+    args.model = (args.model or moe_train.DEFAULT_OUT).expanduser()
     if not moe_train.is_complete(args.model):
         print(f"no trained model in {args.model}: run bench/moe_train.py first", file=sys.stderr)
         return 2
