@@ -37,6 +37,30 @@ def _layer_fn(op: str, attrs: dict, in_shape: tuple):
     return conv
 
 
+def init_v(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(floor(w / s), V) with h(V) equal to the rounding remainder, so the soft weights start
+    at the FP weights."""
+    floor = torch.floor(w / s)
+    rest = ((w / s - floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+    return floor, torch.log(rest / (1 - rest))
+
+
+def anneal(it: int, iters: int, warmup: float = 0.2) -> float | None:
+    """AdaRound's regularizer exponent beta at step ``it``: none during the warm-up, then 20 -> 2."""
+    t = it / max(1, iters - 1)
+    return None if t < warmup else 20 - 18 * (t - warmup) / (1 - warmup)
+
+
+def round_reg(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """Sum of 1 - |2 h(V) - 1|^beta: zero once every weight is rounded fully down or up."""
+    return (1 - (2 * h(v) - 1).abs().pow(beta)).sum()
+
+
+def h(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's rectified sigmoid: the soft rounding offset in [0, 1]."""
+    return _h(v)
+
+
 def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, qmax: int,
                    x: np.ndarray, iters: int = 300, lr: float = 1e-2, reg: float = 0.01, batch: int = 16,
                    seed: int = 0) -> np.ndarray:
