@@ -13,11 +13,12 @@ import torch.nn.functional as F
 ZETA, GAMMA = 1.1, -0.1
 
 
-def _h(v: torch.Tensor) -> torch.Tensor:
+def h(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's rectified sigmoid: the soft rounding offset in [0, 1]."""
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
-def _layer_fn(op: str, attrs: dict, in_shape: tuple):
+def layer_fn(op: str, attrs: dict, in_shape: tuple):
     if op == "Gemm":
         return F.linear
     strides = tuple(attrs.get("strides", [1, 1]))
@@ -56,11 +57,6 @@ def round_reg(v: torch.Tensor, beta: float) -> torch.Tensor:
     return (1 - (2 * h(v) - 1).abs().pow(beta)).sum()
 
 
-def h(v: torch.Tensor) -> torch.Tensor:
-    """AdaRound's rectified sigmoid: the soft rounding offset in [0, 1]."""
-    return _h(v)
-
-
 def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, qmax: int,
                    x: np.ndarray, iters: int = 300, lr: float = 1e-2, reg: float = 0.01, batch: int = 16,
                    seed: int = 0) -> np.ndarray:
@@ -70,7 +66,7 @@ def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, sc
     B = torch.from_numpy(b.astype(np.float32)) if b is not None else None
     S = torch.from_numpy(scale.astype(np.float32)).reshape(-1, *([1] * (w.ndim - 1)))
     X = torch.from_numpy(x.astype(np.float32))
-    fn = _layer_fn(op, attrs, tuple(x.shape))
+    fn = layer_fn(op, attrs, tuple(x.shape))
     floor = torch.floor(W / S)
     rest = W / S - floor  # in [0, 1)
     V = torch.log(((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
@@ -82,17 +78,17 @@ def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, sc
         target_all = fn(X, W, B)
     for it in range(iters):
         idx = torch.randint(0, len(X), (min(batch, len(X)),), generator=g)
-        wq = torch.clamp(floor + _h(V), lo, qmax) * S
+        wq = torch.clamp(floor + h(V), lo, qmax) * S
         out = fn(X[idx], wq, B)
         rec = F.mse_loss(out, target_all[idx])
         # beta anneals 20 -> 2 after a 20% warm-up without the rounding regularizer.
         t = it / max(1, iters - 1)
         beta = 20 - 18 * max(0.0, (t - 0.2) / 0.8)
-        regl = (1 - (2 * _h(V) - 1).abs().pow(beta)).sum() if t >= 0.2 else torch.zeros(())
+        regl = (1 - (2 * h(V) - 1).abs().pow(beta)).sum() if t >= 0.2 else torch.zeros(())
         loss = rec + reg * regl / V.numel() * 100
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        q = torch.clamp(floor + (_h(V) >= 0.5).float(), lo, qmax)
+        q = torch.clamp(floor + (h(V) >= 0.5).float(), lo, qmax)
     return q.numpy().astype(np.int32)

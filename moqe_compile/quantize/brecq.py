@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from moqe_compile.errors import BuildError
-from moqe_compile.quantize.adaround import _layer_fn, anneal, h, init_v, round_reg
+from moqe_compile.quantize.adaround import anneal, h, init_v, layer_fn, round_reg
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def _op(n: onnx.NodeProto, a: list, qdrop: float, gen):
         return _dequantize(n, a[0], a[1], a[2] if len(a) > 2 else None)
     a = [v.value if isinstance(v, _FQ) else v for v in a]
     if op == "Conv":
-        return _layer_fn("Conv", {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}, ())(
+        return layer_fn("Conv", {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}, ())(
             a[0], a[1], a[2] if len(a) > 2 else None)
     if op == "Gemm":
         return _gemm(n, a[0], a[1], a[2] if len(a) > 2 else None)
