@@ -12,13 +12,16 @@ entry may set recipe keys after ``@``: ``w4a8-brecq@high_precision_ends=false@bl
 the calibration split (router_train, router_val and test together), with intervals resampled
 by source image. Reported per expert: top-1 with a bootstrap 95% interval (labelled data), FP
 top-1 agreement and mean KL to FP with intervals, build seconds, the expert's peak RSS, and the
-mean weight bits (layers kept at 8 bits counted at 8).
+mean weight bits (layers kept at 8 bits counted at 8); then each expert paired against the first
+one listed at its width (McNemar on top-1 for independent samples, the paired bootstrap by source
+image otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 import tempfile
@@ -58,7 +61,7 @@ def main() -> None:
 
     from moqe_compile import recipes
     from moqe_compile.backends import OrtCpuSession
-    from moqe_compile.evaluate.stats import bootstrap_ci
+    from moqe_compile.evaluate.stats import bootstrap_ci, paired_compare
     from moqe_compile.quantize import prepare_for_quantization
     from moqe_compile.tasks.image.config import ExpertRecipe, load_recipe
     from moqe_compile.tasks.image.data import build_splits
@@ -68,6 +71,8 @@ def main() -> None:
     from moqe_compile.evaluate.losses import sample_losses
     from moqe_compile.tasks.image.score import expert_metrics, run_batched
 
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("moqe_compile.quantize.brecq").setLevel(logging.INFO)  # one line per reconstructed block
     path = args.recipe if Path(args.recipe).is_file() else recipes.path(args.recipe)
     cfg = load_recipe(path)
     with tempfile.TemporaryDirectory(prefix="moqe-lowbit-") as tmp:
@@ -85,6 +90,7 @@ def main() -> None:
         result = {"recipe": str(args.recipe), "eval": args.eval, "n": int(len(ev_x)), "calibration": int(len(calib)),
                   "sources": None if groups is None else len(set(groups.tolist())),
                   "fp": expert_metrics(fp_logits, fp_logits, labels), "experts": {}}
+        ref: dict = {}
         for bits in args.bits:
             for spec in args.presets.split(","):
                 label, preset, over = parse_spec(spec, bits)
@@ -103,14 +109,24 @@ def main() -> None:
                 m["kl_to_fp_ci95"] = list(bootstrap_ci(sample_losses(logits.astype(np.float64),
                                                                      fp_logits.astype(np.float64), None, "fp"),
                                                        groups=groups)[1])
+                # Paired against the first expert listed at this width: top-1 (labels) or FP agreement,
+                # and KL to FP (McNemar for independent 0/1 pairs, else the paired bootstrap).
+                hit = (logits.argmax(-1) == labels).astype(np.float64) if labels is not None else agree
+                kl = sample_losses(logits.astype(np.float64), fp_logits.astype(np.float64), None, "fp")
+                first = ref.setdefault(bits, (label, hit, kl))
+                if first[0] != label:
+                    m["vs"] = {"expert": first[0], "hit": paired_compare(hit, first[1], groups=groups),
+                               "kl_to_fp": paired_compare(kl, first[2], groups=groups)}
                 if labels is not None:
-                    m["top1_ci95"] = list(bootstrap_ci((logits.argmax(-1) == labels).astype(np.float64),
-                                                       groups=groups)[1])
+                    m["top1_ci95"] = list(bootstrap_ci(hit, groups=groups)[1])
+                    m["top1_minus_fp"] = paired_compare(hit, (fp_logits.argmax(-1) == labels).astype(np.float64),
+                                                        groups=groups)
                 m.update(build_s=round(build_s, 1), peak_rss_mb=info["steps"]["peak_rss_mb"], steps=info["steps"],
                          mean_weight_bits=round(expert_cost(prepared, list(r.exclude_nodes), r.weight_bits,
                                                             r.high_precision_nodes, r.high_precision_ends), 3),
                          recipe=r.to_dict())
                 result["experts"][label] = m
+                write_json(args.json, result)  # after every expert: a long run keeps what it measured
                 print(f"{label:<40} " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)),
                       file=sys.stderr, flush=True)
     head = "top1" if labels is not None else "fp_top1_agreement"
@@ -124,6 +140,13 @@ def main() -> None:
         print(f"| {label} | {top} | {m['fp_top1_agreement']:.3f} [{a[0]:.3f}, {a[1]:.3f}] | "
               f"{m['kl_to_fp']:.4f} [{k[0]:.4f}, {k[1]:.4f}] | {m['mean_weight_bits']:.2f} | {m['build_s']:.0f} | "
               f"{m['peak_rss_mb']:.0f} |")
+    print("\npaired against the first expert of its width (hit = top-1 with labels, else FP agreement):")
+    for label, m in result["experts"].items():
+        if "vs" in m:
+            v, k = m["vs"]["hit"], m["vs"]["kl_to_fp"]
+            print(f"  {label} - {m['vs']['expert']}: hit {100 * v['diff']:+.2f} [{100 * v['ci95'][0]:+.2f}, "
+                  f"{100 * v['ci95'][1]:+.2f}] p = {v['p_value']:.3g} ({v['test']}); KL {k['diff']:+.4f} "
+                  f"[{k['ci95'][0]:+.4f}, {k['ci95'][1]:+.4f}] p = {k['p_value']:.3g}")
     write_json(args.json, result)
 
 
