@@ -225,7 +225,8 @@ class Recipe:
     other pair. ``WRITTEN_WHEN_SET``: dotted keys a task's manifest did not have in its
     ``VERSION``; they are written only when they differ from their default, so an unchanged
     recipe keeps a byte-identical manifest. A name without a dot is a whole section (e.g.
-    ``target``), left out while every key in it has its default."""
+    ``target``), left out while every key in it has its default. Items of a list section (the
+    experts) follow their own class's ``WRITTEN_WHEN_SET``, a tuple of field names."""
 
     MANIFEST_TYPE = ""
     VERSION = 1
@@ -253,6 +254,10 @@ def written_when_set(obj: Any, keys: tuple[str, ...]) -> dict[str, Any]:
     """``asdict(obj)`` without the ``keys`` that still have their default (see ``Recipe``):
     a plain name is a field or a whole section, ``section.key`` one key of a section."""
     data = dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):  # list items with their own rule (e.g. expert recipes)
+        items = getattr(obj, f.name)
+        if isinstance(items, list) and items and all(hasattr(i, "WRITTEN_WHEN_SET") for i in items):
+            data[f.name] = [written_when_set(i, i.WRITTEN_WHEN_SET) for i in items]
     for dotted in keys:
         if "." in dotted:
             section, key = dotted.split(".")

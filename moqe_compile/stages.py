@@ -50,6 +50,23 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+# The highest peak seen before a reset inside the current stage (a per-expert window resets the
+# kernel's peak; the stage's own peak must still count what came before).
+_carried_peak = 0.0
+
+
+@contextlib.contextmanager
+def peak_window() -> Iterator[dict]:
+    """Measure the peak resident memory of a part of a stage (one expert): ``out["peak_rss_mb"]``
+    after the block. Where the OS cannot reset the peak it is the process's peak so far."""
+    global _carried_peak
+    _carried_peak = max(_carried_peak, peak_rss_mb())
+    _reset_peak_rss()
+    out: dict = {}
+    yield out
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident set size in MiB since start or the last reset."""
     try:
@@ -82,11 +99,13 @@ class Stages:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self.say(name)
+        global _carried_peak
+        _carried_peak = 0.0
         self.rss_per_stage = _reset_peak_rss() and self.rss_per_stage
         t0 = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 2)
-        self.peak_rss_mb[name] = round(peak_rss_mb(), 1)
+        self.peak_rss_mb[name] = round(max(peak_rss_mb(), _carried_peak), 1)
 
     def finish(self) -> dict[str, float]:
         self.seconds["total"] = round(time.perf_counter() - self._start, 2)

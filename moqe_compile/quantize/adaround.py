@@ -13,11 +13,12 @@ import torch.nn.functional as F
 ZETA, GAMMA = 1.1, -0.1
 
 
-def _h(v: torch.Tensor) -> torch.Tensor:
+def h(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's rectified sigmoid: the soft rounding offset in [0, 1]."""
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
-def _layer_fn(op: str, attrs: dict, in_shape: tuple):
+def layer_fn(op: str, attrs: dict, in_shape: tuple):
     if op == "Gemm":
         return F.linear
     strides = tuple(attrs.get("strides", [1, 1]))
@@ -37,6 +38,25 @@ def _layer_fn(op: str, attrs: dict, in_shape: tuple):
     return conv
 
 
+def init_v(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(floor(w / s), V) with h(V) equal to the rounding remainder, so the soft weights start
+    at the FP weights."""
+    floor = torch.floor(w / s)
+    rest = ((w / s - floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+    return floor, torch.log(rest / (1 - rest))
+
+
+def anneal(it: int, iters: int, warmup: float = 0.2) -> float | None:
+    """AdaRound's regularizer exponent beta at step ``it``: none during the warm-up, then 20 -> 2."""
+    t = it / max(1, iters - 1)
+    return None if t < warmup else 20 - 18 * (t - warmup) / (1 - warmup)
+
+
+def round_reg(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """Sum of 1 - |2 h(V) - 1|^beta: zero once every weight is rounded fully down or up."""
+    return (1 - (2 * h(v) - 1).abs().pow(beta)).sum()
+
+
 def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, scale: np.ndarray, qmax: int,
                    x: np.ndarray, iters: int = 300, lr: float = 1e-2, reg: float = 0.01, batch: int = 16,
                    seed: int = 0) -> np.ndarray:
@@ -46,7 +66,7 @@ def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, sc
     B = torch.from_numpy(b.astype(np.float32)) if b is not None else None
     S = torch.from_numpy(scale.astype(np.float32)).reshape(-1, *([1] * (w.ndim - 1)))
     X = torch.from_numpy(x.astype(np.float32))
-    fn = _layer_fn(op, attrs, tuple(x.shape))
+    fn = layer_fn(op, attrs, tuple(x.shape))
     floor = torch.floor(W / S)
     rest = W / S - floor  # in [0, 1)
     V = torch.log(((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
@@ -58,17 +78,17 @@ def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, sc
         target_all = fn(X, W, B)
     for it in range(iters):
         idx = torch.randint(0, len(X), (min(batch, len(X)),), generator=g)
-        wq = torch.clamp(floor + _h(V), lo, qmax) * S
+        wq = torch.clamp(floor + h(V), lo, qmax) * S
         out = fn(X[idx], wq, B)
         rec = F.mse_loss(out, target_all[idx])
         # beta anneals 20 -> 2 after a 20% warm-up without the rounding regularizer.
         t = it / max(1, iters - 1)
         beta = 20 - 18 * max(0.0, (t - 0.2) / 0.8)
-        regl = (1 - (2 * _h(V) - 1).abs().pow(beta)).sum() if t >= 0.2 else torch.zeros(())
+        regl = (1 - (2 * h(V) - 1).abs().pow(beta)).sum() if t >= 0.2 else torch.zeros(())
         loss = rec + reg * regl / V.numel() * 100
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        q = torch.clamp(floor + (_h(V) >= 0.5).float(), lo, qmax)
+        q = torch.clamp(floor + (h(V) >= 0.5).float(), lo, qmax)
     return q.numpy().astype(np.int32)

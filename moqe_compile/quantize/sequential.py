@@ -23,6 +23,8 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
+from moqe_compile.quantize.brecq import BlockSettings, Region, reconstruct
+from moqe_compile.quantize.brecq import blocks as brecq_blocks
 from moqe_compile.quantize.calibrate import mse_ranges
 from moqe_compile.quantize.gptq import LayerHessian, gptq_clip_search, gptq_round
 from moqe_compile.quantize.graph import WeightLayer, get_init, run_with_outputs, weight_layers
@@ -199,7 +201,7 @@ def _edited(q: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
 def refine(base: onnx.ModelProto, q_path: Path, qmax: dict[str, int], symmetric: bool, exclude: set[str],
            input_name: str, x: np.ndarray, refit_activations: bool = True, gptq: bool = True,
            clip_search: bool = False, gptq_damp: float = 0.01, bias_correction: bool = False,
-           engine: str = "stream") -> dict:
+           engine: str = "stream", blocks: BlockSettings | None = None) -> dict:
     """Run the sequential pass on the Q/DQ graph at ``q_path`` (rewritten in place); return
     what it did, for the manifest's ``steps``. ``x``: calibration inputs; ``qmax``: the
     weight grid of each Conv/Gemm node on this backend; ``symmetric``: activation ranges
@@ -209,9 +211,13 @@ def refine(base: onnx.ModelProto, q_path: Path, qmax: dict[str, int], symmetric:
     ``bias_correction``: biases absorb the mean output error. ``engine``: how the tensors are
     computed: ``"stream"`` runs each node once (:class:`~moqe_compile.quantize.stream.TensorStream`);
     ``"whole-graph"``, the reference it replaced, runs the whole graph in a new session per
-    tensor (O(L^2)) and holds every FP layer output at once."""
+    tensor (O(L^2)) and holds every FP layer output at once. ``blocks``: block reconstruction
+    (``quantize/brecq.py``) of the integer weights, each block when the walk has passed it (its
+    activation ranges refitted first), on the stream engine only."""
     if engine not in ("stream", "whole-graph"):
         raise ValueError(f"engine {engine!r}: 'stream' or 'whole-graph'")
+    if blocks is not None and engine != "stream":
+        raise ValueError("block reconstruction runs on the stream engine only")
     q = onnx.load(str(q_path))
     inits = _inits(q)
     layers: dict[str, WeightLayer] = {l.node: l for l in weight_layers(base) if l.node not in exclude}
@@ -232,9 +238,10 @@ def refine(base: onnx.ModelProto, q_path: Path, qmax: dict[str, int], symmetric:
 
     fitted: set[str] = set()
     done = {"refit_activations": 0, "gptq_layers": 0, "bias_corrected_layers": 0}
+    plan = _BlockPlan(base, q, inits, layers, qmax, input_name, x, blocks) if blocks is not None else None
     for k, node in enumerate(list(q.graph.node)):
         if qs is not None:
-            qs.pos = k
+            qs.pos = plan.pos(k) if plan is not None else k
         if (node.op_type == "QuantizeLinear" and refit_activations and node.input[0] not in inits
                 and node.input[1] in inits and node.input[1] not in fitted):
             _refit_activation(base, q, inits, node, fetch(node.input[0]), symmetric)
@@ -252,9 +259,52 @@ def refine(base: onnx.ModelProto, q_path: Path, qmax: dict[str, int], symmetric:
             if bias_correction and len(node.input) > 2 and node.input[2]:
                 correct_bias(q, inits, node, fp_output(layer.output), fetch(node.output[0]))
                 done["bias_corrected_layers"] += 1
-        else:
+        elif plan is None or not plan.ends_at(k):
             continue
-        if qs is not None:
+        if qs is not None and node.op_type in ("QuantizeLinear", "Conv", "Gemm"):
             qs.changed(_edited(q, node))
+        if plan is not None and plan.ends_at(k):
+            plan.reconstruct(k, qs)
+    if plan is not None:
+        done.update(plan.summary())
     onnx.save(q, str(q_path))
     return done
+
+
+class _BlockPlan:
+    """Where each block of the Q/DQ graph starts and ends in the walk, and its reconstruction.
+
+    While a block is open the stream keeps every tensor read from its start on (``pos``), so at
+    its end its input is still there and, once its weights change, its output is recomputed from
+    the block's own tensors rather than from the graph input."""
+
+    def __init__(self, base: onnx.ModelProto, q: onnx.ModelProto, inits: dict, layers: dict, qmax: dict,
+                 input_name: str, x: np.ndarray, cfg: BlockSettings):
+        self.q, self.inits, self.qmax, self.cfg = q, inits, qmax, cfg
+        valid = {o for n in q.graph.node for o in n.output} | {input_name}
+        self.blocks = brecq_blocks(base, input_name, set(layers), cfg.layers, valid)
+        self.span = [(r.start, r.end) for r in (Region(q, inits, b) for b in self.blocks)]
+        self.end = {e: j for j, (_, e) in enumerate(self.span)}
+        self.n = min(len(x), cfg.samples)
+        self.fp = TensorStream(base, input_name, x[: self.n])
+        self.fp_weights = {name: get_init(base, l.weight) for name, l in layers.items()}
+        self.errors: list[list[float]] = []
+
+    def pos(self, k: int) -> int:
+        return min([k] + [s for s, e in self.span if s <= k <= e])
+
+    def ends_at(self, k: int) -> bool:
+        return k in self.end
+
+    def reconstruct(self, k: int, qs: TensorStream) -> None:
+        j = self.end[k]
+        b = self.blocks[j]
+        got = reconstruct(self.q, self.inits, b, qs.get(b.t_in)[: self.n], self.fp.get(b.t_out), self.fp_weights,
+                          self.qmax, self.cfg, desc=f"block {j + 1}/{len(self.blocks)}")
+        if got["error_before"] is not None:
+            self.errors.append([round(got["error_before"], 6), round(got["error_after"], 6)])
+        qs.changed(got["edited"])
+        qs.get(b.t_out)  # recomputed now, from the block's tensors the stream still holds
+
+    def summary(self) -> dict:
+        return {"brecq_blocks": len(self.errors), "brecq_block_errors": self.errors}

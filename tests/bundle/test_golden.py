@@ -58,7 +58,9 @@ def differences(old, new, path: str = "") -> list[str]:
 ALLOWED: dict[str, dict[str, str]] = {
     "image-classification": {
         "+routing.default_rule": "which rule chose the served single expert (the gated choice among single "
-                                 "experts); an added key, older readers ignore it"},
+                                 "experts); an added key, older readers ignore it",
+        "+experts[0].steps.peak_rss_mb": "each expert's peak resident memory while it was built; an added key, "
+                                         "older readers ignore it"},
     "causal-lm": {
         "+routing.default_rule": "which rule chose the served single expert; an added key, older readers ignore it"},
 }

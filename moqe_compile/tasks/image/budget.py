@@ -6,7 +6,7 @@ task-free (:mod:`moqe_compile.target`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +90,10 @@ class ImageBudget:
         val = tg.rate_drop(self.fp_vec, headline_vector(logits, self.fp_logits, self.labels), self.groups)
         kept = list(r.high_precision_nodes or r.exclude_nodes)
         cost = {"mean_weight_bits": expert_cost(self.prepared, list(r.exclude_nodes), r.weight_bits,
-                                                r.high_precision_nodes),
+                                                r.high_precision_nodes, r.high_precision_ends),
                 "bytes": out.stat().st_size}
         self.paths[r.name], self.recipes[r.name] = out, r
-        return tg.Candidate(name=r.name, rung=spec.preset, recipe=asdict(r), val=val, cost=cost, kept=kept,
+        return tg.Candidate(name=r.name, rung=spec.preset, recipe=r.to_dict(), val=val, cost=cost, kept=kept,
                             kept_as=("8-bit" if r.high_precision_nodes else "fp") if kept else "",
                             build_seconds=round(seconds, 2))
 

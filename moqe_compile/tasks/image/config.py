@@ -15,7 +15,7 @@ from typing import Any
 
 from moqe_compile.errors import ConfigError
 from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, TargetConfig, check_experts, choice,
-                                 positive, read_recipe_toml, resolve_path)
+                                 positive, read_recipe_toml, resolve_path, written_when_set)
 from moqe_compile.tasks.image.fashion_mnist import DOMAINS, DOMAINS_SOURCE
 from moqe_compile.tasks.image.presets import (  # noqa: F401 - importers of the presets through config keep working
     EXPERT_PRESETS,
@@ -144,7 +144,7 @@ class DataConfig:
 
 
 WEIGHT_CLIPS = ("minmax", "mse", "mse-output")
-WEIGHT_ROUNDINGS = ("nearest", "adaround", "gptq")
+WEIGHT_ROUNDINGS = ("nearest", "adaround", "gptq", "brecq")
 
 
 @dataclass
@@ -166,6 +166,14 @@ class ExpertRecipe:
     stream_samples: calibration samples the sequential steps (GPTQ, refit, bias correction
     with either) run on. bias_correction:
     add the mean per-channel FP-minus-quantized layer output back into the bias.
+    weight_rounding = "brecq": block reconstruction (quantize/brecq.py): the AdaRound rounding of
+    every layer of a block (at least block_layers Conv/Gemm layers between single-tensor cuts of
+    the graph) learned jointly against the FP block output, block by block on the quantized
+    stream, block_iters steps on block_samples calibration samples each; qdrop: probability
+    that an activation keeps its unquantized value during reconstruction (QDrop; 0 = off);
+    block_early_stop: a block stops once fewer than this share of its roundings are undecided
+    (0 = always block_iters steps). high_precision_ends: the first and the last Conv/Gemm layer
+    keep 8-bit weights when weight_bits < 8 (counted in mean_weight_bits).
     equalization: cross-layer equalization of Conv->ReLU->Conv pairs before quantizing.
     exclude_nodes / exclude_sensitive: keep named nodes, or the N most sensitive, in FP.
     calibration_domain: calibrate only on the calibration samples of this domain (one of
@@ -173,6 +181,9 @@ class ExpertRecipe:
     """
 
     PRESETS = EXPERT_PRESETS
+    # Keys added after manifest version 1: written only when set, so older recipes keep their bytes.
+    WRITTEN_WHEN_SET = ("block_iters", "block_samples", "block_layers", "qdrop", "block_early_stop",
+                        "high_precision_ends")
 
     name: str = ""
     preset: str = ""
@@ -194,6 +205,12 @@ class ExpertRecipe:
     exclude_nodes: list[str] = field(default_factory=list)
     exclude_sensitive: int = 0
     calibration_domain: str = ""
+    block_iters: int = 500
+    block_samples: int = 256
+    block_layers: int = 3
+    qdrop: float = 0.0
+    block_early_stop: float = 0.0
+    high_precision_ends: bool = False
 
     def __post_init__(self) -> None:
         where = f"experts.{self.name}"
@@ -226,6 +243,19 @@ class ExpertRecipe:
             raise ConfigError(f"[{where}] sequential_activations = true refits ranges by MSE; it needs "
                               f"calibration = 'mse', not {self.calibration!r}.")
         positive(where, "exclude_sensitive", self.exclude_sensitive, zero_ok=True)
+        for k in ("block_iters", "block_samples", "block_layers"):
+            positive(where, k, getattr(self, k))
+        if not 0.0 <= self.qdrop < 1.0:
+            raise ConfigError(f"[{where}] qdrop = {self.qdrop} must be in [0, 1).")
+        if not 0.0 <= self.block_early_stop < 1.0:
+            raise ConfigError(f"[{where}] block_early_stop = {self.block_early_stop} must be in [0, 1).")
+        if self.high_precision_ends and self.weight_bits == 8:
+            raise ConfigError(f"[{where}] high_precision_ends keeps layers at 8 bits; it needs weight_bits < 8.")
+        if self.weight_rounding == "brecq" and self.bias_correction:
+            raise ConfigError(f"[{where}] weight_rounding = 'brecq' reconstructs each block's output, its mean "
+                              "included; it takes bias_correction = false.")
+        if self.weight_rounding == "brecq" and not self.per_channel:
+            raise ConfigError(f"[{where}] weight_rounding = 'brecq' needs per_channel = true.")
 
     @classmethod
     def from_preset(cls, name: str, preset: str, **overrides: Any) -> "ExpertRecipe":
@@ -241,7 +271,11 @@ class ExpertRecipe:
     @property
     def sequential(self) -> bool:
         """True when the recipe runs the sequential pass of quantize/sequential.py."""
-        return self.weight_rounding == "gptq" or self.sequential_activations
+        return self.weight_rounding in ("gptq", "brecq") or self.sequential_activations
+
+    def to_dict(self) -> dict:
+        """The recipe as the manifest writes it (keys added later only when set)."""
+        return written_when_set(self, self.WRITTEN_WHEN_SET)
 
 
 def default_experts() -> list[ExpertRecipe]:

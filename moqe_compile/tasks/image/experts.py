@@ -13,6 +13,7 @@ import onnx
 from moqe_compile.errors import BuildError
 from moqe_compile.tasks.image.presets import STRONGEST_PRESETS
 from moqe_compile.quantize.adaround import adaround_layer
+from moqe_compile.quantize.brecq import BlockSettings
 from moqe_compile.quantize.calibrate import calibrate_ranges
 from moqe_compile.quantize.check import check_qdq
 from moqe_compile.quantize.equalize import equalize
@@ -20,17 +21,32 @@ from moqe_compile.quantize.graph import get_init, run_with_outputs, set_init, we
 from moqe_compile.quantize.qdq import VARIANTS, reduce_range_for, write_expert
 from moqe_compile.quantize.sequential import correct_bias, refine
 from moqe_compile.quantize.weights import channel_scales, dequantize, overrides_for, qmax_for, quantize_nearest
+from moqe_compile.stages import peak_window
 from moqe_compile.tasks.image.config import BuildConfig, ExpertRecipe
+
+
+def end_layers(model: onnx.ModelProto) -> list[str]:
+    """The first and the last Conv/Gemm node: the layers low-bit post-training quantization
+    conventionally keeps at 8 bits (the image stem sees raw pixels, the classifier the logits)."""
+    names = [l.node for l in weight_layers(model)]
+    return sorted({names[0], names[-1]}) if names else []
+
+
+def high_precision(model: onnx.ModelProto, recipe: ExpertRecipe) -> list[str]:
+    """The nodes whose weights ``recipe`` keeps at 8 bits: its high_precision_nodes, plus the
+    first and last layer with high_precision_ends."""
+    keep = set(recipe.high_precision_nodes) | (set(end_layers(model)) if recipe.high_precision_ends else set())
+    return sorted(keep)
 
 
 def node_qmax(model: onnx.ModelProto, recipe: ExpertRecipe, backend: str) -> dict[str, int]:
     """Weight grid per Conv/Gemm node: the recipe's bits, 8 for its high-precision nodes."""
     rr = reduce_range_for(backend)
-    keep = set(recipe.high_precision_nodes)
-    unknown = keep - {l.node for l in weight_layers(model)}
+    unknown = set(recipe.high_precision_nodes) - {l.node for l in weight_layers(model)}
     if unknown:
         raise BuildError(f"expert {recipe.name!r}: high_precision_nodes {sorted(unknown)} are not Conv/Gemm nodes "
                          "of the model (see `moqe-compile sensitivity` for the node names).")
+    keep = set(high_precision(model, recipe))
     return {l.node: qmax_for(8 if l.node in keep else recipe.weight_bits, rr) for l in weight_layers(model)}
 
 
@@ -85,16 +101,28 @@ def _bias_correct(base: onnx.ModelProto, q_path: Path, exclude: set[str], input_
 def _sequential(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, backend: str, exclude: set[str],
                 input_name: str, calib_x: np.ndarray) -> dict:
     """The recipe's sequential pass (``quantize/sequential.py``) on one backend's Q/DQ graph."""
+    blocks = (BlockSettings(iters=recipe.block_iters, samples=recipe.block_samples, qdrop=recipe.qdrop,
+                            early_stop=recipe.block_early_stop, layers=recipe.block_layers)
+              if recipe.weight_rounding == "brecq" else None)
     return refine(base, q_path, node_qmax(base, recipe, backend), VARIANTS[backend][2] or recipe.symmetric_activations,
                   exclude, input_name, calib_x[: min(len(calib_x), recipe.stream_samples)],
                   refit_activations=recipe.sequential_activations, gptq=recipe.weight_rounding == "gptq",
                   clip_search=recipe.weight_clip == "mse-output", gptq_damp=recipe.gptq_damp,
-                  bias_correction=recipe.bias_correction)
+                  bias_correction=recipe.bias_correction, blocks=blocks)
 
 
 def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: ExpertRecipe, backends: list[str],
                  out_for: dict[str, Path], ranges_json: Path, work: Path, exclude: list[str] | None = None) -> dict:
-    """Write every backend's graph of ``recipe``; return its manifest info per backend + steps."""
+    """Write every backend's graph of ``recipe``; return its manifest info per backend + steps
+    (seconds per step, ``total_s`` and the expert's ``peak_rss_mb``)."""
+    with peak_window() as peak:
+        built = _build_expert(prepared, input_name, calib_x, recipe, backends, out_for, ranges_json, work, exclude)
+    built["steps"]["peak_rss_mb"] = peak["peak_rss_mb"]
+    return built
+
+
+def _build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: ExpertRecipe, backends: list[str],
+                  out_for: dict[str, Path], ranges_json: Path, work: Path, exclude: list[str] | None) -> dict:
     t0 = time.perf_counter()
     exclude_set = set(exclude or []) | set(recipe.exclude_nodes)
     base = onnx.load(str(prepared))
@@ -146,10 +174,13 @@ def copy_recipe(cfg: BuildConfig) -> ExpertRecipe:
     return ExpertRecipe.from_preset("copy", preset)
 
 
-def expert_cost(prepared: Path, excluded: list[str], weight_bits: int, high_precision: list[str] = ()) -> float:
+def expert_cost(prepared: Path, excluded: list[str], weight_bits: int, high_precision: list[str] = (),
+                ends: bool = False) -> float:
     """Mean weight bits per Conv/Gemm weight parameter; FP-kept layers count 32, layers kept
-    at 8 bits (``high_precision``) 8."""
+    at 8 bits (``high_precision``, and with ``ends`` the first and last layer) 8."""
     m = onnx.load(str(prepared))
+    if ends and weight_bits < 8:
+        high_precision = [*high_precision, *end_layers(m)]
     sizes = {i.name: int(np.prod(i.dims)) for i in m.graph.initializer}
     total = bits = 0
     for l in weight_layers(m):

@@ -35,6 +35,10 @@ EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     "w4a8-mse-bc": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse", "bias_correction": True},
     "w4a8-adaround": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse", "weight_rounding": "adaround",
                       "bias_correction": True},
+    # Block reconstruction (BRECQ) on the quantized stream, first and last layer at 8 bits (the
+    # convention of the published W4A8 post-training results): docs/design.md#block-reconstruction.
+    "w4a8-brecq": {"calibration": "mse", "weight_bits": 4, "weight_clip": "mse", "weight_rounding": "brecq",
+                   "sequential_activations": True, "high_precision_ends": True},
     "strongest": dict(STRONGEST),
     "w4a8-strongest": {**STRONGEST, "weight_bits": 4},
 }

@@ -93,8 +93,9 @@ class ImageSteps:
             if "kernels" in info["check"]:
                 info["kernels"] = info["check"]["kernels"]
             variants[b] = {"path": rels[b], **info}
-        bits = expert_cost(self.prepared, exclude + list(r.exclude_nodes), r.weight_bits, r.high_precision_nodes)
-        return {"name": r.name, "recipe": asdict(r), "variants": variants, "steps": built["steps"],
+        bits = expert_cost(self.prepared, exclude + list(r.exclude_nodes), r.weight_bits, r.high_precision_nodes,
+                           r.high_precision_ends)
+        return {"name": r.name, "recipe": r.to_dict(), "variants": variants, "steps": built["steps"],
                 "calibration_ranges": {"path": f"experts/{r.name}/calibration.json"},
                 "cost": {"mean_weight_bits": bits}}
 
