@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from moqe_compile import target as tg
-from moqe_compile.tasks.causal_lm.config import LMExpertRecipe, expert_from_dict
+from moqe_compile.tasks.causal_lm.config import FLOAT_HEAD, LMExpertRecipe, expert_from_dict
 from moqe_compile.tasks.causal_lm.score import DecoderSession, score_windows
 
 LADDER = (("w4-gptq", 128), ("w4-gptq", 64), ("w4-gptq", 32), ("w8-gptq", 128))
@@ -78,7 +78,7 @@ def budget_step(st) -> dict:
     _copy_graph(paths[c.name], st.w.path(rel))
     from moqe_compile.quantize.nbits import check_kernels
 
-    check = check_kernels(st.w.path(rel), allow_fp_head=not recipes[c.name].quantize_lm_head, allow_fp=st.gates)
+    check = check_kernels(st.w.path(rel), allow_fp_head=recipes[c.name].head_bits == FLOAT_HEAD, allow_fp=st.gates)
     st.experts.append({"name": name, "recipe": {**recipes[c.name].to_dict(), "name": name},
                        "variants": {"onnxruntime-cpu": {"path": rel, "kernels": check["kernels"], "check": check}},
                        "build_seconds": c.build_seconds})
