@@ -143,13 +143,13 @@ def build_expert(model, cfg, spec, r, cal_ids, path: Path, work: Path) -> dict:
     from moqe_compile.tasks.causal_lm.smoothing import awq, smoothquant
     from moqe_compile.tasks.causal_lm.steps import calib_feeds
 
-    src = work / "fp.onnx"
+    src, tm = work / "fp.onnx", model
     if r.smoothquant_alpha or r.awq:
         tm = (smoothquant(model, cal_ids, r.smoothquant_alpha) if r.smoothquant_alpha
               else awq(model, cal_ids, r.bits, r.block_size, r.symmetric, r.awq_grid))
         src = work / f"{r.name}-scaled.onnx"
         export_decoder(tm, src, cfg.model.opset)
-    quantize_onnx(src, r, path, calib_feeds(cal_ids, spec))
+    quantize_onnx(src, r, path, calib_feeds(cal_ids, spec), model=tm, calib_ids=cal_ids)
     check = check_kernels(path, allow_fp_head=r.head_bits == 32)
     if not check["ok"]:
         raise SystemExit(f"{r.name}: float MatMuls left: {check['float_weight_matmuls'][:5]}")

@@ -336,6 +336,8 @@ def collect_hessians(fp_onnx: Path, feeds: list[dict], exclude: set[str] = froze
     model = onnx.load(str(fp_onnx))
     nodes, _ = const_matmuls(model, exclude)
     names = list(dict.fromkeys(n.input[0] for n in nodes))
+    if not names:
+        return {}
     have = {o.name for o in model.graph.output}
     for name in names:
         if name not in have:
@@ -352,21 +354,34 @@ def collect_hessians(fp_onnx: Path, feeds: list[dict], exclude: set[str] = froze
     return {k: (h.mean()[0].numpy(), h.rows) for k, h in hess.items()}
 
 
+def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int, group: int, damp: float, symmetric: bool,
+                act_order: bool = False):
+    """GPTQ of a MatMul weight W (K in, N out) under H (K, K): (codes [N, K'], scales, zero
+    points or None, dequantized W (K, N)); K' = K padded to a multiple of ``group`` (padded
+    input channels: zero weights and a unit Hessian, so no error to feed back)."""
+    K, N = W.shape
+    pad = (-K) % group
+    if pad:
+        W = np.pad(W, ((0, pad), (0, 0)))
+        H = np.pad(H, ((0, pad), (0, pad)))
+        H[K:, K:] = np.eye(pad)
+    q, s, z = gptq_blockwise(W.T, H, bits, group, damp, symmetric=symmetric, act_order=act_order)
+    zp = 0 if z is None else z[..., None]
+    deq = ((q.reshape(N, -1, group) - zp) * s.reshape(N, -1, 1)).reshape(N, -1)[:, :K].T
+    return q, s, z, np.ascontiguousarray(deq, dtype=np.float32)
+
+
 def _matmulnbits_node(g, node, W: np.ndarray, H: np.ndarray, bits: int, group: int, damp: float, symmetric: bool,
-                      act_order: bool = False):
-    """A MatMulNBits node (and its initializers, added to ``g``) replacing MatMul ``node``."""
+                      act_order: bool = False, done=None):
+    """A MatMulNBits node (and its initializers, added to ``g``) replacing MatMul ``node``;
+    ``done``: its (codes, scales, zero points) already computed (true-sequential GPTQ)."""
     from onnx import helper, numpy_helper
 
     from moqe_compile.quantize.nbits import pack_nbits
 
     K, N = W.shape
-    pad = (-K) % group
-    if pad:  # padded input channels: zero weights, unit Hessian (no error to feed back)
-        W = np.pad(W, ((0, pad), (0, 0)))
-        H = np.pad(H, ((0, pad), (0, pad)))
-        H[K:, K:] = np.eye(pad)
-    q, s, z = gptq_blockwise(W.T, H, bits, group, damp, symmetric=symmetric, act_order=act_order)
-    B = pack_nbits(q.reshape(N, (K + pad) // group, group), bits, unsigned=not symmetric)
+    q, s, z = done[:3] if done is not None else gptq_matrix(W, H, bits, group, damp, symmetric, act_order)[:3]
+    B = pack_nbits(q.reshape(N, -1, group), bits, unsigned=z is not None)
     bname, sname = f"{node.input[1]}_Q{bits}G{group}", f"{node.input[1]}_scales"
     g.initializer.extend([numpy_helper.from_array(B, bname),
                           numpy_helper.from_array(s.astype(np.float32).reshape(-1), sname)])
@@ -381,9 +396,11 @@ def _matmulnbits_node(g, node, W: np.ndarray, H: np.ndarray, bits: int, group: i
 
 def gptq_onnx(fp_onnx: Path, out: Path, feeds: list[dict], bits: int, group: int, damp: float,
               exclude: set[str] = frozenset(), progress=None, symmetric: bool = True,
-              node_bits: dict[str, int] | None = None, act_order: bool = False) -> dict:
+              node_bits: dict[str, int] | None = None, act_order: bool = False, done: dict | None = None) -> dict:
     """Quantize every constant-weight MatMul of ``fp_onnx`` (but ``exclude``) with GPTQ into
-    MatMulNBits, at ``bits`` or, for the nodes named in ``node_bits``, at their own width."""
+    MatMulNBits, at ``bits`` or, for the nodes named in ``node_bits``, at their own width.
+    ``done``: {node name: :func:`gptq_matrix` result} computed elsewhere (true-sequential GPTQ on
+    the partly quantized model); the Hessians of the other nodes come from ``fp_onnx``."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -392,14 +409,16 @@ def gptq_onnx(fp_onnx: Path, out: Path, feeds: list[dict], bits: int, group: int
     node_bits = node_bits or {}
     if any(b not in (4, 8) for b in (bits, *node_bits.values())):
         raise BuildError(f"GPTQ to MatMulNBits supports bits 4 or 8, got {bits} {node_bits or ''}.")
-    hess = collect_hessians(fp_onnx, feeds, exclude, progress)
+    done = done or {}
+    hess = collect_hessians(fp_onnx, feeds, exclude | set(done), progress) if feeds else {}
     model = onnx.load(str(fp_onnx))
     nodes, inits = const_matmuls(model, exclude)
     g = model.graph
     drop_inits = set()
     for node in nodes:
-        new = _matmulnbits_node(g, node, numpy_helper.to_array(inits[node.input[1]]), hess[node.input[0]][0],
-                                node_bits.get(node.name, bits), group, damp, symmetric, act_order)
+        H = None if node.name in done else hess[node.input[0]][0]
+        new = _matmulnbits_node(g, node, numpy_helper.to_array(inits[node.input[1]]), H,
+                                node_bits.get(node.name, bits), group, damp, symmetric, act_order, done.get(node.name))
         idx = list(g.node).index(node)
         g.node.remove(node)
         g.node.insert(idx, new)

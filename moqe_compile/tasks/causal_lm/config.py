@@ -116,6 +116,9 @@ class LMExpertRecipe:
     # GPTQ's act-order: columns by decreasing Hessian diagonal, groups fitted once beforehand
     # (static groups), so MatMulNBits needs no column permutation. Written when set.
     gptq_act_order: bool = False
+    # True-sequential GPTQ (tasks/causal_lm/sequential.py): each projection's Hessian from the
+    # partly quantized model, in the order q/k/v, o, gate/up, down. Written when set.
+    gptq_sequential: bool = False
     # The LM head's weight width, apart from ``bits``: with a large vocabulary the head is often
     # the most sensitive matrix (common toolkits keep it at 8 bits or float). 32 = float.
     head_bits: int = 8
@@ -140,7 +143,7 @@ class LMExpertRecipe:
 
     # Keys added after the config's VERSION (as Recipe.WRITTEN_WHEN_SET): written only when set,
     # so an unchanged recipe keeps a byte-identical manifest, in the recipe and in each expert.
-    WRITTEN_WHEN_SET = ("accuracy_level", "gptq_act_order")
+    WRITTEN_WHEN_SET = ("accuracy_level", "gptq_act_order", "gptq_sequential")
 
     def to_dict(self) -> dict:
         return written_when_set(self, self.WRITTEN_WHEN_SET)
@@ -171,8 +174,11 @@ class LMExpertRecipe:
         if self.smoothquant_alpha and self.awq:
             raise ConfigError(f"[experts.{self.name}] choose smoothquant_alpha or awq, not both.")
         positive(f"experts.{self.name}", "awq_grid", self.awq_grid)
-        if self.gptq_act_order and self.weights != "gptq":
-            raise ConfigError(f"[experts.{self.name}] gptq_act_order needs weights = 'gptq' (got {self.weights!r}).")
+        for key in ("gptq_act_order", "gptq_sequential"):
+            if getattr(self, key) and self.weights != "gptq":
+                raise ConfigError(f"[experts.{self.name}] {key} needs weights = 'gptq' (got {self.weights!r}).")
+        if self.gptq_sequential and self.moe_bits:
+            raise ConfigError(f"[experts.{self.name}] gptq_sequential is not implemented for moe_bits experts.")
         if self.head_bits not in HEAD_BITS[self.scheme]:
             raise ConfigError(f"[experts.{self.name}] head_bits = {self.head_bits} is not one of "
                               f"{list(HEAD_BITS[self.scheme])} for scheme {self.scheme!r} ({FLOAT_HEAD} = float).")

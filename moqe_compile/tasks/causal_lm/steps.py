@@ -84,7 +84,7 @@ class LMSteps:
         from moqe_compile.tasks.causal_lm.model import export_decoder
         from moqe_compile.tasks.causal_lm.moe_bits import build_moe_expert
 
-        src, extra = self.w.path("fp/model.onnx"), {}
+        src, extra, tm = self.w.path("fp/model.onnx"), {}, self.model
         if r.smoothquant_alpha or r.awq:
             if r.smoothquant_alpha:
                 tm = smoothquant(self.model, ids, r.smoothquant_alpha)
@@ -93,13 +93,13 @@ class LMSteps:
                 extra["awq_alphas"] = tm._moqe_awq_alphas  # noqa: SLF001
             src = self.work / f"{dest.stem}-scaled.onnx"
             export_decoder(tm, src, self.cfg.model.opset)  # checked: the rescaled model is still the FP function
-            del tm
         feeds = calib_feeds(ids, self.spec)
         if r.moe_bits:  # expert-wise bits
             extra["moe_bits"] = build_moe_expert(self.model, self.moe, r, self.cfg.model, ids, src, dest, feeds,
                                                  self.st.say)
         else:
-            quantize_onnx(src, r, dest, feeds, exclude_nodes=self.gates)
+            quantize_onnx(src, r, dest, feeds, exclude_nodes=self.gates, model=tm, calib_ids=ids)
+        del tm
         check = check_kernels(dest, allow_fp_head=r.head_bits == FLOAT_HEAD, allow_fp=self.gates)
         if not check["ok"]:
             raise BuildError(f"expert {r.name!r} does not run on integer/4-bit kernels after ORT "

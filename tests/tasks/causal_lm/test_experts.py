@@ -81,3 +81,39 @@ def test_w8a8_head_is_int8_or_float(exported, tmp_path):
         while node.op_type not in ("MatMul", "MatMulInteger"):  # through the dequantizing Mul/Cast
             node = next(writer[i] for i in node.input if i in writer and writer[i].op_type != "DynamicQuantizeLinear")
         assert node.op_type == op
+
+
+def test_true_sequential_gptq_sees_the_quantized_inputs(exported, tmp_path):
+    """Layer 0's q/k/v read the FP stream in both orders, so their codes equal the one-pass
+    (FP-graph Hessian) ones; o_proj reads the output of quantized q/k/v, so its codes change."""
+    import onnx
+    from onnx import numpy_helper
+
+    from moqe_compile.tasks.causal_lm.config import expert_from_dict
+    from moqe_compile.tasks.causal_lm.experts import quantize_onnx
+    from moqe_compile.tasks.causal_lm.model import load_causal_lm
+
+    fp, feeds = exported
+    model, _ = load_causal_lm("transformers", str(fp.parent / "model"))
+    ids = np.concatenate([f["input_ids"] for f in feeds])
+    codes = {}
+    for seq in (False, True):
+        r = expert_from_dict({"name": "e", "preset": "w4-gptq", "gptq_sequential": seq})
+        quantize_onnx(fp, r, tmp_path / f"q{seq}.onnx", feeds, model=model, calib_ids=ids)
+        g = onnx.load(str(tmp_path / f"q{seq}.onnx")).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        nodes = [n for n in g.node if n.op_type == "MatMulNBits"]
+        codes[seq] = {n.name: inits[n.input[1]] for n in nodes}
+    # Read the roles off the graph: layer 0's q/k/v share the first projection's input; o and
+    # down each read an input of their own (down's is the MLP width, K = 128); the head writes logits.
+    K = {n.name: next(a.i for a in n.attribute if a.name == "K") for n in nodes}
+    readers = {}
+    for n in nodes:
+        readers.setdefault(n.input[0], []).append(n.name)
+    qkv0 = set(readers[nodes[0].input[0]])
+    alone = {n.name for n in nodes if len(readers[n.input[0]]) == 1 and "logits" not in n.output}
+    o_and_down = {n for n in alone if K[n] in (64, 128)}
+    assert len(codes[True]) == 15 and len(qkv0) == 3 and len(o_and_down) == 4 and sum(K[n] == 128 for n in alone) == 2
+    same = {k for k in codes[True] if np.array_equal(codes[True][k], codes[False][k])}
+    assert qkv0 <= same
+    assert not o_and_down & same
