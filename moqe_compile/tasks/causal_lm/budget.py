@@ -26,9 +26,12 @@ def recipe_for(spec: tuple[str, int]) -> LMExpertRecipe:
     return expert_from_dict({"name": f"{preset}-g{block}", "preset": preset, "block_size": block})
 
 
-def nominal_bits(r: LMExpertRecipe) -> float:
-    """Mean bits per quantized weight: the integer width plus one float32 scale per block."""
-    return r.bits + (32 / r.block_size if r.scheme == "nbits" else 0.0)
+def nominal_bits(r: LMExpertRecipe, graph: Path) -> float:
+    """Mean bits per weight of the written ``graph`` (the LM head at its own width, quantize/nbits.py's
+    ``graph_weight_bits``) plus one float32 scale per block of MatMulNBits."""
+    from moqe_compile.quantize.nbits import graph_weight_bits
+
+    return round(graph_weight_bits(graph)["mean_weight_bits"] + (32 / r.block_size if r.scheme == "nbits" else 0.0), 4)
 
 
 def default_expert(budget: dict | None, names: list[str], val_loss: np.ndarray, alpha: float) -> tuple[int, dict]:
@@ -63,7 +66,7 @@ def budget_step(st) -> dict:
         fp_nll["val"] = sc.nll
         paths[r.name], recipes[r.name] = dest, r
         return tg.Candidate(name=r.name, rung=spec[0], recipe=asdict(r), val=tg.perplexity_drop(sc.nll, sc.loss[:, 0]),
-                            cost={"mean_weight_bits": nominal_bits(r), "bytes": _bytes(dest)},
+                            cost={"mean_weight_bits": nominal_bits(r, dest), "bytes": _bytes(dest)},
                             build_seconds=round(seconds, 2))
 
     res = tg.search([tg.Tier(list(LADDER))], evaluate, t.max_drop, 60 * t.search_minutes, st.st.say)
