@@ -125,8 +125,8 @@ class ChannelGrid:
     def start(self, col: int, w: torch.Tensor) -> None:
         """Scales are fixed: nothing to fit."""
 
-    def round(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, dequantized) of one column ``w`` (G, m)."""
+    def round(self, w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, dequantized) of column ``col``, ``w`` (G, m)."""
         q = torch.clamp(torch.round(w / self.s) + self.z, self.lo, self.hi)
         return q, (q - self.z) * self.s
 
@@ -158,6 +158,36 @@ class GroupGrid(ChannelGrid):
             self.z = torch.round(-lo / self.s)
         self.S[..., col // self.group], self.Z[..., col // self.group] = self.s, self.z
 
+    def static(self, W: torch.Tensor, perm: torch.Tensor) -> "StaticGroups":
+        """Fit every group once on ``W`` (G, m, k), in the original column order, and return a
+        grid that rounds the columns in the order ``perm`` (G, k) with their own group's scale."""
+        for col in range(0, W.shape[-1], self.group):
+            self.start(col, W[:, :, col : col + self.group])
+        return StaticGroups(self, perm)
+
+
+class StaticGroups(ChannelGrid):
+    """Act-order with group scales (GPTQ's "static groups", as in AutoGPTQ / GPTQModel): the
+    columns run by decreasing Hessian diagonal, so a group's columns are scattered over the
+    loop and its scale cannot be fitted when its first column comes up; it is fitted once on
+    the original weights instead, and each column is rounded with its own group's scale.
+    The error feedback still runs over every later column, across groups."""
+
+    group = None
+    fits_scales = True
+
+    def __init__(self, fitted: GroupGrid, perm: torch.Tensor):
+        G, k = perm.shape
+        idx = perm[:, None, :].expand(G, fitted.S.shape[-2], k)
+        self.Sc = torch.gather(fitted.S.repeat_interleave(fitted.group, -1), 2, idx)
+        self.Zc = torch.gather(fitted.Z.repeat_interleave(fitted.group, -1), 2, idx)
+        self.lo, self.hi = fitted.lo, fitted.hi
+
+    def round(self, w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = self.Sc[..., col], self.Zc[..., col]
+        q = torch.clamp(torch.round(w / s) + z, self.lo, self.hi)
+        return q, (q - z) * s
+
 
 # ---------------------------------------------------------------- the core
 
@@ -188,7 +218,7 @@ def _columns(W: torch.Tensor, Hinv: torch.Tensor, grid, lazy: int) -> torch.Tens
             if grid.group and col % grid.group == 0:
                 # At a block start W holds every update so far; W1 would cut a group longer than the block.
                 grid.start(col, W[:, :, col : col + grid.group] if i == 0 else W1[:, :, i : i + grid.group])
-            q, deq = grid.round(W1[:, :, i])
+            q, deq = grid.round(W1[:, :, i], col)
             Q[:, :, col] = q.to(torch.int32)
             err = (W1[:, :, i] - deq) / Hinv1[:, i, i][:, None]
             W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]
@@ -205,10 +235,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01, ac
     their weights are zeroed when the grid fits its scales on the weights (they would only
     widen the grid), kept when the scales are fixed. ``damp`` adds damp * mean(diag H) to the
     diagonal. ``act_order`` quantizes the columns with the largest diagonal first, so their
-    errors are the ones spread over the most remaining columns (fixed scales only: a fitted
-    grid needs its groups' columns in order)."""
-    if act_order and grid.fits_scales:
-        raise BuildError("GPTQ act_order needs fixed scales; a grid fitted per group needs its columns in order.")
+    errors are the ones spread over the most remaining columns; a grid fitted per group then
+    fits its groups once beforehand (:class:`StaticGroups`)."""
     # One torch thread: small LAPACK calls and many tiny per-column ops, where OpenMP threads
     # only add barrier waits, pathologically so on a loaded machine (docs/results.md#smollm2-135m-int8-and-int4).
     threads = torch.get_num_threads()
@@ -228,6 +256,8 @@ def _quantize(W, H, grid, damp, act_order, lazy):
     if not act_order:
         return _columns(W, _inverse_factor(H, damp), grid, lazy)
     perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True)  # (G, k)
+    if grid.fits_scales:
+        grid = grid.static(W, perm)
     W = torch.gather(W, 2, perm[:, None, :].expand(G, m, k)).clone()
     H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(G, k, k)), 2, perm[:, None, :].expand(G, k, k))
     Q = _columns(W, _inverse_factor(H, damp), grid, lazy)
@@ -282,14 +312,15 @@ def gptq_clip_search(w: np.ndarray, qmax: int, hessian: Hessian, candidates: lis
 # ---------------------------------------------------------------- front end 2: blockwise (MatMulNBits)
 
 def gptq_blockwise(w_out_in, H, bits: int, group: int, damp: float = 0.01, lazy: int = LAZY_COLUMNS,
-                   symmetric: bool = True):
+                   symmetric: bool = True, act_order: bool = False):
     """GPTQ of W (N out, K in) given H (K, K), in float32: (integer codes int32 [N, K], scales
     [N, K // group], zero points int32 [N, K // group] or None). K must be a multiple of
-    ``group`` (the caller pads). See :class:`GroupGrid` for the two grids."""
+    ``group`` (the caller pads). See :class:`GroupGrid` for the two grids, :class:`StaticGroups`
+    for ``act_order``."""
     W = torch.as_tensor(np.array(w_out_in, dtype=np.float32))
     N, K = W.shape
     grid = GroupGrid(bits, group, symmetric, (1, N), K, torch.float32)
-    Q = gptq_quantize(W[None], torch.as_tensor(np.array(H, dtype=np.float32))[None], grid, damp, lazy=lazy)
+    Q = gptq_quantize(W[None], torch.as_tensor(np.array(H, dtype=np.float32))[None], grid, damp, act_order, lazy)
     zeros = None if symmetric else grid.Z[0].numpy().astype(np.int32)
     return Q[0].numpy(), grid.S[0].numpy(), zeros
 
@@ -305,6 +336,8 @@ def collect_hessians(fp_onnx: Path, feeds: list[dict], exclude: set[str] = froze
     model = onnx.load(str(fp_onnx))
     nodes, _ = const_matmuls(model, exclude)
     names = list(dict.fromkeys(n.input[0] for n in nodes))
+    if not names:
+        return {}
     have = {o.name for o in model.graph.output}
     for name in names:
         if name not in have:
@@ -321,20 +354,34 @@ def collect_hessians(fp_onnx: Path, feeds: list[dict], exclude: set[str] = froze
     return {k: (h.mean()[0].numpy(), h.rows) for k, h in hess.items()}
 
 
-def _matmulnbits_node(g, node, W: np.ndarray, H: np.ndarray, bits: int, group: int, damp: float, symmetric: bool):
-    """A MatMulNBits node (and its initializers, added to ``g``) replacing MatMul ``node``."""
+def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int, group: int, damp: float, symmetric: bool,
+                act_order: bool = False):
+    """GPTQ of a MatMul weight W (K in, N out) under H (K, K): (codes [N, K'], scales, zero
+    points or None, dequantized W (K, N)); K' = K padded to a multiple of ``group`` (padded
+    input channels: zero weights and a unit Hessian, so no error to feed back)."""
+    K, N = W.shape
+    pad = (-K) % group
+    if pad:
+        W = np.pad(W, ((0, pad), (0, 0)))
+        H = np.pad(H, ((0, pad), (0, pad)))
+        H[K:, K:] = np.eye(pad)
+    q, s, z = gptq_blockwise(W.T, H, bits, group, damp, symmetric=symmetric, act_order=act_order)
+    zp = 0 if z is None else z[..., None]
+    deq = ((q.reshape(N, -1, group) - zp) * s.reshape(N, -1, 1)).reshape(N, -1)[:, :K].T
+    return q, s, z, np.ascontiguousarray(deq, dtype=np.float32)
+
+
+def _matmulnbits_node(g, node, W: np.ndarray, H: np.ndarray, bits: int, group: int, damp: float, symmetric: bool,
+                      act_order: bool = False, done=None):
+    """A MatMulNBits node (and its initializers, added to ``g``) replacing MatMul ``node``;
+    ``done``: its (codes, scales, zero points) already computed (true-sequential GPTQ)."""
     from onnx import helper, numpy_helper
 
     from moqe_compile.quantize.nbits import pack_nbits
 
     K, N = W.shape
-    pad = (-K) % group
-    if pad:  # padded input channels: zero weights, unit Hessian (no error to feed back)
-        W = np.pad(W, ((0, pad), (0, 0)))
-        H = np.pad(H, ((0, pad), (0, pad)))
-        H[K:, K:] = np.eye(pad)
-    q, s, z = gptq_blockwise(W.T, H, bits, group, damp, symmetric=symmetric)
-    B = pack_nbits(q.reshape(N, (K + pad) // group, group), bits, unsigned=not symmetric)
+    q, s, z = done[:3] if done is not None else gptq_matrix(W, H, bits, group, damp, symmetric, act_order)[:3]
+    B = pack_nbits(q.reshape(N, -1, group), bits, unsigned=z is not None)
     bname, sname = f"{node.input[1]}_Q{bits}G{group}", f"{node.input[1]}_scales"
     g.initializer.extend([numpy_helper.from_array(B, bname),
                           numpy_helper.from_array(s.astype(np.float32).reshape(-1), sname)])
@@ -348,23 +395,30 @@ def _matmulnbits_node(g, node, W: np.ndarray, H: np.ndarray, bits: int, group: i
 
 
 def gptq_onnx(fp_onnx: Path, out: Path, feeds: list[dict], bits: int, group: int, damp: float,
-              exclude: set[str] = frozenset(), progress=None, symmetric: bool = True) -> dict:
-    """Quantize every constant-weight MatMul of ``fp_onnx`` (but ``exclude``) with GPTQ into MatMulNBits."""
+              exclude: set[str] = frozenset(), progress=None, symmetric: bool = True,
+              node_bits: dict[str, int] | None = None, act_order: bool = False, done: dict | None = None) -> dict:
+    """Quantize every constant-weight MatMul of ``fp_onnx`` (but ``exclude``) with GPTQ into
+    MatMulNBits, at ``bits`` or, for the nodes named in ``node_bits``, at their own width.
+    ``done``: {node name: :func:`gptq_matrix` result} computed elsewhere (true-sequential GPTQ on
+    the partly quantized model); the Hessians of the other nodes come from ``fp_onnx``."""
     import onnx
     from onnx import helper, numpy_helper
 
     from moqe_compile.quantize.nbits import const_matmuls
 
-    if bits not in (4, 8):
-        raise BuildError(f"GPTQ to MatMulNBits supports bits 4 or 8, got {bits}.")
-    hess = collect_hessians(fp_onnx, feeds, exclude, progress)
+    node_bits = node_bits or {}
+    if any(b not in (4, 8) for b in (bits, *node_bits.values())):
+        raise BuildError(f"GPTQ to MatMulNBits supports bits 4 or 8, got {bits} {node_bits or ''}.")
+    done = done or {}
+    hess = collect_hessians(fp_onnx, feeds, exclude | set(done), progress) if feeds else {}
     model = onnx.load(str(fp_onnx))
     nodes, inits = const_matmuls(model, exclude)
     g = model.graph
     drop_inits = set()
     for node in nodes:
-        new = _matmulnbits_node(g, node, numpy_helper.to_array(inits[node.input[1]]), hess[node.input[0]][0],
-                                bits, group, damp, symmetric)
+        H = None if node.name in done else hess[node.input[0]][0]
+        new = _matmulnbits_node(g, node, numpy_helper.to_array(inits[node.input[1]]), H,
+                                node_bits.get(node.name, bits), group, damp, symmetric, act_order, done.get(node.name))
         idx = list(g.node).index(node)
         g.node.remove(node)
         g.node.insert(idx, new)

@@ -47,6 +47,29 @@ def lm_head_node(model_path: Path) -> str | None:
     return next((n.name for n in g.node if "logits" in n.output and n.op_type in FLOAT_MATMULS), None)
 
 
+def graph_weight_bits(path: Path) -> dict:
+    """Mean bits per weight over every MatMul/Gemm weight of the graph at ``path``, as stored:
+    MatMulNBits at its ``bits``, int8/uint8 initializers (dynamic W8A8) at 8, float ones at 32.
+    Integer codes only (group scales and zero points are not counted); the embedding Gather is not a MatMul."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name: i for i in g.initializer}
+    per_bits: collections.Counter = collections.Counter()
+    for n in g.node:
+        if n.op_type == "MatMulNBits":
+            at = {a.name: a.i for a in n.attribute}
+            per_bits[at["bits"]] += at["K"] * at["N"]
+        elif n.op_type in FLOAT_MATMULS + ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") \
+                and len(n.input) > 1 and n.input[1] in inits:
+            w = inits[n.input[1]]
+            bits = 8 if w.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) else 32
+            per_bits[bits] += int(np.prod(w.dims))
+    total = sum(per_bits.values())
+    return {"mean_weight_bits": round(sum(b * c for b, c in per_bits.items()) / max(1, total), 4),
+            "weights_per_bits": {str(b): c for b, c in sorted(per_bits.items())}}
+
+
 def pack_nbits(q: np.ndarray, bits: int, unsigned: bool = False) -> np.ndarray:
     """int codes [..., n] -> MatMulNBits' uint8 layout along the last axis (4 bits: low nibble
     first, an odd count padded with 0). Signed codes in [-(2^(b-1)-1), 2^(b-1)-1] are offset by

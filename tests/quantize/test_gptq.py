@@ -130,17 +130,58 @@ def test_blockwise_front_end_is_unchanged(bits, K, symmetric):
         assert _checksum(z) == zsums
 
 
-def test_hessian_without_rows_and_act_order_on_a_fitted_grid_are_refused():
-    import torch
-
+def test_hessian_without_rows_is_refused():
     from moqe_compile.quantize.gptq import GroupGrid
 
     with pytest.raises(BuildError, match="no calibration rows"):
         gptq_round(np.ones((2, 3), np.float32), np.ones(2, np.float32), 7, LayerHessian("Gemm", {}, (2, 3)))
-    grid = GroupGrid(4, 32, True, (1, 2), 32, torch.float32)
-    with pytest.raises(BuildError, match="act_order"):
-        gptq_quantize(torch.zeros(1, 2, 32), torch.eye(32)[None], grid, act_order=True)
     assert not ChannelGrid.fits_scales and GroupGrid.fits_scales
+
+
+def _rtn_asym(W, bits, group):
+    """Round to nearest on each group's [min, max] (widened to 0), zero point per group: numpy."""
+    N, K = W.shape
+    g = W.reshape(N, K // group, group).astype(np.float64)
+    lo, hi = np.minimum(g.min(-1, keepdims=True), 0), np.maximum(g.max(-1, keepdims=True), 0)
+    s = np.maximum((hi - lo) / (2**bits - 1), 1e-10)
+    z = np.round(-lo / s)
+    q = np.clip(np.round(g / s) + z, 0, 2**bits - 1)
+    return ((q - z) * s).reshape(N, K)
+
+
+def _deq(q, s, z, group):
+    N, K = q.shape
+    return ((q.reshape(N, -1, group) - z[..., None]) * s[..., None]).reshape(N, K)
+
+
+def test_act_order_with_a_diagonal_hessian_is_round_to_nearest():
+    # No off-diagonal H: no error to feed back, so whatever the column order, every column is
+    # rounded alone on its own group's scale, fitted on the original weights (static groups).
+    rng = np.random.default_rng(3)
+    W = rng.normal(size=(16, 128)).astype(np.float32)
+    H = np.diag(rng.uniform(0.1, 10.0, 128))  # a column order far from the natural one
+    q, s, z = gptq_blockwise(W, H, 4, 32, 0.01, symmetric=False, act_order=True)
+    assert np.allclose(_deq(q, s, z, 32), _rtn_asym(W, 4, 32), atol=1e-5)
+
+
+def test_act_order_with_static_groups_beats_round_to_nearest_on_the_layer_objective():
+    rng = np.random.default_rng(4)
+    K, N = 256, 32
+    W = rng.normal(size=(N, K)).astype(np.float32)
+    # Correlated inputs with a few large channels (activation outliers): where act-order pays.
+    X = rng.normal(size=(1024, K)) @ rng.normal(size=(K, K)) * 0.1
+    X[:, rng.choice(K, 8, replace=False)] *= 20
+    H = X.T @ X / len(X)
+
+    def err(Wq):
+        E = (W - Wq).astype(np.float64)
+        return float(np.einsum("nk,kl,nl->", E, H, E))
+
+    ordered = gptq_blockwise(W, H, 4, 128, 0.01, symmetric=False)
+    acted = gptq_blockwise(W, H, 4, 128, 0.01, symmetric=False, act_order=True)
+    rtn = err(_rtn_asym(W, 4, 128))
+    assert err(_deq(*ordered, 128)) < rtn
+    assert err(_deq(*acted, 128)) < 0.5 * err(_deq(*ordered, 128))  # measured 585 vs 1776 (RTN 2989)
 
 
 def _matmul_model(path, W):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from moqe_compile import target as tg
-from moqe_compile.tasks.causal_lm.config import LMExpertRecipe, expert_from_dict
+from moqe_compile.tasks.causal_lm.config import FLOAT_HEAD, LMExpertRecipe, expert_from_dict
 from moqe_compile.tasks.causal_lm.score import DecoderSession, score_windows
 
 LADDER = (("w4-gptq", 128), ("w4-gptq", 64), ("w4-gptq", 32), ("w8-gptq", 128))
@@ -26,9 +26,12 @@ def recipe_for(spec: tuple[str, int]) -> LMExpertRecipe:
     return expert_from_dict({"name": f"{preset}-g{block}", "preset": preset, "block_size": block})
 
 
-def nominal_bits(r: LMExpertRecipe) -> float:
-    """Mean bits per quantized weight: the integer width plus one float32 scale per block."""
-    return r.bits + (32 / r.block_size if r.scheme == "nbits" else 0.0)
+def nominal_bits(r: LMExpertRecipe, graph: Path) -> float:
+    """Mean bits per weight of the written ``graph`` (the LM head at its own width, quantize/nbits.py's
+    ``graph_weight_bits``) plus one float32 scale per block of MatMulNBits."""
+    from moqe_compile.quantize.nbits import graph_weight_bits
+
+    return round(graph_weight_bits(graph)["mean_weight_bits"] + (32 / r.block_size if r.scheme == "nbits" else 0.0), 4)
 
 
 def default_expert(budget: dict | None, names: list[str], val_loss: np.ndarray, alpha: float) -> tuple[int, dict]:
@@ -63,7 +66,7 @@ def budget_step(st) -> dict:
         fp_nll["val"] = sc.nll
         paths[r.name], recipes[r.name] = dest, r
         return tg.Candidate(name=r.name, rung=spec[0], recipe=asdict(r), val=tg.perplexity_drop(sc.nll, sc.loss[:, 0]),
-                            cost={"mean_weight_bits": nominal_bits(r), "bytes": _bytes(dest)},
+                            cost={"mean_weight_bits": nominal_bits(r, dest), "bytes": _bytes(dest)},
                             build_seconds=round(seconds, 2))
 
     res = tg.search([tg.Tier(list(LADDER))], evaluate, t.max_drop, 60 * t.search_minutes, st.st.say)
@@ -78,7 +81,7 @@ def budget_step(st) -> dict:
     _copy_graph(paths[c.name], st.w.path(rel))
     from moqe_compile.quantize.nbits import check_kernels
 
-    check = check_kernels(st.w.path(rel), allow_fp_head=not recipes[c.name].quantize_lm_head, allow_fp=st.gates)
+    check = check_kernels(st.w.path(rel), allow_fp_head=recipes[c.name].head_bits == FLOAT_HEAD, allow_fp=st.gates)
     st.experts.append({"name": name, "recipe": {**recipes[c.name].to_dict(), "name": name},
                        "variants": {"onnxruntime-cpu": {"path": rel, "kernels": check["kernels"], "check": check}},
                        "build_seconds": c.build_seconds})

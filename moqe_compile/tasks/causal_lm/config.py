@@ -33,6 +33,8 @@ MOE_WIDTHS = {"rtn": (2, 4, 8), "gptq": (4, 8)}  # MatMulNBits widths each weigh
 SCHEMES = ("w8a8-dynamic", "nbits")
 WEIGHT_ALGOS = ("rtn", "hqq", "gptq", "gptq-ort")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level attribute
+FLOAT_HEAD = 32  # head_bits for an LM head left in float (fp32, as the exported graph holds it)
+HEAD_BITS = {"w8a8-dynamic": (8, FLOAT_HEAD), "nbits": (4, 8, FLOAT_HEAD)}
 
 
 @dataclass
@@ -111,7 +113,15 @@ class LMExpertRecipe:
     awq: bool = False
     awq_grid: int = 10
     gptq_damp: float = 0.01
-    quantize_lm_head: bool = True
+    # GPTQ's act-order: columns by decreasing Hessian diagonal, groups fitted once beforehand
+    # (static groups), so MatMulNBits needs no column permutation. Written when set.
+    gptq_act_order: bool = False
+    # True-sequential GPTQ (tasks/causal_lm/sequential.py): each projection's Hessian from the
+    # partly quantized model, in the order q/k/v, o, gate/up, down. Written when set.
+    gptq_sequential: bool = False
+    # The LM head's weight width, apart from ``bits``: with a large vocabulary the head is often
+    # the most sensitive matrix (common toolkits keep it at 8 bits or float). 32 = float.
+    head_bits: int = 8
     # MatMulNBits' compute type (ONNX Runtime's accuracy_level): 0 = unset (float compute, what
     # every bundle before this key was built with), 1 fp32, 2 fp16, 3 bf16, 4 int8 (activations
     # quantized per block at run time: MLAS' VNNI/AVX-512 path). Written to the manifest only
@@ -133,7 +143,7 @@ class LMExpertRecipe:
 
     # Keys added after the config's VERSION (as Recipe.WRITTEN_WHEN_SET): written only when set,
     # so an unchanged recipe keeps a byte-identical manifest, in the recipe and in each expert.
-    WRITTEN_WHEN_SET = ("accuracy_level",)
+    WRITTEN_WHEN_SET = ("accuracy_level", "gptq_act_order", "gptq_sequential")
 
     def to_dict(self) -> dict:
         return written_when_set(self, self.WRITTEN_WHEN_SET)
@@ -164,6 +174,14 @@ class LMExpertRecipe:
         if self.smoothquant_alpha and self.awq:
             raise ConfigError(f"[experts.{self.name}] choose smoothquant_alpha or awq, not both.")
         positive(f"experts.{self.name}", "awq_grid", self.awq_grid)
+        for key in ("gptq_act_order", "gptq_sequential"):
+            if getattr(self, key) and self.weights != "gptq":
+                raise ConfigError(f"[experts.{self.name}] {key} needs weights = 'gptq' (got {self.weights!r}).")
+        if self.gptq_sequential and self.moe_bits:
+            raise ConfigError(f"[experts.{self.name}] gptq_sequential is not implemented for moe_bits experts.")
+        if self.head_bits not in HEAD_BITS[self.scheme]:
+            raise ConfigError(f"[experts.{self.name}] head_bits = {self.head_bits} is not one of "
+                              f"{list(HEAD_BITS[self.scheme])} for scheme {self.scheme!r} ({FLOAT_HEAD} = float).")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"[experts.{self.name}] accuracy_level = {self.accuracy_level} is not one of "
                               f"{list(ACCURACY_LEVELS)} (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
@@ -207,7 +225,33 @@ def default_lm_experts() -> list[LMExpertRecipe]:
 
 def expert_from_dict(data: dict) -> LMExpertRecipe:
     """An LM expert from a recipe table: its ``preset`` (if any) first, the keys beside it over it."""
-    return build_section(LMExpertRecipe, data, "experts")
+    return build_section(LMExpertRecipe, upgrade_experts({"experts": [data]})["experts"][0], "experts")
+
+
+def upgrade_experts(data: dict) -> dict:
+    """Recipes and manifests written before ``head_bits`` said ``quantize_lm_head``: true meant
+    the head at the expert's ``bits``, false a float head. Read them with that meaning."""
+    experts = data.get("experts")
+    if not isinstance(experts, list):
+        return data
+    out = []
+    for e in experts:
+        if isinstance(e, dict) and "quantize_lm_head" in e:
+            e = dict(e)
+            if "head_bits" in e:
+                raise ConfigError(f"[experts.{e.get('name')}] sets both quantize_lm_head (replaced) and head_bits; "
+                                  "keep head_bits only.")
+            legacy = e.pop("quantize_lm_head")
+            if legacy is True:
+                preset = LM_EXPERT_PRESETS.get(e.get("preset", ""), {})
+                e["head_bits"] = e.get("bits", preset.get("bits", 8))
+            elif legacy is False:
+                e["head_bits"] = FLOAT_HEAD
+            else:
+                raise ConfigError(f"[experts.{e.get('name')}] quantize_lm_head = {legacy!r} must be a boolean "
+                                  "(replaced by head_bits: 4, 8 or 32 = float).")
+        out.append(e)
+    return {**data, "experts": out}
 
 
 @dataclass
@@ -255,6 +299,10 @@ class LMBuildConfig(Recipe):
         data = super().to_dict()
         data["experts"] = [e.to_dict() for e in self.experts]
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LMBuildConfig":
+        return super().from_dict(upgrade_experts(data))
 
     def __post_init__(self) -> None:
         if self.task != TASK:

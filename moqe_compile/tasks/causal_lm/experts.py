@@ -3,32 +3,52 @@
 The recipe picks the quantizer (``quantize/nbits.py``: ORT's dynamic W8A8, RTN, HQQ or GPTQ
 into MatMulNBits; ``quantize/gptq.py``: our GPTQ into MatMulNBits); SmoothQuant and AWQ
 (``smoothing.py``) rescale the torch weights before export. The embedding Gather is never
-quantized (the router reads the FP embeddings), and the LM head only when the recipe says so.
+quantized (the router reads the FP embeddings); the LM head gets its own width, ``head_bits``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from moqe_compile.errors import BuildError
 from moqe_compile.quantize.gptq import gptq_onnx
 from moqe_compile.quantize.nbits import lm_head_node, quantize_dynamic_w8a8, quantize_matmulnbits, set_accuracy_level
-from moqe_compile.tasks.causal_lm.config import LMExpertRecipe
+from moqe_compile.tasks.causal_lm.config import FLOAT_HEAD, LMExpertRecipe
 
 
 def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds: list[dict],
-                  exclude_nodes=()) -> None:
+                  exclude_nodes=(), model=None, calib_ids=None) -> None:
     """Write ``recipe``'s quantized decoder. ``exclude_nodes``: MatMul node names left in float
-    (an MoE model's gates, ``moe.py``)."""
+    (an MoE model's gates, ``moe.py``); the head among them stays float too. ``model`` /
+    ``calib_ids``: the torch model ``fp_onnx`` was exported from and the calibration windows,
+    for true-sequential GPTQ (``gptq_sequential``)."""
     head = lm_head_node(fp_onnx)
-    exclude = [head] if head and not recipe.quantize_lm_head else []
-    exclude += [n for n in exclude_nodes if n not in exclude]
+    if head in exclude_nodes:
+        head = None
+    own_head = head is not None and recipe.head_bits != recipe.bits  # the head at a width of its own
+    exclude = list(exclude_nodes) + ([head] if own_head else [])
     if recipe.scheme == "w8a8-dynamic":
-        quantize_dynamic_w8a8(fp_onnx, out, exclude)
-    elif recipe.weights == "gptq":  # ours: one calibration pass for all Hessians
-        gptq_onnx(fp_onnx, out, calib_feeds, recipe.bits, recipe.block_size, recipe.gptq_damp, set(exclude),
-                  symmetric=recipe.symmetric)
+        quantize_dynamic_w8a8(fp_onnx, out, exclude)  # head_bits 8 (= bits) or float
+    elif recipe.weights == "gptq":  # ours: one calibration pass for all Hessians, the head at its width in it
+        node_bits = {head: recipe.head_bits} if own_head and recipe.head_bits != FLOAT_HEAD else {}
+        done = None
+        if recipe.gptq_sequential:
+            if model is None or calib_ids is None:
+                raise BuildError("gptq_sequential needs the torch model and the calibration windows.")
+            from moqe_compile.tasks.causal_lm.sequential import sequential_gptq
+
+            done = sequential_gptq(model, calib_ids, fp_onnx, recipe.bits, recipe.block_size, recipe.gptq_damp,
+                                   recipe.symmetric, recipe.gptq_act_order,
+                                   recipe.head_bits if head is not None else None, exclude_nodes)
+        gptq_onnx(fp_onnx, out, calib_feeds, recipe.bits, recipe.block_size, recipe.gptq_damp,
+                  set(exclude) - set(node_bits), symmetric=recipe.symmetric, node_bits=node_bits,
+                  act_order=recipe.gptq_act_order, done=done)
     else:
         quantize_matmulnbits(fp_onnx, out, recipe.weights, recipe.bits, recipe.block_size, recipe.symmetric,
                              exclude, calib_feeds, recipe.gptq_damp)
+        if own_head and recipe.head_bits != FLOAT_HEAD:
+            # ORT's HQQ and GPTQ write 4 bits only: the head at another width is ORT's RTN, on its own.
+            quantize_matmulnbits(out, out, "rtn", recipe.head_bits, recipe.block_size, recipe.symmetric,
+                                 list(exclude_nodes))
     if recipe.scheme == "nbits":
         set_accuracy_level(out, recipe.accuracy_level)

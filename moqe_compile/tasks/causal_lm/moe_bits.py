@@ -348,7 +348,7 @@ def quantize_moe_onnx(fp_onnx: Path, recipe, out: Path, calib_feeds: list[dict],
             quantize_onnx(src, r, dst, calib_feeds, exclude_nodes=[n for n in const if n not in keep])
             src = dst
     head = lm_head_node(fp_onnx)
-    bits_of = {n: (32 if n in gates or (n == head and not recipe.quantize_lm_head) else width[n]) for n in const}
+    bits_of = {n: (32 if n in gates else recipe.head_bits if n == head else width[n]) for n in const}
     mean_w = sum(numel[n] * b for n, b in bits_of.items()) / max(1, sum(numel.values()))
     return {"gate_nodes": sorted(gates), "matmuls_per_width": {str(b): len(v) for b, v in sorted(groups.items())},
             "non_expert_bits": recipe.bits, "mean_weight_bits": round(mean_w, 4)}

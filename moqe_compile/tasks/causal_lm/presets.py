@@ -25,9 +25,14 @@ LM_EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     # 4-bit weight-only (MatMulNBits), blockwise: ORT's RTN, HQQ (Badri & Shaji 2023) and GPTQ.
     "w4-rtn": {"scheme": "nbits", "bits": 4, "weights": "rtn", "block_size": 32},
     "w4-hqq": {"scheme": "nbits", "bits": 4, "weights": "hqq", "block_size": 32},
-    "w4-gptq": {"scheme": "nbits", "bits": 4, "weights": "gptq", "block_size": 32},
-    # AWQ (Lin et al. 2024): per-input-channel scales s = mean|X|^a, a grid-searched per layer
-    # group on calibration activations to minimize the 4-bit output error; then RTN MatMulNBits.
+    # w4-gptq is GPTQ as published (asymmetric groups of 128, act-order with static groups, damping
+    # 0.01) with the LM head at 8 bits (head_bits' default): the best 4-bit g128 recipe measured
+    # on SmolLM2-135M (docs/results.md#smollm2-135m-4-bit-g128-recipes-as-published).
+    "w4-gptq": {"scheme": "nbits", "bits": 4, "weights": "gptq", "block_size": 128, "symmetric": False,
+                "gptq_act_order": True},
+    # AWQ (Lin et al. 2024): per-input-channel scales s = mean|X|^a, a grid-searched per scaling
+    # group on calibration activations to minimize the 4-bit output error, then the clipping
+    # search; then RTN MatMulNBits.
     "w4-awq": {"scheme": "nbits", "bits": 4, "weights": "rtn", "block_size": 32, "awq": True},
     # Sparse MoE models only (tasks/causal_lm/moe_bits.py): a bit width per routed expert at a fixed
     # average (Chowdhury et al. 2026): experts whose gate row changed least in l2 norm during training,

@@ -1,4 +1,4 @@
-"""SmoothQuant and AWQ-style scaling of a Llama-style decoder's torch weights, before export.
+"""SmoothQuant and AWQ scaling (and AWQ's clipping) of a Llama-style decoder's torch weights, before export.
 
 Ours: ORT's SmoothQuant needs the full neural-compressor package and its AWQ needs NVIDIA
 modelopt. Both rescale the FP weights around each RMSNorm, so the exported graph is the same
@@ -84,20 +84,77 @@ def smoothquant(model, calib_ids: np.ndarray, alpha: float):
     return model
 
 
+def _awq_groups(model):
+    """AWQ's scaling groups per decoder layer (AutoAWQ's Llama layout): input_layernorm -> q/k/v,
+    v -> o (only when v's outputs are o's inputs one to one: with grouped-query attention a v
+    channel feeds several heads, and AutoAWQ skips the pair too), post_attention_layernorm ->
+    gate/up, up -> down (down reads act(gate) * up, linear in up)."""
+    _norm_groups(model)  # the same layout check and message
+    out = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        out.append((layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj]))
+        if a.v_proj.weight.shape == a.o_proj.weight.shape:
+            out.append((a.v_proj, [a.o_proj]))
+        out.append((layer.post_attention_layernorm, [m.gate_proj, m.up_proj]))
+        out.append((m.up_proj, [m.down_proj]))
+    return out
+
+
+def _fold_into(prev, linears, s) -> None:
+    """x' = x / s in what writes the input (a norm's weight, or a linear's output rows), W' = W * s."""
+    if hasattr(prev, "in_features"):  # a linear: its output channels are the next input's channels
+        prev.weight.data /= s[:, None]
+        if prev.bias is not None:
+            prev.bias.data /= s
+    else:
+        prev.weight.data /= s
+    for lin in linears:
+        lin.weight.data *= s[None, :]
+
+
+def _best_clip(w, x, bits: int, block: int, symmetric: bool, steps: int = 20, shrink: float = 0.5):
+    """AWQ's clipping search (Lin et al. 2024; AutoAWQ ``_compute_best_clip``): per output channel
+    and group, the largest |w| kept, max|w| * r with r on ``steps`` points in [1 - shrink, 1],
+    that minimizes the group's squared output error on the input rows ``x`` after quantization."""
+    import torch
+    import torch.nn.functional as F
+
+    out_f, in_f = w.shape
+    pad = (-in_f) % block
+    wg = F.pad(w, (0, pad)).reshape(out_f, -1, block)
+    xg = F.pad(x, (0, pad)).reshape(len(x), -1, block)
+    ref = torch.einsum("ngk,ogk->nog", xg, wg)
+    amax = wg.abs().amax(-1, keepdim=True)
+    best_err = torch.full(amax.shape[:2], float("inf"))
+    best = amax.clone()
+    for i in range(steps):
+        mx = amax * (1 - shrink * i / steps)
+        q = rtn_blockwise(torch.clamp(wg, -mx, mx).reshape(out_f, -1), bits, block, symmetric).reshape(wg.shape)
+        err = (torch.einsum("ngk,ogk->nog", xg, q) - ref).pow(2).mean(0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better[..., None], mx, best)
+    return torch.clamp(wg, -best, best).reshape(out_f, -1)[:, :in_f]
+
+
 def awq(model, calib_ids: np.ndarray, bits: int, block: int, symmetric: bool, grid: int = 10,
-        keep_tokens: int = 2048):
-    """AWQ-style activation-aware scaling (Lin et al., 2024, sec. 3.2): per norm->linears group,
+        keep_tokens: int = 2048, clip: bool = True, clip_tokens: int = 512):
+    """AWQ (Lin et al., 2024, sec. 3.2, and AutoAWQ's search): per scaling group (:func:`_awq_groups`),
     s = mean|X|^a normalized, a on a grid in [0, 1), chosen to minimize || X W^T - (X/s) Q(W s)^T ||^2
-    on calibration rows. Simplification (docs/language-models.md): inputs come from the FP model,
-    not from the already-scaled preceding layers, and the v->o / up->down pairs are not scaled."""
+    on calibration rows and folded into what writes X; then (``clip``) each linear's weights but
+    q/k's are clipped per output channel and group by :func:`_best_clip` on its (scaled) inputs.
+    Input rows come from the FP model in one pass: the scaling keeps the FP function, so they are
+    the scaled model's too (up to the scale, applied here); the clipping changes it a little,
+    which AutoAWQ's layer-by-layer pass would carry into the next layer's inputs and this does not."""
     import torch
 
     model = copy.deepcopy(model)
-    groups = _norm_groups(model)
+    groups = _awq_groups(model)
     stats = _collect_inputs(model, calib_ids, groups, keep_tokens)
-    chosen = []
+    chosen, rows = [], []
     with torch.no_grad():
-        for (norm, linears), st in zip(groups, stats):
+        for (prev, linears), st in zip(groups, stats):
             x = torch.cat(st["rows"])
             mean = (st["sum"] / st["n"]).clamp_min(1e-6)
             w = torch.cat([lin.weight for lin in linears])  # (sum out, in)
@@ -109,7 +166,15 @@ def awq(model, calib_ids: np.ndarray, bits: int, block: int, symmetric: bool, gr
                 err = float(((x / s) @ rtn_blockwise(w * s, bits, block, symmetric).T - ref).pow(2).mean())
                 if err < best[0]:
                     best = (err, float(a), s)
-            _fold(norm, linears, best[2])
+            _fold_into(prev, linears, best[2])
             chosen.append(best[1])
+            rows.append((linears, x[:clip_tokens] / best[2]))
+        if clip:
+            # AutoAWQ leaves q/k unclipped: the attention scores are sensitive to them.
+            qk = {id(m) for lay in model.model.layers for m in (lay.self_attn.q_proj, lay.self_attn.k_proj)}
+            for linears, x in rows:
+                for lin in linears:
+                    if id(lin) not in qk:
+                        lin.weight.data = _best_clip(lin.weight.data, x, bits, block, symmetric)
     model._moqe_awq_alphas = chosen  # noqa: SLF001 - recorded in the manifest by the caller
     return model

