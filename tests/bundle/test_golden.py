@@ -62,7 +62,14 @@ ALLOWED: dict[str, dict[str, str]] = {
         "+experts[0].steps.peak_rss_mb": "each expert's peak resident memory while it was built; an added key, "
                                          "older readers ignore it"},
     "causal-lm": {
-        "+routing.default_rule": "which rule chose the served single expert; an added key, older readers ignore it"},
+        "+routing.default_rule": "which rule chose the served single expert; an added key, older readers ignore it",
+        **{f"{s}{where}.{key}": why for where in ("build_config._data.experts[0]", "experts[0].recipe")
+           for s, key, why in (
+               ("+", "head_bits", "the LM head's width (4, 8 or 32) replaced the boolean; recipes and "
+                                  "manifests that still say quantize_lm_head read as before (tests/tasks/causal_lm)"),
+               ("-", "quantize_lm_head", "replaced by head_bits, still read"))},
+        "+experts[0].mean_weight_bits": "the expert's mean weight bits read off its graph (the head at its own "
+                                        "width); an added key, older readers ignore it"},
 }
 
 
