@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--score-every", type=int, default=1,
                     help="score the experts on every k-th test window of each corpus (FP is scored on all)")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--versus", default="", help="an expert already scored in --work: each expert's "
+                    "perplexity ratio to it, paired on the same windows, is printed too")
     add_json_option(ap)
     args = ap.parse_args(argv)
 
@@ -137,6 +139,16 @@ def main(argv=None) -> int:
             row[c] = {"ppl": float(np.exp(nll[sel].mean())), "ppl_ci95": [float(np.exp(lo)), float(np.exp(hi))],
                       "ratio_to_fp": float(np.exp(t["diff"])),
                       "ratio_to_fp_ci95": [float(np.exp(x)) for x in t["ci95"]]}
+        if args.versus:
+            ref = scored(args.versus, w / f"{args.versus}.onnx", keep)
+            for c in results["windows"]:
+                sel = test.corpus == c
+                t = paired_bootstrap(nll[sel], ref[sel])
+                row[c]["versus"] = {"expert": args.versus, "ratio": float(np.exp(t["diff"])),
+                                    "ratio_ci95": [float(np.exp(x)) for x in t["ci95"]], "p_value": t["p_value"]}
+                print(f"{r.name} / {args.versus} on {c}: x{row[c]['versus']['ratio']:.3f} "
+                      f"[{row[c]['versus']['ratio_ci95'][0]:.3f}, {row[c]['versus']['ratio_ci95'][1]:.3f}] "
+                      f"p {t['p_value']:.3f}", flush=True)
         results["experts"][r.name] = row
     print(render(results))
     write_json(args.json, results)
