@@ -67,10 +67,7 @@ def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, sc
     S = torch.from_numpy(scale.astype(np.float32)).reshape(-1, *([1] * (w.ndim - 1)))
     X = torch.from_numpy(x.astype(np.float32))
     fn = layer_fn(op, attrs, tuple(x.shape))
-    floor = torch.floor(W / S)
-    rest = W / S - floor  # in [0, 1)
-    V = torch.log(((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
-                  / (1 - ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)))
+    floor, V = init_v(W, S)
     V = V.clone().requires_grad_(True)
     opt = torch.optim.Adam([V], lr=lr)
     lo = -qmax - 1
@@ -82,9 +79,8 @@ def adaround_layer(op: str, attrs: dict, w: np.ndarray, b: np.ndarray | None, sc
         out = fn(X[idx], wq, B)
         rec = F.mse_loss(out, target_all[idx])
         # beta anneals 20 -> 2 after a 20% warm-up without the rounding regularizer.
-        t = it / max(1, iters - 1)
-        beta = 20 - 18 * max(0.0, (t - 0.2) / 0.8)
-        regl = (1 - (2 * h(V) - 1).abs().pow(beta)).sum() if t >= 0.2 else torch.zeros(())
+        beta = anneal(it, iters)
+        regl = round_reg(V, beta) if beta is not None else torch.zeros(())
         loss = rec + reg * regl / V.numel() * 100
         opt.zero_grad()
         loss.backward()

@@ -35,6 +35,8 @@ from onnx import numpy_helper
 
 from moqe_compile.errors import BuildError
 from moqe_compile.quantize.adaround import anneal, h, init_v, layer_fn, round_reg
+from moqe_compile.quantize.graph import node_attrs
+from moqe_compile.quantize.stream import varying_tensors
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +68,9 @@ class Block:
     layers: list[str]  # its Conv/Gemm node names, in graph order
 
 
-def _varying(model: onnx.ModelProto, input_name: str) -> set[str]:
-    out = {input_name}
-    for n in model.graph.node:
-        if any(t in out for t in n.input):
-            out.update(o for o in n.output if o)
-    return out
-
-
 def cuts(model: onnx.ModelProto, input_name: str) -> list[tuple[int, str]]:
     """(node index, tensor) of every single-tensor cut, in graph order; index -1 is the input."""
-    varying = _varying(model, input_name)
+    varying = varying_tensors(model, input_name)
     remaining: dict[str, int] = {o.name: 1 for o in model.graph.output}  # outputs stay live to the end
     for n in model.graph.node:
         for t in n.input:
@@ -248,8 +242,7 @@ def _op(n: onnx.NodeProto, a: list, qdrop: float, gen):
         return _dequantize(n, a[0], a[1], a[2] if len(a) > 2 else None)
     a = [v.value if isinstance(v, _FQ) else v for v in a]
     if op == "Conv":
-        return layer_fn("Conv", {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}, ())(
-            a[0], a[1], a[2] if len(a) > 2 else None)
+        return layer_fn("Conv", node_attrs(n), ())(a[0], a[1], a[2] if len(a) > 2 else None)
     if op == "Gemm":
         return _gemm(n, a[0], a[1], a[2] if len(a) > 2 else None)
     simple = {"Add": lambda: a[0] + a[1], "Sub": lambda: a[0] - a[1], "Mul": lambda: a[0] * a[1],
@@ -320,15 +313,18 @@ def _error(region: Region, x: torch.Tensor, t: torch.Tensor, weights: dict, batc
 
 
 def reconstruct(q: onnx.ModelProto, inits: dict, block: Block, x_in: np.ndarray, target: np.ndarray,
-                fp_weights: dict, qmax: dict, cfg: BlockSettings, desc: str = "block") -> dict:
+                fp_weights: dict, qmax: dict, cfg: BlockSettings, desc: str = "block",
+                region: Region | None = None) -> dict:
     """Learn the rounding of every quantized layer of ``block`` in Q/DQ graph ``q`` (its
     initializers ``inits`` are rewritten): ``x_in`` the block's input on the quantized stream,
     ``target`` the FP model's block output, ``fp_weights`` node -> FP weight, ``qmax`` node ->
     weight grid. Returns the edited initializer names and the block error before (the integers
-    the graph held) and after; the learned integers are kept only if they lower it."""
+    the graph held) and after; the learned integers are kept only if they lower it. ``region``:
+    ``Region(q, inits, block)`` when the caller already built it (nothing run on it yet)."""
     from tqdm.auto import tqdm
 
-    region = Region(q, inits, block)
+    if region is None:
+        region = Region(q, inits, block)
     layers = _layers(q, inits, region, fp_weights, qmax)
     if not layers:
         return {"edited": [], "error_before": None, "error_after": None, "iters": 0}
@@ -367,4 +363,4 @@ def reconstruct(q: onnx.ModelProto, inits: dict, block: Block, x_in: np.ndarray,
     log.info("%s (%d layers): error %.4g -> %.4g in %d steps, %.1f s", desc, len(layers), before, after, it + 1,
              time.perf_counter() - t0)
     return {"edited": [l.w_int for l in layers], "error_before": before, "error_after": min(after, before),
-            "error_learned": after, "iters": it + 1}
+            "iters": it + 1}

@@ -125,8 +125,8 @@ class ChannelGrid:
     def start(self, col: int, w: torch.Tensor) -> None:
         """Scales are fixed: nothing to fit."""
 
-    def round(self, w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, dequantized) of column ``col``, ``w`` (G, m)."""
+    def round(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, dequantized) of one column ``w`` (G, m) on the current scales."""
         q = torch.clamp(torch.round(w / self.s) + self.z, self.lo, self.hi)
         return q, (q - self.z) * self.s
 
@@ -171,9 +171,10 @@ class StaticGroups(ChannelGrid):
     columns run by decreasing Hessian diagonal, so a group's columns are scattered over the
     loop and its scale cannot be fitted when its first column comes up; it is fitted once on
     the original weights instead, and each column is rounded with its own group's scale.
-    The error feedback still runs over every later column, across groups."""
+    The error feedback still runs over every later column, across groups. ``group = 1``: the
+    column loop calls ``start`` at every column, which selects that column's scales."""
 
-    group = None
+    group = 1
     fits_scales = True
 
     def __init__(self, fitted: GroupGrid, perm: torch.Tensor):
@@ -183,10 +184,8 @@ class StaticGroups(ChannelGrid):
         self.Zc = torch.gather(fitted.Z.repeat_interleave(fitted.group, -1), 2, idx)
         self.lo, self.hi = fitted.lo, fitted.hi
 
-    def round(self, w: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s, z = self.Sc[..., col], self.Zc[..., col]
-        q = torch.clamp(torch.round(w / s) + z, self.lo, self.hi)
-        return q, (q - z) * s
+    def start(self, col: int, w: torch.Tensor) -> None:
+        self.s, self.z = self.Sc[..., col], self.Zc[..., col]
 
 
 # ---------------------------------------------------------------- the core
@@ -218,7 +217,7 @@ def _columns(W: torch.Tensor, Hinv: torch.Tensor, grid, lazy: int) -> torch.Tens
             if grid.group and col % grid.group == 0:
                 # At a block start W holds every update so far; W1 would cut a group longer than the block.
                 grid.start(col, W[:, :, col : col + grid.group] if i == 0 else W1[:, :, i : i + grid.group])
-            q, deq = grid.round(W1[:, :, i], col)
+            q, deq = grid.round(W1[:, :, i])
             Q[:, :, col] = q.to(torch.int32)
             err = (W1[:, :, i] - deq) / Hinv1[:, i, i][:, None]
             W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]

@@ -24,7 +24,7 @@ class WeightLayer:
     attrs: dict
 
 
-def _attrs(node) -> dict:
+def node_attrs(node) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -33,7 +33,7 @@ def weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
     inits = {i.name for i in model.graph.initializer}
     out = []
     for n in model.graph.node:
-        a = _attrs(n)
+        a = node_attrs(n)
         if n.op_type == "Conv" and n.input[1] in inits:
             pass
         elif n.op_type == "Gemm" and n.input[1] in inits and a.get("transB", 0) == 1 and not a.get("transA", 0):

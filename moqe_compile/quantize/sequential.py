@@ -283,7 +283,10 @@ class _BlockPlan:
         self.q, self.inits, self.qmax, self.cfg = q, inits, qmax, cfg
         valid = {o for n in q.graph.node for o in n.output} | {input_name}
         self.blocks = brecq_blocks(base, input_name, set(layers), cfg.layers, valid)
-        self.span = [(r.start, r.end) for r in (Region(q, inits, b) for b in self.blocks)]
+        # Built before the walk edits any initializer: a Region reads only the graph's nodes and
+        # keeps ``inits`` itself, so it is the one ``reconstruct`` would build at the block's end.
+        self.regions: list[Region | None] = [Region(q, inits, b) for b in self.blocks]
+        self.span = [(r.start, r.end) for r in self.regions]
         self.end = {e: j for j, (_, e) in enumerate(self.span)}
         self.n = min(len(x), cfg.samples)
         self.fp = TensorStream(base, input_name, x[: self.n])
@@ -299,8 +302,9 @@ class _BlockPlan:
     def reconstruct(self, k: int, qs: TensorStream) -> None:
         j = self.end[k]
         b = self.blocks[j]
+        region, self.regions[j] = self.regions[j], None  # its constant cache goes with it once used
         got = reconstruct(self.q, self.inits, b, qs.get(b.t_in)[: self.n], self.fp.get(b.t_out), self.fp_weights,
-                          self.qmax, self.cfg, desc=f"block {j + 1}/{len(self.blocks)}")
+                          self.qmax, self.cfg, desc=f"block {j + 1}/{len(self.blocks)}", region=region)
         if got["error_before"] is not None:
             self.errors.append([round(got["error_before"], 6), round(got["error_after"], 6)])
         qs.changed(got["edited"])

@@ -23,6 +23,16 @@ from onnx import helper
 from moqe_compile.backends.onnxruntime_cpu import session
 
 
+def varying_tensors(model: onnx.ModelProto, input_name: str) -> set[str]:
+    """Tensors of ``model`` with one value per input sample (the rest, e.g. dequantized weights,
+    are constants): ``input_name`` and everything computed from it."""
+    out = {input_name}
+    for n in model.graph.node:
+        if any(t in out for t in n.input):
+            out.update(o for o in n.output if o)
+    return out
+
+
 class TensorStream:
     """Tensors of ``model`` (a topologically sorted graph, edited in place by the caller) on
     inputs ``x`` fed to ``input_name``, computed on demand in batches of ``batch`` samples.
@@ -40,11 +50,7 @@ class TensorStream:
         for k, n in enumerate(self.nodes):
             for t in n.input:
                 self.consumers.setdefault(t, []).append(k)
-        # Tensors with one value per input sample (the rest, e.g. dequantized weights, are constants).
-        self.varying = {input_name}
-        for n in self.nodes:
-            if any(t in self.varying for t in n.input):
-                self.varying.update(o for o in n.output if o)
+        self.varying = varying_tensors(model, input_name)
         self.env: dict[str, np.ndarray] = {input_name: x}
         self.input_name = input_name  # never dropped: everything can be recomputed from it
         self.done: set[int] = set()

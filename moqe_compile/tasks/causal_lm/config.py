@@ -225,33 +225,36 @@ def default_lm_experts() -> list[LMExpertRecipe]:
 
 def expert_from_dict(data: dict) -> LMExpertRecipe:
     """An LM expert from a recipe table: its ``preset`` (if any) first, the keys beside it over it."""
-    return build_section(LMExpertRecipe, upgrade_experts({"experts": [data]})["experts"][0], "experts")
+    return build_section(LMExpertRecipe, upgrade_expert(data), "experts")
+
+
+def upgrade_expert(e):
+    """Recipes and manifests written before ``head_bits`` said ``quantize_lm_head``: true meant
+    the head at the expert's ``bits``, false a float head. Read them with that meaning."""
+    if not (isinstance(e, dict) and "quantize_lm_head" in e):
+        return e
+    e = dict(e)
+    if "head_bits" in e:
+        raise ConfigError(f"[experts.{e.get('name')}] sets both quantize_lm_head (replaced) and head_bits; "
+                          "keep head_bits only.")
+    legacy = e.pop("quantize_lm_head")
+    if legacy is True:
+        preset = LM_EXPERT_PRESETS.get(e.get("preset", ""), {})
+        e["head_bits"] = e.get("bits", preset.get("bits", 8))
+    elif legacy is False:
+        e["head_bits"] = FLOAT_HEAD
+    else:
+        raise ConfigError(f"[experts.{e.get('name')}] quantize_lm_head = {legacy!r} must be a boolean "
+                          "(replaced by head_bits: 4, 8 or 32 = float).")
+    return e
 
 
 def upgrade_experts(data: dict) -> dict:
-    """Recipes and manifests written before ``head_bits`` said ``quantize_lm_head``: true meant
-    the head at the expert's ``bits``, false a float head. Read them with that meaning."""
+    """``data`` with each of its ``experts`` read by :func:`upgrade_expert`."""
     experts = data.get("experts")
     if not isinstance(experts, list):
         return data
-    out = []
-    for e in experts:
-        if isinstance(e, dict) and "quantize_lm_head" in e:
-            e = dict(e)
-            if "head_bits" in e:
-                raise ConfigError(f"[experts.{e.get('name')}] sets both quantize_lm_head (replaced) and head_bits; "
-                                  "keep head_bits only.")
-            legacy = e.pop("quantize_lm_head")
-            if legacy is True:
-                preset = LM_EXPERT_PRESETS.get(e.get("preset", ""), {})
-                e["head_bits"] = e.get("bits", preset.get("bits", 8))
-            elif legacy is False:
-                e["head_bits"] = FLOAT_HEAD
-            else:
-                raise ConfigError(f"[experts.{e.get('name')}] quantize_lm_head = {legacy!r} must be a boolean "
-                                  "(replaced by head_bits: 4, 8 or 32 = float).")
-        out.append(e)
-    return {**data, "experts": out}
+    return {**data, "experts": [upgrade_expert(e) for e in experts]}
 
 
 @dataclass

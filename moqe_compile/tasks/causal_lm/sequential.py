@@ -81,42 +81,38 @@ def _run(layer, inputs):
 def _hessians(layer, modules: dict, inputs) -> dict:
     """Input Hessians of ``modules`` ({name: nn.Linear}) over ``layer`` run on ``inputs``.
 
-    Each window's run stops once every module of the stage has seen its input: the rest of
-    the layer (all of the MLP for q/k/v and o) does not change them, and running it anyway
-    made the stages cost four full layer passes instead of about one and a quarter."""
+    The modules of a stage read one tensor in a Llama-style layer (q/k/v the attention norm's
+    output, gate/up the MLP norm's), so the first module's input gives every module's Hessian,
+    and each window's run stops there: the rest of the layer (all of the MLP for q/k/v and o)
+    does not change it, and running it anyway made the stages cost four full layer passes
+    instead of about one and a quarter."""
     import torch
 
     from moqe_compile.quantize.gptq import Hessian
 
-    hess = {n: Hessian(m.in_features) for n, m in modules.items()}
-    seen: set = set()
+    first = next(iter(modules.values()))
+    hess = Hessian(first.in_features)
 
-    def hook(name):
-        def f(_mod, inp):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
-            hess[name].add_rows(x[:, None, :])
-            seen.add(name)
-            if len(seen) == len(hess):
-                raise _Stop
-        return f
+    def hook(_mod, inp):
+        hess.add_rows(inp[0].detach().reshape(-1, inp[0].shape[-1]).double()[:, None, :])
+        raise _Stop
 
-    hs = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    h = first.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             for args, kwargs in inputs:
-                seen.clear()
                 try:
                     layer(*args, **kwargs)
                 except _Stop:
                     pass
     finally:
-        for h in hs:
-            h.remove()
-    return {n: h.mean()[0].numpy() for n, h in hess.items()}
+        h.remove()
+    H = hess.mean()[0].numpy()
+    return dict.fromkeys(modules, H)
 
 
 def sequential_gptq(model, calib_ids: np.ndarray, fp_onnx, bits: int, group: int, damp: float, symmetric: bool,
-                    act_order: bool, head_bits: int | None, exclude=(), progress=None) -> dict:
+                    act_order: bool, head_bits: int | None, exclude=()) -> dict:
     """{ONNX node name: ``gptq_matrix`` result} for every decoder-layer projection and, when
     ``head_bits`` is 4 or 8, the LM head (on the quantized model's final hidden states)."""
     import torch
@@ -152,8 +148,6 @@ def sequential_gptq(model, calib_ids: np.ndarray, fp_onnx, bits: int, group: int
             for module_name, module in modules.items():
                 quantize(module, bits, H[module_name])
         inputs = _run(layer, inputs)
-        if progress is not None:
-            progress(len(done))
     if head_bits in (4, 8):
         acc = Hessian(head.in_features)
         with torch.no_grad():

@@ -62,13 +62,6 @@ def _collect_inputs(model, calib_ids: np.ndarray, groups, keep_tokens: int):
     return stats
 
 
-def _fold(norm, linears, s) -> None:
-    """x' = x / s inside the norm's weight, W' = W * s on the input channels: same function."""
-    norm.weight.data /= s
-    for lin in linears:
-        lin.weight.data *= s[None, :]
-
-
 def smoothquant(model, calib_ids: np.ndarray, alpha: float):
     """SmoothQuant (Xiao et al., 2023, eq. 4): s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)."""
     import torch
@@ -80,7 +73,7 @@ def smoothquant(model, calib_ids: np.ndarray, alpha: float):
         for (norm, linears), st in zip(groups, stats):
             wmax = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0)
             s = (st["max"].clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)).clamp_min(1e-5)
-            _fold(norm, linears, s)
+            _fold_into(norm, linears, s)
     return model
 
 

@@ -179,7 +179,7 @@ def expert_cost(prepared: Path, excluded: list[str], weight_bits: int, high_prec
     """Mean weight bits per Conv/Gemm weight parameter; FP-kept layers count 32, layers kept
     at 8 bits (``high_precision``, and with ``ends`` the first and last layer) 8."""
     m = onnx.load(str(prepared))
-    if ends and weight_bits < 8:
+    if ends:  # the recipe allows it only below 8 bits
         high_precision = [*high_precision, *end_layers(m)]
     sizes = {i.name: int(np.prod(i.dims)) for i in m.graph.initializer}
     total = bits = 0
