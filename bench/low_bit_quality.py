@@ -10,7 +10,9 @@ for all). ``--bits`` overrides the presets' weight width (the int8 presets keep 
 entry may set recipe keys after ``@``: ``w4a8-brecq@high_precision_ends=false@block_iters=200``.
 ``--eval test`` scores the test split; ``--eval held-out`` every view of every source image not in
 the calibration split (router_train, router_val and test together), with intervals resampled
-by source image. Reported per expert: top-1 with a bootstrap 95% interval (labelled data), FP
+by source image; ``--extra-photos skimage`` adds every view of the natural photos packaged in
+scikit-image's data folder (``SKIMAGE_PHOTOS``; ``pip install --no-deps scikit-image``, never
+calibrated on, labels dropped: FP agreement and KL only). Reported per expert: top-1 with a bootstrap 95% interval (labelled data), FP
 top-1 agreement and mean KL to FP with intervals, build seconds, the expert's peak RSS, and the
 mean weight bits (layers kept at 8 bits counted at 8); then each expert paired against the first
 one listed at its width (McNemar on top-1 for independent samples, the paired bootstrap by source
@@ -35,6 +37,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/c
 from common import add_json_option, write_json  # noqa: E402
 
 
+# The photographs of scikit-image's data folder (scenes, objects, textures, space, a retina scan);
+# the drawings, charts, microscopy and synthetic images of that folder are left out.
+SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
+                  "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg")
+
+
+def skimage_photos() -> list[Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")  # only its files are read: no import, no dependencies
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("--extra-photos skimage needs the scikit-image files: pip install --no-deps scikit-image")
+    root = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return [root / f for f in SKIMAGE_PHOTOS]
+
+
 def parse_spec(spec: str, bits: int) -> tuple[str, str, dict]:
     """(label, preset, overrides) of ``preset@key=value@...`` at ``bits`` weight bits."""
     preset, *pairs = spec.split("@")
@@ -56,6 +74,8 @@ def main() -> None:
     ap.add_argument("--presets", required=True, help="comma-separated preset entries")
     ap.add_argument("--bits", type=int, nargs="+", default=[4])
     ap.add_argument("--eval", choices=["test", "held-out"], default="test")
+    ap.add_argument("--extra-photos", choices=["skimage"], default=None,
+                    help="also evaluate on every view of scikit-image's packaged photos (held out, unlabelled)")
     add_json_option(ap)
     args = ap.parse_args()
 
@@ -84,10 +104,19 @@ def main() -> None:
         ev_x = np.concatenate([splits[s].x for s in names])
         labels = None if splits["test"].labels is None else np.concatenate([splits[s].labels for s in names])
         groups = np.concatenate([np.asarray(splits[s].sources) for s in names])
+        if args.extra_photos:
+            from moqe_compile.tasks.image.data import augmenter, source_views
+
+            pre, aug = Preprocess.from_dict(asdict(cfg.preprocessing)), augmenter(cfg.data.seed + 1)
+            extra = [(f"skimage:{p.name}", source_views(p, pre, cfg.data.augmentations, aug)) for p in skimage_photos()]
+            ev_x = np.concatenate([ev_x, np.stack([v for _, vs in extra for v in vs])])
+            groups = np.concatenate([groups, np.asarray([name for name, vs in extra for _ in vs])])
+            labels = None  # the extra photos have no ImageNet label: FP agreement and KL only
         groups = None if len(set(groups.tolist())) == len(groups) else groups  # one view per source: plain bootstrap
         prepared = prepare_for_quantization(fp.path, work / "prepared.onnx")
         fp_logits = run_batched(OrtCpuSession("fp32", fp.path), ev_x, 64)
-        result = {"recipe": str(args.recipe), "eval": args.eval, "n": int(len(ev_x)), "calibration": int(len(calib)),
+        result = {"recipe": str(args.recipe), "eval": args.eval, "extra_photos": args.extra_photos,
+                  "n": int(len(ev_x)), "calibration": int(len(calib)),
                   "sources": None if groups is None else len(set(groups.tolist())),
                   "fp": expert_metrics(fp_logits, fp_logits, labels), "experts": {}}
         ref: dict = {}

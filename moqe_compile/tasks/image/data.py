@@ -101,7 +101,7 @@ def list_sources(source: str) -> list[Source]:
     return [Source(f, None) for f in list_images(root)]
 
 
-def _augmenter(seed: int):
+def augmenter(seed: int):
     import torch
     from torchvision.transforms import v2
 
@@ -190,7 +190,7 @@ def build_splits(cfg: DataConfig, pre: Preprocess, progress=None) -> dict[str, S
         return fashion_mnist_splits(cfg, pre, progress)
     sources = list_sources(cfg.source)
     parts = split_sources(sources, cfg)
-    aug = _augmenter(cfg.seed) if cfg.augmentations else None
+    aug = augmenter(cfg.seed) if cfg.augmentations else None
     labelled = all(s.label is not None for s in sources)
     if cfg.targets == "labels" and not labelled:
         raise ConfigError(f"[data] targets = 'labels' but {cfg.source!r} has unlabelled images; use targets = 'fp'.")
@@ -198,13 +198,20 @@ def build_splits(cfg: DataConfig, pre: Preprocess, progress=None) -> dict[str, S
     for name, srcs in parts.items():
         xs, ys, names = [], [], []
         for s in srcs:
-            img = open_image(s.path).convert("RGB")
-            views = [img] + [aug(img) for _ in range(cfg.augmentations)] if aug else [img]
-            for v in views:
-                xs.append(pre(v))
-                ys.append(s.label if s.label is not None else -1)
-                names.append(s.path.name)
+            views = source_views(s.path, pre, cfg.augmentations, aug)
+            xs += views
+            ys += [s.label if s.label is not None else -1] * len(views)
+            names += [s.path.name] * len(views)
             if progress:
                 progress.update(1)
         result[name] = SplitData(np.stack(xs), np.asarray(ys, np.int64) if labelled else None, names)
     return result
+
+
+def source_views(path: Path, pre: Preprocess, augmentations: int, aug=None) -> list[np.ndarray]:
+    """The photo at ``path`` and ``augmentations`` augmented views of it, preprocessed; ``aug``:
+    the augmenter to draw from (:func:`augmenter`; a new one seeded 0 when not given)."""
+    img = open_image(path).convert("RGB")
+    if augmentations and aug is None:
+        aug = augmenter(0)
+    return [pre(v) for v in ([img] + [aug(img) for _ in range(augmentations)] if augmentations else [img])]
