@@ -376,48 +376,56 @@ def _matmulnbits_node(g, node, W: np.ndarray, H: np.ndarray, bits: int, group: i
     ``done``: its (codes, scales, zero points) already computed (true-sequential GPTQ)."""
     from onnx import helper, numpy_helper
 
-    from moqe_compile.quantize.nbits import pack_nbits
+    from moqe_compile.quantize.nbits import grid_doc, pack_nbits, storage_bits
 
     K, N = W.shape
     q, s, z = done[:3] if done is not None else gptq_matrix(W, H, bits, group, damp, symmetric, act_order)[:3]
-    B = pack_nbits(q.reshape(N, -1, group), bits, unsigned=z is not None)
+    store = storage_bits(bits)
+    B = pack_nbits(q.reshape(N, -1, group), store, unsigned=z is not None)
     bname, sname = f"{node.input[1]}_Q{bits}G{group}", f"{node.input[1]}_scales"
     g.initializer.extend([numpy_helper.from_array(B, bname),
                           numpy_helper.from_array(s.astype(np.float32).reshape(-1), sname)])
     inputs = [node.input[0], bname, sname]
     if z is not None:  # uint8 zero points, packed per output row like B (ORT's MatMulNBits layout)
         zname = f"{node.input[1]}_zero_points"
-        g.initializer.append(numpy_helper.from_array(pack_nbits(z, bits, unsigned=True).reshape(-1), zname))
+        g.initializer.append(numpy_helper.from_array(pack_nbits(z, store, unsigned=True).reshape(-1), zname))
         inputs.append(zname)
     return helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
-                            domain="com.microsoft", K=K, N=N, bits=bits, block_size=group)
+                            doc_string=grid_doc(bits) or None, domain="com.microsoft", K=K, N=N, bits=store,
+                            block_size=group)
 
 
 def gptq_onnx(fp_onnx: Path, out: Path, feeds: list[dict], bits: int, group: int, damp: float,
               exclude: set[str] = frozenset(), progress=None, symmetric: bool = True,
-              node_bits: dict[str, int] | None = None, act_order: bool = False, done: dict | None = None) -> dict:
+              node_bits: dict[str, int] | None = None, act_order: bool = False, done: dict | None = None,
+              nearest: bool = False) -> dict:
     """Quantize every constant-weight MatMul of ``fp_onnx`` (but ``exclude``) with GPTQ into
-    MatMulNBits, at ``bits`` or, for the nodes named in ``node_bits``, at their own width.
-    ``done``: {node name: :func:`gptq_matrix` result} computed elsewhere (true-sequential GPTQ on
-    the partly quantized model); the Hessians of the other nodes come from ``fp_onnx``."""
+    MatMulNBits, at ``bits`` (3, 4 or 8; 3 in 4-bit codes) or, for the nodes named in
+    ``node_bits``, at their own width. ``done``: {node name: :func:`gptq_matrix` result}
+    computed elsewhere (true-sequential GPTQ on the partly quantized model); the Hessians of
+    the other nodes come from ``fp_onnx``. ``nearest``: no calibration, identity Hessians: the
+    error feedback vanishes and every weight rounds to nearest on the same group grids (RTN at
+    widths ONNX Runtime's own RTN does not write)."""
     import onnx
     from onnx import helper, numpy_helper
 
     from moqe_compile.quantize.nbits import const_matmuls
 
     node_bits = node_bits or {}
-    if any(b not in (4, 8) for b in (bits, *node_bits.values())):
-        raise BuildError(f"GPTQ to MatMulNBits supports bits 4 or 8, got {bits} {node_bits or ''}.")
+    if any(b not in (3, 4, 8) for b in (bits, *node_bits.values())):
+        raise BuildError(f"GPTQ to MatMulNBits supports bits 3, 4 or 8, got {bits} {node_bits or ''}.")
     done = done or {}
-    hess = collect_hessians(fp_onnx, feeds, exclude | set(done), progress) if feeds else {}
+    hess = collect_hessians(fp_onnx, feeds, exclude | set(done), progress) if feeds and not nearest else {}
     model = onnx.load(str(fp_onnx))
     nodes, inits = const_matmuls(model, exclude)
     g = model.graph
     drop_inits = set()
     for node in nodes:
-        H = None if node.name in done else hess[node.input[0]][0]
-        new = _matmulnbits_node(g, node, numpy_helper.to_array(inits[node.input[1]]), H,
-                                node_bits.get(node.name, bits), group, damp, symmetric, act_order, done.get(node.name))
+        W = numpy_helper.to_array(inits[node.input[1]])
+        H = None if node.name in done else np.eye(W.shape[0]) if nearest else hess[node.input[0]][0]
+        new = _matmulnbits_node(g, node, W, H,
+                                node_bits.get(node.name, bits), group, damp, symmetric, act_order and not nearest,
+                                done.get(node.name))
         idx = list(g.node).index(node)
         g.node.remove(node)
         g.node.insert(idx, new)

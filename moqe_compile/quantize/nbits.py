@@ -47,9 +47,33 @@ def lm_head_node(model_path: Path) -> str | None:
     return next((n.name for n in g.node if "logits" in n.output and n.op_type in FLOAT_MATMULS), None)
 
 
+# ONNX Runtime's MatMulNBits has kernels for 2, 4 and 8 bits. A 3-bit grid (codes 0..7, or
+# -3..3 symmetric) is stored in 4-bit codes: the arithmetic is exactly 3-bit, the storage and
+# speed those of 4 bits. The node's doc_string records the grid for the reports.
+GRID_DOC = "grid_bits="
+
+
+def storage_bits(bits: int) -> int:
+    """The MatMulNBits width that holds a ``bits``-bit grid."""
+    return 4 if bits == 3 else bits
+
+
+def grid_doc(bits: int) -> str:
+    return f"{GRID_DOC}{bits}: a {bits}-bit grid in {storage_bits(bits)}-bit MatMulNBits codes" \
+        if storage_bits(bits) != bits else ""
+
+
+def node_grid_bits(node) -> int:
+    """The grid width of a MatMulNBits node: its ``bits``, or the narrower grid its doc_string names."""
+    if node.doc_string.startswith(GRID_DOC):
+        return int(node.doc_string[len(GRID_DOC):].split(":")[0])
+    return next(a.i for a in node.attribute if a.name == "bits")
+
+
 def graph_weight_bits(path: Path) -> dict:
     """Mean bits per weight over every MatMul/Gemm weight of the graph at ``path``, as stored:
-    MatMulNBits at its ``bits``, int8/uint8 initializers (dynamic W8A8) at 8, float ones at 32.
+    MatMulNBits at its grid's bits (:func:`node_grid_bits`), int8/uint8 initializers (dynamic
+    W8A8) at 8, float ones at 32.
     Integer codes only (group scales and zero points are not counted); the embedding Gather is not a MatMul."""
     import onnx
 
@@ -59,7 +83,7 @@ def graph_weight_bits(path: Path) -> dict:
     for n in g.node:
         if n.op_type == "MatMulNBits":
             at = {a.name: a.i for a in n.attribute}
-            per_bits[at["bits"]] += at["K"] * at["N"]
+            per_bits[node_grid_bits(n)] += at["K"] * at["N"]
         elif n.op_type in FLOAT_MATMULS + ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") \
                 and len(n.input) > 1 and n.input[1] in inits:
             w = inits[n.input[1]]

@@ -22,6 +22,7 @@ from moqe_compile.quantize.gptq import (
     row_errors,
 )
 from moqe_compile.quantize.weights import channel_scales
+from moqe_compile.quantize.nbits import graph_weight_bits
 
 CONV = {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 2}
 
@@ -197,7 +198,8 @@ def _matmul_model(path, W):
 
 
 @pytest.mark.parametrize("bits,K,symmetric", [(4, 64, True), (8, 64, True), (4, 48, True),  # 48: padded
-                                              (4, 64, False), (8, 64, False), (4, 96, False)])  # 96: 3 blocks, odd
+                                              (4, 64, False), (8, 64, False), (4, 96, False),  # 96: 3 blocks, odd
+                                              (3, 64, True), (3, 96, False)])  # 3 bits in 4-bit codes
 def test_matmulnbits_packing_and_gptq_gain(tmp_path, bits, K, symmetric):
     import onnx
     import onnxruntime as ort
@@ -212,7 +214,10 @@ def test_matmulnbits_packing_and_gptq_gain(tmp_path, bits, K, symmetric):
                      bits, group, 0.01, symmetric=symmetric)
     assert info["matmuls"] == 1
     sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
-    assert [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node] == ["MatMulNBits"]
+    node, = onnx.load(str(tmp_path / "q.onnx")).graph.node
+    assert node.op_type == "MatMulNBits"
+    assert {a.name: a.i for a in node.attribute}["bits"] == (4 if bits == 3 else bits)  # ORT's kernel widths
+    assert graph_weight_bits(tmp_path / "q.onnx")["mean_weight_bits"] == bits  # the grid, not the storage
     got = sess.run(None, {"x": X})[0]
     # Reference: the same GPTQ codes and scales, dequantized in numpy.
     pad = (-K) % group
@@ -236,6 +241,22 @@ def test_matmulnbits_packing_and_gptq_gain(tmp_path, bits, K, symmetric):
     assert err(deq) < err(rtn)
     if not symmetric:  # every level used: codes span [0, 2^b - 1]
         assert q.min() == 0 and q.max() == 2**bits - 1
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_nearest_writes_round_to_nearest_on_the_same_grids(tmp_path, bits):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    W = rng.normal(size=(64, 24)).astype(np.float32)
+    X = rng.normal(size=(8, 64)).astype(np.float32)
+    _matmul_model(tmp_path / "fp.onnx", W)
+    info = gptq_onnx(tmp_path / "fp.onnx", tmp_path / "q.onnx", [], bits, 32, 0.01, symmetric=False, nearest=True)
+    assert info["calibration_tokens"] == 0
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]
+    deq = _rtn_asym(W.T, bits, 32)  # (N, K)
+    assert len(np.unique(deq.reshape(24, 2, 32)[0, 0])) <= 2**bits
+    assert np.allclose(got, X @ deq.T, rtol=1e-4, atol=1e-4 * np.abs(got).max())
 
 
 def test_ort_gptq_refuses_widths_it_would_silently_write_as_4_bits(tmp_path):

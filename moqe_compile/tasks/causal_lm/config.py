@@ -153,10 +153,15 @@ class LMExpertRecipe:
             raise ConfigError(f"[[experts]] name = {self.name!r} must match [A-Za-z0-9_.-]+.")
         choice(f"experts.{self.name}", "scheme", self.scheme, SCHEMES)
         choice(f"experts.{self.name}", "weights", self.weights, WEIGHT_ALGOS)
-        allowed_bits = (8,) if self.scheme == "w8a8-dynamic" else (4, 8)
+        allowed_bits = (8,) if self.scheme == "w8a8-dynamic" else (3, 4, 8)
         if self.bits not in allowed_bits:
             raise ConfigError(f"[experts.{self.name}] bits = {self.bits} is not one of {list(allowed_bits)} "
                               f"for scheme {self.scheme!r}.")
+        if self.bits == 3 and self.weights not in ("gptq", "rtn"):
+            # 3-bit grids are written by this project's writer (in 4-bit MatMulNBits codes): GPTQ,
+            # or round-to-nearest on the same grids; ORT's quantizers write 2, 4 or 8 bits only.
+            raise ConfigError(f"[experts.{self.name}] bits = 3 needs weights = 'gptq' or 'rtn' "
+                              f"(got {self.weights!r}).")
         if self.scheme == "w8a8-dynamic" and self.weights != "rtn":
             raise ConfigError(f"[experts.{self.name}] weights = {self.weights!r}: scheme 'w8a8-dynamic' rounds "
                               "to nearest (ORT quantize_dynamic); use scheme = 'nbits' for hqq/gptq.")

@@ -29,7 +29,9 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
     exclude = list(exclude_nodes) + ([head] if own_head else [])
     if recipe.scheme == "w8a8-dynamic":
         quantize_dynamic_w8a8(fp_onnx, out, exclude)  # head_bits 8 (= bits) or float
-    elif recipe.weights == "gptq":  # ours: one calibration pass for all Hessians, the head at its width in it
+    elif recipe.weights == "gptq" or recipe.bits == 3:
+        # Ours: one calibration pass for all Hessians, the head at its width in it; at 3 bits RTN
+        # too (the same writer without Hessians: ORT's RTN writes 2, 4 or 8 bits).
         node_bits = {head: recipe.head_bits} if own_head and recipe.head_bits != FLOAT_HEAD else {}
         done = None
         if recipe.gptq_sequential:
@@ -42,7 +44,7 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
                                    recipe.head_bits if head is not None else None, exclude_nodes)
         gptq_onnx(fp_onnx, out, calib_feeds, recipe.bits, recipe.block_size, recipe.gptq_damp,
                   set(exclude) - set(node_bits), symmetric=recipe.symmetric, node_bits=node_bits,
-                  act_order=recipe.gptq_act_order, done=done)
+                  act_order=recipe.gptq_act_order, done=done, nearest=recipe.weights == "rtn")
     else:
         quantize_matmulnbits(fp_onnx, out, recipe.weights, recipe.bits, recipe.block_size, recipe.symmetric,
                              exclude, calib_feeds, recipe.gptq_damp)

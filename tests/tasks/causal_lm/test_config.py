@@ -36,6 +36,15 @@ def test_config_rejects_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="'gptq-ort'.*4-bit only; got bits = 8"):
         LMBuildConfig.from_dict({"task": "causal-lm", "experts": [
             {"name": "a", "scheme": "nbits", "weights": "gptq-ort", "bits": 8}, {"name": "b"}]})
+    with pytest.raises(ConfigError, match="bits = 3 needs weights = 'gptq' or 'rtn' \\(got 'hqq'\\)"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "experts": [
+            {"name": "a", "scheme": "nbits", "weights": "hqq", "bits": 3}, {"name": "b"}]})
+    with pytest.raises(ConfigError, match="bits = 2 is not one of \\[3, 4, 8\\]"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "experts": [
+            {"name": "a", "scheme": "nbits", "weights": "gptq", "bits": 2}, {"name": "b"}]})
+    three = LMBuildConfig.from_dict({"task": "causal-lm", "experts": [
+        {"name": "a", "preset": "w4-gptq", "bits": 3}, {"name": "b", "preset": "w4-rtn", "bits": 3}]})
+    assert [e.bits for e in three.experts] == [3, 3]
     with pytest.raises(ConfigError, match="calibration_corpus = 'tiny' is not one of"):
         LMBuildConfig.from_dict({"task": "causal-lm", "data": {"corpora": ["wiki", "c4"]}, "experts": [
             {"name": "a", "preset": "w4-gptq", "calibration_corpus": "tiny"}, {"name": "b", "preset": "w4-rtn"}]})

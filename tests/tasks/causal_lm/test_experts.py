@@ -117,3 +117,31 @@ def test_true_sequential_gptq_sees_the_quantized_inputs(exported, tmp_path):
     same = {k for k in codes[True] if np.array_equal(codes[True][k], codes[False][k])}
     assert qkv0 <= same
     assert not o_and_down & same
+
+
+@pytest.mark.parametrize("weights", ["rtn", "gptq"])
+def test_three_bit_experts_run_in_four_bit_codes_and_count_as_three_bits(exported, tmp_path, weights):
+    import onnxruntime as ort
+
+    from moqe_compile.quantize.nbits import check_kernels, graph_weight_bits
+    from moqe_compile.tasks.causal_lm.config import expert_from_dict
+    from moqe_compile.tasks.causal_lm.experts import quantize_onnx
+
+    fp, feeds = exported
+    quantize_onnx(fp, expert_from_dict({"name": "e", "preset": f"w4-{weights}", "bits": 3}), tmp_path / "q3.onnx", feeds)
+    quantize_onnx(fp, expert_from_dict({"name": "e", "preset": f"w4-{weights}"}), tmp_path / "q4.onnx", feeds)
+    head, body = _matmul_weights(tmp_path / "q3.onnx")
+    assert head == [8] and set(body) == {4} and len(body) == 14  # the kernel's storage width
+    d, ffn, kv = 64, 128, 32
+    body_w = 2 * (2 * d * d + 2 * d * kv + 3 * d * ffn)
+    assert graph_weight_bits(tmp_path / "q3.onnx")["mean_weight_bits"] == pytest.approx(
+        (3 * body_w + 8 * d * 64) / (body_w + d * 64), abs=1e-4)
+    assert check_kernels(tmp_path / "q3.onnx")["ok"]
+    logits = {}
+    for b in ("q3", "q4"):
+        sess = ort.InferenceSession(str(tmp_path / f"{b}.onnx"), providers=["CPUExecutionProvider"])
+        logits[b] = sess.run(["logits"], feeds[0])[0]
+    ref = ort.InferenceSession(str(fp), providers=["CPUExecutionProvider"]).run(["logits"], feeds[0])[0]
+    # A coarser grid: further from FP than 4 bits on the same windows, but still the same model.
+    e3, e4 = (float(np.abs(logits[b] - ref).mean()) for b in ("q3", "q4"))
+    assert e4 < e3 < 10 * e4
