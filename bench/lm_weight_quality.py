@@ -160,13 +160,11 @@ def build_expert(model, cfg, spec, r, cal_ids, path: Path, work: Path) -> dict:
     from moqe_compile.quantize.nbits import check_kernels, graph_weight_bits
     from moqe_compile.tasks.causal_lm.experts import quantize_onnx
     from moqe_compile.tasks.causal_lm.model import export_decoder
-    from moqe_compile.tasks.causal_lm.smoothing import awq, smoothquant
+    from moqe_compile.tasks.causal_lm.smoothing import rescale_for
     from moqe_compile.tasks.causal_lm.steps import calib_feeds
 
-    src, tm = work / "fp.onnx", model
-    if r.smoothquant_alpha or r.awq:
-        tm = (smoothquant(model, cal_ids, r.smoothquant_alpha) if r.smoothquant_alpha
-              else awq(model, cal_ids, r.bits, r.block_size, r.symmetric, r.awq_grid))
+    src, tm = work / "fp.onnx", rescale_for(r, model, cal_ids)
+    if tm is not model:
         src = work / f"{r.name}-scaled.onnx"
         export_decoder(tm, src, cfg.model.opset)
     quantize_onnx(src, r, path, calib_feeds(cal_ids, spec), model=tm, calib_ids=cal_ids)

@@ -110,6 +110,9 @@ class LMExpertRecipe:
     block_size: int = 32
     symmetric: bool = True
     smoothquant_alpha: float = 0.0
+    # Which linears' inputs SmoothQuant smooths: "norms" (after each RMSNorm: q/k/v, gate/up) or
+    # "all" (also o_proj through v_proj where one-to-one, down_proj through up_proj). Written when set.
+    smoothquant_groups: str = "norms"
     awq: bool = False
     awq_grid: int = 10
     gptq_damp: float = 0.01
@@ -143,7 +146,7 @@ class LMExpertRecipe:
 
     # Keys added after the config's VERSION (as Recipe.WRITTEN_WHEN_SET): written only when set,
     # so an unchanged recipe keeps a byte-identical manifest, in the recipe and in each expert.
-    WRITTEN_WHEN_SET = ("accuracy_level", "gptq_act_order", "gptq_sequential")
+    WRITTEN_WHEN_SET = ("accuracy_level", "gptq_act_order", "gptq_sequential", "smoothquant_groups")
 
     def to_dict(self) -> dict:
         return written_when_set(self, self.WRITTEN_WHEN_SET)
@@ -176,6 +179,7 @@ class LMExpertRecipe:
             raise ConfigError(f"[experts.{self.name}] block_size = {self.block_size} must be a power of 2 >= 16.")
         if not 0 <= self.smoothquant_alpha < 1:
             raise ConfigError(f"[experts.{self.name}] smoothquant_alpha = {self.smoothquant_alpha} must be in [0, 1).")
+        choice(f"experts.{self.name}", "smoothquant_groups", self.smoothquant_groups, ("norms", "all"))
         if self.smoothquant_alpha and self.awq:
             raise ConfigError(f"[experts.{self.name}] choose smoothquant_alpha or awq, not both.")
         positive(f"experts.{self.name}", "awq_grid", self.awq_grid)

@@ -62,12 +62,20 @@ def _collect_inputs(model, calib_ids: np.ndarray, groups, keep_tokens: int):
     return stats
 
 
-def smoothquant(model, calib_ids: np.ndarray, alpha: float):
-    """SmoothQuant (Xiao et al., 2023, eq. 4): s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)."""
+SMOOTHQUANT_GROUPS = ("norms", "all")
+
+
+def smoothquant(model, calib_ids: np.ndarray, alpha: float, groups: str = "norms"):
+    """SmoothQuant (Xiao et al., 2023, eq. 4): s_j = max|X_j|^alpha / max|W_j|^(1 - alpha).
+    ``groups``: ``"norms"`` smooths the inputs of the linears after each RMSNorm (q/k/v,
+    gate/up: the paper's choice for Llama-style models); ``"all"`` also o_proj's input through
+    v_proj (where one-to-one) and down_proj's through up_proj: AWQ's groups."""
     import torch
 
     model = copy.deepcopy(model)
-    groups = _norm_groups(model)
+    if groups not in SMOOTHQUANT_GROUPS:
+        raise BuildError(f"smoothquant groups {groups!r} is not one of {list(SMOOTHQUANT_GROUPS)}.")
+    groups = _norm_groups(model) if groups == "norms" else _awq_groups(model)
     stats = _collect_inputs(model, calib_ids, groups, 0)
     with torch.no_grad():
         for (norm, linears), st in zip(groups, stats):
@@ -170,4 +178,14 @@ def awq(model, calib_ids: np.ndarray, bits: int, block: int, symmetric: bool, gr
                     if id(lin) not in qk:
                         lin.weight.data = _best_clip(lin.weight.data, x, bits, block, symmetric)
     model._moqe_awq_alphas = chosen  # noqa: SLF001 - recorded in the manifest by the caller
+    return model
+
+
+def rescale_for(recipe, model, calib_ids: np.ndarray):
+    """The torch model ``recipe`` quantizes: SmoothQuant's or AWQ's rescaling of ``model`` (a
+    copy) when the recipe asks for one, else ``model`` itself."""
+    if recipe.smoothquant_alpha:
+        return smoothquant(model, calib_ids, recipe.smoothquant_alpha, recipe.smoothquant_groups)
+    if recipe.awq:
+        return awq(model, calib_ids, recipe.bits, recipe.block_size, recipe.symmetric, recipe.awq_grid)
     return model

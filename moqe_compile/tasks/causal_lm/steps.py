@@ -80,16 +80,13 @@ class LMSteps:
         """One expert's graph at ``dest`` from calibration windows ``ids``; its manifest extras."""
         from moqe_compile.quantize.nbits import check_kernels, graph_weight_bits
         from moqe_compile.tasks.causal_lm.experts import quantize_onnx
-        from moqe_compile.tasks.causal_lm.smoothing import awq, smoothquant
         from moqe_compile.tasks.causal_lm.model import export_decoder
         from moqe_compile.tasks.causal_lm.moe_bits import build_moe_expert
+        from moqe_compile.tasks.causal_lm.smoothing import rescale_for
 
-        src, extra, tm = self.w.path("fp/model.onnx"), {}, self.model
-        if r.smoothquant_alpha or r.awq:
-            if r.smoothquant_alpha:
-                tm = smoothquant(self.model, ids, r.smoothquant_alpha)
-            else:
-                tm = awq(self.model, ids, r.bits, r.block_size, r.symmetric, r.awq_grid)
+        src, extra, tm = self.w.path("fp/model.onnx"), {}, rescale_for(r, self.model, ids)
+        if tm is not self.model:
+            if r.awq:
                 extra["awq_alphas"] = tm._moqe_awq_alphas  # noqa: SLF001
             src = self.work / f"{dest.stem}-scaled.onnx"
             export_decoder(tm, src, self.cfg.model.opset)  # checked: the rescaled model is still the FP function

@@ -18,7 +18,7 @@ def tiny(tmp_path_factory):
     return load_causal_lm("transformers", str(d))
 
 
-@pytest.mark.parametrize("kind", ["smoothquant", "awq"])
+@pytest.mark.parametrize("kind", ["smoothquant", "smoothquant-all", "awq"])
 def test_scaling_keeps_the_fp_function(tiny, kind):
     import torch
 
@@ -26,7 +26,8 @@ def test_scaling_keeps_the_fp_function(tiny, kind):
 
     model, _ = tiny
     ids = np.random.default_rng(0).integers(0, 64, (3, 16))
-    new = smoothquant(model, ids, 0.85) if kind == "smoothquant" else awq(model, ids, 4, 32, True, grid=4, clip=False)
+    new = (awq(model, ids, 4, 32, True, grid=4, clip=False) if kind == "awq"
+           else smoothquant(model, ids, 0.85, "all" if kind == "smoothquant-all" else "norms"))
     x = torch.from_numpy(ids)
     with torch.no_grad():
         a, b = model(x).logits, new(x).logits
@@ -54,3 +55,21 @@ def test_awq_scales_every_group_and_its_clip_only_shrinks_weights(tiny):
         else:  # clipping keeps each weight or moves it towards 0
             assert (c[n].abs() <= p[n].abs() + 1e-7).all() and torch.all((c[n] == p[n]) | (c[n] * p[n] >= 0))
     assert any(not torch.equal(p[n], c[n]) for n in p if n.endswith("down_proj.weight"))
+
+
+def test_smoothquant_all_groups_also_smooths_down_proj(tiny):
+    import torch
+
+    from moqe_compile.tasks.causal_lm.smoothing import smoothquant
+
+    model, _ = tiny
+    ids = np.random.default_rng(0).integers(0, 64, (3, 16))
+    old = dict(model.named_parameters())
+    norms = dict(smoothquant(model, ids, 0.5, "norms").named_parameters())
+    every = dict(smoothquant(model, ids, 0.5, "all").named_parameters())
+    downs = [n for n in old if n.endswith("down_proj.weight")]
+    assert downs and all(torch.equal(old[n], norms[n]) for n in downs)  # the paper's groups leave down alone
+    assert all(not torch.equal(old[n], every[n]) for n in downs)
+    # up_proj's output rows absorb the inverse scale of down_proj's input columns.
+    ups = [n for n in old if n.endswith("up_proj.weight")]
+    assert all(not torch.equal(norms[n], every[n]) for n in ups)
