@@ -353,6 +353,30 @@ def collect_hessians(fp_onnx: Path, feeds: list[dict], exclude: set[str] = froze
     return {k: (h.mean()[0].numpy(), h.rows) for k, h in hess.items()}
 
 
+def matmul_sensitivity(fp_onnx: Path, feeds: list[dict], bits: int, group: int, symmetric: bool,
+                       exclude: set[str] = frozenset()) -> dict[str, float]:
+    """{MatMul node name: relative output error of its weight rounded to nearest at ``bits`` in
+    groups of ``group``}: tr(E^T H E) / tr(W^T H W) with E the rounding error and H the
+    Hessian of the node's input on ``feeds`` (one calibration pass for all nodes). A proxy for
+    how much a MatMul loses at that width, used to rank which to keep at 8 bits: quantizing one
+    MatMul at a time and scoring the model would take a pass over the windows per MatMul."""
+    import onnx
+    from onnx import numpy_helper
+
+    from moqe_compile.quantize.nbits import const_matmuls, rtn_blockwise
+
+    hess = collect_hessians(fp_onnx, feeds, exclude)
+    nodes, inits = const_matmuls(onnx.load(str(fp_onnx)), exclude)
+    out = {}
+    for n in nodes:
+        W = torch.from_numpy(numpy_helper.to_array(inits[n.input[1]]).astype(np.float32))  # (K, N)
+        E = (W - rtn_blockwise(W.T.contiguous(), bits, group, symmetric).T).double()
+        H = torch.from_numpy(hess[n.input[0]][0])
+        out[n.name] = float(torch.einsum("kn,kl,ln->", E, H, E) / torch.einsum("kn,kl,ln->", W.double(), H,
+                                                                                W.double()).clamp_min(1e-30))
+    return out
+
+
 def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int, group: int, damp: float, symmetric: bool,
                 act_order: bool = False):
     """GPTQ of a MatMul weight W (K in, N out) under H (K, K): (codes [N, K'], scales, zero

@@ -265,3 +265,29 @@ def test_ort_gptq_refuses_widths_it_would_silently_write_as_4_bits(tmp_path):
 
     with pytest.raises(ConfigError, match="4-bit weights only; got bits = 8"):
         quantize_matmulnbits(tmp_path / "fp.onnx", tmp_path / "q.onnx", "gptq-ort", 8, 32, True, [])
+
+
+def test_matmul_sensitivity_ranks_the_matmul_with_outlier_weights_first(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from moqe_compile.quantize.gptq import matmul_sensitivity
+
+    rng = np.random.default_rng(6)
+    K = 64
+    smooth = rng.normal(size=(K, K)).astype(np.float32)
+    spiky = smooth.copy()
+    for n in range(K):  # one outlier weight in every group of 32 inputs: each group's grid coarsens ~25x
+        for g0 in (0, 32):
+            spiky[g0 + rng.integers(32), n] *= 25
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "a"], ["h"], name="smooth"),
+                           helper.make_node("MatMul", ["h", "b"], ["y"], name="spiky")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", K])],
+                          [numpy_helper.from_array(smooth, "a"), numpy_helper.from_array(spiky, "b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "m.onnx"))
+    feeds = [{"x": rng.normal(size=(64, K)).astype(np.float32)}]
+    sens = matmul_sensitivity(tmp_path / "m.onnx", feeds, 4, 32, True)
+    assert set(sens) == {"smooth", "spiky"} and sens["spiky"] > 2 * sens["smooth"] > 0
+    assert matmul_sensitivity(tmp_path / "m.onnx", feeds, 8, 32, True)["spiky"] < sens["spiky"] / 100  # 8 bits: ~256x less
+    assert set(matmul_sensitivity(tmp_path / "m.onnx", feeds, 4, 32, True, {"spiky"})) == {"smooth"}

@@ -1,13 +1,15 @@
 """The causal-LM side of compiling to an accuracy budget: the weight-only ladder 4-bit g128 ->
-g64 -> g32 -> 8-bit (our GPTQ into ``MatMulNBits``), each candidate scored on the router_val
-windows against FP in percent perplexity. The search and the rule are task-free
-(:mod:`moqe_compile.target`). Per-MatMul precision on top of a rung is not searched yet."""
+g64 -> g32 (our GPTQ into ``MatMulNBits``), then the best 4-bit rung with its k most sensitive
+MatMuls at 8 bits, then 8-bit; each candidate scored on the router_val windows against FP in
+percent perplexity. Sensitivity: each MatMul's relative output error at 4 bits under its input
+Hessian (``quantize/gptq.py``'s ``matmul_sensitivity``). The search and the rule are task-free
+(:mod:`moqe_compile.target`)."""
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +18,35 @@ from moqe_compile import target as tg
 from moqe_compile.tasks.causal_lm.config import FLOAT_HEAD, LMExpertRecipe, expert_from_dict
 from moqe_compile.tasks.causal_lm.score import DecoderSession, score_windows
 
-LADDER = (("w4-gptq", 128), ("w4-gptq", 64), ("w4-gptq", 32), ("w8-gptq", 128))
+LADDER_4BIT = (("w4-gptq", 128), ("w4-gptq", 64), ("w4-gptq", 32))
+LADDER_8BIT = (("w8-gptq", 128),)
 UNIT = "percent perplexity"
 LATENCY_REPEATS = 10
 
 
-def recipe_for(spec: tuple[str, int]) -> LMExpertRecipe:
-    preset, block = spec
-    return expert_from_dict({"name": f"{preset}-g{block}", "preset": preset, "block_size": block})
+@dataclass(frozen=True)
+class Spec:
+    """A candidate: a preset at a group size, with its ``k`` most sensitive MatMuls at 8 bits."""
+
+    preset: str
+    block: int
+    k: int = 0
+
+
+def tiers(n_matmuls: int) -> list[tg.Tier]:
+    """The 4-bit rungs (refined by keeping MatMuls at 8 bits), then 8-bit."""
+    def refine(s: Spec, k: int) -> Spec:
+        return Spec(s.preset, s.block, k)
+
+    return [tg.Tier([Spec(*r) for r in LADDER_4BIT], refine, max(0, n_matmuls - 1)),
+            tg.Tier([Spec(*r) for r in LADDER_8BIT])]
+
+
+def recipe_for(spec: Spec, ranking: list[str] = ()) -> LMExpertRecipe:
+    """The expert recipe of ``spec``; ``ranking``: MatMul node names, most sensitive first."""
+    name = f"{spec.preset}-g{spec.block}" + (f".8bit-{spec.k}" if spec.k else "")
+    kept = {"high_precision_nodes": list(ranking[: spec.k])} if spec.k else {}
+    return expert_from_dict({"name": name, "preset": spec.preset, "block_size": spec.block, **kept})
 
 
 def nominal_bits(r: LMExpertRecipe, graph: Path) -> float:
@@ -56,8 +79,15 @@ def budget_step(st) -> dict:
     recipes: dict[str, LMExpertRecipe] = {}
     fp_nll: dict[str, np.ndarray] = {}
 
-    def evaluate(spec) -> tg.Candidate:
-        r = recipe_for(spec)
+    ranking: dict[int, list[str]] = {}
+
+    def ranked(spec: Spec) -> list[str]:
+        if spec.k and spec.block not in ranking:
+            ranking[spec.block] = _ranking(st, recipe_for(Spec(spec.preset, spec.block)))
+        return ranking.get(spec.block, [])
+
+    def evaluate(spec: Spec) -> tg.Candidate:
+        r = recipe_for(spec, ranked(spec))
         dest = st.work / f"budget.{r.name}.onnx"
         t0 = time.perf_counter()
         st._quantize_one(r, st._calib_ids(r), dest)  # noqa: SLF001 - the plug-in's own builder
@@ -65,11 +95,13 @@ def budget_step(st) -> dict:
         sc = score_windows(fp, [DecoderSession(r.name, dest, *dims)], val, mix_of=0)
         fp_nll["val"] = sc.nll
         paths[r.name], recipes[r.name] = dest, r
-        return tg.Candidate(name=r.name, rung=spec[0], recipe=asdict(r), val=tg.perplexity_drop(sc.nll, sc.loss[:, 0]),
+        return tg.Candidate(name=r.name, rung=f"{spec.preset}-g{spec.block}", recipe=asdict(r),
+                            val=tg.perplexity_drop(sc.nll, sc.loss[:, 0]),
                             cost={"mean_weight_bits": nominal_bits(r, dest), "bytes": _bytes(dest)},
+                            kept=list(r.high_precision_nodes), kept_as="8-bit" if spec.k else "",
                             build_seconds=round(seconds, 2))
 
-    res = tg.search([tg.Tier(list(LADDER))], evaluate, t.max_drop, 60 * t.search_minutes, st.st.say)
+    res = tg.search(tiers(_n_matmuls(st)), evaluate, t.max_drop, 60 * t.search_minutes, st.st.say)
     if not any(c.meets for c in res.candidates):
         raise tg.no_fit_error(res.candidates, t.max_drop, UNIT, res.timed_out)
     fp_ms = _measure(res.candidates, paths, fp, dims, val, sorted({1, t.batch}))
@@ -90,6 +122,35 @@ def budget_step(st) -> dict:
     st.st.say(f"target: chose {c.name}; on test +{test['drop']:.2f}% perplexity [{test['ci95'][0]:.2f}, "
               f"{test['ci95'][1]:.2f}]: budget {'held' if test['held'] else 'did NOT hold'}")
     return tg.publish(st.w.path, res, chosen, c, t, UNIT, fp_ms, test, name)
+
+
+def _body_matmuls(st) -> set[str]:
+    """The exclusions of the ranking: the head (its own key, head_bits) and an MoE's gates."""
+    from moqe_compile.quantize.nbits import lm_head_node
+
+    head = lm_head_node(st.w.path("fp/model.onnx"))
+    return set(st.gates) | ({head} if head else set())
+
+
+def _n_matmuls(st) -> int:
+    import onnx
+
+    from moqe_compile.quantize.nbits import const_matmuls
+
+    model = onnx.load(str(st.w.path("fp/model.onnx")), load_external_data=False)
+    return len(const_matmuls(model, _body_matmuls(st))[0])
+
+
+def _ranking(st, r: LMExpertRecipe) -> list[str]:
+    """MatMul names, most sensitive at ``r``'s 4-bit grid first, on ``r``'s calibration windows."""
+    from moqe_compile.quantize.gptq import matmul_sensitivity
+    from moqe_compile.tasks.causal_lm.steps import calib_feeds
+
+    sens = matmul_sensitivity(st.w.path("fp/model.onnx"), calib_feeds(st._calib_ids(r), st.spec),  # noqa: SLF001
+                              r.bits, r.block_size, r.symmetric, _body_matmuls(st))
+    st.st.say(f"target: MatMul sensitivity at {r.bits} bits g{r.block_size}: most sensitive "
+              + ", ".join(f"{n} {v:.3g}" for n, v in sorted(sens.items(), key=lambda kv: -kv[1])[:3]))
+    return sorted(sens, key=lambda n: -sens[n])
 
 
 def _bytes(path: Path) -> int:

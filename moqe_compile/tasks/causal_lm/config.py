@@ -125,6 +125,9 @@ class LMExpertRecipe:
     # The LM head's weight width, apart from ``bits``: with a large vocabulary the head is often
     # the most sensitive matrix (common toolkits keep it at 8 bits or float). 32 = float.
     head_bits: int = 8
+    # MatMul node names (of the exported decoder) written at 8 bits in a narrower expert: the
+    # accuracy-budget search keeps the most sensitive ones there. Written when set.
+    high_precision_nodes: list[str] = field(default_factory=list)
     # MatMulNBits' compute type (ONNX Runtime's accuracy_level): 0 = unset (float compute, what
     # every bundle before this key was built with), 1 fp32, 2 fp16, 3 bf16, 4 int8 (activations
     # quantized per block at run time: MLAS' VNNI/AVX-512 path). Written to the manifest only
@@ -146,7 +149,8 @@ class LMExpertRecipe:
 
     # Keys added after the config's VERSION (as Recipe.WRITTEN_WHEN_SET): written only when set,
     # so an unchanged recipe keeps a byte-identical manifest, in the recipe and in each expert.
-    WRITTEN_WHEN_SET = ("accuracy_level", "gptq_act_order", "gptq_sequential", "smoothquant_groups")
+    WRITTEN_WHEN_SET = ("accuracy_level", "gptq_act_order", "gptq_sequential", "smoothquant_groups",
+                        "high_precision_nodes")
 
     def to_dict(self) -> dict:
         return written_when_set(self, self.WRITTEN_WHEN_SET)
@@ -191,6 +195,9 @@ class LMExpertRecipe:
         if self.head_bits not in HEAD_BITS[self.scheme]:
             raise ConfigError(f"[experts.{self.name}] head_bits = {self.head_bits} is not one of "
                               f"{list(HEAD_BITS[self.scheme])} for scheme {self.scheme!r} ({FLOAT_HEAD} = float).")
+        if self.high_precision_nodes and (self.scheme != "nbits" or self.bits >= 8 or self.moe_bits):
+            raise ConfigError(f"[experts.{self.name}] high_precision_nodes keeps MatMuls at 8 bits; it needs "
+                              f"scheme = 'nbits' with bits < 8 and no moe_bits.")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"[experts.{self.name}] accuracy_level = {self.accuracy_level} is not one of "
                               f"{list(ACCURACY_LEVELS)} (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")

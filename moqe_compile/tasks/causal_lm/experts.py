@@ -26,13 +26,15 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
     if head in exclude_nodes:
         head = None
     own_head = head is not None and recipe.head_bits != recipe.bits  # the head at a width of its own
-    exclude = list(exclude_nodes) + ([head] if own_head else [])
+    kept = _high_precision(fp_onnx, recipe, head, exclude_nodes)
+    exclude = list(exclude_nodes) + ([head] if own_head else []) + kept
     if recipe.scheme == "w8a8-dynamic":
         quantize_dynamic_w8a8(fp_onnx, out, exclude)  # head_bits 8 (= bits) or float
     elif recipe.weights == "gptq" or recipe.bits == 3:
         # Ours: one calibration pass for all Hessians, the head at its width in it; at 3 bits RTN
         # too (the same writer without Hessians: ORT's RTN writes 2, 4 or 8 bits).
         node_bits = {head: recipe.head_bits} if own_head and recipe.head_bits != FLOAT_HEAD else {}
+        node_bits.update({n: 8 for n in kept})
         done = None
         if recipe.gptq_sequential:
             if model is None or calib_ids is None:
@@ -48,9 +50,30 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
     else:
         quantize_matmulnbits(fp_onnx, out, recipe.weights, recipe.bits, recipe.block_size, recipe.symmetric,
                              exclude, calib_feeds, recipe.gptq_damp)
-        if own_head and recipe.head_bits != FLOAT_HEAD:
-            # ORT's HQQ and GPTQ write 4 bits only: the head at another width is ORT's RTN, on its own.
+        # ORT's HQQ and GPTQ write 4 bits only: the head at another width, and the MatMuls kept
+        # at 8 bits, are ORT's RTN on their own. With kept MatMuls the expert is 4-bit (3-bit
+        # and 8-bit experts take the branch above or refuse them), so an own head is 8-bit or float.
+        if own_head and recipe.head_bits != FLOAT_HEAD:  # the head, and any kept MatMul (both 8-bit)
             quantize_matmulnbits(out, out, "rtn", recipe.head_bits, recipe.block_size, recipe.symmetric,
                                  list(exclude_nodes))
+        elif kept:
+            quantize_matmulnbits(out, out, "rtn", 8, recipe.block_size, recipe.symmetric,
+                                 list(exclude_nodes) + ([head] if own_head else []))
     if recipe.scheme == "nbits":
         set_accuracy_level(out, recipe.accuracy_level)
+
+
+def _high_precision(fp_onnx: Path, recipe: LMExpertRecipe, head: str | None, exclude_nodes) -> list[str]:
+    """The recipe's ``high_precision_nodes``, checked against the graph's constant-weight MatMuls."""
+    if not recipe.high_precision_nodes:
+        return []
+    import onnx
+
+    from moqe_compile.quantize.nbits import const_matmuls
+
+    names = {n.name for n in const_matmuls(onnx.load(str(fp_onnx), load_external_data=False), set(exclude_nodes))[0]}
+    bad = [n for n in recipe.high_precision_nodes if n not in names or n == head]
+    if bad:
+        raise BuildError(f"expert {recipe.name!r}: high_precision_nodes {bad[:5]} are not quantized MatMuls of the "
+                         f"decoder (the head has its own key, head_bits); e.g. {sorted(names)[:3]}.")
+    return list(recipe.high_precision_nodes)

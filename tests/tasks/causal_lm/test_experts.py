@@ -145,3 +145,39 @@ def test_three_bit_experts_run_in_four_bit_codes_and_count_as_three_bits(exporte
     # A coarser grid: further from FP than 4 bits on the same windows, but still the same model.
     e3, e4 = (float(np.abs(logits[b] - ref).mean()) for b in ("q3", "q4"))
     assert e4 < e3 < 10 * e4
+
+
+@pytest.mark.parametrize("weights", ["rtn", "hqq", "gptq"])
+@pytest.mark.parametrize("head_bits", [8, 32])
+def test_high_precision_nodes_are_written_at_8_bits(exported, tmp_path, weights, head_bits):
+    import onnx
+
+    from moqe_compile.quantize.nbits import check_kernels, const_matmuls
+    from moqe_compile.tasks.causal_lm.config import expert_from_dict
+    from moqe_compile.tasks.causal_lm.experts import quantize_onnx
+
+    fp, feeds = exported
+    body = [n.name for n in const_matmuls(onnx.load(str(fp)), set())[0] if "logits" not in n.output]
+    kept = [body[0], body[-1]]  # the first layer's first projection and the last down projection
+    r = expert_from_dict({"name": "e", "preset": f"w4-{weights}", "head_bits": head_bits, "high_precision_nodes": kept})
+    quantize_onnx(fp, r, tmp_path / "q.onnx", feeds)
+    g = onnx.load(str(tmp_path / "q.onnx")).graph
+    width = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.node if n.op_type == "MatMulNBits"}
+    # MatMulNBits node names carry the source MatMul's name first.
+    at = {b: next(w for n, w in width.items() if n.startswith(b)) for b in body}
+    assert {b: at[b] for b in kept} == {b: 8 for b in kept}
+    assert set(at[b] for b in body if b not in kept) == {4}
+    head, _ = _matmul_weights(tmp_path / "q.onnx")
+    assert head == [head_bits]
+    assert check_kernels(tmp_path / "q.onnx", allow_fp_head=head_bits == 32)["ok"]
+
+
+def test_high_precision_nodes_must_name_body_matmuls(exported, tmp_path):
+    from moqe_compile.errors import BuildError
+    from moqe_compile.tasks.causal_lm.config import expert_from_dict
+    from moqe_compile.tasks.causal_lm.experts import quantize_onnx
+
+    fp, feeds = exported
+    r = expert_from_dict({"name": "e", "preset": "w4-gptq", "high_precision_nodes": ["no_such_matmul"]})
+    with pytest.raises(BuildError, match=r"high_precision_nodes \['no_such_matmul'\] are not quantized MatMuls"):
+        quantize_onnx(fp, r, tmp_path / "q.onnx", feeds)
