@@ -18,6 +18,12 @@ LM_EXPERT_PRESETS: dict[str, dict[str, Any]] = {
     # max|X_j|^a / max|W_j|^(1-a), folded into the preceding RMSNorm; then W8A8 as above.
     "w8a8-smoothquant-0.5": {"scheme": "w8a8-dynamic", "bits": 8, "weights": "rtn", "smoothquant_alpha": 0.5},
     "w8a8-smoothquant-0.85": {"scheme": "w8a8-dynamic", "bits": 8, "weights": "rtn", "smoothquant_alpha": 0.85},
+    # SmoothQuant on every linear group, down_proj's input (through up_proj) included: where
+    # SwiGLU's products put the largest activation outliers. The best W8A8 recipe measured on
+    # SmolLM2-135M: x1.05 of FP perplexity against x1.56 for the RMSNorm groups alone
+    # (docs/results.md#smoothquant-on-every-linear-group-w8a8).
+    "w8a8-smoothquant-all-0.85": {"scheme": "w8a8-dynamic", "bits": 8, "weights": "rtn", "smoothquant_alpha": 0.85,
+                                  "smoothquant_groups": "all"},
     # Weight-only GPTQ (Frantar et al. 2023) written as MatMulNBits; FP activations. "gptq" is ours
     # (one calibration pass for all Hessians), "gptq-ort" is ORT's (one pass per MatMul input,
     # so its build time grows with the number of distinct MatMul inputs: docs/results.md#smollm2-135m-int8-and-int4).
