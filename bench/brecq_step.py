@@ -3,6 +3,7 @@ quantization as separate tensor operations (what ``quantize/brecq.py`` did first
 PyTorch's fused kernel, each with NCHW and NHWC convolutions. Medians over interleaved rounds.
 
     python bench/brecq_step.py mobilenetv2-demo --blocks 4 --steps 3 --rounds 3 [--json PATH]
+    python bench/brecq_step.py RECIPE --blocks 3 --errors     # what rounding can and cannot recover
 
 The blocks' inputs and FP targets are taken from a ``w4a8-brecq`` build of the recipe's first
 32 calibration views (every block left at nearest rounding), then each variant runs ``--steps``
@@ -100,6 +101,25 @@ def step_seconds(b: dict, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def block_errors(b: dict) -> dict:
+    """The captured block's output error (squared, summed over channels, mean over 32 views)
+    with FP weights, and with the graph's nearest-rounded integers; and the target's energy."""
+    import torch
+
+    from moqe_compile.quantize import brecq
+
+    inits = {i.name: i for i in b["q"].graph.initializer}
+    region = brecq.Region(b["q"], inits, b["block"])
+    convs = [n.name for n in region.nodes if n.op_type in ("Conv", "Gemm") and n.name in b["fpw"]]
+    layers = brecq._layers(b["q"], inits, region, b["fpw"], b["qmax"])  # noqa: SLF001
+    x, t = torch.from_numpy(b["x"][:32]), torch.from_numpy(b["t"][:32])
+    fp = {l.dq_out: torch.from_numpy(b["fpw"][n].astype(np.float32)) for l, n in zip(layers, convs)}
+    with torch.no_grad():
+        def err(soft):
+            return float(((region.run(x, soft) - t) ** 2).sum(1).mean())
+        return {"fp_weights": err(fp), "nearest": err({}), "target_energy": float((t ** 2).sum(1).mean())}
+
+
 def main() -> int:
     import torch
 
@@ -111,6 +131,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--errors", action="store_true",
+                    help="instead of timing: each block's output error with FP and with nearest-rounded weights")
     add_json_option(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,6 +142,14 @@ def main() -> int:
     variants = {"separate ops, NCHW": (separate_ops_quantize, False), "fused, NCHW": (fused, False),
                 "fused, NHWC": (fused, True)}
     rows = []
+    if args.errors:
+        for b in blocks:
+            e = block_errors(b)
+            rows.append({"block": b["desc"], **e})
+            print(f"{b['desc']}: output error with FP weights {e['fp_weights']:.4g}, nearest-rounded "
+                  f"{e['nearest']:.4g}; target energy {e['target_energy']:.4g}", flush=True)
+        write_json(args.json, {"recipe": args.recipe, "errors": rows})
+        return 0
     try:
         for b in blocks:
             times: dict[str, list[float]] = {v: [] for v in variants}
