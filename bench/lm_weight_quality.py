@@ -53,6 +53,27 @@ def window_nll(sess, ids) -> "np.ndarray":
     return out
 
 
+def reuse_sparser_scores(work: Path, name: str, pos, sel):
+    """Scores of the selected windows already in a sparser run's cache (``NAME.nll-everyK.npy``
+    holds the windows whose index within their corpus is a multiple of K, in test order), and
+    the mask of those still to score: a denser run then scores only the windows it adds."""
+    import numpy as np
+
+    nll, todo = np.zeros(int(sel.sum())), np.ones(int(sel.sum()), bool)
+    for k in range(2, 9):
+        f = work / f"{name}.nll-every{k}.npy"
+        if not f.is_file():
+            continue
+        cached, have = np.load(f), pos % k == 0
+        if len(cached) != have.sum():
+            continue  # from another --test-windows: not the same windows
+        full = np.full(len(pos), np.nan)
+        full[have] = cached
+        got = ~np.isnan(full[sel]) & todo
+        nll[got], todo[got] = full[sel][got], False
+    return nll, todo
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe", help="an LM recipe: its [model] and [data] are used, its experts are not")
@@ -108,8 +129,12 @@ def main(argv=None) -> int:
         f = w / f"{name}.nll{'' if sel.all() else f'-every{args.score_every}'}.npy"
         if not f.is_file():
             t0 = time.perf_counter()
-            np.save(f, window_nll(DecoderSession(name, path, *dims, threads=args.threads), full.ids[sel]))
-            print(f"{name}: scored {int(sel.sum())} windows in {time.perf_counter() - t0:.0f} s", flush=True)
+            nll, todo = reuse_sparser_scores(w, name, pos, sel)
+            if todo.any():
+                nll[todo] = window_nll(DecoderSession(name, path, *dims, threads=args.threads), full.ids[sel][todo])
+            np.save(f, nll)
+            print(f"{name}: scored {int(todo.sum())} windows in {time.perf_counter() - t0:.0f} s "
+                  f"({int((~todo).sum())} reused from a sparser run)", flush=True)
         return np.load(f)
 
     fp_nll = scored("fp", fp, np.ones(len(test), bool))[keep]
