@@ -5,6 +5,8 @@ validation draws.
 
     python bench/budget.py fmnist-cnn --budgets 0.05 0.1 0.3 --costs latency weight_bits --draws 5 \\
         --json bench/results/epyc-2core/budget_fmnist.json
+    python bench/budget.py mobilenetv2-demo --fp-agreement --budgets 2 5 10 --draws 5 \
+        --json bench/results/epyc-2core/budget_mobilenetv2.json
 
 It runs the build's own search (``moqe_compile.target.search`` with the image plug-in's
 candidates, ``tasks/image/budget.py``) once per (cost, budget); a candidate another search
@@ -33,6 +35,8 @@ def main() -> int:
     ap.add_argument("--draws", type=int, default=5, help="validation draws for the point-vs-interval comparison")
     ap.add_argument("--search-minutes", type=float, default=30.0)
     ap.add_argument("--work", type=Path, default=Path("budget-bench-work"))
+    ap.add_argument("--fp-agreement", action="store_true",
+                    help="measure the drop in top-1 agreement with FP even where the images carry labels")
     add_json_option(ap)
     args = ap.parse_args()
 
@@ -58,6 +62,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     fp = load_fp_model(cfg.model, cfg.preprocessing, work / "fp.onnx")
     splits = build_splits(cfg.data, Preprocess.from_dict(asdict(cfg.preprocessing)))
+    if args.fp_agreement:
+        splits = {k: replace(v, labels=None) for k, v in splits.items()}
     prepared = prepare_for_quantization(fp.path, work / "prepared.onnx")
     fp_sess = OrtCpuSession("fp", fp.path)
     fp_logits = {s: run_batched(fp_sess, splits[s].x) for s in ("router_train", "router_val", "test")}
@@ -97,7 +103,7 @@ def main() -> int:
     # Every candidate on test and on the draw pool (router_train + router_val: not used by the search's
     # calibration; the draws below resample validation sets from it).
     pool_x = np.concatenate([splits["router_train"].x, val.x])
-    pool_y = np.concatenate([splits["router_train"].labels, val.labels])
+    pool_y = None if val.labels is None else np.concatenate([splits["router_train"].labels, val.labels])
     pool_fp = np.concatenate([fp_logits["router_train"], fp_logits["router_val"]])
     vec = {"test_fp": headline_vector(fp_logits["test"], fp_logits["test"], splits["test"].labels),
            "pool_fp": headline_vector(pool_fp, pool_fp, pool_y)}
