@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "build" and not args.dry_run and not args.output:
         ap.error("build: -o/--output is required (or --dry-run)")
+    if argv is None and args.cmd == "build" and not args.dry_run:
+        from moqe_compile.cli.hugepages import reexec_with_hugepages
+
+        reexec_with_hugepages()  # returns where not wanted; else this process is replaced
     _logging(args)
     return guarded(lambda: args.fn(args), "moqe-compile")
 
