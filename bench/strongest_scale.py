@@ -5,6 +5,7 @@ change, side by side, and how far the two experts' outputs differ.
     python bench/strongest_scale.py --before-tree ../moqe-before --rounds 2 --work WORK \\
         --json bench/results/epyc-2core/strongest-scale-mobilenetv2.json
     python bench/strongest_scale.py --model-onnx efficientnet_lite0.onnx ...   # another model
+    python bench/strongest_scale.py --hugepages --rounds 2 ...   # this tree without / with huge pages
 
 The model, preprocessing and calibration views are the recipe's (default: the demo recipe,
 MobileNetV2, 120 calibration views). Each build runs in its own process (so its peak RSS is
@@ -13,7 +14,9 @@ its own), alternating the two code trees round by round; ``before`` runs the sam
 expert's wall time, of its sequential pass (``steps``) and of the process's peak RSS. Then the
 two experts of the last round are compared: integer weights (share that differ, largest
 difference in grid steps), scales (largest relative difference), and on the recipe's test views
-top-1 agreement between them and each one's KL divergence to FP32.
+top-1 agreement between them and each one's KL divergence to FP32. With ``--hugepages`` the two
+variants are this tree without and with the transparent huge pages ``moqe-compile build`` turns
+on (``cli/hugepages.py``), and each build's minor page faults and kernel CPU time are reported too.
 """
 
 from __future__ import annotations
@@ -75,12 +78,28 @@ def build_one(work: Path, label: str, preset: str) -> None:
     info = build_expert(work / "prepared.onnx", str(d["input_name"]), d["calibration"],
                         ExpertRecipe.from_preset(label, preset), ["onnxruntime-cpu"], {"onnxruntime-cpu": out},
                         work / f"{label}.json", work)
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": round(time.perf_counter() - t, 2), "steps": info["steps"],
-                      "peak_rss_mb": round(peak_rss_mb(), 1)}))
+                      "peak_rss_mb": round(peak_rss_mb(), 1), "minor_faults": ru.ru_minflt,
+                      "user_cpu_s": round(ru.ru_utime, 2), "system_cpu_s": round(ru.ru_stime, 2)}))
 
 
-def run_child(args, work: Path, label: str, tree: Path) -> dict:
+def child_env(tree: Path, hugepages: bool | None) -> dict:
+    """The child's environment: ``tree`` first on the path; huge pages on or off when asked."""
+    from moqe_compile.cli.hugepages import environment
+
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    if hugepages is None:
+        return env
+    for k in ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES"):
+        env.pop(k, None)
+    return environment(env) if hugepages else env
+
+
+def run_child(args, work: Path, label: str, tree: Path, hugepages: bool | None = None) -> dict:
+    env = child_env(tree, hugepages)
     out = subprocess.run([sys.executable, __file__, "--child", label, "--work", str(work), "--preset", args.preset],
                          env=env, check=True, capture_output=True, text=True, cwd=tree)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -118,8 +137,10 @@ def main() -> None:
     ap.add_argument("--recipe", default="mobilenetv2-demo", help="a shipped recipe name or TOML path")
     ap.add_argument("--model-onnx", help="replace the recipe's model by this ONNX file")
     ap.add_argument("--preset", default="strongest")
-    ap.add_argument("--before-tree", type=Path, required="--child" not in sys.argv,
+    ap.add_argument("--before-tree", type=Path, required="--child" not in sys.argv and "--hugepages" not in sys.argv,
                     help="a checkout of the code to compare against")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="compare this tree without (before) and with (after) the build's huge pages")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", type=Path, help="keep the prepared model, views and experts here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -133,15 +154,20 @@ def main() -> None:
         prepare(args, work)
         runs: dict[str, list] = {"before": [], "after": []}
         for r in range(args.rounds):
-            for label, tree in (("before", args.before_tree.resolve()), ("after", REPO)):
-                runs[label].append(run_child(args, work, label, tree))
+            variants = ((("before", REPO, False), ("after", REPO, True)) if args.hugepages else
+                        (("before", args.before_tree.resolve(), None), ("after", REPO, None)))
+            for label, tree, huge in variants:
+                runs[label].append(run_child(args, work, label, tree, huge))
                 print(f"round {r + 1} {label}: {json.dumps(runs[label][-1])}", file=sys.stderr)
         summary = {label: {"seconds_median": statistics.median(x["seconds"] for x in rs),
                            "sequential_s_median": statistics.median(x["steps"]["sequential_s.onnxruntime-cpu"]
                                                                     for x in rs),
-                           "peak_rss_mb_median": statistics.median(x["peak_rss_mb"] for x in rs)}
+                           "peak_rss_mb_median": statistics.median(x["peak_rss_mb"] for x in rs),
+                           **({k + "_median": statistics.median(x[k] for x in rs)
+                               for k in ("minor_faults", "user_cpu_s", "system_cpu_s") if k in rs[0]})}
                    for label, rs in runs.items()}
-        res = {"recipe": args.recipe, "model_onnx": args.model_onnx, "preset": args.preset,
+        res = {"variants": "huge pages off / on" if args.hugepages else "before / after tree",
+               "recipe": args.recipe, "model_onnx": args.model_onnx, "preset": args.preset,
                "calibration_views": int(len(np.load(work / "data.npz")["calibration"])),
                "rounds": args.rounds, "summary": summary, "runs": runs, "outputs": compare(work)}
     print(json.dumps(res["summary"], indent=1))
