@@ -126,6 +126,9 @@ class ControlsText:
     def mixture(self, m: dict) -> list[str]:
         return []
 
+    def corpus_route(self, key: str, r: dict) -> list[str]:
+        return []
+
     def copies(self, co: dict) -> list[str]:
         return []
 
@@ -143,13 +146,17 @@ class ControlsText:
 
 
 def controls_markdown(ctl: dict, text: ControlsText) -> list[str]:
-    """The Markdown lines of a report's ``controls``: random router, mixture, copies (their
-    oracle, the router trained on them), cost-matched."""
+    """The Markdown lines of a report's ``controls``: random router, mixture, the corpus
+    routes (where the data has several corpora), copies (their oracle, the router trained on
+    them), cost-matched."""
     L = []
     if ctl.get("random_router"):
         L += text.random_router(ctl["random_router"])
     if ctl.get("mixture"):
         L += text.mixture(ctl["mixture"])
+    for key in ("true_corpus", "corpus_oracle"):
+        if ctl.get(key):
+            L += text.corpus_route(key, ctl[key])
     co = ctl.get("copies_oracle")
     if co:
         L += text.copies(co)

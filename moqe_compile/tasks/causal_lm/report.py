@@ -26,7 +26,8 @@ def _ppl(v: np.ndarray, boot: np.ndarray) -> dict:
 def lm_split_report(fp_nll: np.ndarray, loss: np.ndarray, names: list[str], route: np.ndarray, best: int,
                     corpus: np.ndarray, kl: np.ndarray | None = None, agree: np.ndarray | None = None,
                     n_boot: int = 10_000, seed: int = 0, *, mix: np.ndarray | None = None,
-                    copies: dict | None = None, costs: dict | None = None, val_loss: dict | None = None) -> dict:
+                    copies: dict | None = None, costs: dict | None = None, val_loss: dict | None = None,
+                    corpus_choice: dict[str, int] | None = None) -> dict:
     """One split: overall and per corpus.
 
     Controls (docs/design.md#controls-and-the-gate), each a per-window NLL vector resampled with
@@ -34,16 +35,22 @@ def lm_split_report(fp_nll: np.ndarray, loss: np.ndarray, names: list[str], rout
     output-averaging mixture, runs every expert), ``copies`` (``{"names", "best", "loss": (N, Kc), "route": (N,) | None, "of"}``: K
     copies of one recipe on disjoint calibration parts, their oracle and a router trained on them)
     and, when experts differ in weight bits (``costs``), single experts at MoQE's expected cost
-    (brackets chosen by ``val_loss``, never on this split)."""
+    (brackets chosen by ``val_loss``, never on this split). Two controls say what the router is
+    worth beyond knowing the kind of text: the ``true_corpus`` router sends each window to the
+    expert ``corpus_choice`` names for its corpus (chosen on router_val: what a service that
+    knows its traffic's domain does without a router), and the ``corpus_oracle`` sends it to
+    the expert best on its corpus in this split (an oracle: it looks at this split's losses)."""
     def sub(m):
         if copies is None:
             return None
         return {**copies, "loss": np.asarray(copies["loss"])[m],
                 "route": None if copies.get("route") is None else np.asarray(copies["route"])[m]}
 
+    by_corpus = _corpus_routes(loss, corpus, corpus_choice)
     ctl = dict(mix=mix, costs=costs, val_loss=val_loss)
     out = {"n": int(len(fp_nll)), "best_expert": names[best],
-           "overall": _block(fp_nll, loss, names, route, best, kl, agree, n_boot, seed, copies=copies, **ctl)}
+           "overall": _block(fp_nll, loss, names, route, best, kl, agree, n_boot, seed, copies=copies,
+                             by_corpus=by_corpus, **ctl)}
     labels = sorted(set(corpus.tolist()))
     if len(labels) > 1:
         out["per_corpus"] = {}
@@ -51,7 +58,24 @@ def lm_split_report(fp_nll: np.ndarray, loss: np.ndarray, names: list[str], rout
             m = corpus == c
             out["per_corpus"][c] = _block(fp_nll[m], loss[m], names, route[m], best,
                                           None if kl is None else kl[m], None if agree is None else agree[m],
-                                          n_boot, seed, copies=sub(m), **{**ctl, "mix": None if mix is None else mix[m]})
+                                          n_boot, seed, copies=sub(m), by_corpus={k: v[m] for k, v in by_corpus.items()},
+                                          **{**ctl, "mix": None if mix is None else mix[m]})
+    return out
+
+
+def corpus_choice_on(loss: np.ndarray, corpus: np.ndarray) -> dict[str, int]:
+    """Per corpus, the expert with the lowest mean loss on these windows (pass router_val's)."""
+    return {c: int(loss[corpus == c].mean(0).argmin()) for c in sorted(set(corpus.tolist()))}
+
+
+def _corpus_routes(loss: np.ndarray, corpus: np.ndarray, choice: dict[str, int] | None) -> dict[str, np.ndarray]:
+    """Per-window routes of the two corpus controls (only where there is more than one corpus)."""
+    if len(set(corpus.tolist())) < 2:
+        return {}
+    own = corpus_choice_on(loss, corpus)
+    out = {"corpus_oracle": np.array([own[c] for c in corpus])}
+    if choice is not None and set(own) <= set(choice):
+        out["true_corpus"] = np.array([choice[c] for c in corpus])
     return out
 
 
@@ -61,7 +85,7 @@ def _diff(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict:
     return t
 
 
-def _controls(loss, names, route, best, n_boot, seed, mix, copies, costs, val_loss) -> dict:
+def _controls(loss, names, route, best, n_boot, seed, mix, copies, costs, val_loss, by_corpus=None) -> dict:
     idx = np.arange(len(loss))
     best_v = loss[:, best]
 
@@ -70,6 +94,11 @@ def _controls(loss, names, route, best, n_boot, seed, mix, copies, costs, val_lo
 
     rand = loss[idx, random_route(route, seed)]
     out = {"random_router": {**ppl(rand), "vs_best": _diff(rand, best_v, n_boot, seed)}}
+    for key, r in (by_corpus or {}).items():
+        v = loss[idx, r]
+        out[key] = {**ppl(v), "vs_best": _diff(v, best_v, n_boot, seed),
+                    "moqe_vs_this": _diff(loss[idx, route], v, n_boot, seed),
+                    "usage": {name: float((r == j).mean()) for j, name in enumerate(names)}}
     if mix is not None:
         out["mixture"] = {**ppl(mix), "cost_experts_run": len(names), "vs_best": _diff(mix, best_v, n_boot, seed)}
     out["copies_oracle"] = None
@@ -95,7 +124,7 @@ def _controls(loss, names, route, best, n_boot, seed, mix, copies, costs, val_lo
 
 
 def _block(fp_nll, loss, names, route, best, kl, agree, n_boot, seed, *, mix=None, copies=None, costs=None,
-           val_loss=None) -> dict:
+           val_loss=None, by_corpus=None) -> dict:
     n = len(fp_nll)
     idx = np.arange(n)
     routed = loss[idx, route]
@@ -116,7 +145,7 @@ def _block(fp_nll, loss, names, route, best, kl, agree, n_boot, seed, *, mix=Non
     res["usage"] = {name: float((route == j).mean()) for j, name in enumerate(names)}
     res["oracle_usage"] = {name: float((loss.argmin(1) == j).mean()) for j, name in enumerate(names)}
     res["router_accuracy"] = float((route == loss.argmin(1)).mean())
-    res["controls"] = _controls(loss, names, route, best, n_boot, seed, mix, copies, costs, val_loss)
+    res["controls"] = _controls(loss, names, route, best, n_boot, seed, mix, copies, costs, val_loss, by_corpus)
     return res
 
 
@@ -138,6 +167,11 @@ class _ControlsText(ControlsText):
 
     def mixture(self, m: dict) -> list[str]:
         return _row(f"output-averaging mixture (runs all {m['cost_experts_run']} experts)", m, m["vs_best"])
+
+    def corpus_route(self, key: str, r: dict) -> list[str]:
+        label = {"true_corpus": "true-corpus router (each window to its corpus's best expert on router_val)",
+                 "corpus_oracle": "per-corpus oracle (each window to its corpus's best expert on this split)"}[key]
+        return [f"| {label} | {_ppl_cells(r)} | {_test_text(r['vs_best'])}; MoQE − this: {_test_text(r['moqe_vs_this'])} |"]
 
     def copies(self, co: dict) -> list[str]:
         return _row(f"oracle of {co['copies']} copies of {co['of']}", co, co["oracle_gain"], "vs best copy: ")

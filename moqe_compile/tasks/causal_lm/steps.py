@@ -14,7 +14,7 @@ from moqe_compile.errors import BuildError
 from moqe_compile.tasks.causal_lm.budget import default_expert
 from moqe_compile.tasks.causal_lm.config import FLOAT_HEAD, TASK
 from moqe_compile.tasks.causal_lm.data import build_text_splits, encoder
-from moqe_compile.tasks.causal_lm.report import gate_decision, lm_split_report
+from moqe_compile.tasks.causal_lm.report import corpus_choice_on, gate_decision, lm_split_report
 from moqe_compile.tasks.causal_lm.score import DecoderSession, LMScores, score_windows
 
 SCORED = ("router_train", "router_val", "test")
@@ -239,12 +239,13 @@ class LMSteps:
                       for e in self.experts}
         report = {"task": TASK, "seq_len": d.seq_len, "splits": {},
                   "router_training": {"best_epoch": self.trained.best_epoch, "history": self.trained.history}}
+        corpus_choice = corpus_choice_on(va.loss, self.splits["router_val"].corpus)
         for s in REPORTED:
             sc = self.scores[s]
             report["splits"][s] = lm_split_report(sc.nll, sc.loss, names, self.routes[s], self.best_k,
                                                   self.splits[s].corpus, sc.kl, sc.agree, mix=sc.mix,
                                                   copies=self._copies_for(s), costs=self.costs,
-                                                  val_loss=self.val_loss)
+                                                  val_loss=self.val_loss, corpus_choice=corpus_choice)
         self.gate = gate_decision(report["splits"]["router_val"], self.cfg.gate.p_value,
                                   self.cfg.gate.force_routing)
         if self.budget:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moqe_compile.tasks.causal_lm.report import gate_decision, lm_split_report, render_lm_markdown
+from moqe_compile.tasks.causal_lm.report import corpus_choice_on, gate_decision, lm_split_report, render_lm_markdown
 
 
 def _case(n=300, seed=0):
@@ -58,6 +58,29 @@ def test_controls_random_router_mixture_copies_and_cost():
     assert not same["overall"]["controls"]["cost_matched"]["applicable"]
     md = render_lm_markdown(rep, "t")
     assert "copies router" in md and "random router" in md and "mixture" in md
+
+
+def test_corpus_controls_say_whether_the_router_learned_more_than_the_domain():
+    fp, loss, corpus, route = _case()  # expert a is better on wiki, b on c4: the domain is everything
+    assert corpus_choice_on(loss, corpus) == {"wiki": 0, "c4": 1}
+    rep = lm_split_report(fp, loss, ["a", "b"], route, 0, corpus, n_boot=500, corpus_choice={"wiki": 0, "c4": 1})
+    c = rep["overall"]["controls"]
+    tc, po = c["true_corpus"], c["corpus_oracle"]
+    assert tc["usage"] == {"a": 0.5, "b": 0.5} and np.isclose(tc["mean_nll"], po["mean_nll"])
+    assert tc["vs_best"]["diff"] < -0.03  # knowing the domain gains what routing gains here
+    assert abs(tc["moqe_vs_this"]["diff"]) < 0.01  # MoQE (the oracle route) gains nothing beyond it
+    # A corpus choice made on other data that is wrong: MoQE beats it by the full 0.1 nats.
+    wrong = lm_split_report(fp, loss, ["a", "b"], route, 0, corpus, n_boot=500,
+                            corpus_choice={"wiki": 1, "c4": 0})["overall"]["controls"]["true_corpus"]
+    assert wrong["moqe_vs_this"]["diff"] < -0.08 and wrong["moqe_vs_this"]["p_value"] < 0.01
+    # Inside one corpus the true-corpus router is one expert; without a choice only the oracle.
+    assert rep["per_corpus"]["c4"]["controls"]["true_corpus"]["usage"]["b"] == 1.0
+    no_choice = lm_split_report(fp, loss, ["a", "b"], route, 0, corpus, n_boot=200)["overall"]["controls"]
+    assert "true_corpus" not in no_choice and "corpus_oracle" in no_choice
+    one = lm_split_report(fp, loss, ["a", "b"], route, 0, np.array(["wiki"] * len(fp)), n_boot=200)
+    assert "corpus_oracle" not in one["overall"]["controls"]
+    md = render_lm_markdown(rep, "t")
+    assert "true-corpus router" in md and "per-corpus oracle" in md
 
 
 def _val(route_gain: bool, copies_route):
