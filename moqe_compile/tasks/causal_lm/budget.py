@@ -7,9 +7,10 @@ Hessian (``quantize/gptq.py``'s ``matmul_sensitivity``). The search and the rule
 
 from __future__ import annotations
 
+
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,8 @@ def budget_step(st) -> dict:
     from moqe_compile.quantize.nbits import check_kernels
 
     check = check_kernels(st.w.path(rel), allow_fp_head=recipes[c.name].head_bits == FLOAT_HEAD, allow_fp=st.gates)
-    st.experts.append({"name": name, "recipe": {**recipes[c.name].to_dict(), "name": name},
+    st.budget_recipe = replace(recipes[c.name], name=name)  # the served baseline: the copies repeat it
+    st.experts.append({"name": name, "recipe": st.budget_recipe.to_dict(),
                        "variants": {"onnxruntime-cpu": {"path": rel, "kernels": check["kernels"], "check": check}},
                        "build_seconds": c.build_seconds})
     te = score_windows(fp, [DecoderSession(name, st.w.path(rel), *dims)], st.splits["test"].ids, mix_of=0)

@@ -42,6 +42,7 @@ class LMSteps:
         self.cfg, self.w, self.work, self.st = cfg, writer, work, stages
         self.copies: dict | None = None
         self.budget: dict | None = None
+        self.budget_recipe = None  # the budget's chosen expert recipe (target stage)
         if not cfg.target.enabled:  # no budget: no target stage, and the manifest's stage times stay as before
             self.ORDER = tuple(n for n in self.ORDER if n != "target")
         torch.manual_seed(cfg.router.seed)
@@ -133,6 +134,9 @@ class LMSteps:
     def controls(self) -> None:
         cfg = self.cfg
         base = cfg.copies_base() if cfg.controls.copies else None
+        if cfg.controls.copies and not cfg.controls.copies_of and self.budget_recipe is not None \
+                and self.budget_recipe.calibrated:
+            base = self.budget_recipe  # the baseline the gate compares against (see the image plug-in)
         if cfg.controls.copies and base is None:
             self.st.say("controls: no expert depends on calibration (all RTN/HQQ): no copies control")
         if base is not None:

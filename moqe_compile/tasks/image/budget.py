@@ -183,7 +183,8 @@ def budget_step(st) -> dict:
     c = res.candidates[chosen]
     taken = {e["name"] for e in st.experts}
     name = c.name if c.name not in taken else f"budget-{c.name}"
-    st.experts.append(st._expert(replace(budget.recipes[c.name], name=name)))  # every backend, into the bundle
+    st.budget_recipe = replace(budget.recipes[c.name], name=name)  # the served baseline: the copies repeat it
+    st.experts.append(st._expert(st.budget_recipe))  # every backend, into the bundle
     _append_scores(st, name)
     te, sc = st.splits["test"], st.scores["test"]
     drop = tg.rate_drop(headline_vector(sc.fp_logits, sc.fp_logits, te.labels),

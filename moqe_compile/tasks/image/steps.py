@@ -51,6 +51,7 @@ class ImageSteps:
         self.backend = "onnxruntime-cpu" if "onnxruntime-cpu" in targets else targets[0]
         self.copies: Copies | None = None
         self.budget: dict | None = None
+        self.budget_recipe = None  # the budget's chosen expert recipe (target stage)
         if not cfg.target.enabled:  # no budget: no target stage, and the manifest's stage times stay as before
             self.ORDER = tuple(n for n in self.ORDER if n != "target")
 
@@ -122,7 +123,9 @@ class ImageSteps:
         from moqe_compile.stages import build_copies, copy_parts
 
         cfg = self.cfg
-        base = copy_recipe(cfg)
+        # Copies measure the calibration noise of the baseline the gate compares against: in a
+        # budget build that is the budget's expert, unless copies_of names another.
+        base = copy_recipe(cfg) if cfg.controls.copies_of or self.budget_recipe is None else self.budget_recipe
         # Label: the expert copied (its recipe may override its preset, e.g. 2-bit weights).
         label = base.preset if base.name == "copy" else base.name
         calib = self.splits["calibration"].x

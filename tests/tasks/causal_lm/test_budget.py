@@ -22,9 +22,9 @@ def lm_dir(tmp_path_factory):
     return tmp
 
 
-def config(tmp, max_drop: float, cost: str = "weight_bits"):
+def config(tmp, max_drop: float, cost: str = "weight_bits", copies: int = 0):
     cfg = tiny_lm_config(tmp)
-    cfg.controls.copies = 0
+    cfg.controls.copies = copies
     cfg.router.epochs = 1
     cfg.target = TargetConfig(max_drop=max_drop, cost=cost, search_minutes=5.0)
     return cfg
@@ -33,7 +33,7 @@ def config(tmp, max_drop: float, cost: str = "weight_bits"):
 def test_lm_budget_that_fits_takes_the_first_rung_of_the_ladder(lm_dir):
     from moqe_compile.build import build
 
-    out = build(config(lm_dir, 1e6), lm_dir / "fits", quiet=True)
+    out = build(config(lm_dir, 1e6, copies=2), lm_dir / "fits", quiet=True)
     m = json.loads((out / "manifest.json").read_text())
     f = m["report"]["frontier"]
     # The tiny Llama: 14 body matrices at 4 bits, the 64 x 64 head at 8 (head_bits), + a scale per 128.
@@ -43,6 +43,9 @@ def test_lm_budget_that_fits_takes_the_first_rung_of_the_ladder(lm_dir):
     assert m["routing"]["default_expert"] == f["expert"] and m["routing"]["default_rule"]["rule"] == "budget"
     assert f["expert"] in [e["name"] for e in m["experts"]]
     assert (out / "report/frontier.png").is_file() and f["test"]["held"] == (f["test"]["ci95"][1] <= 1e6)
+    # The copies control repeats the gate's baseline, the budget's expert (the menu's first
+    # calibration-dependent expert would be w4-awq).
+    assert m["report"]["controls"]["of"] == f["expert"] and len(m["report"]["controls"]["copies"]) == 2
 
 
 

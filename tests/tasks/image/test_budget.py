@@ -49,11 +49,11 @@ def tied_onnx(tmp_path_factory) -> Path:
     return out / "tied.onnx"
 
 
-def budget_config(model: Path, images: Path, max_drop: float, cost: str = "latency"):
+def budget_config(model: Path, images: Path, max_drop: float, cost: str = "latency", copies: int = 0):
     cfg = tiny_config(model, images)
     cfg.experts = [ExpertRecipe(name="minmax", calibration="minmax"),
                    ExpertRecipe(name="pct", calibration="percentile", percentile=99.9)]
-    cfg.controls = ControlsConfig(copies=0)
+    cfg.controls = ControlsConfig(copies=copies)
     cfg.router = RouterConfig(input_size=8, epochs=1, batch_size=8)
     cfg.gate.force_routing = False
     cfg.target = TargetConfig(max_drop=max_drop, cost=cost, search_minutes=5.0)
@@ -65,7 +65,7 @@ def fitted(tmp_path_factory, tiny_onnx, tiny_images) -> Path:
     from moqe_compile.build import build
 
     out = tmp_path_factory.mktemp("budget") / "fits"
-    return build(budget_config(tiny_onnx, tiny_images, 50.0, "weight_bits"), out, quiet=True)
+    return build(budget_config(tiny_onnx, tiny_images, 50.0, "weight_bits", copies=2), out, quiet=True)
 
 
 def test_a_budget_that_fits_serves_the_cheapest_candidate_and_writes_the_frontier(fitted):
@@ -85,6 +85,14 @@ def test_a_budget_that_fits_serves_the_cheapest_candidate_and_writes_the_frontie
     assert f["test"]["held"] == (f["test"]["ci95"][1] <= 50.0)
     # Its recipe is recorded in the manifest's build config.
     assert m["build_config"]["_data"]["target"]["max_drop"] == 50.0
+
+
+def test_the_copies_control_repeats_the_budget_expert(fitted):
+    # The gate's baseline is the budget's expert, so the calibration-noise control copies it
+    # (not the menu's strongest or the strongest preset).
+    m = json.loads((fitted / "manifest.json").read_text())
+    ctl = m["report"]["controls"]
+    assert ctl["preset"] == m["report"]["frontier"]["expert"] == "w4a8-minmax" and len(ctl["copies"]) == 2
 
 
 def test_frontier_flags_exactly_the_candidates_not_faster_than_fp(fitted):
