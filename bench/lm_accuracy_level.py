@@ -1,15 +1,18 @@
-"""4-bit weight-only LM experts (MatMulNBits) at ``accuracy_level`` 0 (float compute) and 4
-(int8 compute) against the FP decoder: prefill and decode speed, perplexity, side by side.
+"""4-bit weight-only LM experts (MatMulNBits) at three ``accuracy_level`` settings against the FP
+decoder: prefill and decode speed, perplexity, side by side. ``a0``: float compute everywhere;
+``a0+8bit-a4``: float compute on the 4-bit nodes and int8 compute on the 8-bit ones (the head),
+the build's default (``accuracy_level = 0``, ``accuracy_level_8bit = 4``); ``a4``: int8 compute
+everywhere.
 
     python bench/lm_accuracy_level.py bundles/smollm2-135m --windows 4 --decode-tokens 16 --repeats 3 [--json PATH]
 
-For every MatMulNBits expert of an LM bundle, two sessions are made from its verified graph
-with the attribute set to 0 and to 4 on every MatMulNBits node (in memory; the bundle is not
+For every MatMulNBits expert of an LM bundle, one session per setting is made from its verified
+graph with the attribute rewritten on every MatMulNBits node (in memory; the bundle is not
 touched), next to the FP decoder. Per round, interleaved: a prefill of one test window
 (``seq_len`` tokens) and a decode of ``--decode-tokens`` single-token steps on the KV cache
 after a 32-token prompt. Perplexity: mean token NLL over the first ``--windows`` test
 windows of the bundle's ``report/eval_data.npz``, with a paired bootstrap over windows of
-level 4 minus level 0 (test split, chose nothing here).
+each setting minus ``a0`` (test split, chose nothing here).
 """
 
 from __future__ import annotations
@@ -26,17 +29,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/c
 from common import add_json_option, write_json  # noqa: E402
 
 
-def with_level(graph, level: int):
-    """The bundle graph with ``accuracy_level = level`` on every MatMulNBits node."""
+SETTINGS = {"a0": (0, 0), "a0+8bit-a4": (0, 4), "a4": (4, 4)}  # (level, level on the 8-bit nodes)
+
+
+def with_level(graph, level: int, level_8bit: int):
+    """The bundle graph with ``accuracy_level`` rewritten on every MatMulNBits node."""
     import onnx
     from onnx import helper
 
     m = onnx.load_from_string(graph.model)
     for n in m.graph.node:
         if n.op_type == "MatMulNBits":
+            wide = next((a.i for a in n.attribute if a.name == "bits"), 4) == 8
+            lv = level_8bit if wide else level
             keep = [a for a in n.attribute if a.name != "accuracy_level"]
             del n.attribute[:]
-            n.attribute.extend(keep + ([helper.make_attribute("accuracy_level", level)] if level else []))
+            n.attribute.extend(keep + ([helper.make_attribute("accuracy_level", lv)] if lv else []))
     return dataclasses.replace(graph, model=m.SerializeToString())
 
 
@@ -76,8 +84,8 @@ def main() -> None:
         if e["recipe"].get("scheme") != "nbits":
             continue
         g = b.graph(e["variants"]["onnxruntime-cpu"]["path"])
-        for level in (0, 4):
-            sessions[f"{e['name']}/a{level}"] = open_(f"{e['name']}/a{level}", with_level(g, level))
+        for tag, levels in SETTINGS.items():
+            sessions[f"{e['name']}/{tag}"] = open_(f"{e['name']}/{tag}", with_level(g, *levels))
     with np.load(b.file("report/eval_data.npz"), allow_pickle=False) as z:
         windows = z["test_ids"][: args.windows]
     window, prompt = windows[0], windows[0][:32]
@@ -106,14 +114,12 @@ def main() -> None:
                "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"],
                "prefill_speedup_vs_fp": med["prefill/fp"] / med[f"prefill/{k}"],
                "decode_speedup_vs_fp": med["decode/fp"] / med[f"decode/{k}"]}
-        if k.endswith("/a4"):
-            row["nll_a4_minus_a0"] = paired_bootstrap(nll[k], nll[k[:-1] + "0"])
-        out["models"][k] = row
         extra = ""
-        if "nll_a4_minus_a0" in row:
-            p = row["nll_a4_minus_a0"]
-            extra = f"  NLL a4 - a0 {p['diff']:+.4f} {np.round(p['ci95'], 4)}"
-        print(f"  {k:<12} ppl {row['ppl']:8.3f}  prefill {row['prefill_ms']:8.1f} ms (x{row['prefill_speedup_vs_fp']:.2f} "
+        if "/" in k and not k.endswith("/a0"):
+            p = row["nll_minus_a0"] = paired_bootstrap(nll[k], nll[k.rsplit("/", 1)[0] + "/a0"])
+            extra = f"  NLL - a0 {p['diff']:+.4f} {np.round(p['ci95'], 4)}"
+        out["models"][k] = row
+        print(f"  {k:<26} ppl {row['ppl']:8.3f}  prefill {row['prefill_ms']:8.1f} ms (x{row['prefill_speedup_vs_fp']:.2f} "
               f"vs FP)  decode {row['decode_ms']:8.1f} ms (x{row['decode_speedup_vs_fp']:.2f} vs FP){extra}")
     write_json(args.json, out)
 

@@ -1,9 +1,10 @@
-"""One SmolLM2-135M-shaped MLP MatMul (576 -> 1536) as MatMulNBits on ONNX Runtime CPU:
+"""One SmolLM2-135M-shaped MatMul (default: an MLP projection, 576 -> 1536, 4-bit) as MatMulNBits on ONNX Runtime CPU:
 integer zero points (RTN, symmetric and asymmetric) vs HQQ's float zero points, each at
 ``accuracy_level`` 0 (float compute) and 4 (int8 compute), against the float MatMul, at one
 row (decode) and 256 rows (prefill); no model or data download needed.
 
     python bench/matmulnbits_kernels.py --repeats 200 [--json PATH]
+    python bench/matmulnbits_kernels.py --n 49152 --bits 8 --block 128 --repeats 50   # SmolLM2's 8-bit head
 
 Weights are random (N(0, 0.05)); every session runs interleaved round by round on the same
 input, medians over ``--repeats`` rounds (a fifth of them at 256 rows). The error column is
@@ -21,9 +22,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
 from common import add_json_option, write_json  # noqa: E402
 
-K, N = 576, 1536
-
-
 def main() -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -35,8 +33,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--k", type=int, default=576, help="input width (SmolLM2-135M's hidden size)")
+    ap.add_argument("--n", type=int, default=1536, help="output width (1536: an MLP projection; 49152: the LM head)")
+    ap.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (HQQ is measured at 4 only)")
+    ap.add_argument("--block", type=int, default=32)
     add_json_option(ap)
     args = ap.parse_args()
+    K, N, bits, block = args.k, args.n, args.bits, args.block
 
     w = (np.random.default_rng(0).normal(size=(K, N)) * 0.05).astype(np.float32)
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
@@ -46,7 +49,7 @@ def main() -> None:
     fp = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
     def quantized(algo, symmetric: bool, level: int) -> bytes:
-        q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(fp.SerializeToString()), bits=4, block_size=32,
+        q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(fp.SerializeToString()), bits=bits, block_size=block,
                                  is_symmetric=symmetric, algo_config=algo)
         q.process()
         for n in q.model.model.graph.node:
@@ -56,10 +59,11 @@ def main() -> None:
 
     sess = {"fp32": session(fp.SerializeToString())}
     for level in (0, 4):
-        sess[f"rtn-sym/a{level}"] = session(quantized(DefaultWeightOnlyQuantConfig(32, True, bits=4), True, level))
-        sess[f"rtn-asym/a{level}"] = session(quantized(DefaultWeightOnlyQuantConfig(32, False, bits=4), False, level))
-        sess[f"hqq/a{level}"] = session(quantized(HQQWeightOnlyQuantConfig(32, bits=4), False, level))
-    out = {"shape": [K, N], "repeats": args.repeats, "rows": {}}
+        sess[f"rtn-sym/a{level}"] = session(quantized(DefaultWeightOnlyQuantConfig(block, True, bits=bits), True, level))
+        sess[f"rtn-asym/a{level}"] = session(quantized(DefaultWeightOnlyQuantConfig(block, False, bits=bits), False, level))
+        if bits == 4:
+            sess[f"hqq/a{level}"] = session(quantized(HQQWeightOnlyQuantConfig(block, bits=4), False, level))
+    out = {"shape": [K, N], "bits": bits, "block": block, "repeats": args.repeats, "rows": {}}
     for m in (1, 256):
         x = np.random.default_rng(1).normal(size=(m, K)).astype(np.float32)
         ref = sess["fp32"].run(None, {"x": x})[0]

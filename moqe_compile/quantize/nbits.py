@@ -189,10 +189,11 @@ def quantize_matmulnbits(fp_onnx: Path, out: Path, method: str, bits: int, block
     q.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
-def set_accuracy_level(path: Path, level: int) -> int:
+def set_accuracy_level(path: Path, level: int, level_8bit: int = 0) -> int:
     """Set ``accuracy_level`` on every MatMulNBits node of the model at ``path`` (rewritten in
-    place); returns how many nodes it set. 0 removes the attribute (ORT's float compute).
-    ORT's quantizers and our GPTQ write the nodes without it, so the level is one pass here."""
+    place), ``level_8bit`` instead on the 8-bit nodes when it is not 0; returns how many nodes
+    it set. 0 removes the attribute (ORT's float compute). ORT's quantizers and our GPTQ write
+    the nodes without it, so the level is one pass here."""
     import onnx
     from onnx import helper
 
@@ -201,11 +202,13 @@ def set_accuracy_level(path: Path, level: int) -> int:
     for n in model.graph.node:
         if n.op_type != "MatMulNBits":
             continue
+        bits = next((a.i for a in n.attribute if a.name == "bits"), 4)
         keep = [a for a in n.attribute if a.name != "accuracy_level"]
         del n.attribute[:]
         n.attribute.extend(keep)
-        if level:
-            n.attribute.append(helper.make_attribute("accuracy_level", int(level)))
+        node_level = level_8bit if bits == 8 and level_8bit else level
+        if node_level:
+            n.attribute.append(helper.make_attribute("accuracy_level", int(node_level)))
         count += 1
     if count:
         onnx.save(model, str(path))

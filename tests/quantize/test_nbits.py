@@ -53,6 +53,18 @@ def test_accuracy_level_4_is_set_everywhere_and_keeps_outputs(tmp_path, method, 
     np.testing.assert_array_equal(_run(q4, x), y0)
 
 
+def test_the_8_bit_nodes_get_their_own_level(tmp_path):
+    # mm1 at 4 bits, mm2 at 8 (as an LM expert's head): ORT has no fast float-compute kernel for
+    # 8-bit MatMulNBits, so the recipe's accuracy_level_8bit is written on those nodes.
+    fp, q = _fp_model(tmp_path / "fp.onnx"), tmp_path / "q.onnx"
+    quantize_matmulnbits(fp, q, "rtn", 4, 32, True, ["mm2"])
+    quantize_matmulnbits(q, q, "rtn", 8, 32, True, ["mm1"])
+    assert set_accuracy_level(q, 0, 4) == 2 and _levels(q) == [0, 4]
+    assert check_kernels(q)["matmulnbits_accuracy_levels"] == {"0": 1, "4": 1}
+    assert set_accuracy_level(q, 4, 0) == 2 and _levels(q) == [4, 4]  # 0: the 8-bit nodes follow the level
+    assert set_accuracy_level(q, 0) == 2 and _levels(q) == [0, 0]
+
+
 def test_accuracy_level_is_checked_in_the_recipe():
     from moqe_compile.errors import ConfigError
     from moqe_compile.tasks.causal_lm.config import expert_from_dict

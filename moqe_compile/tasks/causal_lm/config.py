@@ -134,6 +134,12 @@ class LMExpertRecipe:
     # quantized per block at run time: MLAS' VNNI/AVX-512 path). Written to the manifest only
     # when set (to_dict).
     accuracy_level: int = 0
+    # The same, on the 8-bit MatMulNBits nodes only (the head at head_bits = 8, MatMuls kept at 8
+    # bits, every node of an 8-bit expert). ONNX Runtime 1.32 has no fast float-compute kernel
+    # for 8-bit MatMulNBits: at level 0 SmolLM2's 8-bit head took 103 ms per decoded token
+    # against 8.9 ms for the float MatMul, and 1.8 ms at level 4
+    # (docs/results.md#decoding-with-an-8-bit-head); 0 = use ``accuracy_level``.
+    accuracy_level_8bit: int = 4
     # Expert-wise bits for sparse MoE models (preset "moe-expert-bits", tasks/causal_lm/moe_bits.py).
     # moe_bits: target mean bits per routed-expert weight (0 = off); moe_widths: the widths an
     # expert may get; moe_allocation: "combined" (the paper: gate-norm-change order, reordered by
@@ -150,7 +156,7 @@ class LMExpertRecipe:
 
     # Keys added after the config's VERSION (as Recipe.WRITTEN_WHEN_SET): written only when set,
     # so an unchanged recipe keeps a byte-identical manifest, in the recipe and in each expert.
-    WRITTEN_WHEN_SET = ("accuracy_level", "gptq_act_order", "gptq_sequential", "smoothquant_groups",
+    WRITTEN_WHEN_SET = ("accuracy_level", "accuracy_level_8bit", "gptq_act_order", "gptq_sequential", "smoothquant_groups",
                         "high_precision_nodes")
 
     def to_dict(self) -> dict:
@@ -199,9 +205,10 @@ class LMExpertRecipe:
         if self.high_precision_nodes and (self.scheme != "nbits" or self.bits >= 8 or self.moe_bits):
             raise ConfigError(f"[experts.{self.name}] high_precision_nodes keeps MatMuls at 8 bits; it needs "
                               f"scheme = 'nbits' with bits < 8 and no moe_bits.")
-        if self.accuracy_level not in ACCURACY_LEVELS:
-            raise ConfigError(f"[experts.{self.name}] accuracy_level = {self.accuracy_level} is not one of "
-                              f"{list(ACCURACY_LEVELS)} (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
+        for key in ("accuracy_level", "accuracy_level_8bit"):
+            if getattr(self, key) not in ACCURACY_LEVELS:
+                raise ConfigError(f"[experts.{self.name}] {key} = {getattr(self, key)} is not one of "
+                                  f"{list(ACCURACY_LEVELS)} (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
         if self.moe_bits:
             self._check_moe()
 

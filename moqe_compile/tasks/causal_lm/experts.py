@@ -60,7 +60,7 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
             quantize_matmulnbits(out, out, "rtn", 8, recipe.block_size, recipe.symmetric,
                                  list(exclude_nodes) + ([head] if own_head else []))
     if recipe.scheme == "nbits":
-        set_accuracy_level(out, recipe.accuracy_level)
+        set_accuracy_level(out, recipe.accuracy_level, recipe.accuracy_level_8bit)
 
 
 def _high_precision(fp_onnx: Path, recipe: LMExpertRecipe, head: str | None, exclude_nodes) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 pytest.importorskip("transformers")
@@ -27,9 +28,13 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
         assert check["ok"] and not check["float_weight_matmuls"]
         expected = "MatMulNBits" if e["recipe"]["scheme"] == "nbits" else "MatMulIntegerToFloat"
         assert k.get(expected, 0) > 0, (e["name"], k)
-        if e["recipe"]["scheme"] == "nbits":  # the recipe's level (0: unset) on every MatMulNBits node
-            level = str(e["recipe"].get("accuracy_level", 0))
-            assert check["matmulnbits_accuracy_levels"] == {level: k["MatMulNBits"]}, (e["name"], check)
+        if e["recipe"]["scheme"] == "nbits":  # the recipe's level (0: unset), the 8-bit head's own
+            level, wide = str(e["recipe"].get("accuracy_level", 0)), str(e["recipe"].get("accuracy_level_8bit", 4))
+            graph = onnx.load_from_string(b.graph(e["variants"]["onnxruntime-cpu"]["path"]).model).graph
+            heads = [n for n in graph.node if n.op_type == "MatMulNBits"
+                     and next(a.i for a in n.attribute if a.name == "bits") == 8]
+            assert [n.output[0] for n in heads] == ["logits"]  # only the head is 8-bit here
+            assert check["matmulnbits_accuracy_levels"] == {level: k["MatMulNBits"] - 1, wide: 1}, (e["name"], check)
         assert check["embedding_gathers"] >= 1  # the embedding stays an FP Gather
     awq = next(e for e in m["experts"] if e["name"] == "w4-awq")
     # One per scaling group: norm -> q/k/v, norm -> gate/up, up -> down (grouped-query: no v -> o).
@@ -54,8 +59,6 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
                                  *(e["variants"]["onnxruntime-cpu"]["path"] for e in m["experts"])}
     assert b.file(sh["path"]).stat().st_size == np.prod(sh["shape"]) * 4
         # The export was checked against torch during the build; its dims must stay symbolic.
-    import onnx
-
     g = onnx.load(str(b.file("fp/model.onnx")), load_external_data=False).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
     assert dims["input_ids"] == ["batch", "sequence"]
