@@ -33,18 +33,13 @@ SETTINGS = {"a0": (0, 0), "a0+8bit-a4": (0, 4), "a4": (4, 4)}  # (level, level o
 
 
 def with_level(graph, level: int, level_8bit: int):
-    """The bundle graph with ``accuracy_level`` rewritten on every MatMulNBits node."""
+    """The bundle graph with ``accuracy_level`` rewritten on every MatMulNBits node (in memory)."""
     import onnx
-    from onnx import helper
+
+    from moqe_compile.quantize.nbits import apply_accuracy_level
 
     m = onnx.load_from_string(graph.model)
-    for n in m.graph.node:
-        if n.op_type == "MatMulNBits":
-            wide = next((a.i for a in n.attribute if a.name == "bits"), 4) == 8
-            lv = level_8bit if wide else level
-            keep = [a for a in n.attribute if a.name != "accuracy_level"]
-            del n.attribute[:]
-            n.attribute.extend(keep + ([helper.make_attribute("accuracy_level", lv)] if lv else []))
+    apply_accuracy_level(m, level, level_8bit)
     return dataclasses.replace(graph, model=m.SerializeToString())
 
 

@@ -29,6 +29,7 @@ def main() -> None:
                                                                   HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     from moqe_compile.backends.onnxruntime_cpu import session
+    from moqe_compile.quantize.nbits import apply_accuracy_level
     from moqe_compile.evaluate.latency import time_interleaved
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,9 +53,7 @@ def main() -> None:
         q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(fp.SerializeToString()), bits=bits, block_size=block,
                                  is_symmetric=symmetric, algo_config=algo)
         q.process()
-        for n in q.model.model.graph.node:
-            if n.op_type == "MatMulNBits" and level:
-                n.attribute.append(helper.make_attribute("accuracy_level", level))
+        apply_accuracy_level(q.model.model, level)
         return q.model.model.SerializeToString()
 
     sess = {"fp32": session(fp.SerializeToString())}

@@ -189,15 +189,12 @@ def quantize_matmulnbits(fp_onnx: Path, out: Path, method: str, bits: int, block
     q.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
-def set_accuracy_level(path: Path, level: int, level_8bit: int = 0) -> int:
-    """Set ``accuracy_level`` on every MatMulNBits node of the model at ``path`` (rewritten in
-    place), ``level_8bit`` instead on the 8-bit nodes when it is not 0; returns how many nodes
-    it set. 0 removes the attribute (ORT's float compute). ORT's quantizers and our GPTQ write
-    the nodes without it, so the level is one pass here."""
-    import onnx
+def apply_accuracy_level(model, level: int, level_8bit: int = 0) -> int:
+    """Set ``accuracy_level`` on every MatMulNBits node of an in-memory ``ModelProto``,
+    ``level_8bit`` instead on the 8-bit nodes when it is not 0; returns how many nodes it set.
+    0 removes the attribute (ORT's float compute)."""
     from onnx import helper
 
-    model = onnx.load(str(path))
     count = 0
     for n in model.graph.node:
         if n.op_type != "MatMulNBits":
@@ -210,6 +207,16 @@ def set_accuracy_level(path: Path, level: int, level_8bit: int = 0) -> int:
         if node_level:
             n.attribute.append(helper.make_attribute("accuracy_level", int(node_level)))
         count += 1
+    return count
+
+
+def set_accuracy_level(path: Path, level: int, level_8bit: int = 0) -> int:
+    """:func:`apply_accuracy_level` on the model at ``path`` (rewritten in place). ORT's
+    quantizers and our GPTQ write the nodes without it, so the level is one pass here."""
+    import onnx
+
+    model = onnx.load(str(path))
+    count = apply_accuracy_level(model, level, level_8bit)
     if count:
         onnx.save(model, str(path))
     return count

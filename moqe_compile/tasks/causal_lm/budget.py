@@ -7,7 +7,6 @@ Hessian (``quantize/gptq.py``'s ``matmul_sensitivity``). The search and the rule
 
 from __future__ import annotations
 
-
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace

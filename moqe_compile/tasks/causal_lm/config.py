@@ -156,8 +156,8 @@ class LMExpertRecipe:
 
     # Keys added after the config's VERSION (as Recipe.WRITTEN_WHEN_SET): written only when set,
     # so an unchanged recipe keeps a byte-identical manifest, in the recipe and in each expert.
-    WRITTEN_WHEN_SET = ("accuracy_level", "accuracy_level_8bit", "gptq_act_order", "gptq_sequential", "smoothquant_groups",
-                        "high_precision_nodes")
+    WRITTEN_WHEN_SET = ("accuracy_level", "accuracy_level_8bit", "gptq_act_order", "gptq_sequential",
+                        "smoothquant_groups", "high_precision_nodes")
 
     def to_dict(self) -> dict:
         return written_when_set(self, self.WRITTEN_WHEN_SET)
