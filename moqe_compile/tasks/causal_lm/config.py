@@ -286,6 +286,9 @@ class LMRouterConfig:
     """The LM router (docs/design.md#routers) over the FP embeddings of the first ``prefix_tokens`` tokens."""
 
     prefix_tokens: int = 32
+    # Prefix lengths to try (e.g. [16, 32, 64, 128]): one router per length, chosen on router_val
+    # (choose_prefix in router.py); prefix_tokens is then ignored. Written when set.
+    prefix_choices: list[int] = field(default_factory=list)
     layers: int = 2
     heads: int = 4
     epochs: int = 20
@@ -301,6 +304,10 @@ class LMRouterConfig:
             positive("router", k, getattr(self, k))
         positive("router", "lr", self.lr)
         positive("router", "temperature", self.temperature)
+        for n in self.prefix_choices:
+            positive("router", "prefix_choices[]", n)
+        if len(set(self.prefix_choices)) != len(self.prefix_choices):
+            raise ConfigError(f"[router] prefix_choices = {self.prefix_choices} lists a length twice.")
         choice("router", "targets", self.targets, ROUTER_TARGETS)
 
 
@@ -311,7 +318,7 @@ class LMBuildConfig(Recipe):
     MANIFEST_TYPE = "LMBuildConfig"
     VERSION = LM_CONFIG_VERSION
     # No [target] in manifest version 1: written only when a recipe sets it.
-    WRITTEN_WHEN_SET = ("target",)
+    WRITTEN_WHEN_SET = ("target", "router.prefix_choices")
 
     task: str = TASK
     model: LMModelConfig = field(default_factory=LMModelConfig)
@@ -337,6 +344,10 @@ class LMBuildConfig(Recipe):
         check_experts(self.experts)
         self.controls.check_copies_of(self.experts)
         self._check_copies_calibrated()
+        long = [n for n in self.router.prefix_choices if n > self.data.seq_len]
+        if long:
+            raise ConfigError(f"[router] prefix_choices {long} are longer than the windows ([data] seq_len = "
+                              f"{self.data.seq_len}): a router reads at most one window.")
         labels = [corpus_label(c) for c in self.data.corpora]
         for e in self.experts:
             if e.calibration_corpus and e.calibration_corpus not in labels:

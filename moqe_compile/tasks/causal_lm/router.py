@@ -155,3 +155,24 @@ def _padded_example(vocab: int, batch: int, seq: int, g: torch.Generator) -> tup
     mask = torch.ones(batch, seq, dtype=torch.int64)
     mask[0, seq // 2 :] = 0  # a padded row
     return ids, mask
+
+
+def choose_prefix(val_loss: dict[int, np.ndarray], level: float = 0.95) -> tuple[int, dict]:
+    """The prefix length to route on, from ``val_loss`` = {length: per-window loss of the windows
+    routed by that length's router} on router_val: the lowest mean, unless a shorter prefix is not
+    significantly worse (its paired bootstrap interval against the lowest includes 0); then the
+    shortest such, since the router's cost grows with its prefix. Returns (length, the record of
+    every length's mean and difference for the report)."""
+    from moqe_compile.evaluate.stats import paired_bootstrap
+
+    lengths = sorted(val_loss)
+    best = min(lengths, key=lambda n: (float(np.mean(val_loss[n])), n))
+    rows = {}
+    for n in lengths:
+        d = paired_bootstrap(val_loss[n], val_loss[best], level=level)
+        rows[str(n)] = {"val_loss": float(np.mean(val_loss[n])), "vs_lowest": d,
+                        "not_worse": bool(d["ci95"][0] <= 0.0)}
+    chosen = next(n for n in lengths if rows[str(n)]["not_worse"])
+    return chosen, {"lowest": best, "chosen": chosen, "rule": "shortest prefix whose router_val loss is not "
+                    "significantly above the lowest one's (paired bootstrap 95% interval includes 0)",
+                    "lengths": rows}

@@ -43,6 +43,7 @@ class LMSteps:
         self.copies: dict | None = None
         self.budget: dict | None = None
         self.budget_recipe = None  # the budget's chosen expert recipe (target stage)
+        self.prefix_tokens, self.prefix_study = cfg.router.prefix_tokens, None
         if not cfg.target.enabled:  # no budget: no target stage, and the manifest's stage times stay as before
             self.ORDER = tuple(n for n in self.ORDER if n != "target")
         torch.manual_seed(cfg.router.seed)
@@ -168,21 +169,21 @@ class LMSteps:
         k = len(names)
         with self.st.bar(sum(len(self.splits[s]) for s in SCORED), "score windows") as pb:
             for s in SCORED:
-                both = score_windows(fp_sess, ex_sess, self.splits[s].ids, pb, mix_of=k)
+                both = score_windows(fp_sess, ex_sess, self.splits[s].ids, pb, mix_of=k, detail_of=k)
                 self.scores[s] = LMScores(both.nll, both.loss[:, :k], both.kl[:, :k], both.agree[:, :k], both.mix)
                 if self.copies:
                     self.copy_scores[s] = both.columns(slice(k, None))
 
-    def _prefix(self, s: str) -> np.ndarray:
-        return np.ascontiguousarray(self.splits[s].ids[:, : self.cfg.router.prefix_tokens])
+    def _prefix(self, s: str, length: int | None = None) -> np.ndarray:
+        return np.ascontiguousarray(self.splits[s].ids[:, : length or self.prefix_tokens])
 
-    def _train(self, num_experts: int, train_loss: np.ndarray, val_loss: np.ndarray):
+    def _train(self, num_experts: int, train_loss: np.ndarray, val_loss: np.ndarray, prefix: int | None = None):
         import torch
 
         from moqe_compile.tasks.causal_lm.router import NLPRouter, train_router
 
         rc = self.cfg.router
-        tr, va = self._prefix("router_train"), self._prefix("router_val")
+        tr, va = self._prefix("router_train", prefix), self._prefix("router_val", prefix)
         router = NLPRouter(torch.from_numpy(self.emb), num_experts, layers=rc.layers, heads=rc.heads)
         return train_router(router, tr, np.ones_like(tr), train_loss, va, np.ones_like(va), val_loss,
                                 epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr, weight_decay=rc.weight_decay,
@@ -195,7 +196,7 @@ class LMSteps:
         from moqe_compile.tasks.causal_lm.router import export_nlp_router
 
         w = self.w
-        self.trained = self._train(len(self.experts), self.scores["router_train"].loss, self.scores["router_val"].loss)
+        self.trained = self._train_choosing_prefix()
         export_nlp_router(self.trained.model, w.path("router/router.onnx"), opset=max(self.cfg.model.opset, 17))
         # The embedding buffer is the FP model's (in fp/model.onnx): not duplicated here.
         save_file({k: v.contiguous() for k, v in self.trained.model.state_dict().items() if k != "embedding"},
@@ -207,6 +208,25 @@ class LMSteps:
             self.routes[s] = rs.run(None, {"input_ids": pre, "attention_mask": np.ones_like(pre)})[0].argmax(1)
         if self.copies:
             self._route_copies()
+
+    def _train_choosing_prefix(self):
+        """The router on ``prefix_tokens``, or one per ``prefix_choices`` length and the one
+        ``choose_prefix`` picks on router_val (test is never looked at)."""
+        from moqe_compile.tasks.causal_lm.router import choose_prefix, predict_probs
+
+        tr, va, k = self.scores["router_train"].loss, self.scores["router_val"].loss, len(self.experts)
+        if not self.cfg.router.prefix_choices:
+            return self._train(k, tr, va)
+        trained, routed = {}, {}
+        for n in sorted(self.cfg.router.prefix_choices):
+            self.st.say(f"router: prefix of {n} tokens")
+            trained[n] = self._train(k, tr, va, prefix=n)
+            pre = self._prefix("router_val", n)
+            route = predict_probs(trained[n].model, pre, np.ones_like(pre)).argmax(1)
+            routed[n] = va[np.arange(len(va)), route]
+        self.prefix_tokens, self.prefix_study = choose_prefix(routed)
+        self.st.say(f"router: prefix of {self.prefix_tokens} tokens chosen on router_val")
+        return trained[self.prefix_tokens]
 
     def _route_copies(self) -> None:
         """The same router, trained on the copies: what routing gains from calibration noise alone."""
@@ -242,7 +262,8 @@ class LMSteps:
                                                                  e.get("mean_weight_bits", e["recipe"]["bits"])))
                       for e in self.experts}
         report = {"task": TASK, "seq_len": d.seq_len, "splits": {},
-                  "router_training": {"best_epoch": self.trained.best_epoch, "history": self.trained.history}}
+                  "router_training": {"best_epoch": self.trained.best_epoch, "history": self.trained.history,
+                                      **({"prefix_choice": self.prefix_study} if self.prefix_study else {})}}
         corpus_choice = corpus_choice_on(va.loss, self.splits["router_val"].corpus)
         for s in REPORTED:
             sc = self.scores[s]
@@ -282,7 +303,7 @@ class LMSteps:
 
     def manifest(self) -> dict:
         cfg, d, spec, splits, gate, c = self.cfg, self.cfg.data, self.spec, self.splits, self.gate, self.copies
-        names, n_pre = [e["name"] for e in self.experts], cfg.router.prefix_tokens
+        names, n_pre = [e["name"] for e in self.experts], self.prefix_tokens
         manifest = {
             "task": {"kind": TASK, "seq_len": d.seq_len,
                      "tokenizer": {"path": "tokenizer/tokenizer.json",
@@ -301,7 +322,7 @@ class LMSteps:
             "experts": self.experts,
             "router": {"path": "router/router.onnx", "weights": {"path": "router/router.safetensors"},
                        "inputs": ["input_ids", "attention_mask"], "output": "expert_probs",
-                       "prefix_tokens": n_pre, "config": asdict(cfg.router), "best_epoch": self.trained.best_epoch,
+                       "prefix_tokens": n_pre, "config": cfg.to_dict()["router"], "best_epoch": self.trained.best_epoch,
                        "gate": gate},
             "routing": {"enabled": gate["decision"] == "routed", "granularity": "per-sequence",
                         "default_expert": names[self.best_k], "default_rule": self.default_rule,

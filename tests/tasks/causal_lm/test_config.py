@@ -202,3 +202,15 @@ def test_gptq_act_order_needs_our_gptq_and_is_written_only_when_set():
         expert_from_dict({"name": "a", "preset": "w4-rtn", "gptq_act_order": True})
     assert "gptq_act_order" not in expert_from_dict({"name": "a", "preset": "w4-rtn"}).to_dict()
     assert expert_from_dict({"name": "a", "preset": "w4-gptq", "gptq_act_order": True}).to_dict()["gptq_act_order"]
+
+
+def test_prefix_choices_are_checked_and_written_only_when_set(tmp_path):
+    cfg = LMBuildConfig.from_dict({"task": "causal-lm", "router": {"prefix_choices": [16, 32]}})
+    assert cfg.to_dict()["router"]["prefix_choices"] == [16, 32]
+    assert "prefix_choices" not in LMBuildConfig.from_dict({"task": "causal-lm"}).to_dict()["router"]
+    with pytest.raises(ConfigError, match="longer than the windows"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "data": {"seq_len": 64}, "router": {"prefix_choices": [128]}})
+    with pytest.raises(ConfigError, match="twice"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "router": {"prefix_choices": [16, 16]}})
+    with pytest.raises(ConfigError, match="must be > 0"):
+        LMBuildConfig.from_dict({"task": "causal-lm", "router": {"prefix_choices": [0]}})

@@ -96,3 +96,40 @@ def test_symbolic_dims_check_rejects_a_fixed_sequence(tmp_path):
     onnx.save(m, str(tmp_path / "m.onnx"))
     with pytest.raises(BuildError, match=r"'input_ids' lost its symbolic dimension\(s\) \[1\]"):
         check_symbolic(tmp_path / "m.onnx", {INPUT_IDS: [0, 1]}, "NLP router")
+
+
+def test_choose_prefix_takes_the_shortest_length_not_significantly_worse():
+    from moqe_compile.tasks.causal_lm.router import choose_prefix
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 0.5, 200)
+    # 16 is clearly worse; 32 and 64 differ by noise only; 128 is the lowest by a hair.
+    loss = {16: base + 0.3, 32: base + rng.normal(0, 0.01, 200), 64: base + rng.normal(0, 0.01, 200), 128: base - 0.001}
+    chosen, rec = choose_prefix(loss)
+    assert rec["lowest"] == 128 and chosen == 32
+    assert not rec["lengths"]["16"]["not_worse"] and rec["lengths"]["32"]["not_worse"]
+    assert rec["lengths"]["128"]["vs_lowest"]["diff"] == 0.0
+    chosen, _ = choose_prefix({16: base + 0.3, 32: base})  # a clear winner is kept even when longer
+    assert chosen == 32
+
+
+def test_build_chooses_the_prefix_on_router_val_and_records_it(tmp_path):
+    pytest.importorskip("transformers")
+    import json
+
+    from moqe_compile.build import build
+    from moqe_compile.tasks.causal_lm.runtime import LMRuntime
+
+    from ...models import make_tiny_lm, tiny_lm_config, write_corpus
+
+    make_tiny_lm(tmp_path / "model")
+    write_corpus(tmp_path / "corpus.txt")
+    cfg = tiny_lm_config(tmp_path, prefix_choices=[4, 16], epochs=1)
+    cfg.experts, cfg.controls.copies = cfg.experts[:1] + cfg.experts[2:], 0  # w8a8-rtn, w4-gptq: quick
+    out = build(cfg, tmp_path / "bundle", quiet=True)
+    m = json.loads((out / "manifest.json").read_text())
+    rep = json.loads((out / "report/report.json").read_text())["router_training"]["prefix_choice"]
+    assert set(rep["lengths"]) == {"4", "16"} and m["router"]["prefix_tokens"] == rep["chosen"] in (4, 16)
+    assert m["router"]["config"]["prefix_choices"] == [4, 16]
+    with LMRuntime.load(out) as rt:  # the runtime routes on the chosen length
+        assert rt.prefix_tokens == rep["chosen"]
