@@ -98,31 +98,33 @@ def _log_probs_(z: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     return z
 
 
-def score_windows(fp: DecoderSession, experts: list[DecoderSession], ids: np.ndarray, progress=None,
+def score_windows(fp: DecoderSession | None, experts: list[DecoderSession], ids: np.ndarray, progress=None,
                   mix_of: int | None = None, detail_of: int | None = None) -> LMScores:
     """``mix_of``: how many leading experts the mixture control averages (None: all; 0: none).
     ``detail_of``: how many leading experts also get KL to FP and top-1 agreement (None: all); the
-    others (controls that only need their loss, e.g. the copies) get NaN there."""
+    others (controls that only need their loss, e.g. the copies) get NaN there. ``fp = None``: no
+    FP pass (where only the experts' losses are needed): FP NLL, KL and agreement are NaN."""
     n, k = len(ids), len(experts)
     m = k if mix_of is None else mix_of
-    d = k if detail_of is None else detail_of
-    nll, loss, kl, agree = np.zeros(n), np.zeros((n, k)), np.full((n, k), np.nan), np.full((n, k), np.nan)
+    d = 0 if fp is None else k if detail_of is None else detail_of
+    nll, loss, kl, agree = np.full(n, np.nan), np.zeros((n, k)), np.full((n, k), np.nan), np.full((n, k), np.nan)
     mix = np.zeros(n) if m else None
-    scratch = p = None
+    buf: dict[str, np.ndarray] = {}
     for i in range(n):
         x = ids[i : i + 1]
-        # float32 throughout: a 256-token window is 12.6 M logits for SmolLM2, and float64 here
-        # cost about as much as the expert's forward pass on 2 cores.
-        flp = fp.logits(x)[:, :-1]
-        if scratch is None or scratch.shape != flp.shape:
-            scratch, p = np.empty_like(flp), np.empty_like(flp)
-        flp = _log_probs_(flp, scratch)
-        fp_top = flp.argmax(-1)
-        nll[i] = -np.take_along_axis(flp, x[:, 1:, None], -1).mean()
-        np.exp(flp, out=p)
+        if fp is not None:
+            # float32 throughout: a 256-token window is 12.6 M logits for SmolLM2, and float64 here
+            # cost about as much as the expert's forward pass on 2 cores.
+            logits = fp.logits(x)[:, :-1]
+            flp = _log_probs_(logits, _like(buf, "scratch", logits))
+            fp_top = flp.argmax(-1)
+            nll[i] = -np.take_along_axis(flp, x[:, 1:, None], -1).mean()
+            p = np.exp(flp, out=_like(buf, "p", flp))
         tgt = []
         for j, e in enumerate(experts):
-            elp = _log_probs_(e.logits(x)[:, :-1], scratch)
+            logits = e.logits(x)[:, :-1]
+            scratch = _like(buf, "scratch", logits)
+            elp = _log_probs_(logits, scratch)
             t = np.take_along_axis(elp, x[:, 1:, None], -1)[..., 0].astype(np.float64)
             loss[i, j] = -t.mean()
             if j < m:
@@ -139,3 +141,11 @@ def score_windows(fp: DecoderSession, experts: list[DecoderSession], ids: np.nda
         if progress is not None:
             progress.update(1)
     return LMScores(nll, loss, kl, agree, mix)
+
+
+def _like(buf: dict, key: str, a: np.ndarray) -> np.ndarray:
+    """``buf[key]``: a buffer of ``a``'s shape and dtype, reused while windows keep their length."""
+    b = buf.get(key)
+    if b is None or b.shape != a.shape:
+        b = buf[key] = np.empty_like(a)
+    return b

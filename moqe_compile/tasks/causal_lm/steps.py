@@ -169,7 +169,11 @@ class LMSteps:
         k = len(names)
         with self.st.bar(sum(len(self.splits[s]) for s in SCORED), "score windows") as pb:
             for s in SCORED:
-                both = score_windows(fp_sess, ex_sess, self.splits[s].ids, pb, mix_of=k, detail_of=k)
+                # router_train trains routers: the experts' (and copies') losses are all it needs,
+                # so no FP pass, KL, agreement or mixture there (NaN in loss_matrix.npz).
+                train = s == "router_train"
+                both = score_windows(None if train else fp_sess, ex_sess, self.splits[s].ids, pb,
+                                     mix_of=0 if train else k, detail_of=k)
                 self.scores[s] = LMScores(both.nll, both.loss[:, :k], both.kl[:, :k], both.agree[:, :k], both.mix)
                 if self.copies:
                     self.copy_scores[s] = both.columns(slice(k, None))

@@ -37,6 +37,7 @@ def test_scores_equal_the_plain_formulas_and_detail_only_where_asked(lm_bundle):
         nll, loss, kl, agree = _reference(fp, experts, ids)
         full = score_windows(fp, experts, ids)
         part = score_windows(fp, experts, ids, mix_of=0, detail_of=1)
+        no_fp = score_windows(None, experts, ids, mix_of=0)
     np.testing.assert_array_equal(full.nll, nll)
     np.testing.assert_array_equal(full.loss, loss)
     np.testing.assert_array_equal(full.kl, kl)
@@ -44,3 +45,5 @@ def test_scores_equal_the_plain_formulas_and_detail_only_where_asked(lm_bundle):
     np.testing.assert_array_equal(part.loss, loss)  # the loss of every expert, detail of the first only
     np.testing.assert_array_equal(part.kl[:, :1], kl[:, :1])
     assert np.isnan(part.kl[:, 1:]).all() and np.isnan(part.agree[:, 1:]).all() and part.mix is None
+    np.testing.assert_array_equal(no_fp.loss, loss)  # no FP pass: the losses alone, nothing made up
+    assert np.isnan(no_fp.nll).all() and np.isnan(no_fp.kl).all() and np.isnan(no_fp.agree).all()
