@@ -14,7 +14,7 @@ Latency, interleaved per round over the first ``--windows`` test windows (the sa
 (``seq_len`` tokens), against the single expert over it; ``decode``: greedy decoding of
 ``--decode-tokens`` tokens after the window's first 32 tokens, routed on that prompt, against
 the single expert. Medians over rounds of the summed time over windows; one ORT thread pool of
-the default size per session.
+the default size per session. Then the router alone on prefixes of 16, 32, 64 and 128 tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/c
 from common import add_json_option, write_json  # noqa: E402
 
 PROMPT = 32
+PREFIX_LENGTHS = (16, 32, 64, 128)
 
 
 def rss_mb() -> float:
@@ -88,6 +89,13 @@ def latency(bundle: str, windows: int, decode_tokens: int, repeats: int) -> dict
                      for k in ("prefill", "decode")}
     router_only = time_interleaved({"router": lambda: [rt._router_probs([w]) for w in ids]}, repeats)  # noqa: SLF001
     res["router_ms_per_window"] = round(router_only["router"]["median_ms"] / len(ids), 3)
+    # The router's cost against its prefix length (the same network: its sequence axis is symbolic).
+    sess = rt._router_session()  # noqa: SLF001
+    lengths = {n: ids[:, :n] for n in PREFIX_LENGTHS if n <= ids.shape[1]}
+    by_len = time_interleaved({n: (lambda p=p: [sess.run(None, {"input_ids": r[None], "attention_mask": np.ones((1, len(r)),
+                                                                                                               np.int64)})
+                                                 for r in p]) for n, p in lengths.items()}, repeats)
+    res["router_ms_by_prefix"] = {str(n): round(v["median_ms"] / len(ids), 3) for n, v in by_len.items()}
     return res
 
 
@@ -115,7 +123,8 @@ def main() -> None:
     for k, v in lat.items():
         if isinstance(v, dict) and "median_ms" in v:
             print(f"{k:15s} median {v['median_ms']:10.1f} ms  IQR {v['iqr_ms']}")
-    print(f"MoQE / single: {lat['ratios']}; router {lat['router_ms_per_window']} ms per window")
+    print(f"MoQE / single: {lat['ratios']}; router {lat['router_ms_per_window']} ms per window; "
+          f"router ms by prefix length {lat['router_ms_by_prefix']}")
     write_json(args.json, {"bundle": Path(args.bundle).name, "windows": args.windows,
                            "decode_tokens": args.decode_tokens, "repeats": args.repeats, "memory": mem,
                            "latency": lat})
