@@ -7,7 +7,8 @@ expert, the oracle, MoQE, and the controls (random router with MoQE's usage, cop
 copies router, true-corpus router, per-corpus oracle, output-averaging mixture), overall and per
 corpus; then the paired tests of MoQE against the best single expert (chosen on router_val),
 the true-corpus router and the copies control, the gate's verdict on router_val and the
-router's prefix choice. ``--json`` keeps the figures with the build's stage seconds.
+router's prefix choice. ``--json`` keeps the figures with the build's stage seconds (and an
+accuracy-budget build's frontier).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def main() -> None:
     if choice:
         print(f"- prefix chosen on router_val: {choice['chosen']} tokens (lowest loss at {choice['lowest']}); "
               + ", ".join(f"{n}: {r['val_loss']:.4f}" for n, r in choice["lengths"].items()))
+    frontier = root / "report/frontier.json"  # an accuracy-budget build's search
     write_json(args.json, {"bundle": root.name, "split": args.split, "report": s, "gate": gate,
+                           "frontier": json.loads(frontier.read_text()) if frontier.is_file() else None,
                            "prefix_choice": choice, "build": rep.get("build"),
                            "splits": man["splits"]})
 
