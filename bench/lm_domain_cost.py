@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
 from common import add_json_option, write_json  # noqa: E402
+from lm_accuracy_level import decode  # noqa: E402 - the same greedy decode on the KV cache
 
 PROMPT = 32
 PREFIX_LENGTHS = (16, 32, 64, 128)
@@ -69,20 +70,11 @@ def latency(bundle: str, windows: int, decode_tokens: int, repeats: int) -> dict
     def routed(x: np.ndarray):
         return rt.session(rt.expert_names[int(rt._router_probs([x])[0].argmax())])  # noqa: SLF001
 
-    def decode(sess, prompt: np.ndarray) -> None:
-        x = prompt[None]
-        logits, past = sess.step(x, np.ones_like(x), sess.empty_past(1))
-        n = x.shape[1]
-        for _ in range(decode_tokens):
-            nxt = logits[:, -1:].argmax(-1).astype(np.int64)
-            n += 1
-            logits, past = sess.step(nxt, np.ones((1, n), np.int64), past)
-
     cands = {
         "prefill MoQE": lambda: [routed(w).logits(w[None]) for w in ids],
         "prefill single": lambda: [single.logits(w[None]) for w in ids],
-        "decode MoQE": lambda: [decode(routed(w[:PROMPT]), w[:PROMPT]) for w in ids],
-        "decode single": lambda: [decode(single, w[:PROMPT]) for w in ids],
+        "decode MoQE": lambda: [decode(routed(w[:PROMPT]), w[:PROMPT], decode_tokens) for w in ids],
+        "decode single": lambda: [decode(single, w[:PROMPT], decode_tokens) for w in ids],
     }
     res = time_interleaved(cands, repeats)
     res["ratios"] = {k: round(res[f"{k} MoQE"]["median_ms"] / res[f"{k} single"]["median_ms"], 3)

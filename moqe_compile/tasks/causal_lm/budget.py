@@ -77,7 +77,7 @@ def budget_step(st) -> dict:
     val = st.splits["router_val"].ids
     paths: dict[str, Path] = {}
     recipes: dict[str, LMExpertRecipe] = {}
-    fp_nll: dict[str, np.ndarray] = {}
+    fp_nll = score_windows(fp, [], val, mix_of=0).nll  # FP once: candidates score only their own loss
 
     ranking: dict[int, list[str]] = {}
     other, n_ranked = _ranked_matmuls(st)
@@ -93,12 +93,10 @@ def budget_step(st) -> dict:
         t0 = time.perf_counter()
         st._quantize_one(r, st._calib_ids(r), dest)  # noqa: SLF001 - the plug-in's own builder
         seconds = time.perf_counter() - t0
-        if "val" not in fp_nll:  # FP once for the whole search: candidates need only their own loss
-            fp_nll["val"] = score_windows(fp, [], val, mix_of=0).nll
         sc = score_windows(None, [DecoderSession(r.name, dest, *dims)], val, mix_of=0)
         paths[r.name], recipes[r.name] = dest, r
         return tg.Candidate(name=r.name, rung=f"{spec.preset}-g{spec.block}", recipe=asdict(r),
-                            val=tg.perplexity_drop(fp_nll["val"], sc.loss[:, 0]),
+                            val=tg.perplexity_drop(fp_nll, sc.loss[:, 0]),
                             cost={"mean_weight_bits": nominal_bits(r, dest), "bytes": _bytes(dest)},
                             kept=list(r.high_precision_nodes), kept_as="8-bit" if spec.k else "",
                             build_seconds=round(seconds, 2))

@@ -87,17 +87,6 @@ class LMScores:
         return LMScores(self.nll, self.loss[:, sl], self.kl[:, sl], self.agree[:, sl])
 
 
-def _log_probs_(z: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """``z``'s log-softmax over the last axis, written over ``z``; ``scratch``: a buffer of ``z``'s
-    shape. The same float32 arithmetic as ``log_softmax(z, dtype=None)`` (bit-identical), without
-    its three vocabulary-sized temporaries per call: on 2 cores their allocation and page faults
-    cost more than the arithmetic."""
-    z -= z.max(axis=-1, keepdims=True)
-    np.exp(z, out=scratch)
-    z -= np.log(scratch.sum(axis=-1, keepdims=True))
-    return z
-
-
 def score_windows(fp: DecoderSession | None, experts: list[DecoderSession], ids: np.ndarray, progress=None,
                   mix_of: int | None = None, detail_of: int | None = None) -> LMScores:
     """``mix_of``: how many leading experts the mixture control averages (None: all; 0: none).
@@ -116,7 +105,7 @@ def score_windows(fp: DecoderSession | None, experts: list[DecoderSession], ids:
             # float32 throughout: a 256-token window is 12.6 M logits for SmolLM2, and float64 here
             # cost about as much as the expert's forward pass on 2 cores.
             logits = fp.logits(x)[:, :-1]
-            flp = _log_probs_(logits, _like(buf, "scratch", logits))
+            flp = log_softmax(logits, dtype=None, scratch=_like(buf, "scratch", logits))
             fp_top = flp.argmax(-1)
             nll[i] = -np.take_along_axis(flp, x[:, 1:, None], -1).mean()
             p = np.exp(flp, out=_like(buf, "p", flp))
@@ -124,7 +113,7 @@ def score_windows(fp: DecoderSession | None, experts: list[DecoderSession], ids:
         for j, e in enumerate(experts):
             logits = e.logits(x)[:, :-1]
             scratch = _like(buf, "scratch", logits)
-            elp = _log_probs_(logits, scratch)
+            elp = log_softmax(logits, dtype=None, scratch=scratch)
             t = np.take_along_axis(elp, x[:, 1:, None], -1)[..., 0].astype(np.float64)
             loss[i, j] = -t.mean()
             if j < m:
