@@ -20,3 +20,33 @@ def test_nested_bench_script_starts(script):
 
 def test_there_are_nested_scripts_to_check():
     assert NESTED
+
+
+def _compare(before, after):
+    return subprocess.run([sys.executable, str(BENCH / "build_compare.py"), str(before), str(after)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_build_compare_passes_a_bundle_against_itself(tiny_bundle):
+    res = _compare(tiny_bundle, tiny_bundle)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "same results within tolerance" in res.stdout
+    assert "quantize" in res.stdout  # the build's stage table was read
+
+
+def test_build_compare_names_a_loss_that_moved(tiny_bundle, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_bundle, moved)
+    path = moved / "report" / "loss_matrix.npz"
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    key = next(k for k in arrays if k.endswith("_loss") and arrays[k].dtype.kind == "f")
+    arrays[key] = arrays[key] + 1e-3
+    np.savez(path, **arrays)
+    res = _compare(tiny_bundle, moved)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"DIFFERENT: {key}" in res.stdout
