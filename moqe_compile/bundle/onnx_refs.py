@@ -89,17 +89,18 @@ def parse(model: bytes, rel: str):
     return m
 
 
-def external_data(m) -> list[tuple[str, str]]:
-    """(tensor name, location) of every tensor of parsed model ``m`` stored as external data."""
+def external_tensors(m) -> list:
+    """Every tensor of parsed model ``m`` (this module's or onnx's ``ModelProto``) stored as
+    external data, its functions' and subgraphs' included."""
     tensors = [*_tensors(m.graph)]
     for fn in m.functions:
         tensors += _node_tensors(fn.node)
-    out = []
-    for t in tensors:
-        if t.data_location == EXTERNAL or len(t.external_data):
-            location = next((e.value for e in t.external_data if e.key == "location"), "")
-            out.append((t.name, location))
-    return out
+    return [t for t in tensors if t.data_location == EXTERNAL or len(t.external_data)]
+
+
+def external_data(m) -> list[tuple[str, str]]:
+    """(tensor name, location) of every tensor of parsed model ``m`` stored as external data."""
+    return [(t.name, next((e.value for e in t.external_data if e.key == "location"), "")) for t in external_tensors(m)]
 
 
 def output_shapes(m) -> dict[str, list[int | str | None]]:

@@ -61,6 +61,33 @@ class Graph:
             so.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
 
 
+    def self_contained(self) -> bytes:
+        """The graph with every external tensor written into it (the bundle's shared tensors and
+        the data files it lists): one ONNX model for tools that cannot be handed tensors in
+        memory, e.g. OpenVINO's reader or ``onnx.checker``. Protobuf caps a model at 2 GiB."""
+        import onnx
+        from onnx import TensorProto
+
+        from moqe_compile.bundle.onnx_refs import external_tensors
+
+        m = onnx.load_from_string(self.model)
+        shared = self.shared.arrays_for(self.rel) if self.shared is not None else {}
+        for t in external_tensors(m):
+            if t.name in shared:
+                data = shared[t.name].tobytes()  # little-endian already (SharedTensors)
+            else:
+                info = {e.key: e.value for e in t.external_data}
+                blob = self.external[info["location"]]
+                start = int(info.get("offset", 0))
+                data = blob[start : start + int(info["length"])] if "length" in info else blob[start:]
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.raw_data = data
+        if m.ByteSize() >= 2**31:
+            raise BundleError(f"graph {self.rel!r} is {m.ByteSize() / 2**30:.1f} GiB with its external data: over "
+                              "protobuf's 2 GiB limit for one ONNX model; hand the tensors to the runtime instead.")
+        return m.SerializeToString()
+
 @dataclass
 class Bundle:
     root: Path

@@ -81,28 +81,37 @@ class SharedTensors:
     def __init__(self, bundle):
         self._records = bundle.manifest.get("model", {}).get("shared_initializers") or {}
         self._bundle = bundle
+        self._arrays: dict[str, np.ndarray] = {}
         self._values: dict[str, object] = {}
 
     def names_for(self, graph_rel: str) -> set[str]:
         """The initializers of the graph at ``graph_rel`` that a shared tensor supplies."""
         return {init for r in self._records.values() for init in r["graphs"].get(graph_rel, [])}
 
-    def _value(self, name: str):
-        if name not in self._values:
-            import onnxruntime as ort
-
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
             r = self._records[name]
             data = self._bundle.read(r["path"])
             dtype = np.dtype(DTYPES[r["dtype"]]).newbyteorder("<")
             try:
-                a = np.frombuffer(data, dtype=dtype).reshape(tuple(r["shape"]))
+                self._arrays[name] = np.frombuffer(data, dtype=dtype).reshape(tuple(r["shape"]))
             except ValueError as e:
                 raise BundleError(f"shared tensor {name!r}: {r['path']!r} holds {len(data)} bytes, not a "
                                   f"{r['dtype']} tensor of shape {r['shape']}.") from e
+        return self._arrays[name]
+
+    def _value(self, name: str):
+        if name not in self._values:
+            import onnxruntime as ort
+
             # ONNX Runtime wraps the buffer without copying it; the bytes object stays referenced
-            # by the array, the array by the OrtValue's owner (this dict).
-            self._values[name] = (a, ort.OrtValue.ortvalue_from_numpy(a))
-        return self._values[name][1]
+            # by the array, the array by ``_arrays``, the OrtValue by ``_values``.
+            self._values[name] = ort.OrtValue.ortvalue_from_numpy(self._array(name))
+        return self._values[name]
+
+    def arrays_for(self, graph_rel: str) -> dict[str, np.ndarray]:
+        """Initializer name -> the shared tensor that supplies it, for the graph at ``graph_rel``."""
+        return {init: self._array(name) for name, r in self._records.items() for init in r["graphs"].get(graph_rel, [])}
 
     def add_to(self, so, graph_rel: str) -> None:
         """Give ``so`` (SessionOptions) every shared tensor the graph at ``graph_rel`` uses."""

@@ -408,6 +408,44 @@ def test_a_shared_tensor_supplies_the_initializer_instead_of_its_location(tmp_pa
     assert b.graph("experts/a/cpu.onnx").shared is g.shared  # one copy for every graph of the bundle
 
 
+
+def _initializer(model: bytes, name: str):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    m = onnx.load_from_string(model)
+    t = next(t for t in m.graph.initializer if t.name == name)
+    assert not t.external_data and t.data_location == onnx.TensorProto.DEFAULT
+    return numpy_helper.to_array(t)
+
+
+def test_self_contained_writes_the_shared_tensor_into_the_graph(tmp_path):
+    import numpy as np
+
+    table = np.array([5.0, 6.0, 7.0, 8.0], "<f4").tobytes()
+
+    def share(m):
+        m["model"]["shared_initializers"] = {"emb": {"path": "shared/emb.bin", "dtype": "float32", "shape": [4],
+                                                     "location": "emb.bin",
+                                                     "graphs": {"experts/a/cpu.onnx": ["w"]}}}
+
+    root = make(tmp_path / "b", {**FILES, "experts/a/cpu.onnx": _onnx(external="emb.bin"),
+                                 "shared/emb.bin": table}, share)
+    model = read_bundle(root).graph("experts/a/cpu.onnx").self_contained()
+    assert _initializer(model, "w").tolist() == [5.0, 6.0, 7.0, 8.0]
+
+
+def test_self_contained_writes_a_listed_data_file_into_the_graph_at_its_offset(tmp_path):
+    import numpy as np
+
+    onnx = pytest.importorskip("onnx")
+    m = onnx.load_from_string(_onnx(external="w.bin"))
+    next(e for e in m.graph.initializer[0].external_data if e.key == "offset").value = "4"
+    weights = np.arange(5, dtype="<f4").tobytes()  # the tensor is the last 16 of these 20 bytes
+    root = make(tmp_path / "b", {**FILES, "experts/a/cpu.onnx": m.SerializeToString(), "experts/a/w.bin": weights})
+    model = read_bundle(root).graph("experts/a/cpu.onnx").self_contained()
+    assert _initializer(model, "w").tolist() == [1.0, 2.0, 3.0, 4.0]
+
 def test_a_graph_that_is_not_onnx_is_a_bundle_error(tmp_path):
     root = make(tmp_path / "b", {**FILES, "experts/a/cpu.onnx": b"\xff\xff\xff"})
     with pytest.raises(BundleError, match="graph 'experts/a/cpu.onnx' is not a valid ONNX model"):

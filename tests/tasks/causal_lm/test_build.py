@@ -94,3 +94,27 @@ def test_inspect_renders_lm_bundle(lm_bundle):
 
     text = render(str(lm_bundle[0]))
     assert "task causal-lm" in text and "MatMulNBits" in text and "w4-gptq" in text
+
+
+def test_a_self_contained_graph_computes_what_the_bundle_session_computes(lm_bundle):
+    """The shared embedding written into the graph: the same logits from one plain ONNX model."""
+    import onnxruntime as ort
+
+    from moqe_compile.bundle import read_bundle
+    from moqe_compile.tasks.causal_lm.score import DecoderSession
+
+    b = read_bundle(lm_bundle[0])
+    m = b.manifest
+    d = m["model"]["decoder"]
+    rel = m["experts"][0]["variants"]["onnxruntime-cpu"]["path"]
+    g = b.graph(rel)
+    assert g.shared is not None  # the case that needs the tensor written in
+    plain = onnx.load_from_string(g.self_contained())
+    assert not any(t.external_data for t in plain.graph.initializer)
+    ids = np.array([[1, 5, 7, 2, 9, 4]], np.int64)
+    bundled = DecoderSession("bundled", g, d["layers"], d["kv_heads"], d["head_dim"]).logits(ids)
+    sess = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    past = [np.zeros((1, d["kv_heads"], 0, d["head_dim"]), np.float32) for _ in names[2:]]
+    out = sess.run(None, dict(zip(names, [ids, np.ones_like(ids), *past])))[0]
+    np.testing.assert_array_equal(out, bundled)
