@@ -60,7 +60,6 @@ class Graph:
             buffers = [np.frombuffer(self.external[n], np.uint8) for n in names]
             so.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
 
-
     def self_contained(self) -> bytes:
         """The graph with every external tensor written into it (the bundle's shared tensors and
         the data files it lists): one ONNX model for tools that cannot be handed tensors in
@@ -87,6 +86,7 @@ class Graph:
             raise BundleError(f"graph {self.rel!r} is {m.ByteSize() / 2**30:.1f} GiB with its external data: over "
                               "protobuf's 2 GiB limit for one ONNX model; hand the tensors to the runtime instead.")
         return m.SerializeToString()
+
 
 @dataclass
 class Bundle:
