@@ -7,6 +7,7 @@ thread-safe, so one session per model is shared by every caller.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,8 @@ def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = 
             disabled_optimizers: tuple[str, ...] = ()) -> ort.InferenceSession:
     """A CPU ``InferenceSession`` for a model path or serialized bytes.
 
-    ``threads``: intra-op threads (0: ONNX Runtime's default). ``optimization``: one of
+    ``threads``: intra-op threads (0: ONNX Runtime's default, or the CPUs this process may use
+    where that is fewer: :func:`allowed_cpus_if_restricted`). ``optimization``: one of
     ``LEVELS``. ``add_shared(options)`` supplies initializers a bundle stores once
     (``bundle/shared_weights.py``). ``optimized_path``: where ONNX Runtime writes the graph it
     executes (used to check which kernels run). ``spinning`` and ``disabled_optimizers``
@@ -43,6 +45,7 @@ def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = 
     # default spin-waiting, the previous session's idle threads keep spinning and starve the
     # next one (docs/results.md#demo-bundle-build-time-and-cpu-latency).
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    threads = threads or allowed_cpus_if_restricted()
     if threads:
         so.intra_op_num_threads = threads
     if add_shared is not None:
@@ -56,6 +59,21 @@ def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = 
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         what = "an in-memory model" if isinstance(model, bytes) else repr(str(model))
         raise BackendError(f"{name or 'model'}: ONNX Runtime could not load {what}: {e}") from e
+
+
+def allowed_cpus_if_restricted() -> int:
+    """How many CPUs this process may run on, where that is fewer than the machine has (taskset,
+    a container's cpuset); 0 otherwise. Left to its default thread count, ONNX Runtime sizes its
+    pool from the machine and pins each thread to a core, ignoring the process's affinity: under
+    ``taskset -c 0`` its worker ran on core 1 (``tests/backends/test_onnxruntime_cpu.py``), and
+    in a container the pinning fails with ``pthread_setaffinity_np`` errors. An explicit count
+    makes it neither oversize the pool nor pin, so the session stays where it was put; an
+    unrestricted process keeps ONNX Runtime's default (one pinned thread per physical core)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: no affinity to respect here
+        return 0
+    return allowed if allowed < (os.cpu_count() or allowed) else 0
 
 
 def optimized_model_bytes(model: str | Path, optimization: str = "extended") -> bytes:

@@ -27,25 +27,13 @@ class DecoderSession:
         the file, and the graph brings its shared tensors). ``add_shared(SessionOptions)``:
         supplies initializers the bundle stores once (bundle/shared_weights.py), e.g. the FP
         embedding table."""
-        import onnxruntime as ort
+        from moqe_compile.backends.onnxruntime_cpu import session
 
-        from moqe_compile.errors import BackendError
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see backends/onnxruntime_cpu.py
-        if threads:
-            so.intra_op_num_threads = threads
         if isinstance(path, Graph):
             add_shared, src, what = path.configure, path.model, path.rel
         else:
-            src = what = str(path)
-        if add_shared is not None:
-            add_shared(so)
-        try:
-            self.sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - ORT raises its own types
-            raise BackendError(f"{name}: ONNX Runtime could not load {what!r}: {e}") from e
+            src, what = Path(path), str(path)
+        self.sess = session(src, threads=threads, add_shared=add_shared, name=f"{name} ({what})")
         self.name, self.layers, self.kv_heads, self.head_dim = name, layers, kv_heads, head_dim
         self.past_names = [i.name for i in self.sess.get_inputs()][2:]
 
