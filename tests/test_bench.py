@@ -1,6 +1,8 @@
 """The benchmark scripts run by path, outside the suite: each one at least starts (``--help``),
 so a moved module or a wrong ``sys.path`` line shows here and not when someone runs a study."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +37,6 @@ def test_build_compare_passes_a_bundle_against_itself(tiny_bundle):
 
 
 def test_build_compare_names_a_loss_that_moved(tiny_bundle, tmp_path):
-    import shutil
-
     import numpy as np
 
     moved = tmp_path / "moved"
@@ -50,3 +50,16 @@ def test_build_compare_names_a_loss_that_moved(tiny_bundle, tmp_path):
     res = _compare(tiny_bundle, moved)
     assert res.returncode == 1, res.stdout + res.stderr
     assert f"DIFFERENT: {key}" in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instruction_counts_finds_the_dispatch_on_top_of_the_bare_session(tiny_bundle, tmp_path):
+    out = tmp_path / "counts.json"
+    res = subprocess.run([sys.executable, str(BENCH / "instruction_counts.py"), str(tiny_bundle), "--batches", "1",
+                          "--calls", "2", "--repeats", "1", "--candidates", "bare", "gated", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = json.loads(out.read_text())["batches"]["1"]
+    # The tiny bundle routes: Runtime.run adds the router and the dispatch to the expert's session.
+    assert row["gated"]["per_call"] > row["bare"]["per_call"] > 0
+    assert row["gated"]["over_bare"] > 1
