@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from ..models import tiny_config
@@ -37,6 +39,9 @@ def ray_deployment(routed_bundle):
     from moqe_compile.serving.app import ServeLimits
     from moqe_compile.serving.ray_serve import RayServeConfig, run_ray
 
+    # Ray Serve kills an HTTP proxy that is not ready within 5 s; on a loaded 2-core CI machine
+    # it can take longer, and every Ray test then errors. Ray's workers inherit this variable.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     names = Runtime.load(routed_bundle, route_only=True).expert_names
