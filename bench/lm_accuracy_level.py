@@ -53,19 +53,60 @@ def decode(sess, prompt: np.ndarray, steps: int) -> None:
         logits, past = sess.step(nxt, np.ones((1, mask_len), np.int64), past)
 
 
+def add_measure_options(ap: argparse.ArgumentParser, repeats: int) -> None:
+    """``--windows``, ``--decode-tokens`` and ``--repeats``: what :func:`measure` takes."""
+    ap.add_argument("--windows", type=int, default=4, help="test windows scored for perplexity")
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=repeats, help="interleaved timing rounds")
+
+
+def nbits_graphs(bundle, names=None) -> dict:
+    """{"fp": the FP decoder graph, name: graph} for the bundle's MatMulNBits experts (all, or ``names``)."""
+    m = bundle.manifest
+    graphs = {"fp": bundle.graph(m["model"]["fp"]["path"])}
+    for e in m["experts"]:
+        if e["recipe"].get("scheme") == "nbits" and (names is None or e["name"] in names):
+            graphs[e["name"]] = bundle.graph(e["variants"]["onnxruntime-cpu"]["path"])
+    return graphs
+
+
+def measure(bundle, sessions: dict, n_windows: int, decode_tokens: int, repeats: int):
+    """The bundle's first ``n_windows`` test windows; per session the mean token NLL of each
+    window, and the medians (ms) of ``repeats`` interleaved rounds of ``prefill/<session>`` (the
+    first window) and ``decode/<session>`` (``decode_tokens`` greedy tokens after its first 32)."""
+    from moqe_compile.tasks.causal_lm.score import token_nll
+
+    with np.load(bundle.file("report/eval_data.npz"), allow_pickle=False) as z:
+        windows = z["test_ids"][:n_windows]
+    window, prompt = windows[0], windows[0][:32]
+    nll = {k: np.array([token_nll(s.logits(w[None]), w[None].astype(np.int64)).mean() for w in windows])
+           for k, s in sessions.items()}
+    cands = {}
+    for k, s in sessions.items():
+        cands[f"prefill/{k}"] = (lambda s=s: s.logits(window[None]))
+        cands[f"decode/{k}"] = (lambda s=s: decode(s, prompt, decode_tokens))
+    for f in cands.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(repeats):
+        for k, f in cands.items():
+            t = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return windows, nll, {k: float(np.median(v)) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
-    ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--decode-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_measure_options(ap, repeats=3)
     ap.add_argument("--threads", type=int, default=0)
     add_json_option(ap)
     args = ap.parse_args()
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import bootstrap_ci, paired_bootstrap
-    from moqe_compile.tasks.causal_lm.score import DecoderSession, token_nll
+    from moqe_compile.tasks.causal_lm.score import DecoderSession
 
     b = read_bundle(args.bundle)
     m = b.manifest
@@ -74,32 +115,13 @@ def main() -> None:
     def open_(name, graph):
         return DecoderSession(name, graph, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
 
-    sessions = {"fp": open_("fp", b.graph(m["model"]["fp"]["path"]))}
-    for e in m["experts"]:
-        if e["recipe"].get("scheme") != "nbits":
-            continue
-        g = b.graph(e["variants"]["onnxruntime-cpu"]["path"])
+    graphs = nbits_graphs(b)
+    sessions = {"fp": open_("fp", graphs.pop("fp"))}
+    for name, g in graphs.items():
         for tag, levels in SETTINGS.items():
-            sessions[f"{e['name']}/{tag}"] = open_(f"{e['name']}/{tag}", with_level(g, *levels))
-    with np.load(b.file("report/eval_data.npz"), allow_pickle=False) as z:
-        windows = z["test_ids"][: args.windows]
-    window, prompt = windows[0], windows[0][:32]
-
-    nll = {k: np.array([token_nll(s.logits(w[None]), w[None].astype(np.int64)).mean() for w in windows])
-           for k, s in sessions.items()}
-    cands = {}
-    for k, s in sessions.items():
-        cands[f"prefill/{k}"] = (lambda s=s: s.logits(window[None]))
-        cands[f"decode/{k}"] = (lambda s=s: decode(s, prompt, args.decode_tokens))
-    times = {k: [] for k in cands}
-    for f in cands.values():
-        f()
-    for _ in range(args.repeats):
-        for k, f in cands.items():
-            t = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+            sessions[f"{name}/{tag}"] = open_(f"{name}/{tag}", with_level(g, *levels))
+    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats)
+    window = windows[0]
     out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(len(window)),
            "decode_tokens": args.decode_tokens, "repeats": args.repeats, "median_ms": med, "models": {}}
     print(f"{len(windows)} test windows of {len(window)} tokens; prefill = one window, decode = "

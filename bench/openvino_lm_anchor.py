@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
 from common import add_json_option, write_json  # noqa: E402
-from lm_accuracy_level import decode  # noqa: E402
+from lm_accuracy_level import add_measure_options, measure, nbits_graphs  # noqa: E402
 
 
 class OpenVINODecoder:
@@ -58,9 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
     ap.add_argument("--experts", nargs="*", default=None, help="expert names (default: every MatMulNBits expert)")
-    ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--decode-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5)
+    add_measure_options(ap, repeats=5)
     add_json_option(ap)
     args = ap.parse_args()
 
@@ -68,40 +65,19 @@ def main() -> None:
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import paired_bootstrap
-    from moqe_compile.tasks.causal_lm.score import DecoderSession, token_nll
+    from moqe_compile.tasks.causal_lm.score import DecoderSession
 
     b = read_bundle(args.bundle)
-    m = b.manifest
-    d = m["model"]["decoder"]
-    graphs = {"fp": b.graph(m["model"]["fp"]["path"])}
-    for e in m["experts"]:
-        if e["recipe"].get("scheme") == "nbits" and (args.experts is None or e["name"] in args.experts):
-            graphs[e["name"]] = b.graph(e["variants"]["onnxruntime-cpu"]["path"])
+    d = b.manifest["model"]["decoder"]
+    graphs = nbits_graphs(b, args.experts)
     core = ov.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     sessions = {}
     for name, g in graphs.items():
         sessions[f"ort/{name}"] = DecoderSession(name, g, d["layers"], d["kv_heads"], d["head_dim"])
         sessions[f"openvino/{name}"] = OpenVINODecoder(core, g.self_contained(), d["kv_heads"], d["head_dim"], config)
-    with np.load(b.file("report/eval_data.npz"), allow_pickle=False) as z:
-        windows = z["test_ids"][: args.windows]
-    window, prompt = windows[0], windows[0][:32]
-
-    nll = {k: np.array([token_nll(s.logits(w[None]), w[None].astype(np.int64)).mean() for w in windows])
-           for k, s in sessions.items()}
-    cands = {}
-    for k, s in sessions.items():
-        cands[f"prefill/{k}"] = (lambda s=s: s.logits(window[None]))
-        cands[f"decode/{k}"] = (lambda s=s: decode(s, prompt, args.decode_tokens))
-    for f in cands.values():
-        f()
-    times = {k: [] for k in cands}
-    for _ in range(args.repeats):
-        for k, f in cands.items():
-            t = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats)
+    window = windows[0]
     out = {"bundle": Path(args.bundle).name, "openvino": ov.get_version(), "openvino_config": config,
            "windows": int(len(windows)), "tokens_per_window": int(len(window)), "decode_tokens": args.decode_tokens,
            "repeats": args.repeats, "median_ms": med, "models": {}}
