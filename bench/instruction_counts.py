@@ -72,8 +72,8 @@ def child(bundle: str, cand: str, batch: int, calls: int) -> None:
         call = (lambda: routed.router_session.run(x)) if cand == "router" else (lambda: routed.run(x))
     for _ in range(WARMUP):
         call()
-    # A full collection that falls in one run and not the other would cost millions of
-    # instructions: everything made so far goes to the permanent generation first.
+    # A full collection among the counted calls would add millions of instructions to one
+    # process and not to another: everything made so far goes to the permanent generation.
     gc.collect()
     gc.freeze()
     os.getpgrp()  # callgrind zeroes its counters here (--zero-before) ...
@@ -92,10 +92,12 @@ def count(bundle: str, cand: str, batch: int, calls: int, work: Path) -> int:
     cmd = [*SETARCH, "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
            "--zero-before=getpgrp", "--dump-before=getppid", "--separate-threads=yes",
            sys.executable, __file__, bundle, "--child", cand, "--batches", str(batch), "--calls", str(calls)]
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # --separate-threads: callgrind zeroes only the counters of the thread that reaches the mark,
-    # so one shared profile would keep what other threads did before it. Files of the dump at
-    # getppid, one per thread that ran between the marks: "<out>.1-<thread>".
+    res = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{cand} at batch {batch} failed under valgrind (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    # --separate-threads: with one shared profile, what other threads had done before the first
+    # mark stayed in the count (seen here: millions of instructions, different in every run).
+    # The dump at getppid writes one file per thread that ran between the marks: "<out>.1-<thread>".
     parts = sorted(out.parent.glob(f"{out.name}.1-*"))
     totals = [re.search(r"^summary:\s+(\d+)", p.read_text(), re.M) for p in parts]
     if not parts or None in totals or list(out.parent.glob(f"{out.name}.2-*")):
@@ -103,10 +105,8 @@ def count(bundle: str, cand: str, batch: int, calls: int, work: Path) -> int:
     return sum(int(m.group(1)) for m in totals)
 
 
-def per_call(bundle: str, cand: str, batch: int, calls: int, repeats: int, work: Path) -> dict:
-    """Instructions per call (median over ``repeats`` processes) and their spread (the count's noise)."""
-    with ThreadPoolExecutor(repeats) as pool:
-        runs = list(pool.map(lambda _: count(bundle, cand, batch, calls, work), range(repeats)))
+def per_call(runs: list[int], calls: int) -> dict:
+    """Instructions per call (median over the processes) and their spread (the count's noise)."""
     return {"instructions": runs, "per_call": float(np.median(runs)) / calls,
             "spread_per_call": (max(runs) - min(runs)) / calls}
 
@@ -141,10 +141,10 @@ def main() -> None:
                "machine": platform.machine(), "threads": 1, "warmup_calls": WARMUP, "calls": args.calls,
                "repeats": args.repeats, "batches": {}}
     with tempfile.TemporaryDirectory(prefix="moqe-callgrind-") as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        jobs = {(bs, c): pool.submit(per_call, args.bundle, c, bs, args.calls, args.repeats, Path(tmp))
+        jobs = {(bs, c): [pool.submit(count, args.bundle, c, bs, args.calls, Path(tmp)) for _ in range(args.repeats)]
                 for bs in args.batches for c in args.candidates}
         for bs in args.batches:
-            row = {c: jobs[bs, c].result() for c in args.candidates}
+            row = {c: per_call([j.result() for j in jobs[bs, c]], args.calls) for c in args.candidates}
             if "bare" in row:
                 for v in row.values():
                     v["over_bare"] = round(v["per_call"] / row["bare"]["per_call"], 5)
