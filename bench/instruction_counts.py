@@ -15,7 +15,8 @@ is left of run-to-run noise). Candidates, on the same real photos tiled to the b
 - ``gated``: ``Runtime.run`` on the bundle as built (gated to one expert when the gate refused
   routing): the input check, the dispatch, the lock and counter, then the same session;
 - ``router``: the router session alone;
-- ``routed``: ``Runtime.run`` with routing switched on in memory (the bundle's router file).
+- ``routed``: ``Runtime.run`` with routing switched on in memory (the bundle's router file);
+  ``router`` and ``routed`` open that runtime only, the others the bundle as built.
 
 What this does not measure: time lost to cache misses, page faults or thread wake-ups, which
 cost cycles, not instructions (bench/runtime_overhead.py times those, with their noise). Every
@@ -56,20 +57,20 @@ def child(bundle: str, cand: str, batch: int, calls: int) -> None:
     from moqe_compile.evaluate.latency import tile_batch
     from moqe_compile.tasks.image.data import foolbox_dir
 
-    rt = Runtime.load(bundle, verify=False, intra_op_threads=1)  # hashing is not what is counted
+    b = read_bundle(bundle, verify=False)  # hashing is not what is counted
+    if cand in ("router", "routed"):
+        b.manifest["routing"] = {**b.manifest["routing"], "enabled": True}
+    rt = Runtime(b.root, b.manifest, "onnxruntime-cpu", intra_op_threads=1)
     _, pool = rt.load_inputs(foolbox_dir())
     x = tile_batch(pool, batch)
     if cand == "bare":
         sess = rt._session(rt.default_expert)._sess  # the ORT InferenceSession itself
         feed = sess.get_inputs()[0].name
         call = lambda: sess.run(None, {feed: x})  # noqa: E731
-    elif cand == "gated":
-        call = lambda: rt.run(x)  # noqa: E731
+    elif cand == "router":
+        call = lambda: rt.router_session.run(x)  # noqa: E731
     else:
-        b = read_bundle(bundle, verify=False)
-        m = {**b.manifest, "routing": {**b.manifest["routing"], "enabled": True}}
-        routed = Runtime(b.root, m, rt.backend, intra_op_threads=1)
-        call = (lambda: routed.router_session.run(x)) if cand == "router" else (lambda: routed.run(x))
+        call = lambda: rt.run(x)  # noqa: E731
     for _ in range(WARMUP):
         call()
     # A full collection among the counted calls would add millions of instructions to one

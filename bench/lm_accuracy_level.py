@@ -109,8 +109,7 @@ def main() -> None:
     from moqe_compile.tasks.causal_lm.score import DecoderSession
 
     b = read_bundle(args.bundle)
-    m = b.manifest
-    d = m["model"]["decoder"]
+    d = b.manifest["model"]["decoder"]
 
     def open_(name, graph):
         return DecoderSession(name, graph, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
