@@ -1,7 +1,7 @@
 """Router latency budget: each router preset (float and INT8) against one expert of a bundle,
 on ONNX Runtime CPU, at batch 1 and 32. The design's budget: router <= 5% of one expert.
 
-    python bench/router_budget.py bundles/mobilenetv2-demo --presets default small \\
+    python bench/router_budget.py bundles/mobilenetv2-demo --presets default small paper \\
         --batches 1 32 --repeats 30 [--threads 0 1] [--json PATH]
 
 Routers are built here from ``RouterConfig(preset=...)`` with random weights (latency does

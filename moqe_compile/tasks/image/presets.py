@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-PRESETS_VERSION = 3
+PRESETS_VERSION = 4
 
 # The strongest single expert (docs/design.md#the-strongest-expert): MSE weight clip, GPTQ
 # rounding on the quantized stream, activation ranges refitted layer by layer on that stream,
@@ -45,17 +45,23 @@ EXPERT_PRESETS: dict[str, dict[str, Any]] = {
 
 # Router architectures (docs/design.md#routers). "paper": SE-ResNet-8 16/32/64 + 8x8 attention
 # over the image average-pooled to 32 px, the source paper's shape; "small": 16 px subsampled,
-# 8/16/32, no squeeze-excite, 1x32 attention. "default" is "small" (since presets version 3):
-# it fits the router budget (<= 5% of one MobileNetV2 INT8 expert at batch 1 and 32) and routed
-# the demo's router_val no worse than "paper" (docs/results.md#the-default-router).
-PAPER_ROUTER = {"input_size": 32, "downsample": "avgpool", "channels": [16, 32, 64],
+# 8/16/32, no squeeze-excite, 1x32 attention; "tiny": "small" without the attention block (12
+# of the 30 nodes ONNX Runtime runs), because each node costs a few microseconds more when the
+# router runs right after an expert with cold caches, as it does in service. "default" is
+# "tiny" (presets version 4; "small" in version 3, "paper" before): 3.6% of one MobileNetV2
+# INT8 expert at batch 1 where "small" took 4.7-6.2%, routing router_val no worse
+# (docs/results.md#the-default-router).
+PAPER_ROUTER = {"arch": "se-resnet8-attn", "input_size": 32, "downsample": "avgpool", "channels": [16, 32, 64],
                 "se": [True, True, True], "heads": 8, "head_dim": 8, "quantize": "none"}
-SMALL_ROUTER = {"input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
+SMALL_ROUTER = {"arch": "se-resnet8-attn", "input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
                 "se": [False, False, False], "heads": 1, "head_dim": 32, "quantize": "none"}
+TINY_ROUTER = {"arch": "se-resnet8", "input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
+               "se": [False, False, False], "heads": 0, "head_dim": 0, "quantize": "none"}
 ROUTER_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(PAPER_ROUTER),
     "small": dict(SMALL_ROUTER),
-    "default": dict(SMALL_ROUTER),
-    "compact": {"input_size": 16, "downsample": "subsample", "channels": [16, 32, 64],
+    "default": dict(TINY_ROUTER),
+    "compact": {"arch": "se-resnet8-attn", "input_size": 16, "downsample": "subsample", "channels": [16, 32, 64],
                 "se": [False, False, False], "heads": 1, "head_dim": 64, "quantize": "none"},
+    "tiny": dict(TINY_ROUTER),
 }

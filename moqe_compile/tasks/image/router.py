@@ -1,17 +1,22 @@
-"""The image router (``docs/design.md#routers``): SE-ResNet-8 over a downsampled image + multi-head attention.
+"""The image router (``docs/design.md#routers``): a ResNet-8 over a downsampled image, then
+(``arch = "se-resnet8-attn"``) self-attention over its positions, or (``"se-resnet8"``) just
+their mean, then K logits.
 
 The downsampling is part of the exported graph, so the router ONNX takes the same
 preprocessed NCHW tensor as the experts and the runtime feeds one array to both.
 
-Two presets (``RouterConfig.preset``, values in ``RouterConfig.PRESETS``):
+Presets (``RouterConfig.preset``, values in ``presets.ROUTER_PRESETS``):
 
-- ``default``: the image average-pooled to 32x32, stages 16/32/64 with squeeze-excite in
-  every block, 8 heads x 8 over the 8x8 positions.
+- ``paper``: the image average-pooled to 32x32, stages 16/32/64 with squeeze-excite in
+  every block, 8 heads x 8 over the 8x8 positions (the source paper's shape).
 - ``small``: the image *subsampled* (the centre pixel of each k x k cell) to 16x16, stages
-  8/16/32, no squeeze-excite, 1 head x 32 over 4x4 positions. Built
-  for the latency budget (router <= 5% of one expert, bench/router_budget.py): at batch 1
-  ONNX Runtime's per-op overhead and the full-resolution average pool dominate, so the
-  small preset cuts ops, not FLOPs.
+  8/16/32, no squeeze-excite, 1 head x 32 over 4x4 positions. ``compact``: the same at
+  16/32/64 with 1 head x 64.
+- ``tiny``: ``small`` without the attention block.
+
+Built for the latency budget (router <= 5% of one expert, bench/router_presets.py): at batch 1
+ONNX Runtime's per-op overhead, paid again with cold caches after each expert run, and the
+full-resolution average pool dominate, so the small presets cut ops, not FLOPs.
 """
 
 from __future__ import annotations
@@ -93,28 +98,39 @@ class CVRouterCore(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c1, 3, 1, 1, bias=False), nn.BatchNorm2d(c1), nn.ReLU())
         self.stages = nn.Sequential(SEBasicBlock(c1, c1, 1, se[0]), SEBasicBlock(c1, c2, 2, se[1]),
                                     SEBasicBlock(c2, c3, 2, se[2]))
-        self.attn = TemperatureAttention(c3, cfg.heads, cfg.head_dim)
+        self.attn = TemperatureAttention(c3, cfg.heads, cfg.head_dim) if cfg.attention else None
         self.head = nn.Linear(c3, num_experts)
 
     def forward(self, x):
         f = self.stages(self.stem(x))  # (B, c3, s/4, s/4)
+        if self.attn is None:
+            return self.head(f.mean(dim=(2, 3)))
         t = f.flatten(2).transpose(1, 2)  # (B, T, c3)
         return self.head(self.attn(t).mean(dim=1))
 
 
 def downsample(x: torch.Tensor, size: int, mode: str = "avgpool") -> torch.Tensor:
     """(B, C, H, W) -> (B, C, size, size). ``avgpool``: mean over each k x k cell (bilinear
-    resize when H is not a multiple of ``size``); ``subsample``: the centre pixel of each cell
-    (one strided Slice in ONNX: reads 1/k of the rows instead of the whole image)."""
+    resize when H is not a multiple of ``size``); ``subsample``: the centre pixel of each cell,
+    pixel floor((i + 1/2) * H / size) (a strided Slice in ONNX when H is a multiple of ``size``,
+    a Gather of those rows and columns otherwise: reads 1/k of the rows, not the whole image)."""
     if mode == "subsample":
         if x.shape[-1] % size == 0 and x.shape[-2] % size == 0:
             kh, kw = x.shape[-2] // size, x.shape[-1] // size
             return x[:, :, kh // 2 :: kh, kw // 2 :: kw]
-        return F.interpolate(x, size=(size, size), mode="nearest")
+        # Not F.interpolate("nearest"): its ONNX Resize picks other pixels than torch does
+        # (the export check failed at 28 -> 16 px); constant indices export as they run.
+        rows, cols = (torch.tensor(centres(n, size)) for n in x.shape[-2:])
+        return x.index_select(2, rows).index_select(3, cols)
     if x.shape[-1] % size == 0:
         k = x.shape[-1] // size
         return F.avg_pool2d(x, k)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def centres(n: int, size: int) -> list[int]:
+    """The centre pixel of each of ``size`` equal cells of ``n`` pixels."""
+    return [int((2 * i + 1) * n // (2 * size)) for i in range(size)]
 
 
 class CVRouter(nn.Module):

@@ -42,7 +42,8 @@ def test_unknown_top_level_table(tmp_path):
     ('[router]\nepochs = "ten"\n', "router.epochs = 'ten' must be of type int"),
     ('[data.split]\ntest = 0.5\n', "sum to 1.35"),
     ('[[experts]]\nname = "a"\ncalibration = "kl"\n', "calibration = 'kl' is not one of"),
-    ('[router]\nheads = 4\n', r"heads \* head_dim = 128 must equal the last stage width channels\[-1\] = 32"),
+    ('[router]\npreset = "small"\nheads = 4\n', r"heads \* head_dim = 128 must equal the last stage width channels\[-1\] = 32"),
+    ('[router]\nheads = 4\n', r"heads = 4 applies to the attention router.*preset 'default' has none"),
 ])
 def test_bad_values_are_named(tmp_path, toml, match):
     p = tmp_path / "r.toml"
@@ -104,15 +105,18 @@ MANIFEST_AT_8718132 = (
 
 
 PAPER_SHAPE = '"input_size":32,"downsample":"avgpool","channels":[16,32,64],"se":[true,true,true],"heads":8,"head_dim":8'
-SMALL_SHAPE = '"input_size":16,"downsample":"subsample","channels":[8,16,32],"se":[false,false,false],"heads":1,"head_dim":32'
+PAPER_ARCH = '"arch":"se-resnet8-attn","preset":"default",' + PAPER_SHAPE
+TINY_ARCH = ('"arch":"se-resnet8","preset":"default","input_size":16,"downsample":"subsample",'
+             '"channels":[8,16,32],"se":[false,false,false],"heads":0,"head_dim":0')
 
 
 def test_manifest_is_byte_identical_to_the_released_format():
     # Bundles record build_config; an unchanged recipe must write the same keys, order and
-    # values, except the default router's shape (presets version 3: "default" became "small").
+    # values, except the default router's shape (presets version 3: "default" became "small";
+    # version 4: "tiny", the same stages without attention).
     now = json.dumps(BuildConfig().to_manifest(), separators=(",", ":"))
-    assert MANIFEST_AT_8718132.count(PAPER_SHAPE) == 1
-    assert now == MANIFEST_AT_8718132.replace(PAPER_SHAPE, SMALL_SHAPE)
+    assert MANIFEST_AT_8718132.count(PAPER_ARCH) == 1
+    assert now == MANIFEST_AT_8718132.replace(PAPER_ARCH, TINY_ARCH)
     # A bundle built before keeps its router: the manifest spells the shape out.
     old = BuildConfig.from_manifest(json.loads(MANIFEST_AT_8718132))
     assert old.router == RouterConfig(preset="default", **ROUTER_PRESETS["paper"])
@@ -175,8 +179,9 @@ def test_task_key_of_this_task_is_accepted(tmp_path):
 
 def test_default_preset_is_the_documented_router():
     c = RouterConfig()
-    assert (c.preset, c.input_size, c.downsample, c.channels, c.se, c.heads, c.head_dim, c.quantize) == (
-        "default", 16, "subsample", [8, 16, 32], [False] * 3, 1, 32, "none")
+    assert (c.preset, c.arch, c.input_size, c.downsample, c.channels, c.se, c.heads, c.head_dim, c.quantize) == (
+        "default", "se-resnet8", 16, "subsample", [8, 16, 32], [False] * 3, 0, 0, "none")
+    assert not c.attention and dataclasses.replace(RouterConfig(preset="tiny"), preset="default") == c
     p = RouterConfig(preset="paper")
     assert (p.input_size, p.downsample, p.channels, p.se, p.heads, p.head_dim) == (
         32, "avgpool", [16, 32, 64], [True] * 3, 8, 8)
@@ -206,7 +211,7 @@ def test_preset_from_recipe_and_manifest_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"preset": "tiny"}, "preset = 'tiny' is not one of"),
+    ({"preset": "huge"}, "preset = 'huge' is not one of"),
     ({"targets": "oracle"}, "targets = 'oracle' is not one of"),
     ({"stabilizers": ["dropout"]}, "stabilizers = 'dropout' is not one of"),
     ({"downsample": "max"}, "downsample = 'max' is not one of"),

@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from moqe_compile.errors import ConfigError
 from moqe_compile.tasks.image.config import RouterConfig
 from moqe_compile.tasks.image.router import CVRouter, CVRouterCore, TemperatureAttention
 from moqe_compile.tasks.image.router_export import export_router
@@ -43,7 +44,7 @@ def _ops(path):
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
-@pytest.mark.parametrize("preset,pool_op", [("paper", "AveragePool"), ("default", "Slice")])
+@pytest.mark.parametrize("preset,pool_op", [("paper", "AveragePool"), ("default", "Slice"), ("tiny", "Slice")])
 def test_export_matches_torch_with_symbolic_batch(tmp_path, preset, pool_op):
     cfg = RouterConfig(preset=preset)
     torch.manual_seed(0)
@@ -61,6 +62,21 @@ def test_export_matches_torch_with_symbolic_batch(tmp_path, preset, pool_op):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
+def test_tiny_router_has_no_attention_block(tmp_path):
+    cfg = RouterConfig(preset="tiny")
+    assert cfg.arch == "se-resnet8" and not cfg.attention
+    core = CVRouterCore(cfg, 3).eval()
+    assert core.attn is None and not any(k.startswith("attn.") for k in core.state_dict())
+    p = tmp_path / "r.onnx"
+    export_router(core, cfg.input_size, 64, p, tmp_path / "r.safetensors", mode=cfg.downsample)
+    ops = _ops(p)
+    assert ops.count("Softmax") == 1 and not {"MatMul", "LayerNormalization"} & set(ops)
+    # an attention preset keeps its block, and the attention checks still apply to it
+    assert RouterConfig(preset="small").attention and CVRouterCore(RouterConfig(preset="small"), 3).attn is not None
+    with pytest.raises(ConfigError, match="heads"):
+        RouterConfig(preset="tiny", arch="se-resnet8-attn")
+
+
 def test_subsample_takes_the_centre_pixel_of_each_cell():
     from moqe_compile.tasks.image.router import downsample
 
@@ -68,6 +84,25 @@ def test_subsample_takes_the_centre_pixel_of_each_cell():
     torch.testing.assert_close(downsample(x, 2, "subsample"), x[:, :, 2::4, 2::4])
     torch.testing.assert_close(downsample(x, 2, "avgpool"), torch.nn.functional.avg_pool2d(x, 4))
     assert downsample(torch.zeros(1, 3, 10, 10), 4, "subsample").shape == (1, 3, 4, 4)
+    # not a multiple: the same rule, pixel floor((i + 1/2) * H / size)
+    y = torch.arange(28 * 28, dtype=torch.float32).reshape(1, 1, 28, 28)
+    want = [int((i + 0.5) * 28 / 16) for i in range(16)]
+    torch.testing.assert_close(downsample(y, 16, "subsample"), y[:, :, want][:, :, :, want])
+
+
+@pytest.mark.parametrize("image,size", [(28, 16), (30, 8), (64, 24)])
+def test_subsample_export_matches_torch_when_the_size_does_not_divide(tmp_path, image, size):
+    # F.interpolate("nearest") exported to a Resize that picked other pixels (0.19 off at 28 -> 16)
+    cfg = RouterConfig(preset="tiny", input_size=size)
+    torch.manual_seed(0)
+    core = CVRouterCore(cfg, 3, in_channels=1).eval()
+    p = tmp_path / "r.onnx"
+    export_router(core, size, image, p, tmp_path / "r.safetensors", channels=1, mode="subsample")
+    x = np.random.default_rng(0).normal(size=(4, 1, image, image)).astype(np.float32)
+    got = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    with torch.no_grad():
+        ref = CVRouter(core, size, "subsample")(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_int8_router_is_quantized_and_agrees(tmp_path):
