@@ -2,7 +2,7 @@
 exported graph and the confidence fallback chosen on router_val; and without the fallback, the
 router's own argmax) and what it costs next to one expert at batch 1 and 32 (ONNX Runtime CPU).
 
-    python bench/router_presets.py bundles/mobilenetv2-demo --presets paper small compact \\
+    python bench/router_presets.py bundles/mobilenetv2-demo --presets tiny small paper \\
         --seeds 0 1 --repeats 30 [--json PATH]
 
 Each preset is trained exactly as the build trains its router (``train_router``, the build's
@@ -96,7 +96,7 @@ def routed_runtime(rt: Runtime, sessions: dict) -> Runtime:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
-    ap.add_argument("--presets", nargs="+", default=["paper", "small", "compact"])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small", "paper"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeats", type=int, default=30)

@@ -347,10 +347,13 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         choice("router", "preset", self.preset, tuple(self.PRESETS))
-        for key, value in self.PRESETS[self.preset].items():  # unset architecture keys: the preset's
-            if getattr(self, key) in (0, "", []):
+        preset = self.PRESETS[self.preset]
+        explicit = {k for k in preset if getattr(self, k) not in (0, "", [])}
+        for key, value in preset.items():  # unset architecture keys: the preset's
+            if key not in explicit:
                 setattr(self, key, list(value) if isinstance(value, list) else value)
         choice("router", "arch", self.arch, ROUTER_ARCHS)
+        self._check_attention_keys(explicit)
         choice("router", "downsample", self.downsample, self.DOWNSAMPLE)
         choice("router", "quantize", self.quantize, self.QUANTIZE)
         choice("router", "targets", self.targets, self.TARGETS)
@@ -360,19 +363,6 @@ class RouterConfig:
             raise ConfigError(f"[router] channels = {self.channels!r} must list 3 stage widths.")
         if len(self.se) != 3:
             raise ConfigError(f"[router] se = {self.se!r} must list 3 flags (squeeze-excite per stage).")
-        for k in ("heads", "head_dim"):
-            if not self.attention and getattr(self, k):
-                raise ConfigError(
-                    f"[router] {k} = {getattr(self, k)} applies to the attention router (arch "
-                    f"\"se-resnet8-attn\"); arch {self.arch!r} of preset {self.preset!r} has none. Name "
-                    f"preset = \"small\" for one, or leave {k} out."
-                )
-        if self.attention and not self.PRESETS[self.preset]["heads"] and not self.heads:
-            raise ConfigError(
-                f"[router] arch = {self.arch!r} needs heads and head_dim: preset {self.preset!r} has no "
-                f"attention block (arch {self.PRESETS[self.preset]['arch']!r}; \"default\" since presets "
-                f"version 4). Leave arch unset, or name preset = \"small\" for the attention router."
-            )
         if self.attention and self.heads * self.head_dim != self.channels[-1]:
             raise ConfigError(
                 f"[router] heads * head_dim = {self.heads * self.head_dim} must equal the last "
@@ -386,6 +376,25 @@ class RouterConfig:
             positive("router", k, getattr(self, k), zero_ok=True)
         if not 0.0 <= self.usage_bias_decay < 1.0:
             raise ConfigError(f"[router] usage_bias_decay = {self.usage_bias_decay} must be in [0, 1).")
+
+    def _check_attention_keys(self, explicit: set[str]) -> None:
+        """heads and head_dim belong to the attention router: set for another arch they are an
+        error, taken from an attention preset for the arch without attention they become 0."""
+        if not self.attention:
+            for k in ("heads", "head_dim"):
+                if k in explicit:
+                    raise ConfigError(
+                        f"[router] {k} = {getattr(self, k)} applies to the attention router (arch "
+                        f"\"se-resnet8-attn\"); arch {self.arch!r} has none. Leave {k} out, or name "
+                        f"preset = \"small\" for the attention router."
+                    )
+                setattr(self, k, 0)
+        elif not self.heads:
+            raise ConfigError(
+                f"[router] arch = {self.arch!r} needs heads and head_dim: preset {self.preset!r} has no "
+                f"attention block (arch {self.PRESETS[self.preset]['arch']!r}; \"default\" since presets "
+                f"version 4). Leave arch unset, or name preset = \"small\" for the attention router."
+            )
 
     @property
     def attention(self) -> bool:

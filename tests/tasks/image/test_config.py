@@ -43,7 +43,7 @@ def test_unknown_top_level_table(tmp_path):
     ('[data.split]\ntest = 0.5\n', "sum to 1.35"),
     ('[[experts]]\nname = "a"\ncalibration = "kl"\n', "calibration = 'kl' is not one of"),
     ('[router]\npreset = "small"\nheads = 4\n', r"heads \* head_dim = 128 must equal the last stage width channels\[-1\] = 32"),
-    ('[router]\nheads = 4\n', r"heads = 4 applies to the attention router.*preset 'default' has none"),
+    ('[router]\nheads = 4\n', r"heads = 4 applies to the attention router.*arch 'se-resnet8' has none"),
 ])
 def test_bad_values_are_named(tmp_path, toml, match):
     p = tmp_path / "r.toml"

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -73,8 +74,14 @@ def test_tiny_router_has_no_attention_block(tmp_path):
     assert ops.count("Softmax") == 1 and not {"MatMul", "LayerNormalization"} & set(ops)
     # an attention preset keeps its block, and the attention checks still apply to it
     assert RouterConfig(preset="small").attention and CVRouterCore(RouterConfig(preset="small"), 3).attn is not None
-    with pytest.raises(ConfigError, match="heads"):
+    with pytest.raises(ConfigError, match="needs heads and head_dim: preset 'tiny' has no attention"):
         RouterConfig(preset="tiny", arch="se-resnet8-attn")
+    # an attention preset's shape without its attention: the preset's heads do not apply
+    no_attn = RouterConfig(preset="small", arch="se-resnet8")
+    assert (no_attn.heads, no_attn.head_dim, no_attn.channels) == (0, 0, [8, 16, 32])
+    assert dataclasses.replace(no_attn, preset="tiny") == RouterConfig(preset="tiny")
+    with pytest.raises(ConfigError, match="head_dim = 16 applies to the attention router"):
+        RouterConfig(preset="small", arch="se-resnet8", head_dim=16)
 
 
 def test_subsample_takes_the_centre_pixel_of_each_cell():
