@@ -294,8 +294,9 @@ def default_experts() -> list[ExpertRecipe]:
 class RouterConfig:
     """The image router (docs/design.md#routers) and its training schedule.
 
-    preset: the router's architecture by name (``presets.ROUTER_PRESETS``): "default" = "small"
-    (16 px subsampled, 8/16/32, no SE, 1x32 attention: within the router latency budget),
+    preset: the router's architecture by name (``presets.ROUTER_PRESETS``): "default" = "tiny"
+    (below: within the router latency budget), "small" (16 px subsampled, 8/16/32, no SE, 1x32
+    attention),
     "paper" (SE-ResNet-8 16/32/64 + 8x8 attention over the image average-pooled to 32 px),
     "compact" (16 px subsampled, 16/32/64, no SE, 1x64 attention) or "tiny" (16 px
     subsampled, 8/16/32, no SE, no attention: arch "se-resnet8", the stages' mean feeds the head).
@@ -353,7 +354,7 @@ class RouterConfig:
             if key not in explicit:
                 setattr(self, key, list(value) if isinstance(value, list) else value)
         choice("router", "arch", self.arch, ROUTER_ARCHS)
-        self._check_attention_keys(explicit)
+        self._resolve_attention(explicit)
         choice("router", "downsample", self.downsample, self.DOWNSAMPLE)
         choice("router", "quantize", self.quantize, self.QUANTIZE)
         choice("router", "targets", self.targets, self.TARGETS)
@@ -366,7 +367,7 @@ class RouterConfig:
         if self.attention and self.heads * self.head_dim != self.channels[-1]:
             raise ConfigError(
                 f"[router] heads * head_dim = {self.heads * self.head_dim} must equal the last "
-                f"stage width channels[-1] = {self.channels[-1]}."
+                f"stage width channels[-1] = {self.channels[-1]} (heads = {self.heads}, head_dim = {self.head_dim})."
             )
         if self.input_size % 4:
             raise ConfigError(f"[router] input_size = {self.input_size} must be divisible by 4.")
@@ -377,9 +378,12 @@ class RouterConfig:
         if not 0.0 <= self.usage_bias_decay < 1.0:
             raise ConfigError(f"[router] usage_bias_decay = {self.usage_bias_decay} must be in [0, 1).")
 
-    def _check_attention_keys(self, explicit: set[str]) -> None:
-        """heads and head_dim belong to the attention router: set for another arch they are an
-        error, taken from an attention preset for the arch without attention they become 0."""
+    def _resolve_attention(self, explicit: set[str]) -> None:
+        """heads and head_dim belong to the attention router. For the arch without attention,
+        set ones are an error and an attention preset's become 0. For the attention arch on a
+        preset without attention (``arch = "se-resnet8-attn"`` with ``default``, as recipes
+        wrote before presets version 4), missing ones make one head over the last stage's
+        width, the ``small`` router; one given alone sets the other to fill that width."""
         if not self.attention:
             for k in ("heads", "head_dim"):
                 if k in explicit:
@@ -389,12 +393,12 @@ class RouterConfig:
                         f"preset = \"small\" for the attention router."
                     )
                 setattr(self, k, 0)
-        elif not self.heads:
-            raise ConfigError(
-                f"[router] arch = {self.arch!r} needs heads and head_dim: preset {self.preset!r} has no "
-                f"attention block (arch {self.PRESETS[self.preset]['arch']!r}; \"default\" since presets "
-                f"version 4). Leave arch unset, or name preset = \"small\" for the attention router."
-            )
+            return
+        width = self.channels[-1] if len(self.channels) == 3 else 0
+        if not self.heads:
+            self.heads = width // self.head_dim if self.head_dim and width % self.head_dim == 0 else 1
+        if not self.head_dim:
+            self.head_dim = width // self.heads if width % self.heads == 0 else 0
 
     @property
     def attention(self) -> bool:

@@ -77,7 +77,8 @@ def render(b) -> str:
             L.append(f"  {'':<15}steps: " + ", ".join(f"{k}={v}" for k, v in e["steps"].items()))
     rc = m["router"]["config"]
     attention = f"heads {rc['heads']}x{rc['head_dim']}" if rc.get("heads") else "no attention"
-    L += ["", f"router      {rc['arch']} ({rc.get('preset', '')}) input {rc['input_size']}px channels {rc['channels']} "
+    preset = f" ({rc['preset']})" if rc.get("preset") else ""
+    L += ["", f"router      {rc['arch']}{preset} input {rc['input_size']}px channels {rc['channels']} "
               f"{attention} epochs {rc['epochs']} (best {m['router']['best_epoch']})"]
     rep = m.get("report", {})
     if rep.get("build_seconds"):

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from moqe_compile.backends import OrtCpuSession
-from moqe_compile.errors import ConfigError
 from moqe_compile.evaluate.controls import CONTROLS_FILE, Copies
 from moqe_compile.evaluate.losses import kl_to_fp, sample_losses
 from moqe_compile.evaluate.report import flat_metrics
@@ -29,21 +28,10 @@ from moqe_compile.tasks.image.score import diversity, run_batched, score
 SCORED = SPLITS[1:]  # every split but calibration
 
 
-def check_router_input(cfg) -> None:
-    rc, crop = cfg.router, cfg.preprocessing.crop
-    if rc.downsample == "subsample" and crop % rc.input_size:
-        # torch's and ONNX Resize's "nearest" pick different pixels for a non-integer factor,
-        # so the exported router would fail its check against torch after the whole build.
-        raise ConfigError(f"[router] downsample = 'subsample' needs crop = {crop} to be a multiple "
-                          f"of input_size = {rc.input_size}; choose input_size from "
-                          f"{[d for d in range(4, crop + 1, 4) if crop % d == 0]} or downsample = 'avgpool'.")
-
-
 class ImageSteps:
     ORDER = ("export", "data", "quantize", "score", "target", "controls", "router", "report")
 
     def __init__(self, cfg, writer, work: Path, stages):
-        check_router_input(cfg)
         self.cfg, self.w, self.work, self.st = cfg, writer, work, stages
         self.pre = Preprocess.from_dict(asdict(cfg.preprocessing))
         # Experts are scored on the ORT CPU graph when there is one (the embedded runtime).

@@ -105,6 +105,7 @@ MANIFEST_AT_8718132 = (
 
 
 PAPER_SHAPE = '"input_size":32,"downsample":"avgpool","channels":[16,32,64],"se":[true,true,true],"heads":8,"head_dim":8'
+SMALL_SHAPE = '"input_size":16,"downsample":"subsample","channels":[8,16,32],"se":[false,false,false],"heads":1,"head_dim":32'
 PAPER_ARCH = '"arch":"se-resnet8-attn","preset":"default",' + PAPER_SHAPE
 TINY_ARCH = ('"arch":"se-resnet8","preset":"default","input_size":16,"downsample":"subsample",'
              '"channels":[8,16,32],"se":[false,false,false],"heads":0,"head_dim":0')
@@ -117,9 +118,12 @@ def test_manifest_is_byte_identical_to_the_released_format():
     now = json.dumps(BuildConfig().to_manifest(), separators=(",", ":"))
     assert MANIFEST_AT_8718132.count(PAPER_ARCH) == 1
     assert now == MANIFEST_AT_8718132.replace(PAPER_ARCH, TINY_ARCH)
-    # A bundle built before keeps its router: the manifest spells the shape out.
+    # A bundle built before keeps its router: the manifest spells the shape out (presets
+    # version 2: the paper shape; version 3: the small shape under the same preset name).
     old = BuildConfig.from_manifest(json.loads(MANIFEST_AT_8718132))
     assert old.router == RouterConfig(preset="default", **ROUTER_PRESETS["paper"])
+    v3 = BuildConfig.from_manifest(json.loads(MANIFEST_AT_8718132.replace(PAPER_SHAPE, SMALL_SHAPE)))
+    assert v3.router.attention and dataclasses.replace(v3.router, preset="small") == RouterConfig(preset="small")
     assert dataclasses.replace(old, router=RouterConfig()) == BuildConfig()
 
 

@@ -45,7 +45,7 @@ def _ops(path):
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
-@pytest.mark.parametrize("preset,pool_op", [("paper", "AveragePool"), ("default", "Slice"), ("tiny", "Slice")])
+@pytest.mark.parametrize("preset,pool_op", [("paper", "AveragePool"), ("small", "Slice"), ("default", "Slice")])
 def test_export_matches_torch_with_symbolic_batch(tmp_path, preset, pool_op):
     cfg = RouterConfig(preset=preset)
     torch.manual_seed(0)
@@ -74,8 +74,13 @@ def test_tiny_router_has_no_attention_block(tmp_path):
     assert ops.count("Softmax") == 1 and not {"MatMul", "LayerNormalization"} & set(ops)
     # an attention preset keeps its block, and the attention checks still apply to it
     assert RouterConfig(preset="small").attention and CVRouterCore(RouterConfig(preset="small"), 3).attn is not None
-    with pytest.raises(ConfigError, match="needs heads and head_dim: preset 'tiny' has no attention"):
-        RouterConfig(preset="tiny", arch="se-resnet8-attn")
+    # the attention arch on the tiny shape (what recipes wrote with preset "default" before
+    # presets version 4): one head over the last stage's width, i.e. the small router
+    attn = RouterConfig(preset="tiny", arch="se-resnet8-attn")
+    assert dataclasses.replace(attn, preset="small") == RouterConfig(preset="small")
+    assert (RouterConfig(arch="se-resnet8-attn", heads=2).head_dim, RouterConfig(arch="se-resnet8-attn", head_dim=8).heads) == (16, 4)
+    with pytest.raises(ConfigError, match="heads = 3, head_dim = 0"):
+        RouterConfig(arch="se-resnet8-attn", heads=3)
     # an attention preset's shape without its attention: the preset's heads do not apply
     no_attn = RouterConfig(preset="small", arch="se-resnet8")
     assert (no_attn.heads, no_attn.head_dim, no_attn.channels) == (0, 0, [8, 16, 32])

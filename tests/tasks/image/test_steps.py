@@ -4,6 +4,7 @@ labelled data, stabilizers, confidence fallback recorded in the manifest and ser
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 from moqe_compile import Runtime
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny routers: one to
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_onnx, tiny_images):
     cfg = tiny_config(tiny_onnx, tiny_images, targets="labels")
-    cfg.router = RouterConfig(preset="small", input_size=8, epochs=3, batch_size=8, targets="fp-teacher",
+    # input_size 12 does not divide the 32 px crop: the subsample is a Gather of centre pixels
+    cfg.router = RouterConfig(preset="small", input_size=12, epochs=3, batch_size=8, targets="fp-teacher",
                               stabilizers=["balance", "usage-bias", "noise"])
     seen = {"fallback": []}
     real, real_fallback = steps.train_router, steps.choose_fallback
@@ -73,6 +75,8 @@ def test_manifest_records_the_fallback_and_runtime_serves_it(built):
     assert chosen["val_loss_with_fallback"] == pytest.approx(min(losses), rel=1e-9)
     assert val_loss(r["fallback_threshold"]) == pytest.approx(min(losses), rel=1e-9)
     assert m["router"]["config"]["preset"] == "small" and m["router"]["config"]["downsample"] == "subsample"
+    ops = {n.op_type for n in onnx.load(str(out / m["router"]["path"])).graph.node}
+    assert "Gather" in ops and "Resize" not in ops and CROP % m["router"]["config"]["input_size"]
     x = np.random.default_rng(0).normal(size=(12, 3, CROP, CROP)).astype(np.float32)
     with Runtime.load(out) as rt:
         probs = rt._router.run(x)
