@@ -354,14 +354,14 @@ class RouterConfig:
             if key not in explicit:
                 setattr(self, key, list(value) if isinstance(value, list) else value)
         choice("router", "arch", self.arch, ROUTER_ARCHS)
+        if len(self.channels) != 3:
+            raise ConfigError(f"[router] channels = {self.channels!r} must list 3 stage widths.")
         self._resolve_attention(explicit)
         choice("router", "downsample", self.downsample, self.DOWNSAMPLE)
         choice("router", "quantize", self.quantize, self.QUANTIZE)
         choice("router", "targets", self.targets, self.TARGETS)
         for s in self.stabilizers:
             choice("router", "stabilizers", s, self.STABILIZERS)
-        if len(self.channels) != 3:
-            raise ConfigError(f"[router] channels = {self.channels!r} must list 3 stage widths.")
         if len(self.se) != 3:
             raise ConfigError(f"[router] se = {self.se!r} must list 3 flags (squeeze-excite per stage).")
         if self.attention and self.heads * self.head_dim != self.channels[-1]:
@@ -394,7 +394,7 @@ class RouterConfig:
                     )
                 setattr(self, k, 0)
             return
-        width = self.channels[-1] if len(self.channels) == 3 else 0
+        width = self.channels[-1]
         if not self.heads:
             self.heads = width // self.head_dim if self.head_dim and width % self.head_dim == 0 else 1
         if not self.head_dim:

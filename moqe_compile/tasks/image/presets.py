@@ -55,13 +55,11 @@ PAPER_ROUTER = {"arch": "se-resnet8-attn", "input_size": 32, "downsample": "avgp
                 "se": [True, True, True], "heads": 8, "head_dim": 8, "quantize": "none"}
 SMALL_ROUTER = {"arch": "se-resnet8-attn", "input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
                 "se": [False, False, False], "heads": 1, "head_dim": 32, "quantize": "none"}
-TINY_ROUTER = {"arch": "se-resnet8", "input_size": 16, "downsample": "subsample", "channels": [8, 16, 32],
-               "se": [False, False, False], "heads": 0, "head_dim": 0, "quantize": "none"}
+TINY_ROUTER = {**SMALL_ROUTER, "arch": "se-resnet8", "heads": 0, "head_dim": 0}
 ROUTER_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(PAPER_ROUTER),
     "small": dict(SMALL_ROUTER),
     "default": dict(TINY_ROUTER),
-    "compact": {"arch": "se-resnet8-attn", "input_size": 16, "downsample": "subsample", "channels": [16, 32, 64],
-                "se": [False, False, False], "heads": 1, "head_dim": 64, "quantize": "none"},
+    "compact": {**SMALL_ROUTER, "channels": [16, 32, 64], "head_dim": 64},
     "tiny": dict(TINY_ROUTER),
 }

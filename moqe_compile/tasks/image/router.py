@@ -130,7 +130,7 @@ def downsample(x: torch.Tensor, size: int, mode: str = "avgpool") -> torch.Tenso
 
 def centres(n: int, size: int) -> list[int]:
     """The centre pixel of each of ``size`` equal cells of ``n`` pixels."""
-    return [int((2 * i + 1) * n // (2 * size)) for i in range(size)]
+    return [(2 * i + 1) * n // (2 * size) for i in range(size)]
 
 
 class CVRouter(nn.Module):
