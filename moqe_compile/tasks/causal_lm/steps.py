@@ -81,6 +81,7 @@ class LMSteps:
     def _quantize_one(self, r, ids: np.ndarray, dest: Path) -> dict:
         """One expert's graph at ``dest`` from calibration windows ``ids``; its manifest extras."""
         from moqe_compile.quantize.nbits import check_kernels, graph_weight_bits
+        from moqe_compile.quantize.nbits_fuse import fuse_siblings_file
         from moqe_compile.tasks.causal_lm.experts import quantize_onnx
         from moqe_compile.tasks.causal_lm.model import export_decoder
         from moqe_compile.tasks.causal_lm.moe_bits import build_moe_expert
@@ -99,6 +100,9 @@ class LMSteps:
         else:
             quantize_onnx(src, r, dest, feeds, exclude_nodes=self.gates, model=tm, calib_ids=ids)
         del tm
+        # q/k/v and gate/up as one kernel each: exact, and faster decoding. Before scoring, so
+        # what is scored is what is served.
+        extra["fused_matmulnbits"] = fuse_siblings_file(dest)
         check = check_kernels(dest, allow_fp_head=r.head_bits == FLOAT_HEAD, allow_fp=self.gates)
         if not check["ok"]:
             raise BuildError(f"expert {r.name!r} does not run on integer/4-bit kernels after ORT "

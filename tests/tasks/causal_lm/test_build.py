@@ -35,6 +35,9 @@ def test_manifest_kernels_and_tokenizer(lm_bundle):
                      and next(a.i for a in n.attribute if a.name == "bits") == 8]
             assert [n.output[0] for n in heads] == ["logits"]  # only the head is 8-bit here
             assert check["matmulnbits_accuracy_levels"] == {level: k["MatMulNBits"] - 1, wide: 1}, (e["name"], check)
+            # q/k/v and gate/up of each layer as one kernel each (quantize/nbits_fuse.py)
+            layers = m["model"]["decoder"]["layers"]
+            assert e["fused_matmulnbits"] == 2 * layers and k["MatMulNBits"] == 4 * layers + 1, (e["name"], k)
         assert check["embedding_gathers"] >= 1  # the embedding stays an FP Gather
     awq = next(e for e in m["experts"] if e["name"] == "w4-awq")
     # One per scaling group: norm -> q/k/v, norm -> gate/up, up -> down (grouped-query: no v -> o).
