@@ -2,7 +2,7 @@
 so do an MLP's gate and up projections. ONNX Runtime runs each as a kernel of its own, and at
 one token per step (decoding) a 4-bit kernel's fixed cost (dispatch, waking the thread pool)
 is a large part of its time. One node over the concatenated columns, then a ``Split``, runs
-the same arithmetic in fewer, larger kernels (docs/results.md#fused-sibling-matmuls).
+the same arithmetic in fewer, larger kernels (docs/results.md#fused-sibling-matmuls-and-norms).
 
 Exact: MatMulNBits quantizes each output column on its own, in blocks along K, so the codes,
 scales and zero points of the fused node are the siblings' concatenated along N, and every

@@ -69,7 +69,9 @@ ALLOWED: dict[str, dict[str, str]] = {
                                   "manifests that still say quantize_lm_head read as before (tests/tasks/causal_lm)"),
                ("-", "quantize_lm_head", "replaced by head_bits, still read"))},
         "+experts[0].mean_weight_bits": "the expert's mean weight bits read off its graph (the head at its own "
-                                        "width); an added key, older readers ignore it"},
+                                        "width); an added key, older readers ignore it",
+        "+experts[0].fused_matmulnbits": "how many groups of sibling MatMulNBits (q/k/v, gate/up) the build "
+                                         "merged into one kernel each; an added key, older readers ignore it"},
 }
 
 

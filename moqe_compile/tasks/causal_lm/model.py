@@ -131,6 +131,34 @@ def _example(spec: DecoderSpec, batch: int, seq: int, past: int, seed: int = 0):
 def _rewrite_for_ort(model) -> None:
     fold_weight_transposes(model)
     gemm_to_matmul(model)
+    fuse_rms_norms(model)
+
+
+def fuse_rms_norms(model) -> int:
+    """Each RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) as one
+    ``SimplifiedLayerNormalization`` node, and with the residual Add before it as one
+    ``SkipSimplifiedLayerNormalization``, in place, by ONNX Runtime's own transformer fusions;
+    returns how many norms were fused. A decode step runs some two thousand small nodes, so
+    the 426 nodes fewer (SmolLM2-135M) make FP decoding 5% faster
+    (docs/results.md#fused-sibling-matmuls-and-norms); the fused kernels sum in another order
+    (logits within 1e-4 of the unfused graph's; the export check against torch still applies).
+    Every graph of the build is exported through here, so the quantizers and the runtime see
+    the same fused graph."""
+    from onnx import helper
+    from onnxruntime.transformers.fusion_simplified_layernorm import (
+        FusionSimplifiedLayerNormalization,
+        FusionSkipSimplifiedLayerNormalization,
+    )
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(model)
+    FusionSimplifiedLayerNormalization(wrapped).apply()
+    FusionSkipSimplifiedLayerNormalization(wrapped).apply()
+    wrapped.topological_sort()
+    ops = [n.op_type for n in model.graph.node]
+    if "SkipSimplifiedLayerNormalization" in ops and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization")
 
 
 def export_decoder(model, out: Path, opset: int = 18) -> DecoderSpec:

@@ -1,0 +1,97 @@
+"""The build's two decoder-graph rewrites, before and after, on one LM bundle: sibling
+MatMulNBits fused (q/k/v as one kernel, gate/up as one) and every RMSNorm as one
+(Skip)SimplifiedLayerNormalization node. Prefill, decode and perplexity of FP and of each
+4-bit expert, side by side in one process, with the outputs compared.
+
+    python bench/lm_graph_rewrites.py bundles/smollm2-135m --windows 8 --decode-tokens 16 --repeats 7 [--json PATH]
+
+Variants, each made in memory from the bundle's graphs (the bundle is not touched):
+- FP: ``fp`` (as in the bundle), ``fp+norms`` (what the build now ships), and the control
+  ``fp+norms+siblings`` (FP's float MatMuls fused the same way: how much the fusion alone is worth);
+- each MatMulNBits expert ``E``: ``E`` (as in the bundle), ``E+siblings``, ``E+siblings+norms``
+  (what the build now ships).
+A bundle built since these rewrites landed is already rewritten: its variants merge nothing
+(``rewrites`` 0) and time the same graph again. Timing and perplexity are
+bench/lm_accuracy_level.py's (interleaved rounds, medians; the first ``--windows`` test windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/ importable
+from common import add_json_option, write_json  # noqa: E402
+from lm_accuracy_level import add_measure_options, measure, nbits_graphs  # noqa: E402
+
+
+def rewritten(graph, siblings: bool, norms: bool, float_matmuls: bool):
+    """(the graph with the rewrites applied in memory, how many groups and norms they merged)."""
+    import onnx
+
+    from moqe_compile.quantize.nbits_fuse import fuse_siblings
+    from moqe_compile.tasks.causal_lm.model import fuse_rms_norms
+
+    m = onnx.load_from_string(graph.model)
+    count = fuse_siblings(m, float_matmuls=float_matmuls) if siblings else 0
+    count += fuse_rms_norms(m) if norms else 0
+    return dataclasses.replace(graph, model=m.SerializeToString()), count
+
+
+def variants(name: str) -> dict:
+    """{variant: (siblings, norms)} of graph ``name``."""
+    if name == "fp":
+        return {"fp": None, "fp+norms": (False, True), "fp+norms+siblings": (True, True)}
+    return {name: None, f"{name}+siblings": (True, False), f"{name}+siblings+norms": (True, True)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle")
+    add_measure_options(ap, repeats=7)
+    ap.add_argument("--threads", type=int, default=0)
+    add_json_option(ap)
+    args = ap.parse_args()
+
+    from moqe_compile.bundle import read_bundle
+    from moqe_compile.evaluate.stats import paired_bootstrap
+    from moqe_compile.tasks.causal_lm.score import DecoderSession
+
+    b = read_bundle(args.bundle)
+    d = b.manifest["model"]["decoder"]
+    sessions, counts, base = {}, {}, {}
+    for name, g in nbits_graphs(b).items():
+        for k, how in variants(name).items():
+            g2, counts[k] = (g, 0) if how is None else rewritten(g, *how, float_matmuls=name == "fp")
+            sessions[k] = DecoderSession(k, g2, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
+            base[k] = name
+    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats)
+    w = windows[0][None]
+    logits = {k: s.logits(w) for k, s in sessions.items()}
+    out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(w.shape[1]),
+           "decode_tokens": args.decode_tokens, "repeats": args.repeats, "median_ms": med, "models": {}}
+    print(f"{len(windows)} test windows of {w.shape[1]} tokens; prefill = one window, decode = "
+          f"{args.decode_tokens} tokens after a 32-token prompt; medians of {args.repeats} interleaved rounds")
+    for k in sessions:
+        # like against like: a shipped-now expert against the shipped-now FP, an old one against the old FP
+        fp = "fp+norms" if k.endswith("+norms") and base[k] != "fp" else "fp"
+        row = {"ppl": float(np.exp(nll[k].mean())), "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"],
+               "rewrites": counts[k], "fp_compared": fp,
+               "prefill_speedup_vs_fp": med[f"prefill/{fp}"] / med[f"prefill/{k}"],
+               "decode_speedup_vs_fp": med[f"decode/{fp}"] / med[f"decode/{k}"],
+               "max_abs_logit_diff_vs_bundle": float(np.abs(logits[k] - logits[base[k]]).max())}
+        if k != base[k]:
+            row["nll_minus_bundle"] = paired_bootstrap(nll[k], nll[base[k]])
+        out["models"][k] = row
+        print(f"  {k:<28} ppl {row['ppl']:8.3f}  prefill {row['prefill_ms']:7.1f} ms  decode {row['decode_ms']:7.1f} ms"
+              f"  vs {fp}: prefill x{row['prefill_speedup_vs_fp']:.2f} decode x{row['decode_speedup_vs_fp']:.2f}"
+              f"  rewrites {counts[k]}, max |logit diff| {row['max_abs_logit_diff_vs_bundle']:.2g}")
+    write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
