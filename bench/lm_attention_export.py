@@ -1,0 +1,97 @@
+"""Eager vs SDPA attention in the exported LM decoder: the bundle's model exported both ways,
+FP and a 4-bit RTN g32 expert of each (the build's path: ORT's RTN, the 8-bit head at int8
+compute, sibling MatMulNBits fused), prefill, decode and perplexity side by side in one
+process, with the logits compared.
+
+    python bench/lm_attention_export.py bundles/smollm2-135m --windows 8 --decode-tokens 16 --repeats 7 [--json PATH]
+
+The model comes from the bundle's recipe (``[model]``), the test windows from its
+``report/eval_data.npz``; timing and perplexity are bench/lm_accuracy_level.py's (interleaved
+rounds, medians). Needs the build extras (torch, transformers) and the model's files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/ importable
+from common import add_json_option, write_json  # noqa: E402
+from lm_accuracy_level import add_measure_options, measure  # noqa: E402
+
+KINDS = ("sdpa", "eager")
+
+
+def export_both(model_cfg: dict, calib: np.ndarray, work: Path) -> dict:
+    """{f"{graph}/{attention}": path} for graph in (fp, w4-rtn-g32) and both attention kinds."""
+    from moqe_compile.quantize.nbits_fuse import fuse_siblings_file
+    from moqe_compile.tasks.causal_lm.config import expert_from_dict
+    from moqe_compile.tasks.causal_lm.experts import quantize_onnx
+    from moqe_compile.tasks.causal_lm.model import export_decoder, load_causal_lm
+    from moqe_compile.tasks.causal_lm.steps import calib_feeds
+
+    model, _ = load_causal_lm(model_cfg["source"], model_cfg["path"])
+    recipe = expert_from_dict({"name": "w4-rtn-g32", "preset": "w4-rtn"})
+    paths = {}
+    for kind in KINDS:
+        model.set_attn_implementation(kind)
+        fp = paths[f"fp/{kind}"] = work / f"fp-{kind}.onnx"
+        spec = export_decoder(model, fp, model_cfg.get("opset", 18))
+        q = paths[f"w4-rtn-g32/{kind}"] = work / f"w4-{kind}.onnx"
+        quantize_onnx(fp, recipe, q, calib_feeds(calib, spec))  # RTN: the feeds are not read
+        fuse_siblings_file(q)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle")
+    add_measure_options(ap, repeats=7)
+    ap.add_argument("--threads", type=int, default=0)
+    add_json_option(ap)
+    args = ap.parse_args()
+
+    from moqe_compile.bundle import read_bundle
+    from moqe_compile.evaluate.stats import paired_bootstrap
+    from moqe_compile.tasks.causal_lm.score import DecoderSession
+
+    b = read_bundle(args.bundle)
+    d = b.manifest["model"]["decoder"]
+    with np.load(b.file("report/eval_data.npz"), allow_pickle=False) as z:
+        calib = z["test_ids"][:1]
+    with tempfile.TemporaryDirectory(prefix="moqe-attn-") as tmp:
+        paths = export_both(b.manifest["build_config"]["_data"]["model"], calib, Path(tmp))
+        sessions = {k: DecoderSession(k, p, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
+                    for k, p in paths.items()}
+        windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats)
+        w = windows[0][None]
+        logits = {k: s.logits(w) for k, s in sessions.items()}
+    out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(w.shape[1]),
+           "decode_tokens": args.decode_tokens, "repeats": args.repeats, "median_ms": med, "models": {}}
+    print(f"{len(windows)} test windows of {w.shape[1]} tokens; prefill = one window, decode = "
+          f"{args.decode_tokens} tokens after a 32-token prompt; medians of {args.repeats} interleaved rounds")
+    for k in sessions:
+        graph, kind = k.split("/")
+        fp, sdpa = f"fp/{kind}", f"{graph}/sdpa"
+        row = {"ppl": float(np.exp(nll[k].mean())), "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"],
+               "prefill_speedup_vs_sdpa": med[f"prefill/{sdpa}"] / med[f"prefill/{k}"],
+               "decode_speedup_vs_sdpa": med[f"decode/{sdpa}"] / med[f"decode/{k}"],
+               "prefill_speedup_vs_fp": med[f"prefill/{fp}"] / med[f"prefill/{k}"],
+               "decode_speedup_vs_fp": med[f"decode/{fp}"] / med[f"decode/{k}"],
+               "max_abs_logit_diff_vs_sdpa": float(np.abs(logits[k] - logits[sdpa]).max())}
+        if kind != "sdpa":
+            row["nll_minus_sdpa"] = paired_bootstrap(nll[k], nll[sdpa])
+        out["models"][k] = row
+        print(f"  {k:<18} ppl {row['ppl']:8.3f}  prefill {row['prefill_ms']:7.1f} ms (x{row['prefill_speedup_vs_sdpa']:.2f}"
+              f" vs sdpa, x{row['prefill_speedup_vs_fp']:.2f} vs {fp})  decode {row['decode_ms']:7.1f} ms "
+              f"(x{row['decode_speedup_vs_sdpa']:.2f}, x{row['decode_speedup_vs_fp']:.2f})  max |logit diff| "
+              f"{row['max_abs_logit_diff_vs_sdpa']:.2g}")
+    write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
