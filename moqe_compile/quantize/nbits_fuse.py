@@ -11,7 +11,8 @@ bit). Nodes are fused only where every attribute that changes the arithmetic agr
 block size, ``accuracy_level``, the grid (``doc_string``), and which optional inputs are given.
 
 Our own code: neither ONNX Runtime's graph optimizer nor its ``transformers`` fusions merge
-MatMuls that share an input (ONNX Runtime 1.32). ``float_matmuls=True`` merges float MatMuls
+MatMulNBits nodes that share an input (ONNX Runtime 1.32; its attention fusion packs the q/k/v
+weights of float graphs it recognizes, not these). ``float_matmuls=True`` merges float MatMuls
 with constant 2-D weights the same way (weights concatenated along N); the build does not do
 that to the FP graph, which stays the quantizers' input as exported, but the benchmarks use it
 as the control: how much of a fused expert's gain the same rewrite gives FP.
@@ -47,9 +48,10 @@ def _key(node, inits: dict, float_matmuls: bool) -> tuple | None:
     if not all(i in inits for i in node.input[1:] if i):
         return None
     a = _attrs(node)
-    dtypes = tuple(inits[i].data_type for i in node.input[1:] if i)
+    # dtype and rank: writers differ (ORT's RTN stores scales [N, blocks], ours and HQQ flat)
+    layout = tuple((inits[i].data_type, len(inits[i].dims)) for i in node.input[1:] if i)
     return (node.input[0], a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0), node.doc_string,
-            given, dtypes)
+            given, layout)
 
 
 def sibling_groups(model, float_matmuls: bool = False) -> list[list]:
@@ -95,16 +97,47 @@ def _fused(nodes: list, inits: dict, name: str):
     return node, new_inits, sizes
 
 
+def _reads(graph) -> set[str]:
+    """Every tensor name a node of ``graph`` or of its subgraphs reads, and its outputs."""
+    from onnx import AttributeProto
+
+    names = {o.name for o in graph.output}
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            subs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                names |= _reads(sub)
+    return names
+
+
+# the names _fused and the Split derive from a fused node's name
+_DERIVED = ("", ".out", ".split", ".weight") + tuple(f".input{k}" for k in range(1, 6))
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    """``base`` (or ``base.<i>``) such that no name derived from it is taken yet; marks them taken."""
+    name, i = base, 1
+    while any(name + d in taken for d in _DERIVED):
+        name, i = f"{base}.{i}", i + 1
+    taken.update(name + d for d in _DERIVED)
+    return name
+
+
 def fuse_siblings(model, float_matmuls: bool = False) -> int:
     """Merge every group of :func:`sibling_groups` into one node + Split, in place; returns how
-    many groups were merged. Initializers only the old nodes read are dropped."""
+    many groups were merged. The old nodes' weights are dropped where nothing else reads them."""
     from onnx import helper, numpy_helper
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
+    taken = {n.name for n in g.node} | set(inits) | {v.name for v in g.value_info} | {i.name for i in g.input}
+    taken |= {o for n in g.node for o in n.output}
     groups = sibling_groups(model, float_matmuls)
+    old_weights: set[str] = set()
     for ns in groups:
-        name = "fused." + "+".join(n.name for n in ns)
+        name = _unique("fused." + "+".join(n.name or n.output[0] for n in ns), taken)
+        old_weights.update(i for n in ns for i in n.input[1:] if i)
         node, new_inits, sizes = _fused(ns, inits, name)
         split_sizes = numpy_helper.from_array(np.asarray(sizes, np.int64), f"{name}.split")
         split = helper.make_node("Split", [node.output[0], split_sizes.name], [n.output[0] for n in ns],
@@ -118,8 +151,8 @@ def fuse_siblings(model, float_matmuls: bool = False) -> int:
         g.node.insert(pos, node)
         g.initializer.extend([*new_inits, split_sizes])
     if groups:
-        read = {i for n in g.node for i in n.input}
-        for t in [t for t in g.initializer if t.name not in read]:
+        read = _reads(g)
+        for t in [t for t in g.initializer if t.name in old_weights and t.name not in read]:
             g.initializer.remove(t)
     return len(groups)
 

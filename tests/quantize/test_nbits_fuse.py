@@ -16,7 +16,7 @@ K = 128
 WIDTHS = {"q": 96, "k": 32, "v": 32, "o": 64}  # q/k/v read x; o reads relu(x)
 
 
-def _fp_model(path):
+def _fp_model(path, K=K):
     """q/k/v MatMuls on ``x`` and one on another tensor, every output a graph output."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Relu", ["x"], ["r"])]
@@ -29,6 +29,10 @@ def _fp_model(path):
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])], outs, inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     return path
+
+
+def _feed(rows, k=K, seed=0):
+    return np.random.default_rng(seed).normal(size=(rows, k)).astype(np.float32)
 
 
 def _run(model, x):
@@ -94,3 +98,60 @@ def test_float_siblings_are_fused_only_when_asked(tmp_path):
     x = np.random.default_rng(3).normal(size=(5, K)).astype(np.float32)
     for y0, y1 in zip(_run(fp, x), _run(fused, x)):
         np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)  # float sums: same terms, maybe another order
+
+
+def _assert_fused_equal(q, k=K):
+    before, after = onnx.load(str(q)), onnx.load(str(q))
+    assert fuse_siblings(after) == 1 and _ops(after).count("MatMulNBits") == 2
+    for rows in (1, 7):
+        for y0, y1 in zip(_run(before, _feed(rows, k, rows)), _run(after, _feed(rows, k, rows))):
+            np.testing.assert_array_equal(y1, y0)
+
+
+def test_zero_points_of_an_odd_block_count_stay_with_their_columns(tmp_path):
+    # K = 96 in blocks of 32: 3 blocks per column, so each column's packed 4-bit zero points end
+    # in half a byte of padding; concatenating columns must keep every column's own bytes.
+    q = tmp_path / "q.onnx"
+    quantize_matmulnbits(_fp_model(tmp_path / "fp.onnx", K=96), q, "rtn", 4, 32, False, [])
+    _assert_fused_equal(q, k=96)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (3, True), (8, True)])
+def test_siblings_from_our_own_writer_fuse_exactly(tmp_path, bits, symmetric):
+    from moqe_compile.quantize.gptq import gptq_onnx
+
+    fp, q = _fp_model(tmp_path / "fp.onnx", K=96), tmp_path / "q.onnx"
+    gptq_onnx(fp, q, [{"x": _feed(16, 96)}], bits, 32, 0.01, symmetric=symmetric)
+    _assert_fused_equal(q, k=96)
+
+
+def test_a_weight_read_elsewhere_is_kept(tmp_path):
+    q = tmp_path / "q.onnx"
+    quantize_matmulnbits(_fp_model(tmp_path / "fp.onnx"), q, "rtn", 4, 32, True, [])
+    model = onnx.load(str(q))
+    q_node, k_node = (next(n for n in model.graph.node if n.name == f"mm_{p}_Q4") for p in "qk")
+    model.graph.node.append(helper.make_node("Identity", [q_node.input[2]], ["q_scales"]))  # read by a node
+    model.graph.output.append(helper.make_tensor_value_info("q_scales", TensorProto.FLOAT, None))
+    model.graph.output.append(helper.make_tensor_value_info(k_node.input[2], TensorProto.FLOAT, None))  # an output
+    want = _run(model, _feed(3))
+    assert fuse_siblings(model) == 1
+    kept = {t.name for t in model.graph.initializer}
+    assert q_node.input[2] in kept and k_node.input[2] in kept and q_node.input[1] not in kept
+    for y0, y1 in zip(want, _run(model, _feed(3))):
+        np.testing.assert_array_equal(y1, y0)
+
+
+def test_fused_names_never_collide(tmp_path):
+    q = tmp_path / "q.onnx"
+    quantize_matmulnbits(_fp_model(tmp_path / "fp.onnx"), q, "rtn", 4, 32, True, [])
+    model = onnx.load(str(q))
+    names = "+".join(n.name for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[0] == "x")
+    model.graph.node.append(helper.make_node("Identity", ["x"], [f"fused.{names}.out"], name=f"fused.{names}"))
+    model.graph.output.append(helper.make_tensor_value_info(f"fused.{names}.out", TensorProto.FLOAT, None))
+    want = _run(model, _feed(2))
+    assert fuse_siblings(model) == 1
+    nodes = [n.name for n in model.graph.node]
+    outs = [o for n in model.graph.node for o in n.output]
+    assert len(nodes) == len(set(nodes)) and len(outs) == len(set(outs))
+    for y0, y1 in zip(want, _run(model, _feed(2))):
+        np.testing.assert_array_equal(y1, y0)

@@ -84,8 +84,9 @@ def load_causal_lm(source: str, path: str):
     try:
         tok = AutoTokenizer.from_pretrained(str(p), **kw)
         # Eager attention (matmul, mask, softmax, matmul): exported through torch.export, the
-        # SDPA path adds NaN guards (IsNaN + Where per layer) that cost ONNX Runtime 11% of a
-        # 256-token prefill on SmolLM2-135M for the same logits (docs/results.md#eager-attention).
+        # SDPA path adds NaN guards and mask shape arithmetic (about 320 nodes on SmolLM2-135M)
+        # that cost ONNX Runtime 10-13% of a 256-token prefill for the same logits
+        # (docs/results.md#eager-attention).
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, attn_implementation="eager", **kw)
     except Exception as e:  # noqa: BLE001 - transformers raises many types
         raise BuildError(f"could not load a causal LM from {path!r} (source {source!r}): {e}") from e
@@ -144,7 +145,7 @@ def fuse_rms_norms(model) -> int:
     returns how many norms were fused. A decode step runs some two thousand small nodes, so
     the 426 nodes fewer (SmolLM2-135M) make FP decoding 5% faster
     (docs/results.md#fused-sibling-matmuls-and-norms); the fused kernels sum in another order
-    (logits within 1e-4 of the unfused graph's; the export check against torch still applies).
+    (logits within 1.4e-4 of the unfused graph's; the export check against torch still applies).
     Every graph of the build is exported through here, so the quantizers and the runtime see
     the same fused graph."""
     from onnx import helper
