@@ -43,9 +43,11 @@ def with_level(graph, level: int, level_8bit: int):
     return dataclasses.replace(graph, model=m.SerializeToString())
 
 
-def decode(sess, prompt: np.ndarray, steps: int) -> None:
+def decode(sess, prompt: np.ndarray, steps: int, cached=None) -> None:
+    """The prompt's pass, then ``steps`` greedy single-token steps on the KV cache; ``cached``:
+    (logits, past) of the prompt's pass, computed before, so that only the steps run."""
     ids = prompt[None].astype(np.int64)
-    logits, past = sess.step(ids, np.ones_like(ids), sess.empty_past(1))
+    logits, past = cached if cached is not None else sess.step(ids, np.ones_like(ids), sess.empty_past(1))
     mask_len = ids.shape[1]
     for _ in range(steps):
         nxt = logits[:, -1:].argmax(-1).astype(np.int64)
@@ -58,6 +60,8 @@ def add_measure_options(ap: argparse.ArgumentParser, repeats: int) -> None:
     ap.add_argument("--windows", type=int, default=4, help="test windows scored for perplexity")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=repeats, help="interleaved timing rounds")
+    ap.add_argument("--prompt-tokens", type=int, default=32,
+                    help="decode after this many test tokens (beyond one window: the next windows')")
 
 
 def nbits_graphs(bundle, names=None) -> dict:
@@ -70,21 +74,30 @@ def nbits_graphs(bundle, names=None) -> dict:
     return graphs
 
 
-def measure(bundle, sessions: dict, n_windows: int, decode_tokens: int, repeats: int):
+def measure(bundle, sessions: dict, n_windows: int, decode_tokens: int, repeats: int, prompt_tokens: int = 32):
     """The bundle's first ``n_windows`` test windows; per session the mean token NLL of each
     window, and the medians (ms) of ``repeats`` interleaved rounds of ``prefill/<session>`` (the
-    first window) and ``decode/<session>`` (``decode_tokens`` greedy tokens after its first 32)."""
+    first window), ``decode/<session>`` (the pass over a prompt of the first ``prompt_tokens``
+    test tokens, then ``decode_tokens`` greedy tokens) and ``steps/<session>`` (those tokens
+    alone, on the prompt's KV cache computed before)."""
     from moqe_compile.tasks.causal_lm.score import token_nll
 
     with np.load(bundle.file("report/eval_data.npz"), allow_pickle=False) as z:
         windows = z["test_ids"][:n_windows]
-    window, prompt = windows[0], windows[0][:32]
+    # a prompt longer than a window runs on into the next ones (decoding at a long context)
+    window, prompt = windows[0], np.concatenate(list(windows))[:prompt_tokens]
+    if len(prompt) < prompt_tokens:
+        raise SystemExit(f"--prompt-tokens {prompt_tokens}: the {len(windows)} windows hold {len(prompt)} tokens; "
+                         f"raise --windows.")
     nll = {k: np.array([token_nll(s.logits(w[None]), w[None].astype(np.int64)).mean() for w in windows])
            for k, s in sessions.items()}
     cands = {}
     for k, s in sessions.items():
         cands[f"prefill/{k}"] = (lambda s=s: s.logits(window[None]))
         cands[f"decode/{k}"] = (lambda s=s: decode(s, prompt, decode_tokens))
+        ids = prompt[None].astype(np.int64)
+        cached = s.step(ids, np.ones_like(ids), s.empty_past(1))
+        cands[f"steps/{k}"] = (lambda s=s, c=cached: decode(s, prompt, decode_tokens, c))
     for f in cands.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in cands}
@@ -119,7 +132,7 @@ def main() -> None:
     for name, g in graphs.items():
         for tag, levels in SETTINGS.items():
             sessions[f"{name}/{tag}"] = open_(f"{name}/{tag}", with_level(g, *levels))
-    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats)
+    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
     window = windows[0]
     out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(len(window)),
            "decode_tokens": args.decode_tokens, "repeats": args.repeats, "median_ms": med, "models": {}}

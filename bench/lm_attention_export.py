@@ -1,9 +1,11 @@
-"""Eager vs SDPA attention in the exported LM decoder: the bundle's model exported both ways,
-FP and a 4-bit RTN g32 expert of each (the build's path: ORT's RTN, the 8-bit head at int8
-compute, sibling MatMulNBits fused), prefill, decode and perplexity side by side in one
-process, with the logits compared.
+"""The attention the LM decoder is exported from: transformers' SDPA and eager attention and
+ours (``moqe-grouped``, tasks/causal_lm/attention.py: keys and values not repeated per query
+head). The bundle's model exported each way, FP and a 4-bit RTN g32 expert of each (the build's
+path: ORT's RTN, the 8-bit head at int8 compute, sibling MatMulNBits fused): prefill, decode
+and perplexity side by side in one process, with the logits compared.
 
     python bench/lm_attention_export.py bundles/smollm2-135m --windows 8 --decode-tokens 16 --repeats 7 [--json PATH]
+    python bench/lm_attention_export.py bundles/smollm2-135m --windows 8 --prompt-tokens 1024 ...   # decode at a long context
 
 The model comes from the bundle's recipe (``[model]``), the test windows from its
 ``report/eval_data.npz``; timing and perplexity are bench/lm_accuracy_level.py's (interleaved
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/ 
 from common import add_json_option, write_json  # noqa: E402
 from lm_accuracy_level import add_measure_options, measure  # noqa: E402
 
-KINDS = ("sdpa", "eager")
+KINDS = ("sdpa", "eager", "moqe-grouped")
 
 
 def export_both(model_cfg: dict, calib: np.ndarray, work: Path) -> dict:
@@ -34,7 +36,7 @@ def export_both(model_cfg: dict, calib: np.ndarray, work: Path) -> dict:
     from moqe_compile.tasks.causal_lm.model import export_decoder, load_causal_lm
     from moqe_compile.tasks.causal_lm.steps import calib_feeds
 
-    model, _ = load_causal_lm(model_cfg["source"], model_cfg["path"])
+    model, _ = load_causal_lm(model_cfg["source"], model_cfg["path"])  # registers moqe-grouped
     recipe = expert_from_dict({"name": "w4-rtn-g32", "preset": "w4-rtn"})
     paths = {}
     for kind in KINDS:
@@ -67,29 +69,30 @@ def main() -> None:
         paths = export_both(b.manifest["build_config"]["_data"]["model"], calib, Path(tmp))
         sessions = {k: DecoderSession(k, p, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
                     for k, p in paths.items()}
-        windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats)
+        windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
         w = windows[0][None]
         logits = {k: s.logits(w) for k, s in sessions.items()}
     out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(w.shape[1]),
-           "decode_tokens": args.decode_tokens, "repeats": args.repeats, "median_ms": med, "models": {}}
-    print(f"{len(windows)} test windows of {w.shape[1]} tokens; prefill = one window, decode = "
-          f"{args.decode_tokens} tokens after a 32-token prompt; medians of {args.repeats} interleaved rounds")
+           "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+           "median_ms": med, "models": {}}
+    print(f"{len(windows)} test windows of {w.shape[1]} tokens; prefill = one window, decode = the pass over a "
+          f"{args.prompt_tokens}-token prompt and {args.decode_tokens} tokens, steps = those tokens alone; "
+          f"medians of {args.repeats} interleaved rounds")
     for k in sessions:
         graph, kind = k.split("/")
         fp, sdpa = f"fp/{kind}", f"{graph}/sdpa"
-        row = {"ppl": float(np.exp(nll[k].mean())), "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"],
-               "prefill_speedup_vs_sdpa": med[f"prefill/{sdpa}"] / med[f"prefill/{k}"],
-               "decode_speedup_vs_sdpa": med[f"decode/{sdpa}"] / med[f"decode/{k}"],
-               "prefill_speedup_vs_fp": med[f"prefill/{fp}"] / med[f"prefill/{k}"],
-               "decode_speedup_vs_fp": med[f"decode/{fp}"] / med[f"decode/{k}"],
-               "max_abs_logit_diff_vs_sdpa": float(np.abs(logits[k] - logits[sdpa]).max())}
+        row = {"ppl": float(np.exp(nll[k].mean()))}
+        for what in ("prefill", "decode", "steps"):
+            row |= {f"{what}_ms": med[f"{what}/{k}"], f"{what}_speedup_vs_sdpa": med[f"{what}/{sdpa}"] / med[f"{what}/{k}"],
+                    f"{what}_speedup_vs_fp": med[f"{what}/{fp}"] / med[f"{what}/{k}"]}
+        row["max_abs_logit_diff_vs_sdpa"] = float(np.abs(logits[k] - logits[sdpa]).max())
         if kind != "sdpa":
             row["nll_minus_sdpa"] = paired_bootstrap(nll[k], nll[sdpa])
         out["models"][k] = row
-        print(f"  {k:<18} ppl {row['ppl']:8.3f}  prefill {row['prefill_ms']:7.1f} ms (x{row['prefill_speedup_vs_sdpa']:.2f}"
-              f" vs sdpa, x{row['prefill_speedup_vs_fp']:.2f} vs {fp})  decode {row['decode_ms']:7.1f} ms "
-              f"(x{row['decode_speedup_vs_sdpa']:.2f}, x{row['decode_speedup_vs_fp']:.2f})  max |logit diff| "
-              f"{row['max_abs_logit_diff_vs_sdpa']:.2g}")
+        print(f"  {k:<24} ppl {row['ppl']:8.3f}" + "".join(
+              f"  {what} {row[f'{what}_ms']:7.1f} ms (x{row[f'{what}_speedup_vs_sdpa']:.2f} vs sdpa, "
+              f"x{row[f'{what}_speedup_vs_fp']:.2f} vs {fp})" for what in ("prefill", "decode", "steps"))
+              + f"  max |logit diff| {row['max_abs_logit_diff_vs_sdpa']:.2g}")
     write_json(args.json, out)
 
 

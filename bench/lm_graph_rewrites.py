@@ -69,7 +69,7 @@ def main() -> None:
             g2, counts[k] = (g, 0) if how is None else rewritten(g, *how, float_matmuls=name == "fp")
             sessions[k] = DecoderSession(k, g2, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
             base[k] = name
-    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats)
+    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
     w = windows[0][None]
     logits = {k: s.logits(w) for k, s in sessions.items()}
     out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(w.shape[1]),

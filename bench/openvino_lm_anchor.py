@@ -76,7 +76,7 @@ def main() -> None:
     for name, g in graphs.items():
         sessions[f"ort/{name}"] = DecoderSession(name, g, d["layers"], d["kv_heads"], d["head_dim"])
         sessions[f"openvino/{name}"] = OpenVINODecoder(core, g.self_contained(), d["kv_heads"], d["head_dim"], config)
-    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats)
+    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
     window = windows[0]
     out = {"bundle": Path(args.bundle).name, "openvino": ov.get_version(), "openvino_config": config,
            "windows": int(len(windows)), "tokens_per_window": int(len(window)), "decode_tokens": args.decode_tokens,

@@ -22,6 +22,7 @@ import numpy as np
 
 from moqe_compile.errors import BuildError, ConfigError
 from moqe_compile.onnx_export import check, export
+from moqe_compile.tasks.causal_lm.attention import attention_for
 
 INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
 
@@ -86,8 +87,10 @@ def load_causal_lm(source: str, path: str):
         # Eager attention (matmul, mask, softmax, matmul): exported through torch.export, the
         # SDPA path adds NaN guards and mask shape arithmetic (about 320 nodes on SmolLM2-135M)
         # that cost ONNX Runtime 10-13% of a 256-token prefill for the same logits
-        # (docs/results.md#eager-attention).
+        # (docs/results.md#eager-attention). Then, where the family allows, the grouped form
+        # that reads each KV head once (attention.py).
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, attn_implementation="eager", **kw)
+        model.set_attn_implementation(attention_for(model.config.model_type))
     except Exception as e:  # noqa: BLE001 - transformers raises many types
         raise BuildError(f"could not load a causal LM from {path!r} (source {source!r}): {e}") from e
     model.eval()

@@ -36,6 +36,7 @@ def test_the_exported_decoder_runs_fused_norms_and_matches_torch(tmp_path):
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * spec.layers
     assert ops["SimplifiedLayerNormalization"] == 1 and not ops["Pow"] and not ops["ReduceMean"]
     assert not ops["IsNaN"] and ops["Softmax"] == spec.layers  # eager attention: no SDPA NaN guards
+    assert ops["Expand"] < 2 * spec.layers  # grouped attention: no repeat of keys and values per layer
     ids = np.random.default_rng(0).integers(3, 64, (1, 12))
     with torch.no_grad():
         want = model(torch.from_numpy(ids)).logits.numpy()
