@@ -10,7 +10,8 @@ For every MatMulNBits expert of an LM bundle, one session per setting is made fr
 graph with the attribute rewritten on every MatMulNBits node (in memory; the bundle is not
 touched), next to the FP decoder. Per round, interleaved: a prefill of one test window
 (``seq_len`` tokens) and a decode of ``--decode-tokens`` single-token steps on the KV cache
-after a 32-token prompt. Perplexity: mean token NLL over the first ``--windows`` test
+after a 32-token prompt (``--prompt-tokens``; ``steps``: the single-token steps alone).
+Perplexity: mean token NLL over the first ``--windows`` test
 windows of the bundle's ``report/eval_data.npz``, with a paired bootstrap over windows of
 each setting minus ``a0`` (test split, chose nothing here).
 """
@@ -96,7 +97,8 @@ def measure(bundle, sessions: dict, n_windows: int, decode_tokens: int, repeats:
         cands[f"prefill/{k}"] = (lambda s=s: s.logits(window[None]))
         cands[f"decode/{k}"] = (lambda s=s: decode(s, prompt, decode_tokens))
         ids = prompt[None].astype(np.int64)
-        cached = s.step(ids, np.ones_like(ids), s.empty_past(1))
+        logits, past = s.step(ids, np.ones_like(ids), s.empty_past(1))
+        cached = (logits[:, -1:].copy(), past)  # the last position is all a step reads
         cands[f"steps/{k}"] = (lambda s=s, c=cached: decode(s, prompt, decode_tokens, c))
     for f in cands.values():
         f()
@@ -135,12 +137,15 @@ def main() -> None:
     windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
     window = windows[0]
     out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(len(window)),
-           "decode_tokens": args.decode_tokens, "repeats": args.repeats, "median_ms": med, "models": {}}
+           "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+           "median_ms": med, "models": {}}
     print(f"{len(windows)} test windows of {len(window)} tokens; prefill = one window, decode = "
-          f"{args.decode_tokens} tokens after a 32-token prompt; medians of {args.repeats} interleaved rounds")
+          f"{args.decode_tokens} tokens after a {args.prompt_tokens}-token prompt; "
+          f"medians of {args.repeats} interleaved rounds")
     for k in sessions:
         row = {"ppl": float(np.exp(nll[k].mean())), "nll_ci95": list(bootstrap_ci(nll[k])),
-               "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"],
+               "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"], "steps_ms": med[f"steps/{k}"],
+               "steps_speedup_vs_fp": med["steps/fp"] / med[f"steps/{k}"],
                "prefill_speedup_vs_fp": med["prefill/fp"] / med[f"prefill/{k}"],
                "decode_speedup_vs_fp": med["decode/fp"] / med[f"decode/{k}"]}
         extra = ""
@@ -149,7 +154,8 @@ def main() -> None:
             extra = f"  NLL - a0 {p['diff']:+.4f} {np.round(p['ci95'], 4)}"
         out["models"][k] = row
         print(f"  {k:<26} ppl {row['ppl']:8.3f}  prefill {row['prefill_ms']:8.1f} ms (x{row['prefill_speedup_vs_fp']:.2f} "
-              f"vs FP)  decode {row['decode_ms']:8.1f} ms (x{row['decode_speedup_vs_fp']:.2f} vs FP){extra}")
+              f"vs FP)  decode {row['decode_ms']:8.1f} ms (x{row['decode_speedup_vs_fp']:.2f} vs FP)  steps "
+              f"{row['steps_ms']:8.1f} ms (x{row['steps_speedup_vs_fp']:.2f}){extra}")
     write_json(args.json, out)
 
 

@@ -5,7 +5,7 @@ path: ORT's RTN, the 8-bit head at int8 compute, sibling MatMulNBits fused): pre
 and perplexity side by side in one process, with the logits compared.
 
     python bench/lm_attention_export.py bundles/smollm2-135m --windows 8 --decode-tokens 16 --repeats 7 [--json PATH]
-    python bench/lm_attention_export.py bundles/smollm2-135m --windows 8 --prompt-tokens 1024 ...   # decode at a long context
+    python bench/lm_attention_export.py bundles/smollm2-135m --windows 8 --prompt-tokens 1024 ...  # a long context
 
 The model comes from the bundle's recipe (``[model]``), the test windows from its
 ``report/eval_data.npz``; timing and perplexity are bench/lm_accuracy_level.py's (interleaved
@@ -83,7 +83,8 @@ def main() -> None:
         fp, sdpa = f"fp/{kind}", f"{graph}/sdpa"
         row = {"ppl": float(np.exp(nll[k].mean()))}
         for what in ("prefill", "decode", "steps"):
-            row |= {f"{what}_ms": med[f"{what}/{k}"], f"{what}_speedup_vs_sdpa": med[f"{what}/{sdpa}"] / med[f"{what}/{k}"],
+            row |= {f"{what}_ms": med[f"{what}/{k}"],
+                    f"{what}_speedup_vs_sdpa": med[f"{what}/{sdpa}"] / med[f"{what}/{k}"],
                     f"{what}_speedup_vs_fp": med[f"{what}/{fp}"] / med[f"{what}/{k}"]}
         row["max_abs_logit_diff_vs_sdpa"] = float(np.abs(logits[k] - logits[sdpa]).max())
         if kind != "sdpa":

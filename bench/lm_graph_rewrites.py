@@ -73,13 +73,16 @@ def main() -> None:
     w = windows[0][None]
     logits = {k: s.logits(w) for k, s in sessions.items()}
     out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(w.shape[1]),
-           "decode_tokens": args.decode_tokens, "repeats": args.repeats, "median_ms": med, "models": {}}
+           "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+           "median_ms": med, "models": {}}
     print(f"{len(windows)} test windows of {w.shape[1]} tokens; prefill = one window, decode = "
-          f"{args.decode_tokens} tokens after a 32-token prompt; medians of {args.repeats} interleaved rounds")
+          f"{args.decode_tokens} tokens after a {args.prompt_tokens}-token prompt; "
+          f"medians of {args.repeats} interleaved rounds")
     for k in sessions:
         # like against like: a shipped-now expert against the shipped-now FP, an old one against the old FP
         fp = "fp+norms" if k.endswith("+norms") and base[k] != "fp" else "fp"
         row = {"ppl": float(np.exp(nll[k].mean())), "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"],
+               "steps_ms": med[f"steps/{k}"], "steps_speedup_vs_fp": med[f"steps/{fp}"] / med[f"steps/{k}"],
                "rewrites": counts[k], "fp_compared": fp,
                "prefill_speedup_vs_fp": med[f"prefill/{fp}"] / med[f"prefill/{k}"],
                "decode_speedup_vs_fp": med[f"decode/{fp}"] / med[f"decode/{k}"],

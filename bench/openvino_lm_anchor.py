@@ -13,7 +13,7 @@ compiled for ``CPU`` with the ``LATENCY`` hint and ``f32`` inference precision, 
 model computes in float32 as ONNX Runtime's does (left to itself it may pick bf16 on a CPU that
 has it); its default dynamic quantization of activations for compressed weights stays on.
 Per round, interleaved: a prefill of one test window and a decode of ``--decode-tokens``
-single-token steps on the KV cache after a 32-token prompt; medians over ``--repeats`` rounds.
+single-token steps on the KV cache after a 32-token prompt (``--prompt-tokens``); medians over ``--repeats`` rounds.
 Perplexity of every (runtime, graph) over the first ``--windows`` test windows, with the paired
 difference OpenVINO minus ONNX Runtime on the same graph, so a fast wrong answer shows.
 """
@@ -80,9 +80,11 @@ def main() -> None:
     window = windows[0]
     out = {"bundle": Path(args.bundle).name, "openvino": ov.get_version(), "openvino_config": config,
            "windows": int(len(windows)), "tokens_per_window": int(len(window)), "decode_tokens": args.decode_tokens,
+           "prompt_tokens": args.prompt_tokens,
            "repeats": args.repeats, "median_ms": med, "models": {}}
     print(f"{len(windows)} test windows of {len(window)} tokens; prefill = one window, decode = "
-          f"{args.decode_tokens} tokens after a 32-token prompt; medians of {args.repeats} interleaved rounds")
+          f"{args.decode_tokens} tokens after a {args.prompt_tokens}-token prompt; "
+          f"medians of {args.repeats} interleaved rounds")
     for k in sessions:
         runtime, name = k.split("/", 1)
         fp = f"{runtime}/fp"

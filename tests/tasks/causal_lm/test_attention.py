@@ -1,5 +1,6 @@
 """Grouped-query attention without repeated keys/values: the same outputs as transformers' eager
-attention, on every family it is chosen for, with padding and on a decode step."""
+attention, with padding and on a decode step, on dense and MoE families it is chosen for
+(Mistral with a sliding window shorter than the sequence)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ def _llama():
                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64)
 
 
+def _dense(family):
+    from transformers import MistralConfig, Qwen3Config
+
+    common = dict(vocab_size=64, hidden_size=96, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if family == "mistral":
+        return MistralConfig(sliding_window=4, **common)
+    return Qwen3Config(head_dim=32, **common)  # q/k norms inside the attention module
+
+
 def _model(config):
     import torch
     from transformers import AutoModelForCausalLM
@@ -23,7 +34,7 @@ def _model(config):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "mixtral", "qwen2_moe", "olmoe"])
 def test_grouped_attention_equals_eager(family):
     import torch
 
@@ -31,7 +42,9 @@ def test_grouped_attention_equals_eager(family):
 
     from ...models import tiny_moe_config
 
-    model = _model(_llama() if family == "llama" else tiny_moe_config(family))
+    config = _llama() if family == "llama" else _dense(family) if family in ("mistral", "qwen3") \
+        else tiny_moe_config(family)
+    model = _model(config)
     assert attention_for(model.config.model_type) == NAME
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 9, dtype=torch.long)

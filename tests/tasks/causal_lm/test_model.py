@@ -36,7 +36,14 @@ def test_the_exported_decoder_runs_fused_norms_and_matches_torch(tmp_path):
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * spec.layers
     assert ops["SimplifiedLayerNormalization"] == 1 and not ops["Pow"] and not ops["ReduceMean"]
     assert not ops["IsNaN"] and ops["Softmax"] == spec.layers  # eager attention: no SDPA NaN guards
-    assert ops["Expand"] < 2 * spec.layers  # grouped attention: no repeat of keys and values per layer
+    # grouped attention: none of eager attention's two repeats of keys and values per layer
+    model.set_attn_implementation("eager")
+    export_decoder(model, tmp_path / "eager.onnx")
+    eager = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "eager.onnx")).graph.node)
+    assert eager["Expand"] - ops["Expand"] == 2 * spec.layers
+    from moqe_compile.tasks.causal_lm.attention import NAME
+
+    model.set_attn_implementation(NAME)
     ids = np.random.default_rng(0).integers(3, 64, (1, 12))
     with torch.no_grad():
         want = model(torch.from_numpy(ids)).logits.numpy()
