@@ -57,12 +57,35 @@ def decode(sess, prompt: np.ndarray, steps: int, cached=None) -> None:
 
 
 def add_measure_options(ap: argparse.ArgumentParser, repeats: int) -> None:
-    """``--windows``, ``--decode-tokens`` and ``--repeats``: what :func:`measure` takes."""
+    """``--windows``, ``--decode-tokens``, ``--repeats``, ``--prompt-tokens`` (what :func:`measure`
+    takes) and ``--threads`` (the ONNX Runtime sessions' intra-op threads, :func:`opener`)."""
     ap.add_argument("--windows", type=int, default=4, help="test windows scored for perplexity")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=repeats, help="interleaved timing rounds")
     ap.add_argument("--prompt-tokens", type=int, default=32,
                     help="decode after this many test tokens (beyond one window: the next windows')")
+    ap.add_argument("--threads", type=int, default=0)
+
+
+def opener(bundle, threads: int = 0):
+    """``open(name, graph or path)``: a DecoderSession of the bundle's decoder layout."""
+    from moqe_compile.tasks.causal_lm.score import DecoderSession
+
+    d = bundle.manifest["model"]["decoder"]
+    return lambda name, graph: DecoderSession(name, graph, d["layers"], d["kv_heads"], d["head_dim"], threads)
+
+
+def measure_and_head(bundle, sessions: dict, args) -> tuple:
+    """:func:`measure` with the options of :func:`add_measure_options`; returns (windows, nll,
+    medians, the JSON's common head), the run described in one printed line."""
+    windows, nll, med = measure(bundle, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
+    print(f"{len(windows)} test windows of {windows.shape[1]} tokens; prefill = one window, decode = the pass over "
+          f"a {args.prompt_tokens}-token prompt and {args.decode_tokens} tokens, steps = those tokens alone; "
+          f"medians of {args.repeats} interleaved rounds")
+    head = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(windows.shape[1]),
+            "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+            "median_ms": med, "models": {}}
+    return windows, nll, med, head
 
 
 def nbits_graphs(bundle, names=None) -> dict:
@@ -115,33 +138,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
     add_measure_options(ap, repeats=3)
-    ap.add_argument("--threads", type=int, default=0)
     add_json_option(ap)
     args = ap.parse_args()
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import bootstrap_ci, paired_bootstrap
-    from moqe_compile.tasks.causal_lm.score import DecoderSession
 
     b = read_bundle(args.bundle)
-    d = b.manifest["model"]["decoder"]
-
-    def open_(name, graph):
-        return DecoderSession(name, graph, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
-
+    open_ = opener(b, args.threads)
     graphs = nbits_graphs(b)
     sessions = {"fp": open_("fp", graphs.pop("fp"))}
     for name, g in graphs.items():
         for tag, levels in SETTINGS.items():
             sessions[f"{name}/{tag}"] = open_(f"{name}/{tag}", with_level(g, *levels))
-    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
-    window = windows[0]
-    out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(len(window)),
-           "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-           "median_ms": med, "models": {}}
-    print(f"{len(windows)} test windows of {len(window)} tokens; prefill = one window, decode = "
-          f"{args.decode_tokens} tokens after a {args.prompt_tokens}-token prompt; "
-          f"medians of {args.repeats} interleaved rounds")
+    _, nll, med, out = measure_and_head(b, sessions, args)
     for k in sessions:
         row = {"ppl": float(np.exp(nll[k].mean())), "nll_ci95": list(bootstrap_ci(nll[k])),
                "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"], "steps_ms": med[f"steps/{k}"],

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/ importable
 from common import add_json_option, write_json  # noqa: E402
-from lm_accuracy_level import add_measure_options, measure  # noqa: E402
+from lm_accuracy_level import add_measure_options, measure_and_head, opener  # noqa: E402
 
 KINDS = ("sdpa", "eager", "moqe-grouped")
 
@@ -53,31 +53,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
     add_measure_options(ap, repeats=7)
-    ap.add_argument("--threads", type=int, default=0)
     add_json_option(ap)
     args = ap.parse_args()
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import paired_bootstrap
-    from moqe_compile.tasks.causal_lm.score import DecoderSession
 
     b = read_bundle(args.bundle)
-    d = b.manifest["model"]["decoder"]
+    open_ = opener(b, args.threads)
     with np.load(b.file("report/eval_data.npz"), allow_pickle=False) as z:
         calib = z["test_ids"][:1]
     with tempfile.TemporaryDirectory(prefix="moqe-attn-") as tmp:
         paths = export_both(b.manifest["build_config"]["_data"]["model"], calib, Path(tmp))
-        sessions = {k: DecoderSession(k, p, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
-                    for k, p in paths.items()}
-        windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
-        w = windows[0][None]
-        logits = {k: s.logits(w) for k, s in sessions.items()}
-    out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(w.shape[1]),
-           "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-           "median_ms": med, "models": {}}
-    print(f"{len(windows)} test windows of {w.shape[1]} tokens; prefill = one window, decode = the pass over a "
-          f"{args.prompt_tokens}-token prompt and {args.decode_tokens} tokens, steps = those tokens alone; "
-          f"medians of {args.repeats} interleaved rounds")
+        sessions = {k: open_(k, p) for k, p in paths.items()}
+        windows, nll, med, out = measure_and_head(b, sessions, args)
+        logits = {k: s.logits(windows[:1]) for k, s in sessions.items()}
     for k in sessions:
         graph, kind = k.split("/")
         fp, sdpa = f"fp/{kind}", f"{graph}/sdpa"

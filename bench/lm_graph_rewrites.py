@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/ importable
 from common import add_json_option, write_json  # noqa: E402
-from lm_accuracy_level import add_measure_options, measure, nbits_graphs  # noqa: E402
+from lm_accuracy_level import add_measure_options, measure_and_head, nbits_graphs, opener  # noqa: E402
 
 
 def rewritten(graph, siblings: bool, norms: bool, float_matmuls: bool):
@@ -53,31 +53,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
     add_measure_options(ap, repeats=7)
-    ap.add_argument("--threads", type=int, default=0)
     add_json_option(ap)
     args = ap.parse_args()
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import paired_bootstrap
-    from moqe_compile.tasks.causal_lm.score import DecoderSession
 
     b = read_bundle(args.bundle)
-    d = b.manifest["model"]["decoder"]
+    open_ = opener(b, args.threads)
     sessions, counts, base = {}, {}, {}
     for name, g in nbits_graphs(b).items():
         for k, how in variants(name).items():
             g2, counts[k] = (g, 0) if how is None else rewritten(g, *how, float_matmuls=name == "fp")
-            sessions[k] = DecoderSession(k, g2, d["layers"], d["kv_heads"], d["head_dim"], args.threads)
+            sessions[k] = open_(k, g2)
             base[k] = name
-    windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
-    w = windows[0][None]
-    logits = {k: s.logits(w) for k, s in sessions.items()}
-    out = {"bundle": str(args.bundle), "windows": int(len(windows)), "tokens_per_window": int(w.shape[1]),
-           "decode_tokens": args.decode_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-           "median_ms": med, "models": {}}
-    print(f"{len(windows)} test windows of {w.shape[1]} tokens; prefill = one window, decode = "
-          f"{args.decode_tokens} tokens after a {args.prompt_tokens}-token prompt; "
-          f"medians of {args.repeats} interleaved rounds")
+    windows, nll, med, out = measure_and_head(b, sessions, args)
+    logits = {k: s.logits(windows[:1]) for k, s in sessions.items()}
     for k in sessions:
         # like against like: a shipped-now expert against the shipped-now FP, an old one against the old FP
         fp = "fp+norms" if k.endswith("+norms") and base[k] != "fp" else "fp"

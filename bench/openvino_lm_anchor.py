@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
 from common import add_json_option, write_json  # noqa: E402
-from lm_accuracy_level import add_measure_options, measure, nbits_graphs  # noqa: E402
+from lm_accuracy_level import add_measure_options, measure, nbits_graphs, opener  # noqa: E402
 
 
 class OpenVINODecoder:
@@ -65,16 +65,16 @@ def main() -> None:
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import paired_bootstrap
-    from moqe_compile.tasks.causal_lm.score import DecoderSession
 
     b = read_bundle(args.bundle)
     d = b.manifest["model"]["decoder"]
     graphs = nbits_graphs(b, args.experts)
+    open_ort = opener(b, args.threads)
     core = ov.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     sessions = {}
     for name, g in graphs.items():
-        sessions[f"ort/{name}"] = DecoderSession(name, g, d["layers"], d["kv_heads"], d["head_dim"])
+        sessions[f"ort/{name}"] = open_ort(name, g)
         sessions[f"openvino/{name}"] = OpenVINODecoder(core, g.self_contained(), d["kv_heads"], d["head_dim"], config)
     windows, nll, med = measure(b, sessions, args.windows, args.decode_tokens, args.repeats, args.prompt_tokens)
     window = windows[0]
