@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check in one call on a GPU machine (H100/H200 class):
+# Every GPU check in one command on a GPU machine (H100/H200 class):
 #   1. device, driver and library versions;
-#   2. onnxruntime-gpu into $ORTGPU_DIR (from a carried wheel or its chunks);
+#   2. onnxruntime-gpu into $ORTGPU_DIR (from an uploaded wheel or its parts);
 #   3. the router-attention kernel built with nvcc (make -C kernels all ref check) and its
 #      standalone validation + timing binary (llm.c style);
 #   4. pytest tests/gpu (kernel vs C reference, ONNX Runtime CUDA, GpuRuntime, TensorRT where
@@ -13,7 +13,7 @@
 # Each step's JSON goes to $OUT/<step>.json and its log to $OUT/logs/<step>.log, the layout of
 # bench/results/<hardware>/ ($OUT: a fresh temporary folder unless set; the path is printed).
 #
-# On the machine you prepare on, before the calls:
+# On the machine you prepare on, before the remote commands:
 #   bash bench/gpu/check.sh --prepare
 #     copies bundles/mobilenetv2-demo without its reports and calibration histograms, with 16
 #     test images, to bundles/gpucheck-slim (ignored by git like every bundle; about 29 MB).
@@ -21,13 +21,14 @@
 #   bash bench/gpu/check.sh --pack-ortgpu onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
 #     unpacks the wheel (255 MB), packs it as one tar.xz (about 204 MB) and splits that into
 #     62 MB parts, one per git-ignored folder .ortchunks1/ .. .ortchunks4/: one folder per
-#     device call (64 MiB a call), the last one beside bundles/gpucheck-slim.
-# On the GPU machine, one call per folder, back to back (what a call carried stays for the next
-# while the machine is held):
-#   call 1, carry [.ortchunks1]:                     bash bench/gpu/check.sh --stage kernels
-#   calls 2..N-1, carry [.ortchunksK]:               ls -la .ortchunks*
-#   call N, carry [.ortchunksN, bundles/gpucheck-slim]: bash bench/gpu/check.sh --stage ort
-# (--stage all, the default, runs both stages in one call.)
+#     remote command where a runner uploads at most 64 MiB with each, the last one beside
+#     bundles/gpucheck-slim.
+# On the GPU machine, one command per folder, back to back (what a command uploaded stays for the
+# next while the machine is held):
+#   command 1, upload [.ortchunks1]:                     bash bench/gpu/check.sh --stage kernels
+#   commands 2..N-1, upload [.ortchunksK]:               ls -la .ortchunks*
+#   command N, upload [.ortchunksN, bundles/gpucheck-slim]: bash bench/gpu/check.sh --stage ort
+# (--stage all, the default, runs both stages in one command.)
 # Environment: OUT (see above), MOQE_BUNDLE (default bundles/gpucheck-slim, else
 #   bundles/mobilenetv2-demo), ORTGPU_DIR (default ~/.cache/moqe/ortgpu, kept so a rerun skips the
 #   unpacking), ORTGPU_WHEEL (a wheel file to install instead of the parts), REPEATS (latency
@@ -157,7 +158,7 @@ if [[ $STAGE != kernels ]]; then
         [[ ${TORCH_BASELINE:-1} == 0 ]] ||
             step gpu-torch-baseline $PY bench/gpu/torch_baseline.py --json "$OUT/gpu-torch-baseline.json"
     else
-        echo "no MobileNetV2 bundle carried (run bench/gpu/check.sh --prepare first and carry bundles/gpucheck-slim)"
+        echo "no MobileNetV2 bundle here (run bench/gpu/check.sh --prepare first and upload bundles/gpucheck-slim with this command)"
         RC[gpu-latency]=missing
     fi
 fi

@@ -128,9 +128,6 @@ class RouterAttentionLib:
         """The raw status of ``moqe_router_attention_v(*args)`` (tests of the error paths)."""
         return self._lib.moqe_router_attention_v(*args)
 
-    def last_cuda_error(self) -> str:
-        return self._lib.moqe_attn_last_cuda_error().decode(errors="replace")
-
 
 _lib_cache: dict[str, RouterAttentionLib] = {}
 

@@ -131,7 +131,7 @@ def add_parser(sub) -> None:
     b = sub.add_parser("build", help="build a MoQE bundle from a recipe (default: the MobileNetV2 demo)")
     b.add_argument("recipe", nargs="?", help="a shipped recipe name (see `moqe-compile recipes`) or a TOML path "
                                               "(default: mobilenetv2-demo)")
-    b.add_argument("-o", "--output", help="bundle directory to write (replaced atomically)")
+    b.add_argument("-o", "--output", help="bundle directory to write (replaced atomically); required unless --dry-run")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     b.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     b.add_argument("--dry-run", action="store_true", help="read and check the recipe, print its plan, write nothing")

@@ -29,7 +29,7 @@ def cmd_check_qdq(args) -> int:
 
 def add_parser(sub) -> None:
     c = sub.add_parser("check-qdq", help="check a Q/DQ ONNX model against a backend's rules")
-    c.add_argument("model")
+    c.add_argument("model", help="the Q/DQ ONNX file to check")
     c.add_argument("--target", required=True, help="tensorrt | onnxruntime-cpu")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the result as one JSON object")
     c.set_defaults(fn=cmd_check_qdq)

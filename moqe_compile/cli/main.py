@@ -1,4 +1,5 @@
-"""``moqe-compile``: one module per subcommand (``cli/<subcommand>.py``); this one assembles them."""
+"""``moqe-compile``: each subcommand's parser and handler live in a ``cli/`` module (``build``
+also holds ``recipes`` and ``engines``); this one assembles them and adds ``data-path``."""
 
 from __future__ import annotations
 

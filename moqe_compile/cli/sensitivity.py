@@ -50,7 +50,7 @@ def cmd_sensitivity(args) -> int:
 def add_parser(sub) -> None:
     s = sub.add_parser("sensitivity", help="rank layers by the output change when only that layer is INT8")
     s.add_argument("recipe", nargs="?", help="a shipped recipe name or a TOML path (default: the MobileNetV2 demo)")
-    s.add_argument("--top", type=int, default=20)
+    s.add_argument("--top", type=int, default=20, help="how many of the most sensitive layers to print (20)")
     s.add_argument("--samples", type=int, default=64, help="calibration samples to measure on")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the whole ranking as JSON")
     s.set_defaults(fn=cmd_sensitivity)

@@ -323,13 +323,14 @@ def _error(region: Region, x: torch.Tensor, t: torch.Tensor, weights: dict, batc
 
 def reconstruct(q: onnx.ModelProto, inits: dict, block: Block, x_in: np.ndarray, target: np.ndarray,
                 fp_weights: dict, qmax: dict, cfg: BlockSettings, desc: str = "block",
-                region: Region | None = None) -> dict:
+                region: Region | None = None, progress: bool = True) -> dict:
     """Learn the rounding of every quantized layer of ``block`` in Q/DQ graph ``q`` (its
     initializers ``inits`` are rewritten): ``x_in`` the block's input on the quantized stream,
     ``target`` the FP model's block output, ``fp_weights`` node -> FP weight, ``qmax`` node ->
     weight grid. Returns the edited initializer names and the block error before (the integers
     the graph held) and after; the learned integers are kept only if they lower it. ``region``:
-    ``Region(q, inits, block)`` when the caller already built it (nothing run on it yet)."""
+    ``Region(q, inits, block)`` when the caller already built it (nothing run on it yet).
+    ``progress``: a progress bar on a terminal (``build -q`` turns it off)."""
     from tqdm.auto import tqdm
 
     if region is None:
@@ -346,7 +347,7 @@ def reconstruct(q: onnx.ModelProto, inits: dict, block: Block, x_in: np.ndarray,
     opt = torch.optim.Adam([l.v for l in layers], lr=cfg.lr)
     n_round = sum(l.v.numel() for l in layers)
     it = 0
-    with tqdm(total=cfg.iters, desc=desc, leave=False, file=sys.stderr, disable=None) as bar:
+    with tqdm(total=cfg.iters, desc=desc, leave=False, file=sys.stderr, disable=None if progress else True) as bar:
         for it in range(cfg.iters):
             idx = torch.randint(0, len(x), (min(cfg.batch, len(x)),), generator=gen)
             out = region.run(x[idx], {l.dq_out: l.soft() for l in layers}, cfg.qdrop, gen)

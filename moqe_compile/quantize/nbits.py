@@ -147,9 +147,6 @@ class CalibReader:
     def __iter__(self):
         return iter(self.feeds)
 
-    def rewind(self):
-        self.i = 0
-
 
 def quantize_dynamic_w8a8(fp_onnx: Path, out: Path, exclude: list[str]) -> None:
     """int8 per-channel MatMul weights, activations quantized per tensor at run time."""

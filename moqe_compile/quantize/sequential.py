@@ -201,7 +201,7 @@ def _edited(q: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
 def refine(base: onnx.ModelProto, q_path: Path, qmax: dict[str, int], symmetric: bool, exclude: set[str],
            input_name: str, x: np.ndarray, refit_activations: bool = True, gptq: bool = True,
            clip_search: bool = False, gptq_damp: float = 0.01, bias_correction: bool = False,
-           engine: str = "stream", blocks: BlockSettings | None = None) -> dict:
+           engine: str = "stream", blocks: BlockSettings | None = None, progress: bool = True) -> dict:
     """Run the sequential pass on the Q/DQ graph at ``q_path`` (rewritten in place); return
     what it did, for the manifest's ``steps``. ``x``: calibration inputs; ``qmax``: the
     weight grid of each Conv/Gemm node on this backend; ``symmetric``: activation ranges
@@ -213,7 +213,7 @@ def refine(base: onnx.ModelProto, q_path: Path, qmax: dict[str, int], symmetric:
     ``"whole-graph"``, the reference it replaced, runs the whole graph in a new session per
     tensor (O(L^2)) and holds every FP layer output at once. ``blocks``: block reconstruction
     (``quantize/brecq.py``) of the integer weights, each block when the walk has passed it (its
-    activation ranges refitted first), on the stream engine only."""
+    activation ranges refitted first), on the stream engine only; ``progress``: its bars shown."""
     if engine not in ("stream", "whole-graph"):
         raise ValueError(f"engine {engine!r}: 'stream' or 'whole-graph'")
     if blocks is not None and engine != "stream":
@@ -238,7 +238,7 @@ def refine(base: onnx.ModelProto, q_path: Path, qmax: dict[str, int], symmetric:
 
     fitted: set[str] = set()
     done = {"refit_activations": 0, "gptq_layers": 0, "bias_corrected_layers": 0}
-    plan = _BlockPlan(base, q, inits, layers, qmax, input_name, x, blocks) if blocks is not None else None
+    plan = _BlockPlan(base, q, inits, layers, qmax, input_name, x, blocks, progress) if blocks is not None else None
     for k, node in enumerate(list(q.graph.node)):
         if qs is not None:
             qs.pos = plan.pos(k) if plan is not None else k
@@ -279,8 +279,8 @@ class _BlockPlan:
     the block's own tensors rather than from the graph input."""
 
     def __init__(self, base: onnx.ModelProto, q: onnx.ModelProto, inits: dict, layers: dict, qmax: dict,
-                 input_name: str, x: np.ndarray, cfg: BlockSettings):
-        self.q, self.inits, self.qmax, self.cfg = q, inits, qmax, cfg
+                 input_name: str, x: np.ndarray, cfg: BlockSettings, progress: bool = True):
+        self.q, self.inits, self.qmax, self.cfg, self.progress = q, inits, qmax, cfg, progress
         valid = {o for n in q.graph.node for o in n.output} | {input_name}
         self.blocks = brecq_blocks(base, input_name, set(layers), cfg.layers, valid)
         # Built before the walk edits any initializer: a Region reads only the graph's nodes and
@@ -304,7 +304,8 @@ class _BlockPlan:
         b = self.blocks[j]
         region, self.regions[j] = self.regions[j], None  # its constant cache goes with it once used
         got = reconstruct(self.q, self.inits, b, qs.get(b.t_in)[: self.n], self.fp.get(b.t_out), self.fp_weights,
-                          self.qmax, self.cfg, desc=f"block {j + 1}/{len(self.blocks)}", region=region)
+                          self.qmax, self.cfg, desc=f"block {j + 1}/{len(self.blocks)}", region=region,
+                          progress=self.progress)
         if got["error_before"] is not None:
             self.errors.append([round(got["error_before"], 6), round(got["error_after"], 6)])
         qs.changed(got["edited"])

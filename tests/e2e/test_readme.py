@@ -332,3 +332,12 @@ def test_relative_links_resolve(doc):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target} (no heading with anchor #{anchor} in {dest.relative_to(ROOT)})")
     assert not broken, f"{doc.relative_to(ROOT)}: broken links:\n" + "\n".join(broken)
+
+
+def test_results_index_lists_every_study():
+    """Every top-level study of docs/results.md has a row in the index table at its top."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    index = text.split("\n## ", 1)[0]
+    linked = set(re.findall(r"\]\(#([^)]+)\)", index))
+    studies = {github_anchor(h) for h in re.findall(r"^## +(.+?) *$", text, re.M)}
+    assert studies - linked == set(), f"studies missing from the index of docs/results.md: {sorted(studies - linked)}"

@@ -17,11 +17,11 @@ from moqe_compile.tasks.causal_lm.config import FLOAT_HEAD, LMExpertRecipe
 
 
 def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds: list[dict],
-                  exclude_nodes=(), model=None, calib_ids=None) -> None:
+                  exclude_nodes=(), model=None, calib_ids=None, progress: bool = True) -> None:
     """Write ``recipe``'s quantized decoder. ``exclude_nodes``: MatMul node names left in float
     (an MoE model's gates, ``moe.py``); the head among them stays float too. ``model`` /
     ``calib_ids``: the torch model ``fp_onnx`` was exported from and the calibration windows,
-    for true-sequential GPTQ (``gptq_sequential``)."""
+    for true-sequential GPTQ (``gptq_sequential``; ``progress``: its bar shown)."""
     head = lm_head_node(fp_onnx)
     if head in exclude_nodes:
         head = None
@@ -43,7 +43,7 @@ def quantize_onnx(fp_onnx: Path, recipe: LMExpertRecipe, out: Path, calib_feeds:
 
             done = sequential_gptq(model, calib_ids, fp_onnx, recipe.bits, recipe.block_size, recipe.gptq_damp,
                                    recipe.symmetric, recipe.gptq_act_order,
-                                   recipe.head_bits if head is not None else None, exclude_nodes)
+                                   recipe.head_bits if head is not None else None, exclude_nodes, progress)
         gptq_onnx(fp_onnx, out, calib_feeds, recipe.bits, recipe.block_size, recipe.gptq_damp,
                   set(exclude) - set(node_bits), symmetric=recipe.symmetric, node_bits=node_bits,
                   act_order=recipe.gptq_act_order, done=done, nearest=recipe.weights == "rtn")

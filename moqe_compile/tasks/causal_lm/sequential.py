@@ -112,7 +112,7 @@ def _hessians(layer, modules: dict, inputs) -> dict:
 
 
 def sequential_gptq(model, calib_ids: np.ndarray, fp_onnx, bits: int, group: int, damp: float, symmetric: bool,
-                    act_order: bool, head_bits: int | None, exclude=()) -> dict:
+                    act_order: bool, head_bits: int | None, exclude=(), progress: bool = True) -> dict:
     """{ONNX node name: ``gptq_matrix`` result} for every decoder-layer projection and, when
     ``head_bits`` is 4 or 8, the LM head (on the quantized model's final hidden states)."""
     import torch
@@ -141,7 +141,7 @@ def sequential_gptq(model, calib_ids: np.ndarray, fp_onnx, bits: int, group: int
     from tqdm.auto import tqdm
 
     inputs = _layer_inputs(model, calib_ids)
-    for layer in tqdm(layers, desc="true-sequential GPTQ, layers", leave=False):
+    for layer in tqdm(layers, desc="true-sequential GPTQ, layers", leave=False, disable=None if progress else True):
         for stage in STAGES:
             modules = {n: layer.get_submodule(n) for n in stage}
             H = _hessians(layer, modules, inputs)

@@ -98,7 +98,8 @@ class LMSteps:
             extra["moe_bits"] = build_moe_expert(self.model, self.moe, r, self.cfg.model, ids, src, dest, feeds,
                                                  self.st.say)
         else:
-            quantize_onnx(src, r, dest, feeds, exclude_nodes=self.gates, model=tm, calib_ids=ids)
+            quantize_onnx(src, r, dest, feeds, exclude_nodes=self.gates, model=tm, calib_ids=ids,
+                          progress=not self.st.quiet)
         del tm
         # q/k/v and gate/up as one kernel each: exact, and faster decoding. Before scoring, so
         # what is scored is what is served.

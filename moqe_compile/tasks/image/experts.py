@@ -99,7 +99,7 @@ def _bias_correct(base: onnx.ModelProto, q_path: Path, exclude: set[str], input_
 
 
 def _sequential(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, backend: str, exclude: set[str],
-                input_name: str, calib_x: np.ndarray) -> dict:
+                input_name: str, calib_x: np.ndarray, progress: bool) -> dict:
     """The recipe's sequential pass (``quantize/sequential.py``) on one backend's Q/DQ graph."""
     blocks = (BlockSettings(iters=recipe.block_iters, samples=recipe.block_samples, qdrop=recipe.qdrop,
                             early_stop=recipe.block_early_stop, layers=recipe.block_layers)
@@ -108,21 +108,25 @@ def _sequential(base: onnx.ModelProto, q_path: Path, recipe: ExpertRecipe, backe
                   exclude, input_name, calib_x[: min(len(calib_x), recipe.stream_samples)],
                   refit_activations=recipe.sequential_activations, gptq=recipe.weight_rounding == "gptq",
                   clip_search=recipe.weight_clip == "mse-output", gptq_damp=recipe.gptq_damp,
-                  bias_correction=recipe.bias_correction, blocks=blocks)
+                  bias_correction=recipe.bias_correction, blocks=blocks, progress=progress)
 
 
 def build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: ExpertRecipe, backends: list[str],
-                 out_for: dict[str, Path], ranges_json: Path, work: Path, exclude: list[str] | None = None) -> dict:
+                 out_for: dict[str, Path], ranges_json: Path, work: Path, exclude: list[str] | None = None,
+                 progress: bool = True) -> dict:
     """Write every backend's graph of ``recipe``; return its manifest info per backend + steps
-    (seconds per step, ``total_s`` and the expert's ``peak_rss_mb``)."""
+    (seconds per step, ``total_s`` and the expert's ``peak_rss_mb``). ``progress``: the inner
+    passes' progress bars shown (``build -q`` hides them)."""
     with peak_window() as peak:
-        built = _build_expert(prepared, input_name, calib_x, recipe, backends, out_for, ranges_json, work, exclude)
+        built = _build_expert(prepared, input_name, calib_x, recipe, backends, out_for, ranges_json, work, exclude,
+                              progress)
     built["steps"]["peak_rss_mb"] = peak["peak_rss_mb"]
     return built
 
 
 def _build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: ExpertRecipe, backends: list[str],
-                  out_for: dict[str, Path], ranges_json: Path, work: Path, exclude: list[str] | None) -> dict:
+                  out_for: dict[str, Path], ranges_json: Path, work: Path, exclude: list[str] | None,
+                  progress: bool) -> dict:
     t0 = time.perf_counter()
     exclude_set = set(exclude or []) | set(recipe.exclude_nodes)
     base = onnx.load(str(prepared))
@@ -146,7 +150,8 @@ def _build_expert(prepared: Path, input_name: str, calib_x: np.ndarray, recipe: 
                             weight_bits=recipe.weight_bits, weight_overrides=overrides, exclude=sorted(exclude_set))
         if recipe.sequential:
             t1 = time.perf_counter()
-            steps.update(_sequential(base, out_for[backend], recipe, backend, exclude_set, input_name, calib_x))
+            steps.update(_sequential(base, out_for[backend], recipe, backend, exclude_set, input_name, calib_x,
+                                     progress))
             steps[f"sequential_s.{backend}"] = round(time.perf_counter() - t1, 2)
         elif recipe.bias_correction:
             steps["bias_corrected_layers"] = _bias_correct(base, out_for[backend], exclude_set, input_name,

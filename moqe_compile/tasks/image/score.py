@@ -59,14 +59,6 @@ def score(fp_session, expert_sessions: list, x: np.ndarray, labels: np.ndarray |
     return Scores(fp, ex, loss)
 
 
-def routed_metrics(scores: Scores, route: np.ndarray, labels: np.ndarray | None) -> dict:
-    """Metrics of the path that sends sample i to expert route[i]."""
-    idx = np.arange(len(route))
-    m = expert_metrics(scores.expert_logits[route, idx], scores.fp_logits, labels)
-    m["mean_loss"] = float(scores.loss[idx, route].mean())
-    return m
-
-
 def diversity(expert_logits: np.ndarray, names: list[str], fp_logits: np.ndarray, labels: np.ndarray | None) -> dict:
     """How differently the experts err: pairwise top-1 disagreement, and the oracle (a sample
     counts when any expert gets it right; without labels, right = agrees with FP) vs the best

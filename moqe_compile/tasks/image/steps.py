@@ -62,7 +62,7 @@ class ImageSteps:
             from moqe_compile.quantize.sensitivity import layer_sensitivity
 
             self.sensitivity = layer_sensitivity(self.prepared, self.fp.input_name, self.splits["calibration"].x,
-                                                 self.work, kl_to_fp)
+                                                 self.work, kl_to_fp, show_progress=not self.st.quiet)
         self.experts = []
         with self.st.bar(len(cfg.experts), "experts") as pb:
             for r in cfg.experts:
@@ -76,7 +76,8 @@ class ImageSteps:
         calib = calibration_inputs(self.splits["calibration"], r.calibration_domain)  # one domain, or all
         built = build_expert(self.prepared, self.fp.input_name, calib, r, cfg.backends.targets,
                              {b: w.path(rel) for b, rel in rels.items()},
-                             w.path(f"experts/{r.name}/calibration.json"), self.work, exclude)
+                             w.path(f"experts/{r.name}/calibration.json"), self.work, exclude,
+                             progress=not self.st.quiet)
         variants = {}
         for b, info in built["variants"].items():
             if "kernels" in info["check"]:
@@ -121,7 +122,8 @@ class ImageSteps:
         def build_one(r, idx: np.ndarray) -> OrtCpuSession:
             out = self.work / f"{r.name}.onnx"
             build_expert(self.prepared, self.fp.input_name, calib[idx], r, ["onnxruntime-cpu"],
-                         {"onnxruntime-cpu": out}, self.work / f"{r.name}.json", self.work)
+                         {"onnxruntime-cpu": out}, self.work / f"{r.name}.json", self.work,
+                         progress=not self.st.quiet)
             return OrtCpuSession(r.name, out)
 
         k = cfg.controls.copies
