@@ -17,7 +17,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 # The code paths the floors were chosen for: ORT's calibrators and quantize_static
 # (calibrate.py, qdq.py), and serving a bundle through the CPU Runtime and IOBinding sessions.
-TESTS = ["tests/quantize/test_quantize.py", "tests/backends/test_gpu_runtime.py",
+TESTS = ["tests/quantize/test_quantize.py", "tests/tasks/image/test_runtime_gpu.py",
          "-k", "test_quantize or matches_the_cpu_runtime or cpu_runtime_with_the_tensorrt"]
 _OFFLINE = re.compile(r"NewConnectionError|Failed to establish a new connection|Temporary failure in name "
                       r"resolution|Network is unreachable|ProxyError|ConnectTimeout|Read timed out", re.I)

@@ -13,10 +13,16 @@ from moqe_compile.errors import BackendError, InputError
 from moqe_compile import Runtime
 from moqe_compile.tasks.image.runtime_gpu import GpuRuntime, _runs
 
-from ..models import HANDMADE_C as C
-from ..models import HANDMADE_K as K
-from ..models import HANDMADE_S as S
-from .fakes import HostDevice, host_factory
+from ...models import HANDMADE_C as C
+from ...models import HANDMADE_K as K
+from ...models import HANDMADE_S as S
+from ...backends.fakes import HostDevice, host_factory
+from ...models import make_handmade_bundle
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return make_handmade_bundle(tmp_path / "bundle")
 
 
 def batch_routed_to(experts: list[int]) -> np.ndarray:

@@ -1,3 +1,7 @@
+"""The image ``Runtime`` (``tasks/image/runtime.py``) on a tiny bundle: outputs and routing equal
+the raw ONNX Runtime sessions of each expert, one-expert and mixed batches, thread safety and
+the errors it raises."""
+
 import threading
 
 import numpy as np
@@ -6,7 +10,7 @@ import pytest
 from moqe_compile import Runtime
 from moqe_compile.errors import BackendError, InputError
 
-from ..models import CROP
+from ...models import CROP
 
 
 @pytest.fixture(scope="module")
