@@ -17,7 +17,8 @@ Overload: an open-loop client sends at ``--overload-factor`` x the MoQE server's
 checks that each request got exactly one answer (200 with its own id, or 503), that the
 server stayed up, and that a following run at half the sustainable rate is all 200s. The
 admitted requests' p99 is compared with the closed-loop p99 at the largest client count
-(the server's admission control, ``--max-in-flight`` and ``--max-queue-wait-ms``, bounds it).
+(the server's admission control, ``--max-in-flight`` and ``--max-queue-wait-ms``, bounds it). ``--overload-seconds 0``
+leaves the overload run out.
 """
 
 from __future__ import annotations
@@ -263,6 +264,30 @@ async def open_loop(url: str, name: str, samples: list, rate: float, seconds: fl
             "server_gauges": await gauges}
 
 
+
+def overload_run(args, servers: dict, samples, results: dict) -> None:
+    """Open-loop overload of the MoQE server at ``--overload-factor`` x its largest closed-loop
+    throughput, then 10 s at half the sustainable rate (recovery)."""
+    top = str(max(args.clients))
+    sustainable = results["closed_loop"][top]["median"]["moqe"]["throughput_rps"]
+    _, url = servers["moqe"]
+    before = metric_sums(url)
+    over = asyncio.run(open_loop(url, "moqe", samples, args.overload_factor * sustainable, args.overload_seconds))
+    after = metric_sums(url)
+    over["server_histograms"] = {h: hist_delta(before, after, h)
+                                 for h in ("moqe_queue_wait_seconds", "moqe_request_latency_seconds")}
+    alive = metric_sums(url) is not None
+    recover = asyncio.run(open_loop(url, "moqe", samples, 0.5 * sustainable, 10.0))
+    closed_p99 = results["closed_loop"][top]["median"]["moqe"]["p99_ms"]
+    results["overload"] = {"sustainable_rps": sustainable, "overload": over, "server_alive_after": alive,
+                           "recovery_half_rate": recover,
+                           "server_process_alive": servers["moqe"][0].poll() is None,
+                           "closed_loop_p99_ms": closed_p99,
+                           "admitted_p99_over_closed_loop_p99": over["ok_p99_ms"] / closed_p99,
+                           "admitted_sent_p99_over_closed_loop_p99": over["ok_sent_p99_ms"] / closed_p99}
+    print("overload:", json.dumps(over), "\nrecovery:", json.dumps(recover), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
@@ -335,24 +360,8 @@ def main() -> int:
                   f"  p99 ratio {med['ratios_median']['p99_moqe_over_single']:.3f}", flush=True)
 
         # Overload on the MoQE server, at a multiple of its measured 32-client throughput.
-        top = str(max(args.clients))
-        sustainable = results["closed_loop"][top]["median"]["moqe"]["throughput_rps"]
-        _, url = servers["moqe"]
-        before = metric_sums(url)
-        over = asyncio.run(open_loop(url, "moqe", samples, args.overload_factor * sustainable, args.overload_seconds))
-        after = metric_sums(url)
-        over["server_histograms"] = {h: hist_delta(before, after, h)
-                                     for h in ("moqe_queue_wait_seconds", "moqe_request_latency_seconds")}
-        alive = metric_sums(url) is not None
-        recover = asyncio.run(open_loop(url, "moqe", samples, 0.5 * sustainable, 10.0))
-        closed_p99 = results["closed_loop"][top]["median"]["moqe"]["p99_ms"]
-        results["overload"] = {"sustainable_rps": sustainable, "overload": over, "server_alive_after": alive,
-                               "recovery_half_rate": recover,
-                               "server_process_alive": servers["moqe"][0].poll() is None,
-                               "closed_loop_p99_ms": closed_p99,
-                               "admitted_p99_over_closed_loop_p99": over["ok_p99_ms"] / closed_p99,
-                               "admitted_sent_p99_over_closed_loop_p99": over["ok_sent_p99_ms"] / closed_p99}
-        print("overload:", json.dumps(over), "\nrecovery:", json.dumps(recover), flush=True)
+        if args.overload_seconds > 0:
+            overload_run(args, servers, samples, results)
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)

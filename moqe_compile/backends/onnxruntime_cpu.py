@@ -28,7 +28,7 @@ LEVELS = {
 
 def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = "all",
             add_shared: Callable[[ort.SessionOptions], None] | None = None,
-            optimized_path: str | Path | None = None, name: str = "", spinning: bool = False,
+            optimized_path: str | Path | None = None, name: str = "", spinning: str | None = None,
             disabled_optimizers: tuple[str, ...] = ()) -> ort.InferenceSession:
     """A CPU ``InferenceSession`` for a model path or serialized bytes.
 
@@ -36,15 +36,13 @@ def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = 
     where that is fewer: :func:`allowed_cpus_if_restricted`). ``optimization``: one of
     ``LEVELS``. ``add_shared(options)`` supplies initializers a bundle stores once
     (``bundle/shared_weights.py``). ``optimized_path``: where ONNX Runtime writes the graph it
-    executes (used to check which kernels run). ``spinning`` and ``disabled_optimizers``
-    (ONNX Runtime graph transformer names, e.g. ``NhwcTransformer``) exist for benchmarks.
+    executes (used to check which kernels run). ``spinning``: one of ``SPINNING`` (None:
+    :func:`default_spinning`). ``disabled_optimizers`` (ONNX Runtime graph transformer names,
+    e.g. ``NhwcTransformer``) exists for benchmarks.
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[optimization]
-    # A MoQE call runs the router, then one session per expert group, back to back. With ORT's
-    # default spin-waiting, the previous session's idle threads keep spinning and starve the
-    # next one (docs/results.md#demo-bundle-build-time-and-cpu-latency).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    _set_spinning(so, default_spinning() if spinning is None else spinning)
     threads = threads or allowed_cpus_if_restricted()
     if threads:
         so.intra_op_num_threads = threads
@@ -59,6 +57,35 @@ def session(model: str | Path | bytes, *, threads: int = 0, optimization: str = 
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         what = "an in-memory model" if isinstance(model, bytes) else repr(str(model))
         raise BackendError(f"{name or 'model'}: ONNX Runtime could not load {what}: {e}") from e
+
+
+SPINNING = ("never", "in-run", "always")
+SPINNING_ENV = "MOQE_ORT_SPINNING"
+
+
+def default_spinning() -> str:
+    """The spin-wait policy of sessions made without an explicit one: ``$MOQE_ORT_SPINNING`` if
+    set, else ``"in-run"``."""
+    value = os.environ.get(SPINNING_ENV, "in-run")
+    if value not in SPINNING:
+        raise BackendError(f"{SPINNING_ENV}={value!r} is not one of {list(SPINNING)}; unset it for the default.")
+    return value
+
+
+def _set_spinning(so: ort.SessionOptions, spinning: str) -> None:
+    """Whether intra-op threads spin-wait for work, and when they stop.
+
+    A MoQE call runs the router, then one session per expert group, back to back. With ONNX
+    Runtime's default ("always"), a session's threads go on spinning after its run returns and
+    starve the next session. Never spinning costs every run the wake-up of its threads at each
+    parallel node instead. "in-run" spins during a run and stops when the run returns
+    (``session.force_spinning_stop``), so the next session finds the cores free
+    (docs/results.md#spin-waiting-only-during-a-run)."""
+    if spinning not in SPINNING:
+        raise BackendError(f"spinning={spinning!r} is not one of {list(SPINNING)}.")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "never" else "1")
+    if spinning == "in-run":
+        so.add_session_config_entry("session.force_spinning_stop", "1")
 
 
 def allowed_cpus_if_restricted() -> int:

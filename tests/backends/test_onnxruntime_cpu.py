@@ -52,3 +52,46 @@ def test_no_session_thread_leaves_the_cpu_the_process_was_pinned_to():
     assert res.returncode == 0, res.stderr[-2000:]
     threads, cpus = res.stdout.split(" ", 1)
     assert cpus.strip() == f"[{cpu}]", res.stdout
+
+
+def _relu_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    return helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+                             ).SerializeToString()
+
+
+def _spin_entries(sess) -> tuple[str, str | None]:
+    o = sess.get_session_options()
+    try:
+        stop = o.get_session_config_entry("session.force_spinning_stop")
+    except Exception:  # noqa: BLE001 - ORT raises when the entry was never set
+        stop = None
+    return o.get_session_config_entry("session.intra_op.allow_spinning"), stop
+
+
+@pytest.mark.parametrize("env, expected", [(None, ("1", "1")), ("in-run", ("1", "1")), ("never", ("0", None)),
+                                           ("always", ("1", None))])
+def test_threads_spin_only_during_a_run_unless_the_environment_says_otherwise(monkeypatch, env, expected):
+    if env is None:
+        monkeypatch.delenv(onnxruntime_cpu.SPINNING_ENV, raising=False)
+    else:
+        monkeypatch.setenv(onnxruntime_cpu.SPINNING_ENV, env)
+    assert _spin_entries(onnxruntime_cpu.session(_relu_model())) == expected
+
+
+def test_an_explicit_spinning_policy_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv(onnxruntime_cpu.SPINNING_ENV, "in-run")
+    assert _spin_entries(onnxruntime_cpu.session(_relu_model(), spinning="never")) == ("0", None)
+
+
+def test_an_unknown_spinning_policy_is_named(monkeypatch):
+    from moqe_compile.errors import BackendError
+
+    monkeypatch.setenv(onnxruntime_cpu.SPINNING_ENV, "sometimes")
+    with pytest.raises(BackendError, match="MOQE_ORT_SPINNING='sometimes'"):
+        onnxruntime_cpu.session(_relu_model())
+    with pytest.raises(BackendError, match="spinning='fast'"):
+        onnxruntime_cpu.session(_relu_model(), spinning="fast")
