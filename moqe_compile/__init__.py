@@ -6,6 +6,7 @@ its task. The build stages import torch lazily, so the runtime stays light.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from moqe_compile.version import __version__
@@ -38,6 +39,10 @@ def load(path: str | Path, **options):
     """Open the bundle at ``path`` and return its task's runtime (``run``/``submit``/``close``):
     ``Runtime`` for image classification, ``LMRuntime`` for causal LMs. ``options`` go to that
     runtime's ``load`` (e.g. ``verify=False``, ``backend=...``, ``queue=QueueConfig(...)``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        from moqe_compile.errors import BundleError
+
+        raise BundleError(f"load() takes a bundle directory (a str or a path), not {type(path).__name__}.")
     return task_of_bundle(path).load_runtime(path, **options)
 
 

@@ -133,7 +133,13 @@ class OrtCpuSession:
         self._input = self._sess.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self._sess.run(None, {self._input: x})[0]
+        if self._sess is None:
+            raise BackendError(f"{self.name}: the session is closed.")
+        try:
+            return self._sess.run(None, {self._input: x})[0]
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            # A graph that disagrees with its bundle (a wrong input size) fails here: name it.
+            raise BackendError(f"{self.name}: ONNX Runtime failed on a batch of shape {tuple(x.shape)}: {e}") from e
 
     def close(self) -> None:
         self._sess = None

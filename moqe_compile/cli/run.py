@@ -162,6 +162,11 @@ def _run_image(args) -> int:
 
 
 # ------------------------------------------------------------------ causal LMs
+# Far more than any model here takes (SmolLM2: 8192 tokens); the runtime bounds the text again
+# by its model before tokenizing.
+MAX_TEXT_BYTES = 16 * 2**20
+
+
 def _lm_text(args) -> str:
     from moqe_compile.errors import InputError
 
@@ -171,7 +176,7 @@ def _lm_text(args) -> str:
         return args.input
     from moqe_compile.tasks.causal_lm.data import read_utf8
 
-    return read_utf8(args.input_file, "--input-file")
+    return read_utf8(args.input_file, "--input-file", max_bytes=MAX_TEXT_BYTES)
 
 
 def _confidence_words(conf: float | None) -> str:

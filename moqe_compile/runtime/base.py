@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from moqe_compile.errors import MoqeError, OverloadedError
+from moqe_compile.errors import ConfigError, MoqeError, OverloadedError
 from moqe_compile.router.fallback import apply_fallback
 from moqe_compile.runtime.batcher import DynamicBatcher
 
@@ -104,6 +104,8 @@ class BundleRuntime:
 
     def __init__(self, root, manifest: dict, queue: QueueConfig | None = None):
         self.root, self.manifest = root, manifest
+        if queue is not None and not isinstance(queue, QueueConfig):
+            raise ConfigError(f"queue must be a QueueConfig, not {type(queue).__name__}.")
         self.queue_config = queue or QueueConfig()
         self.expert_names: list[str] = [e["name"] for e in manifest["experts"]]
         routing = manifest["routing"]

@@ -13,10 +13,11 @@ bound must surface as an error the caller can turn into HTTP 503.
 
 from __future__ import annotations
 
+import atexit
 import logging
-
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -27,6 +28,18 @@ import numpy as np
 from moqe_compile.errors import MoqeError, OverloadedError
 
 log = logging.getLogger(__name__)
+
+# Batchers not closed yet. Their workers are daemon threads: a script that exits without
+# close() would otherwise tear the interpreter down while a worker is inside ONNX Runtime,
+# which aborts the process (SIGABRT, "terminate called without an active exception").
+_OPEN: "weakref.WeakSet[DynamicBatcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_batchers() -> None:
+    """At exit: fail what is still queued and wait for the batches running now."""
+    for b in list(_OPEN):
+        b.close(drain=False)
 
 
 @dataclass
@@ -64,6 +77,7 @@ class DynamicBatcher:
                          for i in range(workers)]
         for t in self._threads:
             t.start()
+        _OPEN.add(self)
 
     @property
     def depth(self) -> int:
@@ -97,6 +111,7 @@ class DynamicBatcher:
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout)
+        _OPEN.discard(self)
 
     def _take(self) -> list[_Request] | None:
         with self._cv:

@@ -98,6 +98,31 @@ def test_close_without_drain_fails_waiting_requests():
     assert all(isinstance(f.exception(), OverloadedError) for f in futs[1:])
 
 
+def test_at_exit_open_batchers_fail_what_waits_and_finish_what_runs():
+    """A script that exits without close(): the exit hook closes every open batcher, so no
+    worker is still inside a session when the interpreter tears down (that aborted the
+    process). The request running finishes; the ones waiting fail with OverloadedError."""
+    from moqe_compile.runtime import batcher as batcher_module
+
+    rec = _Recorder()
+    rec.gate.clear()
+    b = DynamicBatcher(rec, _split, max_batch=1, max_delay_ms=0, max_queue=50)
+    assert b in batcher_module._OPEN
+    futs = [b.submit(np.zeros((1, 1), np.float32)) for _ in range(3)]
+    while b.in_flight == 0:
+        threading.Event().wait(0.001)
+    hook = threading.Thread(target=batcher_module._close_open_batchers)
+    hook.start()
+    while hook.is_alive() and b.depth:
+        threading.Event().wait(0.001)
+    rec.gate.set()
+    hook.join(10)
+    assert not hook.is_alive() and not any(t.is_alive() for t in b._threads)
+    assert futs[0].result(5).shape == (1, 1)
+    assert all(isinstance(f.exception(5), OverloadedError) for f in futs[1:])
+    assert b not in batcher_module._OPEN
+
+
 def test_run_failure_reaches_every_merged_caller():
     def boom(x):
         raise ValueError("expert exploded")

@@ -60,13 +60,18 @@ def read_corpus(name: str) -> str:
     return read_utf8(name, "corpus file")
 
 
-def read_utf8(path: str | Path, what: str) -> str:
-    """A UTF-8 text file's contents; a missing or non-UTF-8 file is an ``InputError`` naming ``what``."""
+def read_utf8(path: str | Path, what: str, max_bytes: int | None = None) -> str:
+    """A UTF-8 text file's contents; a missing, special, oversized (over ``max_bytes``) or
+    non-UTF-8 file is an ``InputError`` naming ``what``."""
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{what} {str(path)!r} is a directory; give a UTF-8 text file.")
-    if not p.is_file():
+    if not p.exists():
         raise InputError(f"{what} {str(path)!r} does not exist.")
+    if not p.is_file():
+        raise InputError(f"{what} {str(path)!r} is not a regular file (a device or a pipe?); give a UTF-8 text file.")
+    if max_bytes is not None and p.stat().st_size > max_bytes:
+        raise InputError(f"{what} {str(path)!r} has {p.stat().st_size} bytes; at most {max_bytes} are read.")
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

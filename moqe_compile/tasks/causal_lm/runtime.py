@@ -76,6 +76,9 @@ class LMRuntime(BundleRuntime):
         d = m["model"]["decoder"]
         self.layers, self.kv_heads, self.head_dim = d["layers"], d["kv_heads"], d["head_dim"]
         self.max_positions = d["max_positions"]
+        # No token covers more characters than the longest vocabulary entry, so a longer text
+        # cannot fit in max_positions tokens: refused before the tokenizer spends time on it.
+        self.max_chars = self.max_positions * max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)))
         self.eos = m["task"]["eos_token_id"]
         self._rel = {e["name"]: e["variants"]["onnxruntime-cpu"]["path"] for e in m["experts"]}
         self._rel["fp"] = m["model"]["fp"]["path"]
@@ -113,6 +116,9 @@ class LMRuntime(BundleRuntime):
     def encode(self, text: str) -> np.ndarray:
         if not isinstance(text, str) or not text.strip():
             raise InputError("the input text is empty.")
+        if len(text) > self.max_chars:
+            raise InputError(f"the text has {len(text)} characters; the model takes at most {self.max_positions} "
+                             f"tokens, which no text over {self.max_chars} characters fits in.")
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
         if len(ids) > self.max_positions:
             raise InputError(f"the text has {len(ids)} tokens; the model takes at most {self.max_positions}.")

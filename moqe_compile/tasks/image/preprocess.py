@@ -272,6 +272,10 @@ def load_inputs(path: str | Path, pre: Preprocess,
     one call decodes (``InputLimits``); breaking one, or a non-finite float sample, is an
     ``InputError``.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"input must be a path (a str or a path object), not {type(path).__name__}.")
+    if not isinstance(limits, InputLimits):
+        raise InputError(f"limits must be an InputLimits, not {type(limits).__name__}.")
     p = Path(path)
     try:
         exists, is_dir = p.exists(), p.is_dir()

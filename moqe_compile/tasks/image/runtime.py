@@ -24,7 +24,7 @@ import numpy as np
 from moqe_compile.backends import BACKENDS, resolve_backend
 from moqe_compile.bundle import read_bundle
 from moqe_compile.bundle.reader import Bundle, Graph
-from moqe_compile.errors import BundleError, InputError
+from moqe_compile.errors import BundleError, ConfigError, InputError
 from moqe_compile.runtime import base
 from moqe_compile.runtime.base import QueueConfig, RouterSessions, timing
 from moqe_compile.runtime.dispatch import group_by_expert, scatter
@@ -41,6 +41,8 @@ class RunResult(base.RunResult):
 
     def topk(self, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """(class indices, probabilities) of the ``k`` most probable classes per sample."""
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise InputError(f"topk(k={k!r}): k must be a positive integer.")
         z = self.logits - self.logits.max(-1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(-1, keepdims=True)
@@ -68,6 +70,20 @@ def check_output_width(graph: Graph, width: int) -> None:
                           "(task.num_classes for experts, the number of experts for the router).")
 
 
+def check_input_shape(manifest: dict, shape: tuple[int, int, int], root: Path) -> None:
+    """Refuse preprocessing that makes inputs of another shape than ``io.input`` declares
+    (a crop of 32 for a 28 px model): the user's inputs would be blamed at run time."""
+    pre = manifest["preprocessing"]
+    if not len(pre["mean"]) == len(pre["std"]) == shape[0]:
+        raise BundleError(f"bundle {str(root)!r}: preprocessing.mean {pre['mean']} and std {pre['std']} need one "
+                          f"value per channel ({shape[0]}).")
+    declared = manifest["io"]["input"]["shape"][1:]
+    for got, want, what in zip(shape, declared, ("channels", "crop", "crop")):
+        if isinstance(want, int) and got != want:
+            raise BundleError(f"bundle {str(root)!r}: preprocessing makes {list(shape)} inputs but io.input.shape "
+                              f"is {manifest['io']['input']['shape']} (preprocessing.{what} disagrees).")
+
+
 class ImageBundleRuntime(base.BundleRuntime):
     """What the CPU and GPU image runtimes share: preprocessing, labels and the batch check."""
 
@@ -78,11 +94,15 @@ class ImageBundleRuntime(base.BundleRuntime):
         if only_expert is not None:
             self.default_expert = self.expert_names.index(only_expert)
         self.preprocess = Preprocess.from_dict(manifest["preprocessing"])
+        check_input_shape(manifest, self.preprocess.input_shape, self.root)
         # What load_inputs (and the server's image decoder) may decode per call.
         self.input_limits = InputLimits()
         self.bundle = Bundle(self.root, manifest)
         labels = manifest["task"].get("labels")
         self.labels: list[str] = read_labels(self.bundle, labels["path"]) if labels else []
+        if self.labels and len(self.labels) != manifest["task"]["num_classes"]:
+            raise BundleError(f"labels file {labels['path']!r} of {str(self.root)!r} names {len(self.labels)} classes; "
+                              f"task.num_classes is {manifest['task']['num_classes']}.")
 
     def _graph(self, cls, rel: str, width: int):
         """What backend ``cls`` opens for graph ``rel``: its verified bytes where it takes them
@@ -137,6 +157,9 @@ class Runtime(ImageBundleRuntime):
                  only_expert: str | None = None, route_only: bool = False, verify: bool = True,
                  all_experts: bool = False):
         super().__init__(root, manifest, queue, only_expert)
+        for what, n in (("intra_op_threads", intra_op_threads), ("router_threads", router_threads)):
+            if not isinstance(n, int) or n < 0:
+                raise ConfigError(f"{what} = {n!r}: give a thread count >= 0 (0: ONNX Runtime's default).")
         self.bundle.verify = verify
         self.backend = backend
         cls = self._cls = BACKENDS[backend]
@@ -208,7 +231,9 @@ class Runtime(ImageBundleRuntime):
         """Run one expert alone (benchmarks, controls)."""
         if name not in self.expert_names:
             raise InputError(f"expert {name!r} is not in this bundle; it has {self.expert_names}.")
-        return self._session(self.expert_names.index(name)).run(self._check(batch))
+        batch = self._check(batch)
+        with self.counted():  # close() waits for it, and a closed runtime refuses it
+            return self._session(self.expert_names.index(name)).run(batch)
 
     def _session(self, k: int):
         sess = self._experts[k]

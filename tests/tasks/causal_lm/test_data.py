@@ -19,3 +19,18 @@ def test_documents_and_disjoint_splits():
     assert sorted(sum(s.values(), [])) == sorted(docs) and len(set(s["a"]) & set(s["b"])) == 0
     w = windows(lambda t: [len(t)] * 5, 0, ["aa", "bbb"], 4)
     assert w.tolist() == [[2, 2, 2, 2], [2, 0, 3, 3], [3, 3, 3, 0]]  # EOS (0) after each document
+
+
+def test_read_utf8_names_special_and_oversized_files(tmp_path):
+    from moqe_compile.errors import InputError
+    from moqe_compile.tasks.causal_lm.data import read_utf8
+
+    p = tmp_path / "t.txt"
+    p.write_text("hello world")
+    assert read_utf8(p, "--input-file", max_bytes=11) == "hello world"
+    with pytest.raises(InputError, match="has 11 bytes; at most 10 are read"):
+        read_utf8(p, "--input-file", max_bytes=10)
+    with pytest.raises(InputError, match="does not exist"):
+        read_utf8(tmp_path / "missing.txt", "--input-file")
+    with pytest.raises(InputError, match="not a regular file"):
+        read_utf8("/dev/null", "--input-file")

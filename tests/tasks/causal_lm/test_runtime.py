@@ -143,3 +143,20 @@ def test_a_task_this_release_does_not_know_is_a_bundle_error(lm_bundle, tmp_path
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="'speech' is not one of"):
         moqe_compile.load(bad)
+
+
+def test_a_text_no_model_window_can_hold_is_refused_before_tokenizing(lm_bundle):
+    from moqe_compile.tasks.causal_lm.runtime import LMRuntime
+
+    rt = LMRuntime.load(lm_bundle[0])
+    longest = max(map(len, rt.tokenizer.get_vocab(with_added_tokens=True)))
+    assert rt.max_chars == rt.max_positions * longest
+
+    class NoTokenizing:
+        def encode(self, *a, **k):
+            raise AssertionError("tokenized a text that cannot fit")
+
+    rt.tokenizer = NoTokenizing()
+    with pytest.raises(InputError, match=f"characters; the model takes at most {rt.max_positions} tokens"):
+        rt.encode("a" * (rt.max_chars + 1))
+    rt.close()

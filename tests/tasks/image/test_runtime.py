@@ -167,3 +167,97 @@ def test_run_refuses_nonfinite_samples_by_index(rt):
     x[2, 0, 1, 1] = np.inf
     with pytest.raises(InputError, match="batch sample 2 hold"):
         rt.run(x)
+
+
+def _manifest(bundle):
+    import json
+
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda p: p.update(crop=p["crop"] + 4), "preprocessing.crop disagrees"),
+    (lambda p: p.update(channels=1, mean=[0.5], std=[0.5]), "preprocessing.channels disagrees"),
+    (lambda p: p.update(mean=p["mean"][:2]), "one value per channel"),
+])
+def test_preprocessing_that_disagrees_with_the_graphs_is_the_bundles_fault(tiny_bundle, edit, match):
+    """A bundle whose preprocessing makes inputs of another shape than its graphs take is
+    refused at load, not blamed on the user's inputs at run time."""
+    from moqe_compile.errors import BundleError
+
+    m = _manifest(tiny_bundle)
+    edit(m["preprocessing"])
+    with pytest.raises(BundleError, match=match):
+        Runtime(tiny_bundle, m, "onnxruntime-cpu")
+
+
+def test_labels_must_name_every_class(tiny_bundle, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    from moqe_compile.errors import BundleError
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle, root)
+    m = _manifest(root)
+    if not m["task"].get("labels"):
+        m["task"]["labels"] = {"path": "task/labels.json"}
+    rel = m["task"]["labels"]["path"]
+    data = json.dumps(["a", "b"]).encode()
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(data)
+    m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="names 2 classes; task.num_classes is"):
+        Runtime.load(root)
+
+
+def test_run_expert_on_a_closed_runtime_is_refused(tiny_bundle):
+    from moqe_compile.errors import MoqeError
+
+    r = Runtime.load(tiny_bundle)
+    name = r.expert_names[0]
+    r.close()
+    with pytest.raises(MoqeError, match="closed"):
+        r.run_expert(name, _batch(1))
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_topk_needs_a_positive_integer(rt, k):
+    with pytest.raises(InputError, match="k must be a positive integer"):
+        rt.run(_batch(1)).topk(k)
+
+
+def test_a_graph_that_fails_at_run_time_is_a_backend_error_naming_it(tiny_bundle):
+    from moqe_compile.backends.onnxruntime_cpu import OrtCpuSession
+
+    m = _manifest(tiny_bundle)
+    s = OrtCpuSession("minmax-expert", tiny_bundle / m["experts"][0]["variants"]["onnxruntime-cpu"]["path"])
+    with pytest.raises(BackendError, match="minmax-expert: ONNX Runtime failed on a batch of shape \\(1, 3, 5, 5\\)"):
+        s.run(np.zeros((1, 3, 5, 5), np.float32))
+    s.close()
+    with pytest.raises(BackendError, match="closed"):
+        s.run(_batch(1))
+
+
+@pytest.mark.parametrize("kw, match", [({"intra_op_threads": -5}, "intra_op_threads = -5"),
+                                       ({"router_threads": 1.5}, "router_threads = 1.5"),
+                                       ({"queue": "x"}, "queue must be a QueueConfig, not str")])
+def test_bad_runtime_options_are_config_errors(tiny_bundle, kw, match):
+    from moqe_compile.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        Runtime.load(tiny_bundle, **kw)
+
+
+def test_load_and_load_inputs_name_wrong_argument_types(rt):
+    import moqe_compile
+    from moqe_compile.errors import BundleError
+
+    with pytest.raises(BundleError, match="not NoneType"):
+        moqe_compile.load(None)
+    with pytest.raises(InputError, match="not int"):
+        rt.load_inputs(123)
+    with pytest.raises(InputError, match="limits must be an InputLimits, not dict"):
+        rt.load_inputs("x.npy", limits={"max_images": 1})
