@@ -302,6 +302,8 @@ def _from_directory(p: Path, pre: Preprocess, limits: InputLimits) -> tuple[list
 def _from_array(arr: np.ndarray, pre: Preprocess, name: str,
                 limits: InputLimits = DEFAULT_LIMITS) -> tuple[list[str], np.ndarray]:
     chw = pre.input_shape
+    if arr.dtype == np.dtype(">f4"):  # float32 written big-endian: the same numbers, byte-swapped
+        arr = arr.astype(np.float32)
     rgb = arr.dtype == np.uint8 and arr.ndim in (3, 4) and arr.shape[-1] == 3
     if rgb or (arr.dtype == np.uint8 and arr.ndim == 3 and pre.channels == 1):  # (N, H, W) grayscale
         imgs = arr[None] if rgb and arr.ndim == 3 else arr

@@ -149,3 +149,13 @@ def test_all_finite_reads_non_contiguous_batches():
     x = np.zeros((4, 3, 8, 8), np.float32)
     x[2, 1, 3, 3] = np.nan
     assert all_finite(x[:, :, ::2]) and not all_finite(x[:, :, 1::2])
+
+
+def test_big_endian_float32_batches_read_as_the_same_numbers(tmp_path):
+    from moqe_compile.tasks.image.preprocess import load_inputs
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "be.npy", x.astype(">f4"))
+    _, got = load_inputs(tmp_path / "be.npy", PRE)
+    assert got.dtype == np.float32 and got.dtype.byteorder in ("=", "<", "|")
+    np.testing.assert_array_equal(got, x)
