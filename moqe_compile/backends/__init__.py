@@ -34,7 +34,10 @@ def resolve_backend(name: str, available: list[str]) -> str:
         raise BackendError(f"backend {name!r} runs through moqe_compile.tasks.image.runtime_gpu.GpuRuntime.load(bundle, "
                            f"backend={name!r}); Runtime serves {sorted(BACKENDS)}.")
     if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; supported: {sorted(BACKENDS)} or 'auto'.")
+        from moqe_compile.errors import ConfigError
+
+        # a misspelt option, not a backend that failed: the config code, not the backend one
+        raise ConfigError(f"unknown backend {name!r}; supported: {sorted(BACKENDS)} or 'auto'.")
     if name not in available:
         raise BackendError(f"bundle was not built for backend {name!r}; it offers {available}.")
     return name

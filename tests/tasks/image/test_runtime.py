@@ -92,7 +92,9 @@ def test_bad_batches(rt, bad, match):
 
 
 def test_unknown_backend(tiny_bundle):
-    with pytest.raises(BackendError, match="unknown backend 'tpu'"):
+    from moqe_compile.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown backend 'tpu'"):
         Runtime.load(tiny_bundle, backend="tpu")
 
 
