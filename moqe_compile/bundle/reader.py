@@ -2,10 +2,10 @@
 
 The manifest is read within limits (size, JSON nesting depth), then checked against the JSON
 Schema shipped beside this module (``manifest.schema.json``, docs/bundle-format.md) and for what
-a schema cannot say (unique expert names, routing names that exist, one graph per backend),
-before any other code reads a field of it. Graph files are handed to ONNX Runtime as the
-bytes that were hashed (``Bundle.graph``), never re-opened by path, so a file swapped after
-the check is not what runs.
+the schema does not say (expert names that are safe as path components and unique, routing
+names that exist, one graph per backend), before any other code reads a field of it. Graph
+files are handed to ONNX Runtime as the bytes that were hashed (``Bundle.graph``), never
+re-opened by path, so a file swapped after the check is not what runs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from moqe_compile.bundle.manifest import MANIFEST, SCHEMA_VERSION, referenced_paths, safe_join, sha256_file
+from moqe_compile.bundle.manifest import (MANIFEST, NAME_RULE, SCHEMA_VERSION, is_safe_name, referenced_paths,
+                                         safe_join, sha256_file)
 from moqe_compile.errors import BundleError, BundleIntegrityError, BundlePathError, SchemaVersionError
 
 # Limits on what a manifest may make the reader do (docs/security.md#manifest-limits): far
@@ -242,9 +243,13 @@ def _check_schema(manifest: dict, mpath: Path) -> None:
 
 
 def _check_names(m: dict, mpath: Path) -> None:
-    """What the schema cannot say: expert names are unique, routing names one of them, and every
-    listed backend has a graph in every expert."""
+    """What the schema does not say: expert names are safe and unique, routing names one of them,
+    and every listed backend has a graph in every expert."""
     names = [e["name"] for e in m["experts"]]
+    bad = next((n for n in names if not is_safe_name(n)), None)
+    if bad is not None:  # tools make paths and model names of them (export-triton)
+        raise BundleError(f"{str(mpath)!r}: expert name {bad!r} is not allowed: a name has {NAME_RULE}. "
+                          "Rebuild the bundle with a recipe that names its experts so.")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise BundleError(f"{str(mpath)!r}: expert names {dup} occur more than once.")

@@ -18,9 +18,11 @@ def cmd_export_triton(args) -> int:
 def add_parser(sub) -> None:
     t = sub.add_parser("export-triton", help="write a Triton model repository (router + experts + BLS model)")
     t.add_argument("bundle")
-    t.add_argument("-o", "--output", required=True, help="repository directory to write")
-    t.add_argument("--name", default="", help="name clients call (default: the bundle directory's name)")
-    t.add_argument("--prefix", default="", help="prefix for the router/expert model names")
+    t.add_argument("-o", "--output", required=True, help="repository directory to write (outside the bundle)")
+    t.add_argument("--name", default="", help="name clients call (default: the bundle directory's name); letters, "
+                                              "digits, '.', '_', '-', starting with a letter or digit, no '..'")
+    t.add_argument("--prefix", default="", help="prefix for the router/expert model names (same characters as "
+                                                "--name)")
     t.add_argument("--variant", default="onnxruntime-cpu",
                    help="expert graphs: onnxruntime-cpu (U8S8) or tensorrt (S8S8, for ONNX Runtime CUDA)")
     t.add_argument("--kind", default="KIND_CPU", help="instance kind of router/experts: KIND_CPU | KIND_GPU")

@@ -8,8 +8,13 @@ the same resamples, so all of its intervals and paired p-values are paired
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
+from moqe_compile.bundle.manifest import check_outside
+from moqe_compile.errors import InputError
 from moqe_compile.evaluate.stats import bootstrap_means, bootstrap_p_value, is_clustered
 
 MIN_UNITS = 30  # fewer independent samples (or source images) than this: intervals are not to be trusted
@@ -50,6 +55,28 @@ class BootstrapTable:
 
     def diff(self, key, metric: str) -> dict:
         return {"metric": metric, "diff": self.value(key), "ci95": self.stat[key]["ci95"]}
+
+
+def default_out(bundle: str | Path) -> Path:
+    """Where ``eval`` writes by default: ``<bundle>-eval`` beside the bundle."""
+    b = Path(bundle).resolve()
+    return b.with_name(b.name + "-eval")
+
+
+def prepare_out(root: Path, out: str | Path | None, option: str = "--out") -> Path:
+    """The report folder: outside the bundle, created and writable before anything is scored
+    (a bad ``--out`` used to fail only after the whole evaluation)."""
+    out_dir = check_outside(root, out or default_out(root), option)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{option} {str(out_dir)!r} exists and is not a directory; choose a directory.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise InputError(f"{option} {str(out_dir)!r} cannot be created or written: {e.strerror or e}; "
+                         "choose a writable directory.") from e
+    return out_dir
 
 
 def headroom(moqe: float, best: float, oracle: float) -> float | None:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
+from onnx.checker import ValidationError
 
 from moqe_compile.backends.onnxruntime_cpu import optimized_model_bytes
-from moqe_compile.errors import ConfigError
+from moqe_compile.errors import BackendError, ConfigError, InputError
 
 FLOAT_COMPUTE = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
 INT_COMPUTE = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
@@ -25,7 +27,7 @@ INT_COMPUTE = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvIn
 TARGETS = ("onnxruntime-cpu", "tensorrt")
 
 
-def optimized_graph(model: Path, optimization: str = "extended") -> onnx.ModelProto:
+def optimized_graph(model: Path | bytes, optimization: str = "extended") -> onnx.ModelProto:
     """The graph ORT CPU executes after its (by default extended, machine-independent) optimizations."""
     return onnx.load_from_string(optimized_model_bytes(model, optimization))
 
@@ -39,8 +41,28 @@ def count_integer_kernels(model: Path) -> dict:
     return {"integer": {k: c[k] for k in INT_COMPUTE if c[k]}, "float": {k: c[k] for k in FLOAT_COMPUTE if c[k]}}
 
 
-def _check_ort_cpu(model: Path, allow_float: int) -> tuple[list[str], dict]:
-    g = optimized_graph(model)
+def load_model(path: Path) -> onnx.ModelProto:
+    """The ONNX model at ``path`` (external data included), read once for every target; a path
+    that is not a readable ONNX file is an InputError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"model {str(p)!r} does not exist.")
+    if not p.is_file():  # a FIFO would block the read; a directory or device is no model
+        raise InputError(f"model {str(p)!r} is not a regular file; pass an .onnx file.")
+    if p.stat().st_size == 0:
+        raise InputError(f"model {str(p)!r} is empty; pass an .onnx file.")
+    try:
+        return onnx.load(str(p))
+    except (DecodeError, ValidationError, OSError, ValueError) as e:  # the last three: its external data
+        raise InputError(f"model {str(p)!r} is not a readable ONNX model ({e}); pass an .onnx file, with any "
+                         "external data it names beside it.") from e
+
+
+def _check_ort_cpu(model: onnx.ModelProto, path: Path, allow_float: int) -> tuple[list[str], dict]:
+    try:
+        g = optimized_graph(model.SerializeToString())
+    except BackendError as e:  # ORT saw the bytes, not the file: name it
+        raise BackendError(f"model {str(path)!r}: {e}") from e
     c = Counter(n.op_type for n in g.graph.node)
     kernels = {"integer": {k: c[k] for k in INT_COMPUTE if c[k]}, "float": {k: c[k] for k in FLOAT_COMPUTE if c[k]}}
     floats = [n for n in g.graph.node if n.op_type in FLOAT_COMPUTE]
@@ -51,8 +73,7 @@ def _check_ort_cpu(model: Path, allow_float: int) -> tuple[list[str], dict]:
     return bad, kernels
 
 
-def _check_tensorrt(model: Path) -> list[str]:
-    m = onnx.load(str(model))
+def _check_tensorrt(m: onnx.ModelProto) -> list[str]:
     bad = []
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
@@ -97,8 +118,9 @@ def check_qdq(model: Path, target: str, allow_float: int = 0) -> dict:
     """``{"ok", "violations": [...], "kernels"?}``; violations name the offending node."""
     if target not in TARGETS:
         raise ConfigError(f"--target {target!r} is not one of {list(TARGETS)}.")
+    m = load_model(model)
     if target == "onnxruntime-cpu":
-        bad, kernels = _check_ort_cpu(model, allow_float)
+        bad, kernels = _check_ort_cpu(m, model, allow_float)
         return {"target": target, "ok": not bad, "violations": bad, "kernels": kernels}
-    bad = _check_tensorrt(model)
+    bad = _check_tensorrt(m)
     return {"target": target, "ok": not bad, "violations": bad}

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moqe_compile.bundle import read_bundle
-from moqe_compile.errors import BackendError, BundleError, ConfigError
+from moqe_compile.bundle.manifest import NAME_RULE, check_outside, is_safe_name, safe_join
+from moqe_compile.errors import BackendError, BundleError, ConfigError, InputError
 
 KINDS = ("KIND_CPU", "KIND_GPU")
 _DTYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
@@ -102,6 +103,10 @@ class TritonExport:
     max_queue_delay_us: int = 2000
 
     def check(self) -> None:
+        for flag, value in (("--name", self.name), ("--prefix", self.prefix)):
+            if value and not is_safe_name(value):  # both become directory names in the repository
+                raise ConfigError(f"{flag} {value!r} is not allowed: it becomes Triton model and folder names, "
+                                  f"which have {NAME_RULE}. Pass another {flag}.")
         if self.instance_kind not in KINDS:
             raise ConfigError(f"instance kind {self.instance_kind!r} must be one of {KINDS}.")
         for k in ("instances", "max_batch_size"):
@@ -148,6 +153,18 @@ def _expert_model(expert: dict, mname: str, io: tuple[Tensor, Tensor], opts: Tri
             {"model.onnx": variants[opts.variant]["path"]})
 
 
+def _check_model_names(models: list) -> None:
+    """Every model name is one safe directory name (the default --name is the bundle directory's
+    name, and a long --prefix can push a name over the limit), and no two collide."""
+    names = [m.name for m, _ in models]
+    bad = next((n for n in names if not is_safe_name(n)), None)
+    if bad is not None:
+        raise ConfigError(f"Triton model name {bad!r} is not allowed: a model name has {NAME_RULE}. Pass --name "
+                          "(the default is the bundle directory's name) or a shorter --prefix.")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names collide: {names}; pass another --name or --prefix.")
+
+
 def plan_models(manifest: dict, opts: TritonExport, bundle_name: str) -> list[tuple[object, dict[str, str]]]:
     """Every model of the repository: (ModelConfig message, {file in the version dir: source})
     where the source is a bundle-relative path, or ``pkg:<sub>/<file>`` for a copied runtime file."""
@@ -187,7 +204,47 @@ def plan_models(manifest: dict, opts: TritonExport, bundle_name: str) -> list[tu
     files = {"model.py": "pkg:serving/triton_bls/model.py",
              **{dst: f"pkg:{sub}/{src}" for dst, (sub, src) in RUNTIME_FILES.items()}}
     models.append((bls, files))
+    _check_model_names(models)
     return models
+
+
+def _output_dir(bundle_root: Path, out: str | Path, overwrite: bool) -> Path:
+    """``out`` resolved, refused where writing it would touch the bundle: inside it (as
+    ``eval --out``), or holding it while --force would replace it."""
+    out, root = check_outside(bundle_root, out, "-o"), bundle_root.resolve()
+    if overwrite and root.is_relative_to(out):
+        raise InputError(f"-o {str(out)!r} holds the bundle {str(root)!r}; --force would delete it. "
+                         "Choose a directory that does not contain the bundle.")
+    return out
+
+
+def _write_models(tmp: Path, models: list, bundle) -> None:
+    """Each model's folder in ``tmp``; every path written is checked to stay inside ``tmp`` (the
+    names were checked already: this holds even if a name slips past that)."""
+    pkg = Path(__file__).resolve().parents[1]
+
+    def target(rel: str) -> Path:
+        return safe_join(tmp, rel, what="Triton repository path", inside="the output folder")
+
+    for cfg, files in models:
+        target(f"{cfg.name}/1").mkdir(parents=True)
+        target(f"{cfg.name}/config.pbtxt").write_text(render_config(cfg))
+        for dst, src in files.items():
+            shutil.copyfile(pkg / src[4:] if src.startswith("pkg:") else bundle.file(src),
+                            target(f"{cfg.name}/1/{dst}"))
+
+
+def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
+    old = None
+    if out.exists():
+        if not overwrite and (not out.is_dir() or any(out.iterdir())):
+            raise BundleError(f"{str(out)!r} exists and is not empty; pass --force to replace it.")
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_triton(bundle: str | Path, out: str | Path, opts: TritonExport | None = None,
@@ -201,31 +258,13 @@ def export_triton(bundle: str | Path, out: str | Path, opts: TritonExport | None
 
     b = read_bundle(bundle)
     check_servable(b.root)  # the BLS model decodes image tensors: a causal-LM bundle has no codec
-    out = Path(out).resolve()
-    pkg = Path(__file__).resolve().parents[1]
-    models = plan_models(b.manifest, opts, b.root.name)
-    seen = [m.name for m, _ in models]
-    if len(set(seen)) != len(seen):
-        raise ConfigError(f"model names collide: {seen}; pass another --name or --prefix.")
+    out = _output_dir(b.root, out, overwrite)
+    models = plan_models(b.manifest, opts, b.root.resolve().name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for cfg, files in models:
-            d = tmp / cfg.name
-            (d / "1").mkdir(parents=True)
-            (d / "config.pbtxt").write_text(render_config(cfg))
-            for dst, src in files.items():
-                shutil.copyfile(pkg / src[4:] if src.startswith("pkg:") else b.file(src), d / "1" / dst)
-        old = None
-        if out.exists():
-            if not overwrite and (not out.is_dir() or any(out.iterdir())):
-                raise BundleError(f"{str(out)!r} exists and is not empty; pass --force to replace it.")
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _write_models(tmp, models, b)
+        _replace(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

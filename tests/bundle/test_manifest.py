@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import moqe_compile
+import moqe_compile.recipes
 from moqe_compile.bundle import read_bundle
 from moqe_compile.bundle import reader
+from moqe_compile.bundle.manifest import is_safe_name
 from moqe_compile.cli import run as run_cli
-from moqe_compile.errors import BundleError, BundleIntegrityError
+from moqe_compile.errors import BundleError, BundleIntegrityError, ConfigError
 
 
 @pytest.fixture
@@ -68,6 +72,10 @@ CASES = {
     "experts is a dict": (lambda m: m.__setitem__("experts", {"a": 1}), r"\$.experts"),
     "backend without graph": (lambda m: m["backends"].append("tensorrt"), "has no graph for backends"),
     "fallback threshold a string": (lambda m: m["routing"].__setitem__("fallback_threshold", "x"), "fallback"),
+    # export-triton made folders of expert names: this one wrote outside its output folder.
+    "expert name escapes": (lambda m: m["experts"][0].__setitem__("name", "x/../../../escaped"),
+                            r"expert name 'x/\.\./\.\./\.\./escaped' is not allowed"),
+    "expert name is a parent": (lambda m: m["experts"][0].__setitem__("name", ".."), "expert name '..' is not allowed"),
 }
 
 
@@ -229,3 +237,44 @@ def test_listed_external_data_is_verified_and_used(copy, tiny_bundle):
     p.write_bytes(bytes(data))
     with pytest.raises(BundleIntegrityError, match="was changed"):
         moqe_compile.load(copy, verify=True)
+
+
+GOOD_NAMES = ["w4-gptq-g32.8bit-112", "percentile-99.999", "copy1", "budget-w4a8-mse.fp-3", "A_b-c.d", "x" * 128]
+BAD_NAMES = ["", ".", "..", "..a", "a..b", ".hidden", "-x", "_x", "a/b", "x/../../../escaped", "a\\b", "a b", "é",
+             "a\x00", "a\n", "x" * 129, None, 3]
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+def test_name_rule_accepts_the_names_builds_write(name):
+    assert is_safe_name(name)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_name_rule_refuses_what_could_be_a_path(name):
+    assert not is_safe_name(name)
+
+
+def _shipped_expert_names() -> set[str]:
+    from moqe_compile.tasks.causal_lm.presets import LM_EXPERT_PRESETS
+    from moqe_compile.tasks.image.presets import EXPERT_PRESETS
+
+    names = set(EXPERT_PRESETS) | set(LM_EXPERT_PRESETS)  # a preset's name is its expert's default name
+    for toml in Path(moqe_compile.recipes.__file__).parent.glob("*.toml"):
+        names |= {e["name"] for e in tomllib.loads(toml.read_text()).get("experts", []) if "name" in e}
+    return names
+
+
+def test_every_shipped_recipe_and_preset_name_follows_the_rule():
+    names = _shipped_expert_names()
+    assert {"percentile-99.999", "w4a8-mse-bc", "strongest"} <= names
+    assert [n for n in sorted(names) if not is_safe_name(n)] == []
+
+
+@pytest.mark.parametrize("name", ["..", "..a", "é", "x/../y", "-x"])
+def test_recipes_refuse_the_names_the_reader_refuses(name):
+    from moqe_compile.tasks.causal_lm.config import LMExpertRecipe
+    from moqe_compile.tasks.image.config import ExpertRecipe
+
+    for cls in (ExpertRecipe, LMExpertRecipe):
+        with pytest.raises(ConfigError, match=f"name = {re.escape(repr(name))} is not allowed"):
+            cls(name=name)

@@ -169,6 +169,24 @@ def test_check_qdq_cli(tiny_bundle, capsys):
     assert "--target 'tpu' is not one of" in capsys.readouterr().err
 
 
+def _qdq_input(d: Path, kind: str) -> str:
+    if kind in ("empty", "garbage"):
+        (d / f"{kind}.onnx").write_bytes(b"" if kind == "empty" else b"garbage")
+    named = {"devnull": "/dev/null", "directory": str(d), "missing": str(d / "missing.onnx")}
+    return named.get(kind, str(d / f"{kind}.onnx"))
+
+
+@pytest.mark.parametrize("kind, match", [("devnull", "is not a regular file"), ("empty", "is empty"),
+                                         ("directory", "is not a regular file"), ("missing", "does not exist"),
+                                         ("garbage", "is not a readable ONNX model")])
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime-cpu"])
+def test_check_qdq_cli_names_what_is_wrong_with_the_file(tmp_path, capsys, kind, match, target):
+    path = _qdq_input(tmp_path, kind)
+    assert compile_cli.main(["check-qdq", path, "--target", target]) == errors.InputError.exit_code
+    err = capsys.readouterr().err
+    assert f"model {path!r} {match}" in err and "Traceback" not in err
+
+
 def test_sensitivity_cli(tiny_onnx, tiny_images, tmp_path, capsys):
     recipe = tmp_path / "r.toml"
     write_tiny_recipe(recipe, tiny_onnx, tiny_images)

@@ -1,12 +1,15 @@
 """Weight-level passes (clipping, activation ranges, AdaRound, equalization) and check-qdq: each
 must do what it claims, checked on numbers, not just on structure."""
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
+from moqe_compile.errors import InputError
 from moqe_compile.tasks.image.config import ExpertRecipe
 from moqe_compile.quantize import check_qdq
 from moqe_compile.quantize.adaround import adaround_layer
@@ -99,3 +102,23 @@ def test_check_qdq_rejects_fp_model_for_ort_cpu(setup):
     prep, _, _ = setup
     res = check_qdq(prep, "onnxruntime-cpu")
     assert not res["ok"] and any("runs in float" in v for v in res["violations"])
+
+
+def _escaping_external_data() -> bytes:
+    w = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [1], [1.0])
+    w.ClearField("float_data")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    w.external_data.add(key="location", value="../../../etc/passwd")
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["w"], ["y"])], "g", [], [y], [w])
+    return onnx.helper.make_model(graph).SerializeToString()
+
+
+@pytest.mark.parametrize("content", ["garbage", "escaping external data"])
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime-cpu"])
+def test_check_qdq_names_a_file_that_is_not_onnx_for_every_target(tmp_path, target, content):
+    bad = tmp_path / "photo.jpg"
+    # Both were tracebacks (protobuf DecodeError, onnx ValidationError) for tensorrt.
+    bad.write_bytes(b"garbage" if content == "garbage" else _escaping_external_data())
+    with pytest.raises(InputError, match=f"model {re.escape(repr(str(bad)))} is not a readable ONNX model"):
+        check_qdq(bad, target)

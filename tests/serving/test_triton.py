@@ -5,6 +5,7 @@ here), answers exactly like the in-process Runtime."""
 import asyncio
 import importlib.util
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -18,7 +19,7 @@ from google.protobuf import json_format  # noqa: E402
 
 import moqe_compile  # noqa: E402
 from moqe_compile import Runtime  # noqa: E402
-from moqe_compile.errors import BackendError, BundleError, ConfigError  # noqa: E402
+from moqe_compile.errors import BackendError, BundleError, ConfigError, InputError  # noqa: E402
 from moqe_compile.serving.triton import TritonExport, export_triton, parse_config, plan_models  # noqa: E402
 
 from ..models import CROP, ROUTED_EXPERTS, ROUTED_FALLBACK, routed_oracle, routed_reference  # noqa: E402
@@ -301,3 +302,66 @@ def test_bls_on_an_unrouted_bundle_serves_the_default_expert(single_bundle, tmp_
         np.testing.assert_allclose(got["logits"], want.logits, rtol=1e-5, atol=1e-5)
         assert set(got["expert"].ravel().tolist()) == {rt.default_expert}
         assert [c[0] for c in pb.calls] == [f"expert_{rt.expert_names[rt.default_expert]}"]
+
+
+def _listing(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("flag, value", [("--name", "../../evil"), ("--name", ".hidden"), ("--name", "-x"),
+                                         ("--prefix", "a/b"), ("--prefix", "../")])
+def test_unsafe_name_or_prefix_is_refused_before_writing(routed_bundle, tmp_path, capsys, flag, value):
+    from moqe_compile.cli.main import main
+
+    out = tmp_path / "a" / "b" / "r"
+    assert main(["export-triton", str(routed_bundle), "-o", str(out), f"{flag}={value}"]) == ConfigError.exit_code
+    err = capsys.readouterr().err
+    assert f"{flag} {value!r} is not allowed" in err and f"Pass another {flag}" in err
+    assert _listing(tmp_path) == set()  # neither the repository nor anything beside it
+
+
+def test_model_names_must_be_safe_folder_names(routed_bundle, tmp_path):
+    odd = tmp_path / "my bundle"  # the default --name is the bundle directory's name
+    shutil.copytree(routed_bundle, odd)
+    with pytest.raises(ConfigError, match="model name 'my bundle' is not allowed.*Pass --name"):
+        export_triton(odd, tmp_path / "r")
+    export_triton(odd, tmp_path / "r", TritonExport(name="my-bundle"))
+    with pytest.raises(ConfigError, match=r"model name 'p{125}expert_\w+' is not allowed.*shorter --prefix"):
+        export_triton(routed_bundle, tmp_path / "r2", TritonExport(name="m", prefix="p" * 125))
+
+
+def test_expert_name_from_a_manifest_cannot_escape_the_output(routed_bundle, tmp_path, monkeypatch):
+    from moqe_compile.bundle.reader import Bundle
+    from moqe_compile.errors import BundlePathError
+    from moqe_compile.serving import server, triton
+
+    bundle = tmp_path / "work" / "b"
+    shutil.copytree(routed_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    old, m["experts"][0]["name"] = m["experts"][0]["name"], "x/../../../escaped"
+    m["routing"] = {k: "x/../../../escaped" if v == old else v for k, v in m["routing"].items()}
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    out = tmp_path / "work" / "out" / "r"
+    with pytest.raises(BundleError, match=r"expert name 'x/\.\./\.\./\.\./escaped' is not allowed"):
+        export_triton(bundle, out, TritonExport(name="m"))
+    # Past every name check (as a future bug might let it), the writer still keeps each path inside.
+    monkeypatch.setattr(triton, "read_bundle", lambda p: Bundle(Path(p), m))
+    monkeypatch.setattr(server, "check_servable", lambda p: None)
+    monkeypatch.setattr(triton, "_check_model_names", lambda models: None)
+    with pytest.raises(BundlePathError, match="must be relative and stay inside the output folder"):
+        export_triton(bundle, out, TritonExport(name="m"))
+    assert not list(tmp_path.rglob("escaped")) and not list((tmp_path / "work" / "out").iterdir())
+
+
+def test_output_inside_the_bundle_or_holding_it_is_refused(routed_bundle, tmp_path):
+    from moqe_compile.bundle import read_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(routed_bundle, bundle)
+    before = _listing(bundle)
+    with pytest.raises(InputError, match=r"-o '.*/b/repo' is inside the bundle .*Choose a directory outside it"):
+        export_triton(bundle, bundle / "repo", TritonExport(name="m"))
+    with pytest.raises(InputError, match="holds the bundle .*--force would delete it"):
+        export_triton(bundle, tmp_path, TritonExport(name="m"), overwrite=True)
+    assert _listing(bundle) == before
+    read_bundle(bundle)

@@ -10,13 +10,12 @@ controls and gate sections and the TOML machinery are the shared ones of
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moqe_compile.errors import ConfigError
 from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, TargetConfig, build_section,
-                                 check_experts, choice, positive, read_recipe_toml, resolve_path,
+                                 check_expert_name, check_experts, choice, positive, read_recipe_toml, resolve_path,
                                  written_when_set)
 from moqe_compile.tasks.causal_lm.presets import DEFAULT_EXPERTS, LM_EXPERT_PRESETS
 
@@ -163,8 +162,7 @@ class LMExpertRecipe:
         return written_when_set(self, self.WRITTEN_WHEN_SET)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
-            raise ConfigError(f"[[experts]] name = {self.name!r} must match [A-Za-z0-9_.-]+.")
+        check_expert_name(self.name)
         choice(f"experts.{self.name}", "scheme", self.scheme, SCHEMES)
         choice(f"experts.{self.name}", "weights", self.weights, WEIGHT_ALGOS)
         allowed_bits = (8,) if self.scheme == "w8a8-dynamic" else (3, 4, 8)

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moqe_compile.bundle import read_bundle
+from moqe_compile.evaluate.report import prepare_out
 from moqe_compile.errors import InputError
 from moqe_compile.tasks.causal_lm.report import lm_split_report, render_lm_markdown
 
@@ -122,13 +123,10 @@ def latency(rt, window: np.ndarray, repeats: int) -> dict:
 
 def cmd_eval(args) -> int:
     """``moqe-compile eval`` on a causal-LM bundle (arguments: :mod:`moqe_compile.cli.eval`)."""
+    b = Path(args.bundle).resolve()
+    out = prepare_out(b, args.out)  # before the evaluation: a bad --out fails at once
     rep = evaluate_lm(args.bundle, data=args.data, with_latency=args.latency, repeats=args.repeats,
                       n_boot=args.resamples, seed=args.seed, verify=not args.no_verify)
-    b = Path(args.bundle).resolve()
-    out = Path(args.out) if args.out else b.with_name(b.name + "-eval")
-    if out.resolve().is_relative_to(b):
-        raise InputError(f"--out {str(out)!r} is inside the bundle; choose a directory outside it.")
-    out.mkdir(parents=True, exist_ok=True)
     md = render_lm_markdown(rep, f"{b.name}: {rep['data']} (served: {rep['served']})")
     if "latency_ms" in rep:
         lat = rep["latency_ms"]

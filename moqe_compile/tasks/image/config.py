@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from moqe_compile.errors import ConfigError
-from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, TargetConfig, check_experts, choice,
-                                 positive, read_recipe_toml, resolve_path, written_when_set)
+from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, TargetConfig, check_expert_name,
+                                 check_experts, choice, positive, read_recipe_toml, resolve_path, written_when_set)
 from moqe_compile.tasks.image.fashion_mnist import DOMAINS, DOMAINS_SOURCE
 from moqe_compile.tasks.image.presets import (  # noqa: F401 - importers of the presets through config keep working
     EXPERT_PRESETS,
@@ -216,8 +216,7 @@ class ExpertRecipe:
 
     def __post_init__(self) -> None:
         where = f"experts.{self.name}"
-        if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ConfigError(f"[[experts]] name = {self.name!r} must be a non-empty [A-Za-z0-9_.-] name.")
+        check_expert_name(self.name)
         if self.preset and self.preset not in self.PRESETS:
             raise ConfigError(f"[{where}] preset = {self.preset!r} is not one of {sorted(self.PRESETS)}.")
         choice(where, "calibration", self.calibration, CALIBRATION_METHODS)

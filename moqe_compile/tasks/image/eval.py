@@ -35,18 +35,24 @@ import json
 import platform
 import statistics
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from moqe_compile.errors import BundleError, InputError
+from moqe_compile.errors import BundleError, ConfigError, InputError
 from moqe_compile.evaluate.latency import tile_batch, time_interleaved
 from moqe_compile.evaluate.losses import sample_losses
+from moqe_compile.evaluate.report import prepare_out
 from moqe_compile.evaluate.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, group_index
 from moqe_compile.tasks.image.report import build_split_report, to_markdown, write_plots
 
 EVAL_SPLITS = ("router_val", "test")
+# What np.load raises on a file that is not a plain .npz: a .npz is a zip archive, and a
+# corrupt one fails in zipfile or zlib before numpy sees an array.
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def _normalize(pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -105,7 +111,7 @@ def load_eval_data(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
                 x = np.ascontiguousarray(z[f"{split}_x"].astype(np.float32))
             y = z[f"{split}_y"].astype(np.int64) if f"{split}_y" in z else None
             g = z[f"{split}_groups"].astype(np.int64) if f"{split}_groups" in z else None
-    except (OSError, ValueError, KeyError) as e:
+    except (*NPZ_ERRORS, KeyError) as e:
         raise BundleError(f"{str(path)!r} is not a readable eval_data.npz: {e}.") from e
     return x, y, g
 
@@ -147,8 +153,9 @@ def load_user_data(path: str | Path, rt) -> tuple[np.ndarray, np.ndarray | None,
                 if "x" not in z:
                     raise InputError(f"--data {str(p)!r} has arrays {sorted(z.files)}; it needs 'x' (and optionally 'y').")
                 x, y = z["x"], (z["y"] if "y" in z else None)
-        except ValueError as e:
-            raise InputError(f"--data {str(p)!r} is not a plain .npz file: {e}.") from e
+        except NPZ_ERRORS as e:
+            raise InputError(f"--data {str(p)!r} is not a readable plain .npz file ({e}); write one with numpy.savez "
+                             "holding an array x (and optionally y).") from e
         shape = rt.preprocess.input_shape
         if x.dtype != np.float32 or x.ndim != 4 or tuple(x.shape[1:]) != shape or len(x) == 0:
             raise InputError(f"--data {str(p)!r}: x has shape {tuple(x.shape)} and dtype {x.dtype}; expected "
@@ -169,9 +176,16 @@ def _check_labels(y: np.ndarray, rt, p: Path) -> None:
         raise InputError(f"--data {str(p)!r}: labels range over [{y.min()}, {y.max()}]; the model has {c} classes.")
 
 
-def default_out(bundle: str | Path) -> Path:
-    b = Path(bundle).resolve()
-    return b.with_name(b.name + "-eval")
+
+def _check_options(repeats: int, batches, n_boot: int) -> None:
+    if repeats < 1:
+        raise InputError(f"--repeats {repeats} must be >= 1.")
+    if n_boot < 1:
+        raise InputError(f"--resamples {n_boot} must be >= 1.")
+    bad = [b for b in batches if b < 1]
+    if bad:
+        raise ConfigError(f"--batches {' '.join(map(str, batches))}: batch size {bad[0]} must be >= 1; "
+                          "pass positive sizes such as --batches 1 32.")
 
 
 def _batched(fn, x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -189,16 +203,10 @@ def evaluate_bundle(bundle: str | Path, data: str = "test", out: str | Path | No
     from moqe_compile.backends import OrtCpuSession
     from moqe_compile import Runtime
 
-    if repeats < 1:
-        raise InputError(f"--repeats {repeats} must be >= 1.")
-    if n_boot < 1:
-        raise InputError(f"--resamples {n_boot} must be >= 1.")
+    _check_options(repeats, batches, n_boot)
     with Runtime.load(bundle, verify=verify) as rt:
         root, m = rt.root, rt.manifest
-        out_dir = Path(out).resolve() if out else default_out(root)
-        if out_dir == root or root in out_dir.parents:
-            raise InputError(f"--out {str(out_dir)!r} is inside the bundle; a hashed bundle is never modified. "
-                             "Choose a directory outside it.")
+        out_dir = prepare_out(root, out)
         if data in EVAL_SPLITS:
             ed = m.get("report", {}).get("eval_data")
             if not ed:
@@ -268,7 +276,7 @@ def evaluate_bundle(bundle: str | Path, data: str = "test", out: str | Path | No
     report = {"bundle": str(root), "data": source, "notes": note, **rep, "gate": gate,
               "routing_enabled": bool(m["routing"]["enabled"]), "runtime_check": runtime_check,
               "latency": lat, "eval_seconds": round(score_s, 2)}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # in case it was removed while scoring
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(render_markdown(report) + frontier_text(root, m))
     write_plots(rep, out_dir)

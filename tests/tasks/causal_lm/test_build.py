@@ -92,6 +92,23 @@ def test_cli_run_and_eval(lm_bundle, capsys):
     assert rep["overall"]["controls"]["copies_oracle"]["copies"] == 2
 
 
+def test_eval_refuses_a_bad_out_before_evaluating(lm_bundle, monkeypatch, capsys):
+    """--out inside the bundle, or an existing file, fails at once: the evaluation never starts."""
+    from moqe_compile.cli.main import main as compile_main
+    from moqe_compile.tasks.causal_lm import eval as lm_eval
+
+    def never(*a, **k):
+        raise AssertionError("evaluated before checking --out")
+
+    monkeypatch.setattr(lm_eval, "evaluate_lm", never)
+    bundle, tmp = lm_bundle
+    assert compile_main(["eval", str(bundle), "--out", str(bundle / "report")]) == 3
+    assert "inside the bundle" in capsys.readouterr().err
+    (tmp / "a-file").write_text("x")
+    assert compile_main(["eval", str(bundle), "--out", str(tmp / "a-file")]) == 3
+    assert "is not a directory" in capsys.readouterr().err
+
+
 def test_inspect_renders_lm_bundle(lm_bundle):
     from moqe_compile.cli.inspect import render
 

@@ -73,7 +73,7 @@ def test_copies_of_must_name_an_expert():
 
 
 def test_an_expert_without_a_name_is_a_config_error():
-    with pytest.raises(ConfigError, match="name = '' must match"):
+    with pytest.raises(ConfigError, match="name = '' is not allowed"):
         LMBuildConfig.from_dict({"task": "causal-lm", "experts": [{"preset": "w4-rtn"}, {"name": "b"}]})
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from moqe_compile.bundle import read_bundle
 from moqe_compile.cli import main as compile_cli
+from moqe_compile.errors import ConfigError
 from moqe_compile.tasks.image.eval import load_eval_data
 
 KEYS = {"fp", "experts", "best_expert", "oracle", "moqe", "moqe_vs_best", "moqe_vs_best_loss",
@@ -104,3 +105,40 @@ def test_eval_bundle_without_eval_data(tiny_bundle, tmp_path, capsys):
     (bundle / "manifest.json").write_text(json.dumps(m))
     code, _, err = _eval(capsys, [str(bundle), "--no-latency", "--out", str(tmp_path / "o")])
     assert code == 4 and "no report.eval_data" in err and "--data PATH" in err
+
+
+def test_eval_refuses_a_corrupt_npz_naming_it(tiny_bundle, tmp_path, capsys):
+    bad = tmp_path / "corrupt.npz"
+    bad.write_bytes(b"PK\x03\x04garbage")  # a zip header and nothing a zip reader can use
+    code, _, err = _eval(capsys, [str(tiny_bundle), "--no-latency", "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert code == 3 and f"--data {str(bad)!r} is not a readable plain .npz file" in err and "numpy.savez" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("sizes", [["0"], ["1", "-1"]])
+def test_eval_refuses_non_positive_batch_sizes_up_front(tiny_bundle, tmp_path, capsys, monkeypatch, sizes):
+    from moqe_compile import Runtime
+
+    monkeypatch.setattr(Runtime, "load", lambda *a, **k: pytest.fail("the bundle was loaded"))
+    code, _, err = _eval(capsys, [str(tiny_bundle), "--out", str(tmp_path / "o"), "--batches", *sizes])
+    assert code == ConfigError.exit_code and f"batch size {sizes[-1]} must be >= 1" in err
+
+
+@pytest.mark.parametrize("out, match", [("file", "exists and is not a directory"),
+                                        ("/proc/moqe-eval", "cannot be created or written")])
+def test_eval_checks_its_output_folder_before_scoring(tiny_bundle, tmp_path, capsys, monkeypatch, out, match):
+    from moqe_compile.tasks.image import eval as image_eval
+
+    monkeypatch.setattr(image_eval, "_batched", lambda *a, **k: pytest.fail("scored before checking --out"))
+    if out == "file":
+        out = tmp_path / "file"
+        out.write_text("keep")
+    code, _, err = _eval(capsys, [str(tiny_bundle), "--no-latency", "--out", str(out)])
+    assert code == 3 and f"--out {str(out)!r} {match}" in err
+
+
+def test_eval_refuses_out_inside_a_bundle_named_by_a_relative_path(tiny_bundle, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_bundle.parent)
+    code, _, err = _eval(capsys, [tiny_bundle.name, "--no-latency", "--out", f"{tiny_bundle.name}/report/eval"])
+    assert code == 3 and "inside the bundle" in err
+    assert not (tiny_bundle / "report" / "eval").exists()
