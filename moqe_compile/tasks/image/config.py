@@ -105,6 +105,9 @@ class PreprocessConfig:
             raise ConfigError(f"[preprocessing] std = {self.std!r} must be positive.")
 
 
+MAX_AUGMENTATIONS = 1000
+
+
 @dataclass
 class DataConfig:
     """Images for calibration, router training/validation and test.
@@ -132,6 +135,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         choice("data", "targets", self.targets, TARGETS)
         positive("data", "augmentations", self.augmentations, zero_ok=True)
+        if self.augmentations > MAX_AUGMENTATIONS:  # views are held in memory: 1e9 would exhaust it
+            raise ConfigError(f"[data] augmentations = {self.augmentations} is more than {MAX_AUGMENTATIONS} views "
+                              "per image; add source images instead.")
         positive("data", "max_samples", self.max_samples, zero_ok=True)
         if self.source == DOMAINS_SOURCE:
             if not self.domains:

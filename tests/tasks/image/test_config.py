@@ -44,6 +44,7 @@ def test_unknown_top_level_table(tmp_path):
     ('[[experts]]\nname = "a"\ncalibration = "kl"\n', "calibration = 'kl' is not one of"),
     ('[router]\npreset = "small"\nheads = 4\n', r"heads \* head_dim = 128 must equal the last stage width channels\[-1\] = 32"),
     ('[router]\nheads = 4\n', r"heads = 4 applies to the attention router.*arch 'se-resnet8' has none"),
+    ('[data]\naugmentations = 1000000000\n', "augmentations = 1000000000 is more than 1000 views per image"),
 ])
 def test_bad_values_are_named(tmp_path, toml, match):
     p = tmp_path / "r.toml"
