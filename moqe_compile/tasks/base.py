@@ -7,7 +7,6 @@
   ``moqe_compile.build.build`` runs, then ``gate``, ``extra_versions()`` and ``manifest()``.
 - ``load_runtime(bundle_dir, **options)``: the bundle's runtime (``run``/``submit``/``close``).
 - ``render(bundle) -> str``: the human summary of a read bundle (``moqe-compile inspect``).
-
 - ``evaluate(args) -> int``: ``moqe-compile eval`` for a bundle of this task.
 - ``SERVING_CODEC``: ``True`` when ``moqe-serve`` can serve the task over the v2 protocol.
 
