@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from moqe_compile.cli.common import guarded
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
+# What each numeric option takes: (lowest, highest or None, only above the lowest?, what). nan and
+# inf are outside every range: they got past "v < 0" checks and then broke every request (the
+# batcher's wait, asyncio's timeouts, the body limit's int()) instead of the command line.
+RANGES = {
+    "port": (0, 65535, False, "a port number"),  # 0: any free port
+    "max_batch": (1, None, False, "a number of samples"),
+    "max_queue": (1, None, False, "a number of requests"),
+    "workers": (1, None, False, "a number of threads"),
+    "threads": (0, None, False, "a number of threads"),
+    "max_in_flight": (1, None, False, "a number of requests"),
+    "max_delay_ms": (0, 60_000, False, "a number of milliseconds"),
+    "max_queue_wait_ms": (0, 3_600_000, False, "a number of milliseconds"),
+    "max_body_mb": (0, 65_536, True, "a number of MiB"),
+    "body_timeout_s": (0, 3600, True, "a number of seconds"),
+    "num_cpus": (0, 1024, False, "a number of CPUs"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "Protocol (KServe v2) on HTTP, with dynamic batching and Prometheus /metrics.")
     ap.add_argument("bundle", help="bundle directory written by moqe-compile build")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
-    ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    ap.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, logged at "
+                    "--log-level info)")
     ap.add_argument("--name", default="", help="model name in the URLs (default: the bundle directory's name)")
     ap.add_argument("--max-batch", type=int, default=32, help="merge queued requests up to this many samples (32)")
     ap.add_argument("--max-delay-ms", type=float, default=2.0,
@@ -28,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-queue-wait-ms", type=float, default=1000.0,
                     help="a request not started after this long in the queue is answered 503 (1000; 0: no limit)")
     ap.add_argument("--body-timeout-s", type=float, default=30.0,
-                    help="drop a request whose body sends nothing for this long, with 408 (30)")
+                    help="drop a request whose whole body has not arrived this long after it started, with "
+                    "408 (30)")
     ap.add_argument("--backend", default="auto", help="execution backend (default: auto)")
     ap.add_argument("--only-expert", default=None, metavar="NAME",
                     help="serve this expert alone without the router (a single-expert baseline)")
-    ap.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    ap.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
+                    help="uvicorn log level (default warning)")
     ray = ap.add_argument_group("scale-out on Ray Serve (pip install 'moqe-compile[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="deploy the router and each expert as Ray Serve deployments instead of one process")
@@ -57,22 +80,26 @@ def _refuse_local_only_options(args) -> None:
                           "size it with --replicas and --num-cpus): drop them or serve without --ray.")
 
 
+def _check_range(name: str, v: float, low: float, high: float | None, above: bool, what: str) -> None:
+    from moqe_compile.errors import ConfigError
+
+    if math.isfinite(v) and (v > low if above else v >= low) and (high is None or v <= high):
+        return
+    if above:
+        span = f"above {low}" + (f", up to {high}" if high is not None else "")
+    else:
+        span = f"from {low} " + (f"to {high}" if high is not None else "up")
+    shown = f"{v:g}" if isinstance(v, float) else v
+    raise ConfigError(f"--{name.replace('_', '-')} {shown} is out of range: give {what} {span}.")
+
+
 def _serve(args) -> int:
     from moqe_compile.errors import ConfigError
     from moqe_compile.runtime import QueueConfig
     from moqe_compile.serving.server import ServeConfig, check_servable, limits_of, serve
 
-    for flag, v, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                         ("--workers", args.workers, 1), ("--threads", args.threads, 0),
-                         ("--port", args.port, 0), ("--max-in-flight", args.max_in_flight, 1)):
-        if v < low:
-            raise ConfigError(f"{flag} {v} must be >= {low}.")
-    for flag, v in (("--max-delay-ms", args.max_delay_ms), ("--max-queue-wait-ms", args.max_queue_wait_ms)):
-        if v < 0:
-            raise ConfigError(f"{flag} {v} must be >= 0.")
-    for flag, v in (("--max-body-mb", args.max_body_mb), ("--body-timeout-s", args.body_timeout_s)):
-        if v <= 0:
-            raise ConfigError(f"{flag} {v} must be > 0.")
+    for name, bounds in RANGES.items():
+        _check_range(name, getattr(args, name), *bounds)
     check_servable(args.bundle)  # before Ray or uvicorn start: a causal-LM bundle has no v2 codec
     cfg = ServeConfig(host=args.host, port=args.port, name=args.name, max_body_mb=args.max_body_mb,
                       max_in_flight=args.max_in_flight, max_queue_wait_ms=args.max_queue_wait_ms,

@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 from moqe_compile import __version__
 from moqe_compile.errors import InputError, OverloadedError
 from moqe_compile.serving.metrics import Metrics
-from moqe_compile.serving.protocol import (DTYPES, MAX_ID_CHARS, MAX_JSON_DEPTH, OUTPUTS, ProtocolError,
+from moqe_compile.serving.protocol import (DTYPES, MAX_ID_CHARS, MAX_JSON_DEPTH, OUTPUTS, ProtocolError, check_count,
                                            decode_images, encode_infer_response, parse_infer_request)
 from moqe_compile.tasks.image.runtime import Runtime
 
@@ -61,7 +61,9 @@ class ServeLimits:
     # A request still waiting for its merged run after this long is answered 503 (0: no deadline).
     max_queue_wait_s: float = 1.0
     retry_after_s: int = 1
-    # A body that sends nothing for this long is dropped with 408.
+    # A body not all received this long after its first read is dropped with 408: a deadline for
+    # the whole body, since a per-chunk one lets a client trickling a byte at a time hold its
+    # admission slot forever.
     body_timeout_s: float = 30.0
     max_json_depth: int = MAX_JSON_DEPTH
     max_id_chars: int = MAX_ID_CHARS
@@ -301,24 +303,28 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal server error ({exc.__class__.__name__}); the server log has the details.")
 
 
-async def _next_chunk(stream, timeout_s: float) -> bytes | None:
+async def _next_chunk(stream, deadline: float) -> bytes | None:
+    """The next chunk, or None at the end; ``asyncio.TimeoutError`` once the loop's clock
+    passes ``deadline``."""
     try:
-        return await asyncio.wait_for(anext(stream), timeout_s)
+        return await asyncio.wait_for(anext(stream), deadline - asyncio.get_running_loop().time())
     except StopAsyncIteration:
         return None
-    except asyncio.TimeoutError:
-        raise Rejected(408, "timeout", f"the request body stopped arriving for {timeout_s:g} s "
-                       f"(--body-timeout-s); send it again.") from None
 
 
 async def _chunks(request: Request, limits: ServeLimits):
-    """The body's chunks, each within ``body_timeout_s``; a client that hangs up mid-body is
-    logged as one line (it is gone, nobody reads the answer)."""
+    """The body's chunks, all within ``body_timeout_s`` of the first read; a client that hangs
+    up mid-body is logged as one line (it is gone, nobody reads the answer)."""
     stream, n = request.stream(), 0
+    deadline = asyncio.get_running_loop().time() + limits.body_timeout_s
     try:
-        while (chunk := await _next_chunk(stream, limits.body_timeout_s)) is not None:
+        while (chunk := await _next_chunk(stream, deadline)) is not None:
             n += len(chunk)
             yield chunk
+    except asyncio.TimeoutError:
+        raise Rejected(408, "timeout", f"the request body did not all arrive within {limits.body_timeout_s:g} s "
+                       f"({n} bytes came; --body-timeout-s): it stopped arriving or came too slowly; send it "
+                       f"again, or in smaller requests.") from None
     except ClientDisconnect:
         log.warning("client %s closed the connection after %d of %s body bytes; request dropped.",
                     request.client.host if request.client else "?", n,
@@ -362,7 +368,7 @@ async def _read_body(request: Request, limits: ServeLimits) -> bytes:
 
 def _decode(body: bytes, header_length: str | None, rt: Runtime, max_id_chars: int):
     try:
-        req = parse_infer_request(body, header_length, max_id_chars)
+        req = parse_infer_request(body, header_length, max_id_chars, _input_limits(rt))
         return req, to_batch(req, rt)
     except ProtocolError as e:
         raise Rejected(e.status, "too_large" if e.status == 413 else "bad_request", str(e)) from None
@@ -372,6 +378,11 @@ def _decode(body: bytes, header_length: str | None, rt: Runtime, max_id_chars: i
             RecursionError) as e:
         # A request shape the parser did not foresee is still the client's error, not a 500.
         raise Rejected(400, "bad_request", f"malformed infer request ({e.__class__.__name__}: {e}).") from None
+
+
+def _input_limits(rt: Runtime):
+    # None (the defaults) for a runtime without its own limits
+    return getattr(rt, "input_limits", None)
 
 
 def _input_status(message: str) -> int:
@@ -401,6 +412,7 @@ def to_batch(req, rt: Runtime) -> np.ndarray:
                             f"[N, {shape[0]}, {shape[1]}, {shape[2]}].")
     if len(x) == 0:
         raise ProtocolError("inputs[0] (input).shape has batch 0: send at least one sample.")
+    check_count(_input_limits(rt), len(x), "inputs[0] (input)")  # as moqe-run caps a .npy batch
     return np.ascontiguousarray(x)
 
 
@@ -408,7 +420,7 @@ def _decode_images(items: list[bytes], rt: Runtime) -> np.ndarray:
     from PIL import Image
 
     try:
-        return decode_images(items, rt.preprocess, getattr(rt, "input_limits", None))
+        return decode_images(items, rt.preprocess, _input_limits(rt))
     except Image.DecompressionBombError as e:
         # Pillow's own pixel limit (MAX_IMAGE_PIXELS): the client sent too large an image.
         raise ProtocolError(f"inputs[0] (image): {e} Send smaller images.", status=413) from None

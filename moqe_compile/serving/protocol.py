@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -67,6 +67,25 @@ class InferRequest:
         return len(self.tensor)
 
 
+def _object(obj: dict, key: str, where: str) -> dict:
+    """``obj[key]`` as an object; absent or null is ``{}`` (an empty list or 0 is refused, as
+    any other non-object is)."""
+    v = obj.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ProtocolError(f"{where}{key} must be an object.")
+    return v
+
+
+def _flag(params: dict, key: str, default: bool, where: str) -> bool:
+    # Only JSON booleans: the string "false" would otherwise count as true.
+    v = params.get(key, default)
+    if not isinstance(v, bool):
+        raise ProtocolError(f"{where}parameters.{key} must be true or false, got {v!r}.")
+    return v
+
+
 def _need(obj: dict, key: str, kind: type, where: str):
     if key not in obj:
         raise ProtocolError(f"{where}.{key} is missing.")
@@ -76,18 +95,43 @@ def _need(obj: dict, key: str, kind: type, where: str):
     return v
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NESTING = np.zeros(256, np.int32)
+_NESTING = np.zeros(256, np.int8)
 _NESTING[[ord("["), ord("{")]] = 1
 _NESTING[[ord("]"), ord("}")]] = -1
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
 
 
 def json_depth(text: bytes) -> int:
     """How deep ``text``'s arrays and objects nest. The standard library's parser has no depth
-    limit (it recurses until ``RecursionError``), so this scan runs first: strings are blanked
-    by one regex and the brackets counted with numpy, both at C speed."""
-    b = np.frombuffer(_STRING.sub(b'""', text), dtype=np.uint8)
-    return int(np.cumsum(_NESTING[b]).max(initial=0))
+    limit (it recurses until ``RecursionError``), so this scan runs first: brackets inside
+    strings are masked out and the rest counted, all in numpy passes over the bytes. (A regex
+    blanking each string cost seconds for a body of millions of short strings.)"""
+    b = np.frombuffer(text, dtype=np.uint8)
+    nest = _NESTING[b]
+    np.putmask(nest, np.bitwise_xor.accumulate(_string_quotes(b)).view(bool), 0)
+    return _max_prefix_sum(nest[np.flatnonzero(nest)])  # the brackets alone: far fewer than bytes
+
+
+def _string_quotes(b: np.ndarray) -> np.ndarray:
+    """1 at each quote that opens or closes a string, else 0: a quote after an odd run of
+    backslashes is escaped."""
+    marks = (b == _QUOTE).view(np.uint8)
+    after_backslash = np.flatnonzero(marks[1:] & (b[:-1] == _BACKSLASH)) + 1
+    if after_backslash.size:
+        idx = np.arange(b.size, dtype=np.int64)
+        last_other = np.maximum.accumulate(np.where(b == _BACKSLASH, -1, idx))
+        run = after_backslash - 1 - last_other[after_backslash - 1]
+        marks[after_backslash[run % 2 == 1]] = 0
+    return marks
+
+
+def _max_prefix_sum(steps: np.ndarray, block: int = 1 << 22) -> int:
+    # In blocks: one cumulative sum over a 64 MiB body would take 512 MiB more.
+    best = level = 0
+    for i in range(0, steps.size, block):
+        c = np.cumsum(steps[i:i + block], dtype=np.int64) + level
+        best, level = max(best, int(c.max())), int(c[-1])
+    return best
 
 
 def load_json(text: bytes, max_depth: int = MAX_JSON_DEPTH):
@@ -103,10 +147,12 @@ def load_json(text: bytes, max_depth: int = MAX_JSON_DEPTH):
         raise ProtocolError(f"request JSON nests deeper than {max_depth} levels.") from None
 
 
-def parse_infer_request(body: bytes, header_length: str | None, max_id_chars: int = MAX_ID_CHARS) -> InferRequest:
+def parse_infer_request(body: bytes, header_length: str | None, max_id_chars: int = MAX_ID_CHARS,
+                        limits=None) -> InferRequest:
     """Parse a v2 infer body; ``header_length`` is the ``Inference-Header-Content-Length``
     header (None: the whole body is JSON). ``id`` is echoed in the answer, so its length is
-    bounded by ``max_id_chars``."""
+    bounded by ``max_id_chars``. ``limits`` (an ``InputLimits``; None: its defaults) bounds the
+    images a BYTES input may declare, checked before any element is read."""
     if header_length is None:
         head, blob = body, b""
     else:
@@ -125,9 +171,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_id_chars: in
         raise ProtocolError(f"id must be a string, got {type(rid).__name__}.")
     if rid is not None and len(rid) > max_id_chars:
         raise ProtocolError(f"id is {len(rid)} characters; this server echoes at most {max_id_chars}.")
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ProtocolError("parameters must be an object.")
+    params = _object(req, "parameters", "")
     inputs = _need(req, "inputs", list, "request")
     if len(inputs) != 1:
         raise ProtocolError(f"inputs must hold exactly one tensor (named one of {list(INPUTS)}), got {len(inputs)}.")
@@ -137,13 +181,13 @@ def parse_infer_request(body: bytes, header_length: str | None, max_id_chars: in
     name = _need(tensor_req, "name", str, "inputs[0]")
     if name not in INPUTS:
         raise ProtocolError(f"inputs[0].name {name!r} is not an input of this model; use one of {list(INPUTS)}.")
-    tensor = _decode_tensor(tensor_req, blob, f"inputs[0] ({name})")
+    tensor = _decode_tensor(tensor_req, blob, f"inputs[0] ({name})", limits)
     declared = _binary_size(tensor_req) or 0
     if len(blob) != declared:
         raise ProtocolError(f"the body has {len(blob)} binary bytes after the JSON header but "
                             f"inputs[0].parameters.binary_data_size says {declared}.")
 
-    binary_all = bool(params.get("binary_data_output", False))
+    binary_all = _flag(params, "binary_data_output", False, "")
     wanted = req.get("outputs")
     if wanted is None:
         names, binary = list(OUTPUTS), set(OUTPUTS) if binary_all else set()
@@ -159,36 +203,31 @@ def parse_infer_request(body: bytes, header_length: str | None, max_id_chars: in
                 raise ProtocolError(f"outputs[{i}].name {oname!r} is not an output of this model; "
                                     f"use any of {list(OUTPUTS)}.")
             names.append(oname)
-            op = o.get("parameters") or {}
-            if not isinstance(op, dict):
-                raise ProtocolError(f"outputs[{i}].parameters must be an object.")
-            if op.get("binary_data", binary_all):
+            op = _object(o, "parameters", f"outputs[{i}].")
+            if _flag(op, "binary_data", binary_all, f"outputs[{i}]."):
                 binary.add(oname)
     return InferRequest(rid, name, tensor, names, binary, params)
 
 
 def _binary_size(t: dict) -> int | None:
-    p = t.get("parameters") or {}
-    if not isinstance(p, dict):
-        raise ProtocolError("inputs[0].parameters must be an object.")
-    v = p.get("binary_data_size")
+    v = _object(t, "parameters", "inputs[0].").get("binary_data_size")
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
         raise ProtocolError(f"inputs[0].parameters.binary_data_size must be a non-negative integer, got {v!r}.")
     return v
 
 
-def _decode_tensor(t: dict, blob: bytes, where: str) -> np.ndarray | list[bytes]:
+def _decode_tensor(t: dict, blob: bytes, where: str, limits=None) -> np.ndarray | list[bytes]:
     shape = _need(t, "shape", list, where)
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(f"{where}.shape {shape!r} must be a non-empty list of non-negative integers.")
+    # Python ints: numpy's int64 product wraps (2**40 x 2**40 -> 0), so a huge shape "needed 0".
+    # Nothing is allocated from the count: every use compares it with what the body holds.
+    count = math.prod(shape)
     dt = _need(t, "datatype", str, where)
-    count = int(np.prod(shape))
     size = _binary_size(t)
     if dt == "BYTES":
-        items = _bytes_elements(t, blob, size, where)
-        if len(items) != count:
-            raise ProtocolError(f"{where} has {len(items)} BYTES elements but shape {shape} needs {count}.")
-        return items
+        check_count(limits, count, where)  # before reading any element: each may be a whole image
+        return _bytes_elements(t, blob, size, where, shape, count)
     if dt in UNDECODED_DTYPES:
         raise ProtocolError(f"{where}.datatype {dt} is not decoded here; send input as FP32 or image as BYTES.")
     if dt not in DTYPES:
@@ -205,34 +244,47 @@ def _decode_tensor(t: dict, blob: bytes, where: str) -> np.ndarray | list[bytes]
     else:
         if "data" not in t:
             raise ProtocolError(f"{where}.data is missing (or send it binary with parameters.binary_data_size).")
-        try:
-            arr = np.asarray(t["data"], dtype=DTYPES[dt])
-        except (TypeError, ValueError, OverflowError) as e:
-            raise ProtocolError(f"{where}.data cannot be read as {dt}: {e}.") from None
-        if arr.size != count:
-            raise ProtocolError(f"{where}.data has {arr.size} elements but shape {shape} needs {count}.")
+        if not isinstance(t["data"], list):
+            raise ProtocolError(f"{where}.data cannot be read as {dt}: send a list, not {type(t['data']).__name__}.")
+        arr = _json_numbers(_json_elements(t["data"], where, shape, count), dt, where)
     return arr.reshape(shape).astype(DTYPES[dt], copy=False)
 
 
-def _bytes_elements(t: dict, blob: bytes, size: int | None, where: str) -> list[bytes]:
+def _json_elements(data, where: str, shape: list[int], count: int, kind: str = "") -> np.ndarray:
+    """JSON ``data`` (flat, or nested like the shape) as a flat object array of ``count`` leaves,
+    counted before any leaf is converted."""
+    try:
+        leaves = np.asarray(data, dtype=object).ravel()
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"{where}.data cannot be read as a tensor: {e}.") from None
+    if leaves.size != count:
+        raise ProtocolError(f"{where}.data has {leaves.size} {kind}elements but shape {shape} needs {count}.")
+    return leaves
+
+
+def _json_numbers(leaves: np.ndarray, dt: str, where: str) -> np.ndarray:
+    dtype = DTYPES[dt]
+    # The JSON types checked first: numpy alone parses the string "1.5" and reads true as 1.
+    allowed, what = ({bool}, "true/false") if dtype.kind == "b" else ({int, float}, "numbers")
+    wrong = set(map(type, leaves)) - allowed
+    if wrong:
+        got = ", ".join(sorted(c.__name__ for c in wrong))
+        hint = " (a list: data nested unlike its shape)" if list in wrong else ""
+        raise ProtocolError(f"{where}.data cannot be read as {dt}: it holds {got}{hint}; send JSON {what}.")
+    try:
+        return leaves.astype(dtype)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"{where}.data cannot be read as {dt}: {e}.") from None
+
+
+def _bytes_elements(t: dict, blob: bytes, size: int | None, where: str, shape: list[int], count: int) -> list[bytes]:
     if size is not None:
-        if len(blob) < size:
-            raise ProtocolError(f"{where}: binary data is {len(blob)} bytes, expected {size}.")
-        buf, out, off = memoryview(blob[:size]), [], 0
-        while off < size:
-            if off + 4 > size:
-                raise ProtocolError(f"{where}: truncated BYTES element length at byte {off}.")
-            (n,) = struct.unpack_from("<I", buf, off)
-            if off + 4 + n > size:
-                raise ProtocolError(f"{where}: BYTES element at byte {off} claims {n} bytes past the end.")
-            out.append(bytes(buf[off + 4: off + 4 + n]))
-            off += 4 + n
-        return out
+        return _binary_bytes(blob, size, where, shape, count)
     data = t.get("data")
     if not isinstance(data, list):
         raise ProtocolError(f"{where}.data must be a list of base64 strings.")
     out = []
-    for i, s in enumerate(np.asarray(data, dtype=object).ravel()):
+    for i, s in enumerate(_json_elements(data, where, shape, count, "BYTES ")):
         if not isinstance(s, str):
             raise ProtocolError(f"{where}.data[{i}] must be a base64 string.")
         try:
@@ -240,6 +292,38 @@ def _bytes_elements(t: dict, blob: bytes, size: int | None, where: str) -> list[
         except ValueError:
             raise ProtocolError(f"{where}.data[{i}] is not valid base64.") from None
     return out
+
+
+def _binary_bytes(blob: bytes, size: int, where: str, shape: list[int], count: int) -> list[bytes]:
+    """The length-prefixed BYTES elements; reading stops past ``count``, so a blob of millions
+    of empty elements under a small shape costs no more than the shape."""
+    if len(blob) < size:
+        raise ProtocolError(f"{where}: binary data is {len(blob)} bytes, expected {size}.")
+    buf, out, off = memoryview(blob[:size]), [], 0
+    while off < size:
+        if off + 4 > size:
+            raise ProtocolError(f"{where}: truncated BYTES element length at byte {off}.")
+        (n,) = struct.unpack_from("<I", buf, off)
+        if off + 4 + n > size:
+            raise ProtocolError(f"{where}: BYTES element at byte {off} claims {n} bytes past the end.")
+        if len(out) == count:
+            raise ProtocolError(f"{where} has more than {count} BYTES elements but shape {shape} needs {count}.")
+        out.append(bytes(buf[off + 4: off + 4 + n]))
+        off += 4 + n
+    if len(out) != count:
+        raise ProtocolError(f"{where} has {len(out)} BYTES elements but shape {shape} needs {count}.")
+    return out
+
+
+def check_count(limits, n: int, where: str) -> None:
+    """``limits.check_count`` (an ``InputLimits``; None: its defaults) as a 413 ``ProtocolError``."""
+    from moqe_compile.errors import InputLimitError
+    from moqe_compile.tasks.image.preprocess import DEFAULT_LIMITS
+
+    try:
+        (limits or DEFAULT_LIMITS).check_count(n, where)
+    except InputLimitError as e:
+        raise ProtocolError(str(e), status=413) from None
 
 
 def decode_images(items: list[bytes], preprocess, limits=None) -> np.ndarray:
@@ -252,8 +336,8 @@ def decode_images(items: list[bytes], preprocess, limits=None) -> np.ndarray:
 
     limits = limits or DEFAULT_LIMITS
     where = "inputs[0] (image)"
+    check_count(limits, len(items), where)
     try:
-        limits.check_count(len(items), where)
         budget, out = PixelBudget(limits, where), []
         for i, b in enumerate(items):
             with decode_image(io.BytesIO(b), f"{where} element {i}", limits, budget) as im:

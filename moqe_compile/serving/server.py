@@ -8,6 +8,8 @@ and closes the runtime, so no accepted request is dropped.
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 import threading
 import time
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moqe_compile import load, task_of_bundle
-from moqe_compile.errors import BackendError, BundleError
+from moqe_compile.errors import BackendError, BundleError, ConfigError
 from moqe_compile.runtime import QueueConfig
 from moqe_compile.tasks.image.runtime import Runtime
 
@@ -35,6 +37,36 @@ class ServeConfig:
     # server times it out sees a disconnect, not an answer (seen under overload in the bench).
     keep_alive_s: float = 75.0
     log_level: str = "warning"
+
+
+# What to do about the usual reasons an address cannot be bound.
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process listens there: stop it or give another --port (0: any free port)",
+    errno.EADDRNOTAVAIL: "that is not an address of this machine: give one of its addresses, 127.0.0.1 "
+                         "(this machine only) or 0.0.0.0 (every interface)",
+    errno.EACCES: "ports below 1024 need privileges: give a port from 1024 up",
+}
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (the first address ``host`` resolves to), for uvicorn to
+    listen on. Bound here, before the bundle loads, so a bad address fails at once as a
+    ``ConfigError`` naming it (uvicorn logs the error and exits 3, our ``InputError`` code)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host!r} is not an address or a name this machine resolves ({e}): give an "
+                          f"IP address such as 127.0.0.1 or 0.0.0.0.") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = _BIND_HINTS.get(e.errno, "give another --host or --port")
+        raise ConfigError(f"cannot listen on --host {host} --port {port}: {e.strerror}; {hint}.") from None
+    return sock
 
 
 def model_name(bundle: str | Path, cfg: ServeConfig) -> str:
@@ -63,6 +95,13 @@ def build_server(rt: Runtime, name: str, cfg: ServeConfig):
             app.state.health.drain()
             super().handle_exit(sig, frame)
 
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if sockets and self.started:  # uvicorn names the address only of sockets it bound itself
+                host, port = sockets[0].getsockname()[:2]
+                logging.getLogger("uvicorn.error").info("moqe-serve: serving model %r on http://%s:%d "
+                                                        "(Ctrl-C to stop)", name, host, port)
+
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                             timeout_graceful_shutdown=cfg.graceful_s, timeout_keep_alive=cfg.keep_alive_s,
                             access_log=False)
@@ -86,9 +125,10 @@ def open_runtime(bundle: str | Path, **options) -> Runtime:
 
 def serve(bundle: str | Path, cfg: ServeConfig, queue: QueueConfig, backend: str = "auto",
           intra_op_threads: int = 0, only_expert: str | None = None) -> None:
-    rt = open_runtime(bundle, backend=backend, intra_op_threads=intra_op_threads, queue=queue,
-                      only_expert=only_expert)
-    build_server(rt, model_name(bundle, cfg), cfg).run()
+    with bind_socket(cfg.host, cfg.port) as sock:
+        rt = open_runtime(bundle, backend=backend, intra_op_threads=intra_op_threads, queue=queue,
+                          only_expert=only_expert)
+        build_server(rt, model_name(bundle, cfg), cfg).run(sockets=[sock])
 
 
 class ServerThread:
@@ -97,9 +137,7 @@ class ServerThread:
     def __init__(self, rt: Runtime, name: str, cfg: ServeConfig | None = None):
         self.rt, self.name = rt, name
         self.cfg = cfg or ServeConfig(port=0)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((self.cfg.host, self.cfg.port))
+        self._sock = bind_socket(self.cfg.host, self.cfg.port)
         self.port = self._sock.getsockname()[1]
         self.server = build_server(rt, name, self.cfg)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)

@@ -165,3 +165,62 @@ def test_an_aborted_upload_is_one_log_line_not_a_traceback(rt, caplog):
     assert len(records) == 1 and records[0].exc_info is None and records[0].levelno == logging.WARNING
     assert "11 of 100000 body bytes" in records[0].getMessage()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def _trickle(app, path=PATH):
+    """Drive the ASGI app with a body that never ends: one byte every 10 ms, never a stall."""
+    answer = []
+
+    async def receive():
+        await asyncio.sleep(0.01)
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    async def send(msg):
+        answer.append(msg)
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(b"content-length", b"1000000")], "http_version": "1.1", "scheme": "http",
+             "server": ("test", 80), "client": ("10.0.0.1", 1234), "root_path": "", "app": app}
+    # A guard against hanging the suite without the deadline, not a timing assertion.
+    await asyncio.wait_for(app(scope, receive, send), 20)
+    return answer
+
+
+def test_a_trickled_body_is_408_at_the_whole_body_deadline_and_frees_its_slot(rt):
+    # Each byte arrives well within body_timeout_s; the body as a whole never does.
+    app = create_app(rt, "m", ServeLimits(max_in_flight=1, body_timeout_s=0.3), close_on_shutdown=False)
+    with TestClient(app) as c:
+        answer = asyncio.run(_trickle(app))
+        assert answer[0]["status"] == 408
+        assert b"did not all arrive within 0.3 s" in answer[1]["body"] and b"--body-timeout-s" in answer[1]["body"]
+        assert _metric(c, 'moqe_requests_in_flight{model="m"') == 0
+        assert c.post(PATH, content=_body()).status_code == 200  # the one slot is free again
+        assert _metric(c, 'moqe_request_errors_total{model="m",reason="timeout"') == 1
+
+
+def test_input_samples_over_max_images_are_413_before_they_run(rt):
+    from moqe_compile.tasks.image.preprocess import InputLimits
+
+    ran, real_run = [], rt._run_counted
+    rt._run_counted = lambda x: (ran.append(len(x)), real_run(x))[1]
+    rt.input_limits = InputLimits(max_images=2)
+    x = np.zeros((3, 3, CROP, CROP), np.float32)
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    with TestClient(create_app(rt, "m", close_on_shutdown=False)) as c:
+        r = c.post(PATH, content=head + x.tobytes(), headers={"Inference-Header-Content-Length": str(len(head))})
+        assert r.status_code == 413
+        assert r.json()["error"].startswith("inputs[0] (input) holds 3 images; the input limit max_images=2")
+        assert _metric(c, 'moqe_request_errors_total{model="m",reason="too_large"') == 1
+        assert c.post(PATH, content=_body()).status_code == 200
+    assert ran == [1]
+
+
+def test_the_documented_max_in_flight_default_is_the_codes():
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).parents[2] / "docs"
+    for page in ("security.md", "serving.md"):
+        rows = re.findall(r"^\|[^|\n]*\| `--max-in-flight` \| (\d+) \|", (docs / page).read_text(), re.M)
+        assert rows == [str(ServeLimits().max_in_flight)], page

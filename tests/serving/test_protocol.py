@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import struct
 from types import SimpleNamespace
 
@@ -481,3 +482,81 @@ def test_a_decompression_bomb_header_is_413_naming_the_limit():
     with pytest.raises(ProtocolError, match=r"element 0 is a decompression bomb .*max_image_pixels=50000000") as e:
         decode_images([png], lambda im: np.zeros((1,)))
     assert e.value.status == 413
+
+
+# ---------------------------------------------------------------- hostile counts and lenient types
+def test_a_bytes_count_over_max_images_is_413_before_any_element_is_read():
+    from moqe_compile.tasks.image.preprocess import InputLimits
+
+    # Not base64 at all: refused for the count, so no element was looked at.
+    req = {"inputs": [{"name": "image", "shape": [3], "datatype": "BYTES", "data": [5, 5, 5]}]}
+    _refused(_json(req), r"inputs\[0\] \(image\) holds 3 images; the input limit max_images=2", status=413,
+             limits=InputLimits(max_images=2))
+    blob = struct.pack("<I", 0) * 257
+    head = _bytes_head(len(blob), (257,))
+    _refused(head + blob, "holds 257 images; the input limit max_images=256", str(len(head)), status=413)
+
+
+def test_binary_bytes_past_the_declared_count_stop_the_read():
+    blob = struct.pack("<I", 0) * 10_000  # ten thousand empty elements under shape [1]
+    head = _bytes_head(len(blob))
+    _refused(head + blob, r"inputs\[0\] \(image\) has more than 1 BYTES elements but shape \[1\] needs 1",
+             str(len(head)))
+
+
+def test_json_bytes_are_counted_before_they_are_decoded():
+    req = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["not base64!"] * 1000}]}
+    _refused(_json(req), r"inputs\[0\] \(image\)\.data has 1000 BYTES elements but shape \[1\] needs 1")
+
+
+@pytest.mark.parametrize("shape", [[2**40, 2**40, 1, 1], [2**32, 2**32, 1, 1], [10**30]])
+def test_a_huge_shape_is_refused_naming_its_true_element_count(shape):
+    # numpy's int64 product wrapped to 0, so the first two "needed 0" (and then failed to reshape).
+    _refused(_json({"inputs": [_input(shape=shape, data=[])]}),
+             rf"inputs\[0\] \(input\)\.data has 0 elements but shape .* needs {math.prod(shape)}\.$")
+    head = _binary_head(0, shape)
+    _refused(head, rf"binary_data_size 0 != {math.prod(shape)} elements x 4 bytes", str(len(head)))
+
+
+@pytest.mark.parametrize("dt,data,match", [
+    ("FP32", ["1.5", "2"], r"data cannot be read as FP32: it holds str; send JSON numbers"),
+    ("FP32", [True, False], r"data cannot be read as FP32: it holds bool; send JSON numbers"),
+    ("FP32", [1.5, True], "it holds bool"),  # numpy would read the mix as [1.5, 1.0]
+    ("INT32", ["1", 2], r"data cannot be read as INT32: it holds str; send JSON numbers"),
+    ("BOOL", [1, 0], r"data cannot be read as BOOL: it holds int; send JSON true/false"),
+    ("FP32", [[1.0], 2.0], r"it holds list \(a list: data nested unlike its shape\)"),
+    ("FP32", 1.5, r"data cannot be read as FP32: send a list, not float"),
+])
+def test_json_data_of_the_wrong_json_type_is_refused(dt, data, match):
+    _refused(_json({"inputs": [_input(datatype=dt, data=data)]}), match)
+
+
+def test_json_numbers_of_the_right_type_still_decode():
+    assert parse_infer_request(_json({"inputs": [_input(data=[1, 2.5])]}), None).tensor.tolist() == [[1.0, 2.5]]
+    req = parse_infer_request(_json({"inputs": [_input(datatype="BOOL", data=[True, False])]}), None)
+    assert req.tensor.dtype == bool and req.tensor.tolist() == [[True, False]]
+
+
+@pytest.mark.parametrize("req,match", [
+    ({"parameters": {"binary_data_output": "false"}}, r"^parameters\.binary_data_output must be true or false, "
+                                                      r"got 'false'\.$"),
+    ({"parameters": {"binary_data_output": 1}}, "binary_data_output must be true or false, got 1"),
+    ({"outputs": [{"name": "expert", "parameters": {"binary_data": "no"}}]},
+     r"^outputs\[0\]\.parameters\.binary_data must be true or false, got 'no'\.$"),
+    ({"parameters": []}, "^parameters must be an object.$"),
+    ({"parameters": 0}, "^parameters must be an object.$"),
+    ({"outputs": [{"name": "expert", "parameters": []}]}, r"^outputs\[0\]\.parameters must be an object\.$"),
+])
+def test_flags_are_json_booleans_and_parameters_objects(req, match):
+    _refused(_json({"inputs": [_input()], **req}), match)
+
+
+def test_an_empty_inputs_parameters_list_is_refused_too():
+    _refused(_json({"inputs": [_input(parameters=[])]}), r"^inputs\[0\]\.parameters must be an object\.$")
+
+
+def test_json_depth_counts_backslash_runs_before_quotes():
+    # An even run escapes itself, not the quote: the string ends there and the bracket after counts.
+    assert json_depth(json.dumps(["\\", "]"]).encode()) == 1
+    assert json_depth(json.dumps(["\\\\", [["\\\""]]]).encode()) == 3
+    assert json_depth(json.dumps({"a": "\\\"[[[", "b": [[]]}).encode()) == 3
