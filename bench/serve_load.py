@@ -264,7 +264,6 @@ async def open_loop(url: str, name: str, samples: list, rate: float, seconds: fl
             "server_gauges": await gauges}
 
 
-
 def overload_run(args, servers: dict, samples, results: dict) -> None:
     """Open-loop overload of the MoQE server at ``--overload-factor`` x its largest closed-loop
     throughput, then 10 s at half the sustainable rate (recovery)."""

@@ -127,8 +127,8 @@ def test_read_recipe_toml(tmp_path):
 
 
 def test_recipe_is_the_bottom_layer():
-    # It imports moqe_compile.errors, the bundle's name rule (a leaf module of the standard
-    # library only) and the standard library, never a task plug-in.
+    # It imports moqe_compile.errors, the bundle's name rule (bundle.manifest: a lower layer,
+    # torch-free) and the standard library, never a task plug-in.
     tree = ast.parse(Path(moqe_compile.recipe.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -21,7 +21,7 @@
 #   bash bench/gpu/check.sh --pack-ortgpu onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
 #     unpacks the wheel (255 MB), packs it as one tar.xz (about 204 MB) and splits that into
 #     62 MB parts, one per git-ignored folder .ortchunks1/ .. .ortchunks4/: one folder per
-#     remote command where a runner uploads at most 64 MiB with each, the last one beside
+#     remote command where a tool uploads a limited amount with each (64 MiB, say), the last one beside
 #     bundles/gpucheck-slim.
 # On the GPU machine, one command per folder, back to back (what a command uploaded stays for the
 # next while the machine is held):

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moqe_compile.bundle.reader import Graph
-from moqe_compile.errors import BackendError
+from moqe_compile.errors import BackendError, ConfigError
 
 LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -68,7 +68,7 @@ def default_spinning() -> str:
     set, else ``"in-run"``."""
     value = os.environ.get(SPINNING_ENV, "in-run")
     if value not in SPINNING:
-        raise BackendError(f"{SPINNING_ENV}={value!r} is not one of {list(SPINNING)}; unset it for the default.")
+        raise ConfigError(f"{SPINNING_ENV}={value!r} is not one of {list(SPINNING)}; unset it for the default.")
     return value
 
 
@@ -82,7 +82,7 @@ def _set_spinning(so: ort.SessionOptions, spinning: str) -> None:
     (``session.force_spinning_stop``), so the next session finds the cores free
     (docs/results.md#spin-waiting-only-during-a-run)."""
     if spinning not in SPINNING:
-        raise BackendError(f"spinning={spinning!r} is not one of {list(SPINNING)}.")
+        raise ConfigError(f"spinning={spinning!r} is not one of {list(SPINNING)}.")
     so.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "never" else "1")
     if spinning == "in-run":
         so.add_session_config_entry("session.force_spinning_stop", "1")
@@ -133,10 +133,11 @@ class OrtCpuSession:
         self._input = self._sess.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        if self._sess is None:
+        sess = self._sess  # read once: a close() in between must not turn into an AttributeError
+        if sess is None:
             raise BackendError(f"{self.name}: the session is closed.")
         try:
-            return self._sess.run(None, {self._input: x})[0]
+            return sess.run(None, {self._input: x})[0]
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             # A graph that disagrees with its bundle (a wrong input size) fails here: name it.
             raise BackendError(f"{self.name}: ONNX Runtime failed on a batch of shape {tuple(x.shape)}: {e}") from e

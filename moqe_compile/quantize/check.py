@@ -52,10 +52,13 @@ def load_model(path: Path) -> onnx.ModelProto:
     if p.stat().st_size == 0:
         raise InputError(f"model {str(p)!r} is empty; pass an .onnx file.")
     try:
-        return onnx.load(str(p))
+        m = onnx.load(str(p))
     except (DecodeError, ValidationError, OSError, ValueError) as e:  # the last three: its external data
         raise InputError(f"model {str(p)!r} is not a readable ONNX model ({e}); pass an .onnx file, with any "
                          "external data it names beside it.") from e
+    if not m.HasField("graph") or not m.graph.node:  # a few bytes of anything may parse as a protobuf
+        raise InputError(f"model {str(p)!r} holds no ONNX graph; pass an .onnx file.")
+    return m
 
 
 def _check_ort_cpu(model: onnx.ModelProto, path: Path, allow_float: int) -> tuple[list[str], dict]:

@@ -37,9 +37,10 @@ _OPEN: "weakref.WeakSet[DynamicBatcher]" = weakref.WeakSet()
 
 @atexit.register
 def _close_open_batchers() -> None:
-    """At exit: fail what is still queued and wait for the batches running now."""
+    """At exit: fail what is still queued and wait (a bounded time: a hung backend must not
+    hold the exit forever) for the batches running now."""
     for b in list(_OPEN):
-        b.close(drain=False)
+        b.close(drain=False, timeout=30)
 
 
 @dataclass

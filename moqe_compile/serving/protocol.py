@@ -99,6 +99,9 @@ _NESTING = np.zeros(256, np.int8)
 _NESTING[[ord("["), ord("{")]] = 1
 _NESTING[[ord("]"), ord("}")]] = -1
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
+# Backslashes appear in a v2 request only inside escaped strings (ids, parameters): numbers and
+# base64 have none. Bounding them bounds the index arrays of the escape scan (8 bytes each).
+MAX_BACKSLASHES = 1 << 20
 
 
 def json_depth(text: bytes) -> int:
@@ -109,19 +112,25 @@ def json_depth(text: bytes) -> int:
     b = np.frombuffer(text, dtype=np.uint8)
     nest = _NESTING[b]
     np.putmask(nest, np.bitwise_xor.accumulate(_string_quotes(b)).view(bool), 0)
-    return _max_prefix_sum(nest[np.flatnonzero(nest)])  # the brackets alone: far fewer than bytes
+    return _max_prefix_sum(nest[nest != 0])  # the brackets alone, one byte each
 
 
 def _string_quotes(b: np.ndarray) -> np.ndarray:
     """1 at each quote that opens or closes a string, else 0: a quote after an odd run of
-    backslashes is escaped."""
+    backslashes is escaped. Works on the backslashes' positions only (at most MAX_BACKSLASHES)."""
     marks = (b == _QUOTE).view(np.uint8)
-    after_backslash = np.flatnonzero(marks[1:] & (b[:-1] == _BACKSLASH)) + 1
-    if after_backslash.size:
-        idx = np.arange(b.size, dtype=np.int64)
-        last_other = np.maximum.accumulate(np.where(b == _BACKSLASH, -1, idx))
-        run = after_backslash - 1 - last_other[after_backslash - 1]
-        marks[after_backslash[run % 2 == 1]] = 0
+    is_bs = b == _BACKSLASH
+    n = int(np.count_nonzero(is_bs))
+    if n > MAX_BACKSLASHES:
+        raise ProtocolError(f"the request body holds {n} backslashes; at most {MAX_BACKSLASHES} are read "
+                            "(numbers and base64 data need none).")
+    if n:
+        bs = np.flatnonzero(is_bs)
+        run_starts = bs[np.r_[True, np.diff(bs) != 1]]
+        after = bs[bs + 1 < b.size] + 1
+        quoted = after[b[after] == _QUOTE]  # quotes right after a backslash
+        run_len = quoted - run_starts[np.searchsorted(run_starts, quoted - 1, side="right") - 1]
+        marks[quoted[run_len % 2 == 1]] = 0
     return marks
 
 
@@ -233,6 +242,7 @@ def _decode_tensor(t: dict, blob: bytes, where: str, limits=None) -> np.ndarray 
     if dt not in DTYPES:
         raise ProtocolError(f"{where}.datatype {dt!r} is not a v2 datatype "
                             f"({sorted([*DTYPES, *UNDECODED_DTYPES, 'BYTES'])}).")
+    check_count(limits, shape[0], where)  # samples, before any element is read
     dtype = DTYPES[dt].newbyteorder("<")
     if size is not None:
         if size != count * dtype.itemsize:
@@ -316,14 +326,17 @@ def _binary_bytes(blob: bytes, size: int, where: str, shape: list[int], count: i
 
 
 def check_count(limits, n: int, where: str) -> None:
-    """``limits.check_count`` (an ``InputLimits``; None: its defaults) as a 413 ``ProtocolError``."""
+    """``limits.check_count`` (an ``InputLimits``; None: its defaults) as a 413 ``ProtocolError``
+    (a client cannot raise a server's limit: it splits the request)."""
     from moqe_compile.errors import InputLimitError
     from moqe_compile.tasks.image.preprocess import DEFAULT_LIMITS
 
+    limits = limits or DEFAULT_LIMITS
     try:
-        (limits or DEFAULT_LIMITS).check_count(n, where)
-    except InputLimitError as e:
-        raise ProtocolError(str(e), status=413) from None
+        limits.check_count(n, where)
+    except InputLimitError:
+        raise ProtocolError(f"{where} holds {n} images; the input limit max_images={limits.max_images} bounds one "
+                            "request: split it into smaller requests.", status=413) from None
 
 
 def decode_images(items: list[bytes], preprocess, limits=None) -> np.ndarray:

@@ -53,8 +53,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     listen on. Bound here, before the bundle loads, so a bad address fails at once as a
     ``ConfigError`` naming it (uvicorn logs the error and exits 3, our ``InputError`` code)."""
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # IPv4 first for a name (as uvicorn binds one): "localhost" may resolve to ::1 first,
+        # and clients of 127.0.0.1 would be refused.
+        family, kind, proto, _, addr = min(found, key=lambda a: a[0] != socket.AF_INET or ":" in host)
     except (socket.gaierror, UnicodeError) as e:
         raise ConfigError(f"--host {host!r} is not an address or a name this machine resolves ({e}): give an "
                           f"IP address such as 127.0.0.1 or 0.0.0.0.") from None
@@ -62,6 +64,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
     try:
         sock.bind(addr)
+        # Listening now, not when uvicorn starts: two reuse-address sockets may bind one port
+        # until one listens, so a second server would pass this check and fail after loading.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         hint = _BIND_HINTS.get(e.errno, "give another --host or --port")

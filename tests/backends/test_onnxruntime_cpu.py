@@ -88,10 +88,10 @@ def test_an_explicit_spinning_policy_wins_over_the_environment(monkeypatch):
 
 
 def test_an_unknown_spinning_policy_is_named(monkeypatch):
-    from moqe_compile.errors import BackendError
+    from moqe_compile.errors import ConfigError
 
     monkeypatch.setenv(onnxruntime_cpu.SPINNING_ENV, "sometimes")
-    with pytest.raises(BackendError, match="MOQE_ORT_SPINNING='sometimes'"):
+    with pytest.raises(ConfigError, match="MOQE_ORT_SPINNING='sometimes'"):
         onnxruntime_cpu.session(_relu_model())
-    with pytest.raises(BackendError, match="spinning='fast'"):
+    with pytest.raises(ConfigError, match="spinning='fast'"):
         onnxruntime_cpu.session(_relu_model(), spinning="fast")

@@ -122,3 +122,11 @@ def test_check_qdq_names_a_file_that_is_not_onnx_for_every_target(tmp_path, targ
     bad.write_bytes(b"garbage" if content == "garbage" else _escaping_external_data())
     with pytest.raises(InputError, match=f"model {re.escape(repr(str(bad)))} is not a readable ONNX model"):
         check_qdq(bad, target)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime-cpu"])
+def test_check_qdq_names_a_protobuf_that_holds_no_graph(tmp_path, target):
+    bad = tmp_path / "two-bytes.onnx"
+    bad.write_bytes(b"\x08\x07")  # parses as a ModelProto (ir_version 7) with no graph
+    with pytest.raises(InputError, match="holds no ONNX graph"):
+        check_qdq(bad, target)

@@ -509,7 +509,7 @@ def test_json_bytes_are_counted_before_they_are_decoded():
     _refused(_json(req), r"inputs\[0\] \(image\)\.data has 1000 BYTES elements but shape \[1\] needs 1")
 
 
-@pytest.mark.parametrize("shape", [[2**40, 2**40, 1, 1], [2**32, 2**32, 1, 1], [10**30]])
+@pytest.mark.parametrize("shape", [[1, 2**40, 2**40, 1], [1, 2**32, 2**32, 1], [1, 10**30]])
 def test_a_huge_shape_is_refused_naming_its_true_element_count(shape):
     # numpy's int64 product wrapped to 0, so the first two "needed 0" (and then failed to reshape).
     _refused(_json({"inputs": [_input(shape=shape, data=[])]}),
@@ -560,3 +560,44 @@ def test_json_depth_counts_backslash_runs_before_quotes():
     assert json_depth(json.dumps(["\\", "]"]).encode()) == 1
     assert json_depth(json.dumps(["\\\\", [["\\\""]]]).encode()) == 3
     assert json_depth(json.dumps({"a": "\\\"[[[", "b": [[]]}).encode()) == 3
+
+
+@pytest.mark.parametrize("shape", [[2**40, 1, 1, 1], [300, 3, 4, 4]])
+def test_fp32_samples_over_the_limit_are_413_before_any_element_is_read(shape):
+    """Checked on the declared shape: the body holds no data at all, and that is not what is named."""
+    _refused(_json({"inputs": [_input(shape=shape, data=[])]}),
+             rf"inputs\[0\] \(input\) holds {shape[0]} images; the input limit max_images=256", status=413)
+
+
+def test_json_depth_matches_the_parsed_nesting_on_random_documents():
+    import random
+
+    def depth(o):
+        if isinstance(o, list):
+            return 1 + max(map(depth, o), default=0)
+        if isinstance(o, dict):
+            return 1 + max(map(depth, o.values()), default=0)
+        return 0
+
+    rng = random.Random(0)
+
+    def doc(d=0):
+        r = rng.random()
+        if d > 5 or r < 0.3:
+            return "".join(rng.choice('ab"\\[]{}') for _ in range(rng.randint(0, 6)))
+        if r < 0.6:
+            return [doc(d + 1) for _ in range(rng.randint(0, 3))]
+        return {doc(9): doc(d + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(2000):
+        o = doc()
+        assert json_depth(json.dumps(o).encode()) == depth(o), o
+
+
+def test_a_body_of_backslashes_is_refused_before_the_escape_scan_indexes_them(monkeypatch):
+    """The escape scan keeps 8 bytes per backslash: their number is bounded (none in numbers or base64)."""
+    monkeypatch.setattr(protocol, "MAX_BACKSLASHES", 10)
+    assert json_depth(json.dumps(["\\" * 5]).encode()) == 1  # 10 backslashes once escaped: still read
+    with pytest.raises(protocol.ProtocolError, match="holds 12 backslashes; at most 10 are read") as e:
+        json_depth(json.dumps(["\\" * 6]).encode())
+    assert e.value.status == 400

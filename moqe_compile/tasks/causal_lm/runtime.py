@@ -61,6 +61,20 @@ class _Text:
     ids: np.ndarray
 
 
+def max_chars(tokenizer, positions: int) -> int | None:
+    """The most characters a text of ``positions`` tokens can have, or None where no bound
+    holds. Without a normalizer or an unknown token (byte-level BPE, as the models built here
+    use) no token covers more characters than its vocabulary entry spells, so a longer text
+    cannot fit and is refused before the tokenizer spends time on it; an unknown token may stand
+    for a whole word, and a normalizer may drop characters."""
+    import json
+
+    spec = json.loads(tokenizer.to_str())
+    if spec.get("normalizer") or spec.get("model", {}).get("unk_token"):
+        return None
+    return positions * max(map(len, tokenizer.get_vocab(with_added_tokens=True)))
+
+
 class LMRuntime(BundleRuntime):
     def __init__(self, bundle, threads: int = 0, queue: QueueConfig | None = None):
         m = bundle.manifest
@@ -76,9 +90,7 @@ class LMRuntime(BundleRuntime):
         d = m["model"]["decoder"]
         self.layers, self.kv_heads, self.head_dim = d["layers"], d["kv_heads"], d["head_dim"]
         self.max_positions = d["max_positions"]
-        # No token covers more characters than the longest vocabulary entry, so a longer text
-        # cannot fit in max_positions tokens: refused before the tokenizer spends time on it.
-        self.max_chars = self.max_positions * max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)))
+        self.max_chars = max_chars(self.tokenizer, self.max_positions)
         self.eos = m["task"]["eos_token_id"]
         self._rel = {e["name"]: e["variants"]["onnxruntime-cpu"]["path"] for e in m["experts"]}
         self._rel["fp"] = m["model"]["fp"]["path"]
@@ -116,7 +128,7 @@ class LMRuntime(BundleRuntime):
     def encode(self, text: str) -> np.ndarray:
         if not isinstance(text, str) or not text.strip():
             raise InputError("the input text is empty.")
-        if len(text) > self.max_chars:
+        if self.max_chars is not None and len(text) > self.max_chars:
             raise InputError(f"the text has {len(text)} characters; the model takes at most {self.max_positions} "
                              f"tokens, which no text over {self.max_chars} characters fits in.")
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)

@@ -176,12 +176,11 @@ def _check_labels(y: np.ndarray, rt, p: Path) -> None:
         raise InputError(f"--data {str(p)!r}: labels range over [{y.min()}, {y.max()}]; the model has {c} classes.")
 
 
-
 def _check_options(repeats: int, batches, n_boot: int) -> None:
     if repeats < 1:
-        raise InputError(f"--repeats {repeats} must be >= 1.")
+        raise ConfigError(f"--repeats {repeats} must be >= 1.")
     if n_boot < 1:
-        raise InputError(f"--resamples {n_boot} must be >= 1.")
+        raise ConfigError(f"--resamples {n_boot} must be >= 1.")
     bad = [b for b in batches if b < 1]
     if bad:
         raise ConfigError(f"--batches {' '.join(map(str, batches))}: batch size {bad[0]} must be >= 1; "

@@ -149,8 +149,8 @@ def test_a_text_no_model_window_can_hold_is_refused_before_tokenizing(lm_bundle)
     from moqe_compile.tasks.causal_lm.runtime import LMRuntime
 
     rt = LMRuntime.load(lm_bundle[0])
-    longest = max(map(len, rt.tokenizer.get_vocab(with_added_tokens=True)))
-    assert rt.max_chars == rt.max_positions * longest
+    assert rt.max_chars is None  # the tiny model's word-level tokenizer has an unknown token: no bound
+    rt.max_chars = 100  # as a byte-level BPE tokenizer's bound would be (the test below)
 
     class NoTokenizing:
         def encode(self, *a, **k):
@@ -160,3 +160,16 @@ def test_a_text_no_model_window_can_hold_is_refused_before_tokenizing(lm_bundle)
     with pytest.raises(InputError, match=f"characters; the model takes at most {rt.max_positions} tokens"):
         rt.encode("a" * (rt.max_chars + 1))
     rt.close()
+
+
+def test_no_character_bound_where_a_token_may_stand_for_more_than_it_spells():
+    from tokenizers import Tokenizer, models, normalizers
+
+    from moqe_compile.tasks.causal_lm.runtime import max_chars
+
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    assert max_chars(wordpiece, 8) is None
+    bpe = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
+    assert max_chars(bpe, 8) == 16
+    bpe.normalizer = normalizers.Strip()
+    assert max_chars(bpe, 8) is None
