@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import tomllib
 import types
 import typing
@@ -33,9 +34,9 @@ def choice(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> None
 
 
 def positive(section: str, key: str, value: float, *, zero_ok: bool = False) -> None:
-    """Raise a ConfigError unless ``value`` > 0 (or >= 0 with ``zero_ok``)."""
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"[{section}] {key} = {value!r} must be {'>= 0' if zero_ok else '> 0'}.")
+    """Raise a ConfigError unless ``value`` > 0 (or >= 0 with ``zero_ok``) and finite."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"[{section}] {key} = {value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}.")
 
 
 def build_section(cls: type, data: Any, where: str) -> Any:
@@ -85,15 +86,26 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+# The shipped recipes are under 4 KiB; a bound keeps a hostile file from being read whole.
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def read_recipe_toml(path: str | Path) -> tuple[dict, Path]:
     """A recipe file's TOML table and the folder its relative paths resolve against."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file {str(p)!r} does not exist.")
     try:
-        data = tomllib.loads(p.read_text())
+        if p.stat().st_size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"recipe file {str(p)!r} has {p.stat().st_size} bytes; a recipe has at most "
+                              f"{MAX_RECIPE_BYTES}.")
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"recipe file {str(p)!r} is not valid TOML: {e}.") from e
+    except RecursionError:
+        raise ConfigError(f"recipe file {str(p)!r} nests too deeply to be a recipe.") from None
+    except OSError as e:
+        raise ConfigError(f"recipe file {str(p)!r} cannot be read: {e.strerror or e}.") from None
     return data, p.resolve().parent
 
 
@@ -168,6 +180,7 @@ class ControlsConfig:
     def __post_init__(self) -> None:
         if self.copies == 1 or self.copies < 0:
             raise ConfigError(f"[controls] copies = {self.copies} must be 0 (none) or >= 2.")
+        positive("controls", "seed", self.seed, zero_ok=True)
 
     def check_copies_of(self, experts: list) -> None:
         """``copies_of``, when set, must name one of ``experts``."""

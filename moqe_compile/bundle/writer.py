@@ -129,6 +129,14 @@ def recover(dest: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def with_user_permissions(directory: Path) -> None:
+    """mkdtemp makes a directory 0700; what is renamed into place from it (a bundle, a Triton
+    repository that a server running as another user reads) gets the user's usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+
+
 class BundleWriter:
     def __init__(self, dest: str | Path, force: bool = False):
         try:
@@ -154,10 +162,7 @@ class BundleWriter:
         except OSError as e:
             raise _oserror("create", self.dest.parent, e) from e
         self.tmp = self._mkdtemp("partial")
-        # mkdtemp makes the directory 0700; a bundle should get the user's normal permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)
+        with_user_permissions(self.tmp)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def load_recipe_arg(recipe: str | None):
     """The recipe (a shipped name or a TOML path; default: the demo), its task plug-in and its name."""
-    import tomllib
-
     from moqe_compile import recipes
+    from moqe_compile.recipe import read_recipe_toml
     from moqe_compile.tasks import task_of
 
     path = recipes.path(recipe or recipes.DEFAULT)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        from moqe_compile.errors import ConfigError
-
-        raise ConfigError(f"recipe file {str(path)!r} is not valid TOML: {e}.") from e
+    doc, _ = read_recipe_toml(path)
     task = task_of(doc)
     return task.load_recipe(path), task, path.stem
 
@@ -56,6 +51,10 @@ def cmd_build(args) -> int:
         if b not in cfg.backends.targets:
             cfg.backends.targets.append(b)
     if args.dry_run:
+        if args.output:  # the same refusal the build would give, without building
+            from moqe_compile.bundle.writer import check_destination
+
+            check_destination(Path(args.output).resolve(), args.force)
         print(f"recipe {name} (task {task.KIND}): valid; nothing written")
         if cfg.target.enabled:
             t = cfg.target
@@ -64,8 +63,10 @@ def cmd_build(args) -> int:
             print(f"  expert {r.name}" + (f"  preset={r.preset}" if getattr(r, "preset", "") else ""))
         return 0
     from moqe_compile.build import build
+    from moqe_compile.cli.common import terminate_as_exception
 
-    out = build(cfg, args.output, quiet=args.quiet, force=args.force)
+    with terminate_as_exception():  # a killed build (timeout, CI cancel) removes its temporary folders
+        out = build(cfg, args.output, quiet=args.quiet, force=args.force)
     if not args.quiet:
         print(_build_cost(out))
     print(f"bundle written to {out}")

@@ -5,8 +5,10 @@ The exit codes that are not an error class's ``exit_code`` (docs/cli.md has the 
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from moqe_compile.errors import MoqeError
 
@@ -14,6 +16,25 @@ USAGE = 2  # argparse's own exit code for a bad command line
 CHECK_FAILED = 9  # a check ran and found violations (check-qdq FAIL)
 INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 BROKEN_PIPE = 141  # the reader of stdout went away (`| head`): 128 + SIGPIPE, as shells report it
+TERMINATED = 143  # SIGTERM (timeout, docker stop, a cancelled CI job): 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception (like KeyboardInterrupt for SIGINT), so that every ``with`` and
+    ``finally`` on the way out runs: the bundle writer removes its temporary folders."""
+
+
+@contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread."""
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def guarded(fn: Callable[[], int], prog: str) -> int:
@@ -25,6 +46,9 @@ def guarded(fn: Callable[[], int], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written.", file=sys.stderr)
         return INTERRUPTED
+    except Terminated:
+        print(f"{prog}: terminated; nothing was written.", file=sys.stderr)
+        return TERMINATED
     except BrokenPipeError:
         # Python would print a traceback when it flushes stdout at exit: point stdout at devnull
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

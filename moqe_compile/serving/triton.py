@@ -28,6 +28,7 @@ from pathlib import Path
 
 from moqe_compile.bundle import read_bundle
 from moqe_compile.bundle.manifest import NAME_RULE, check_outside, is_safe_name, safe_join
+from moqe_compile.bundle.writer import with_user_permissions
 from moqe_compile.errors import BackendError, BundleError, ConfigError, InputError
 
 KINDS = ("KIND_CPU", "KIND_GPU")
@@ -237,14 +238,24 @@ def _write_models(tmp: Path, models: list, bundle) -> None:
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
     old = None
     if out.exists():
-        if not overwrite and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite and not out.is_dir():
+            raise BundleError(f"{str(out)!r} is a file; choose a directory for the repository (or --force to "
+                              "replace the file).")
+        if not overwrite and any(out.iterdir()):
             raise BundleError(f"{str(out)!r} exists and is not empty; pass --force to replace it.")
         old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         out.rename(old)
     tmp.rename(out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def export_triton(bundle: str | Path, out: str | Path, opts: TritonExport | None = None,
@@ -262,6 +273,7 @@ def export_triton(bundle: str | Path, out: str | Path, opts: TritonExport | None
     models = plan_models(b.manifest, opts, b.root.resolve().name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with_user_permissions(tmp)
     try:
         _write_models(tmp, models, b)
         _replace(tmp, out, overwrite)

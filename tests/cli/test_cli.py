@@ -10,7 +10,7 @@ import pytest
 from moqe_compile import errors
 from moqe_compile.cli import main as compile_cli
 from moqe_compile.cli import run as run_cli
-from moqe_compile.cli.common import BROKEN_PIPE, CHECK_FAILED, INTERRUPTED, USAGE
+from moqe_compile.cli.common import BROKEN_PIPE, CHECK_FAILED, INTERRUPTED, TERMINATED, USAGE
 from moqe_compile.errors import ConfigError
 
 from ..models import write_tiny_recipe
@@ -234,8 +234,8 @@ def test_exit_codes_are_distinct_and_documented():
              if c is errors.MoqeError or c.__bases__ == (errors.MoqeError,)]
     codes = {c.exit_code: c.__name__ for c in bases}
     assert len(codes) == len(bases)
-    plain = {0: "", USAGE: "", CHECK_FAILED: "", INTERRUPTED: "", BROKEN_PIPE: ""}
-    assert not set(codes) & set(plain) and len(plain) == 5
+    plain = {0: "", USAGE: "", CHECK_FAILED: "", INTERRUPTED: "", BROKEN_PIPE: "", TERMINATED: ""}
+    assert not set(codes) & set(plain) and len(plain) == 6
     rows = re.findall(r"^\| (\d+) \|[^|]*\|\s*`?(\w*)`?\s*\|$", (Path(__file__).parents[2] / "docs/cli.md").read_text(),
                       re.M)
     assert {int(code): name for code, name in rows} == {**codes, **plain}
@@ -306,3 +306,48 @@ def test_input_file_that_is_a_directory_is_named(lm_bundle, tmp_path, capsys):
     bundle, _ = lm_bundle
     assert run_cli.main([str(bundle), "--input-file", str(tmp_path), "--score"]) == errors.InputError.exit_code
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_terminated_build_removes_its_temporary_folders(tiny_onnx, tiny_images, tmp_path, monkeypatch, capsys):
+    """SIGTERM (timeout, docker stop, a cancelled CI job) mid-build: exit 143, and nothing beside
+    the output path: no bundle, no .partial or .work folder for a later build to clean up."""
+    import os
+    import signal
+
+    import moqe_compile.tasks.image.steps as steps
+
+    before = signal.getsignal(signal.SIGTERM)
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tiny_onnx, tiny_images)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.setattr(steps, "train_router", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    assert compile_cli.main(["build", str(recipe), "-o", str(out_dir / "b"), "-q"]) == 143
+    assert "terminated; nothing was written" in capsys.readouterr().err
+    assert list(out_dir.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler lasts as long as the build
+
+
+@pytest.mark.parametrize("bad, match", [("nan", "max_drop = nan must be a finite number"),
+                                        ("inf", "max_drop = inf must be a finite number")])
+def test_a_non_finite_budget_is_refused_not_ignored(bad, match, capsys):
+    assert compile_cli.main(["build", "--dry-run", "--max-drop", bad]) == ConfigError.exit_code
+    assert match in capsys.readouterr().err
+
+
+def test_dry_run_checks_the_output_path_as_the_build_would(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    code = compile_cli.main(["build", "--dry-run", "-o", str(tmp_path / "notes")])
+    assert code != 0 and "not a moqe bundle" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_recipe_files_that_cannot_be_read_are_config_errors(tmp_path, capsys):
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert compile_cli.main(["build", "--dry-run", str(deep)]) == ConfigError.exit_code
+    assert "nests too deeply" in capsys.readouterr().err
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    assert compile_cli.main(["build", "--dry-run", str(big)]) == ConfigError.exit_code
+    assert "a recipe has at most" in capsys.readouterr().err

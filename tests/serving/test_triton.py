@@ -365,3 +365,25 @@ def test_output_inside_the_bundle_or_holding_it_is_refused(routed_bundle, tmp_pa
         export_triton(bundle, tmp_path, TritonExport(name="m"), overwrite=True)
     assert _listing(bundle) == before
     read_bundle(bundle)
+
+
+def test_the_repository_gets_the_users_permissions_not_mkdtemps(routed_bundle, tmp_path):
+    """A Triton server running as another user must be able to read it (mkdtemp makes 0700)."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        repo = export_triton(routed_bundle, tmp_path / "repo", TritonExport(name="moqe"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(repo.stat().st_mode) == 0o755
+
+
+def test_a_file_as_output_is_named_and_forcing_replaces_it_whole(routed_bundle, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(BundleError, match="is a file; choose a directory"):
+        export_triton(routed_bundle, f, TritonExport(name="moqe"))
+    export_triton(routed_bundle, f, TritonExport(name="moqe"), overwrite=True)
+    assert f.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no .afile.old left

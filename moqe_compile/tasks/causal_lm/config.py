@@ -94,6 +94,7 @@ class LMDataConfig:
             raise ConfigError(f"[data] seq_len = {self.seq_len} is too short: use >= 8 tokens.")
         positive("data", "max_sequences", self.max_sequences, zero_ok=True)
         positive("data", "calibration_sequences", self.calibration_sequences)
+        positive("data", "seed", self.seed, zero_ok=True)
 
 
 @dataclass
@@ -163,6 +164,8 @@ class LMExpertRecipe:
 
     def __post_init__(self) -> None:
         check_expert_name(self.name)
+        positive(f"experts.{self.name}", "gptq_damp", self.gptq_damp)
+        positive(f"experts.{self.name}", "moe_seed", self.moe_seed, zero_ok=True)
         choice(f"experts.{self.name}", "scheme", self.scheme, SCHEMES)
         choice(f"experts.{self.name}", "weights", self.weights, WEIGHT_ALGOS)
         allowed_bits = (8,) if self.scheme == "w8a8-dynamic" else (3, 4, 8)
@@ -302,6 +305,8 @@ class LMRouterConfig:
             positive("router", k, getattr(self, k))
         positive("router", "lr", self.lr)
         positive("router", "temperature", self.temperature)
+        positive("router", "weight_decay", self.weight_decay, zero_ok=True)
+        positive("router", "seed", self.seed, zero_ok=True)
         for n in self.prefix_choices:
             positive("router", "prefix_choices[]", n)
         if len(set(self.prefix_choices)) != len(self.prefix_choices):
@@ -342,9 +347,9 @@ class LMBuildConfig(Recipe):
         check_experts(self.experts)
         self.controls.check_copies_of(self.experts)
         self._check_copies_calibrated()
-        long = [n for n in self.router.prefix_choices if n > self.data.seq_len]
+        long = [n for n in [self.router.prefix_tokens, *self.router.prefix_choices] if n > self.data.seq_len]
         if long:
-            raise ConfigError(f"[router] prefix_choices {long} are longer than the windows ([data] seq_len = "
+            raise ConfigError(f"[router] prefix_tokens / prefix_choices {long} are longer than the windows ([data] seq_len = "
                               f"{self.data.seq_len}): a router reads at most one window.")
         labels = [corpus_label(c) for c in self.data.corpora]
         for e in self.experts:

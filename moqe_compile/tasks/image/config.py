@@ -135,6 +135,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         choice("data", "targets", self.targets, TARGETS)
         positive("data", "augmentations", self.augmentations, zero_ok=True)
+        positive("data", "seed", self.seed, zero_ok=True)
         if self.augmentations > MAX_AUGMENTATIONS:  # views are held in memory: 1e9 would exhaust it
             raise ConfigError(f"[data] augmentations = {self.augmentations} is more than {MAX_AUGMENTATIONS} views "
                               "per image; add source images instead.")
@@ -378,8 +379,10 @@ class RouterConfig:
             raise ConfigError(f"[router] input_size = {self.input_size} must be divisible by 4.")
         for k in ("input_size", "epochs", "batch_size", "lr", "temperature") + (("heads", "head_dim") if self.attention else ()):
             positive("router", k, getattr(self, k))
-        for k in ("balance_weight", "usage_bias_strength", "noise_std", "cost_weight"):
+        for k in ("balance_weight", "usage_bias_strength", "noise_std", "cost_weight", "weight_decay", "seed"):
             positive("router", k, getattr(self, k), zero_ok=True)
+        for c in self.channels:
+            positive("router", "channels[]", c)
         if not 0.0 <= self.usage_bias_decay < 1.0:
             raise ConfigError(f"[router] usage_bias_decay = {self.usage_bias_decay} must be in [0, 1).")
 

@@ -212,5 +212,18 @@ def test_prefix_choices_are_checked_and_written_only_when_set(tmp_path):
         LMBuildConfig.from_dict({"task": "causal-lm", "data": {"seq_len": 64}, "router": {"prefix_choices": [128]}})
     with pytest.raises(ConfigError, match="twice"):
         LMBuildConfig.from_dict({"task": "causal-lm", "router": {"prefix_choices": [16, 16]}})
-    with pytest.raises(ConfigError, match="must be > 0"):
+    with pytest.raises(ConfigError, match="must be a finite number > 0"):
         LMBuildConfig.from_dict({"task": "causal-lm", "router": {"prefix_choices": [0]}})
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"data": {"seq_len": 64}, "router": {"prefix_tokens": 100000}}, r"prefix_tokens / prefix_choices \[100000\]"),
+    ({"router": {"weight_decay": -1.0}}, "weight_decay = -1.0 must be a finite number >= 0"),
+    ({"router": {"seed": -3}}, "seed = -3 must be a finite number >= 0"),
+    ({"data": {"seed": -1}}, "seed = -1 must be a finite number >= 0"),
+    ({"experts": [{"name": "a", "gptq_damp": -0.5}, {"name": "b"}]}, "gptq_damp = -0.5 must be a finite number > 0"),
+    ({"experts": [{"name": "a", "gptq_damp": float("nan")}, {"name": "b"}]}, "gptq_damp = nan must be a finite"),
+])
+def test_out_of_range_lm_values_are_named(section, match):
+    with pytest.raises(ConfigError, match=match):
+        LMBuildConfig.from_dict({"task": "causal-lm", **section})

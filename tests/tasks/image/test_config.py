@@ -45,6 +45,13 @@ def test_unknown_top_level_table(tmp_path):
     ('[router]\npreset = "small"\nheads = 4\n', r"heads \* head_dim = 128 must equal the last stage width channels\[-1\] = 32"),
     ('[router]\nheads = 4\n', r"heads = 4 applies to the attention router.*arch 'se-resnet8' has none"),
     ('[data]\naugmentations = 1000000000\n', "augmentations = 1000000000 is more than 1000 views per image"),
+    ('[data.split]\ncalibration = nan\n', r"calibration = nan must be a finite number > 0"),
+    ('[data]\nseed = -1\n', r"seed = -1 must be a finite number >= 0"),
+    ('[router]\nweight_decay = -0.1\n', r"weight_decay = -0.1 must be a finite number >= 0"),
+    ('[router]\nlr = nan\n', r"lr = nan must be a finite number > 0"),
+    ('[router]\nchannels = [0, 16, 32]\n', r"channels\[\] = 0 must be a finite number > 0"),
+    ('[controls]\nseed = -7\n', r"\[controls\] seed = -7 must be a finite number >= 0"),
+    ('[target]\nmax_drop = nan\n', r"max_drop = nan must be a finite number >= 0"),
 ])
 def test_bad_values_are_named(tmp_path, toml, match):
     p = tmp_path / "r.toml"
@@ -221,9 +228,9 @@ def test_preset_from_recipe_and_manifest_round_trip(tmp_path):
     ({"stabilizers": ["dropout"]}, "stabilizers = 'dropout' is not one of"),
     ({"downsample": "max"}, "downsample = 'max' is not one of"),
     ({"quantize": "int4"}, "quantize = 'int4' is not one of"),
-    ({"temperature": 0.0}, "temperature = 0.0 must be > 0"),
+    ({"temperature": 0.0}, "temperature = 0.0 must be a finite number > 0"),
     ({"usage_bias_decay": 1.0}, "usage_bias_decay = 1.0 must be in"),
-    ({"balance_weight": -1.0}, "balance_weight = -1.0 must be >= 0"),
+    ({"balance_weight": -1.0}, "balance_weight = -1.0 must be a finite number >= 0"),
     ({"se": [True]}, "se = \\[True\\] must list 3 flags"),
     ({"preset": "small", "heads": 4}, "heads \\* head_dim = 128 must equal"),
 ])
