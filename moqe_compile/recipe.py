@@ -99,7 +99,7 @@ def read_recipe_toml(path: str | Path) -> tuple[dict, Path]:
         if p.stat().st_size > MAX_RECIPE_BYTES:
             raise ConfigError(f"recipe file {str(p)!r} has {p.stat().st_size} bytes; a recipe has at most "
                               f"{MAX_RECIPE_BYTES}.")
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM some editors write is not TOML
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"recipe file {str(p)!r} is not valid TOML: {e}.") from e
     except RecursionError:

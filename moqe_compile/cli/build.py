@@ -44,6 +44,9 @@ def cmd_build(args) -> int:
         from dataclasses import replace
 
         t = cfg.target  # replace() re-validates the section
+        if (args.cost or args.search_minutes is not None) and not (args.max_drop or t.max_drop):
+            raise ConfigError("--cost and --search-minutes shape the accuracy-budget search: give --max-drop "
+                              "(or [target] max_drop) too.")
         cfg.target = replace(t, max_drop=t.max_drop if args.max_drop is None else args.max_drop,
                              cost=args.cost or t.cost,
                              search_minutes=t.search_minutes if args.search_minutes is None else args.search_minutes)
@@ -133,8 +136,9 @@ def add_parser(sub) -> None:
     b.add_argument("recipe", nargs="?", help="a shipped recipe name (see `moqe-compile recipes`) or a TOML path "
                                               "(default: mobilenetv2-demo)")
     b.add_argument("-o", "--output", help="bundle directory to write (replaced atomically); required unless --dry-run")
-    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    b.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
+    loud = b.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    loud.add_argument("-v", "--verbose", action="store_true", help="log every step (debug level)")
     b.add_argument("--dry-run", action="store_true", help="read and check the recipe, print its plan, write nothing")
     b.add_argument("--force", action="store_true",
                    help="replace the output directory even when it is not a moqe bundle (deletes everything in it)")

@@ -351,3 +351,17 @@ def test_recipe_files_that_cannot_be_read_are_config_errors(tmp_path, capsys):
     big.write_text("# " + "x" * (1 << 20) + "\n")
     assert compile_cli.main(["build", "--dry-run", str(big)]) == ConfigError.exit_code
     assert "a recipe has at most" in capsys.readouterr().err
+
+
+def test_budget_options_without_a_budget_and_quiet_with_verbose_are_refused(tmp_path, capsys):
+    assert compile_cli.main(["build", "--dry-run", "--cost", "size"]) == ConfigError.exit_code
+    assert "give --max-drop" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        compile_cli.main(["build", "--dry-run", "-q", "-v"])
+    assert e.value.code == USAGE
+
+
+def test_a_recipe_saved_with_a_byte_order_mark_reads(tmp_path, capsys):
+    p = tmp_path / "bom.toml"
+    p.write_bytes("\ufeff[router]\nepochs = 3\n".encode("utf-8"))
+    assert compile_cli.main(["build", "--dry-run", str(p)]) == 0
