@@ -215,11 +215,11 @@ def _lm_generate(rt, args, text: str) -> dict:
 
 def run_lm(args) -> int:
     from moqe_compile import load
-    from moqe_compile.errors import InputError
+    from moqe_compile.errors import ConfigError, InputError
 
     _refuse_other_task(args, IMAGE_ONLY, "causal-lm")
-    if args.max_new_tokens < 0:
-        raise InputError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
+    if args.max_new_tokens < 0:  # an option value out of range: the config code, as everywhere
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
     if not args.score and args.max_new_tokens == 0:
         raise InputError("say what to do: --score and/or --max-new-tokens N (N >= 1).")
     text = _lm_text(args)

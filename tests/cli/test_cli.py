@@ -365,3 +365,8 @@ def test_a_recipe_saved_with_a_byte_order_mark_reads(tmp_path, capsys):
     p = tmp_path / "bom.toml"
     p.write_bytes("\ufeff[router]\nepochs = 3\n".encode("utf-8"))
     assert compile_cli.main(["build", "--dry-run", str(p)]) == 0
+
+
+def test_a_negative_token_count_is_a_config_error(lm_bundle, capsys):
+    assert run_cli.main([str(lm_bundle[0]), "--input", "the dog", "--max-new-tokens", "-1"]) == ConfigError.exit_code
+    assert "--max-new-tokens -1 must be >= 1" in capsys.readouterr().err
