@@ -64,14 +64,19 @@ def default_out(bundle: str | Path) -> Path:
 
 
 def prepare_out(root: Path, out: str | Path | None, option: str = "--out") -> Path:
-    """The report folder: outside the bundle, created and writable before anything is scored
-    (a bad ``--out`` used to fail only after the whole evaluation)."""
+    """The report folder, checked before anything is scored (a bad ``--out`` used to fail only
+    after the whole evaluation): outside the bundle, and a writable directory or creatable in
+    one. Not created here, so an evaluation that fails leaves nothing behind; the writer makes it."""
     out_dir = check_outside(root, out or default_out(root), option)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{option} {str(out_dir)!r} exists and is not a directory; choose a directory.")
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise InputError(f"{option} {str(out_dir)!r} cannot be created or written: {e.strerror or e}; "

@@ -133,6 +133,7 @@ def cmd_eval(args) -> int:
         md += (f"\n\nLatency per {lat['tokens']}-token sequence, ONNX Runtime CPU, median of {lat['repeats']} "
                "interleaved rounds (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in lat["median_ms"].items())
                + f"; MoQE / its expert {lat['moqe_over_its_expert']:.3f}")
+    out.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(rep, indent=2)), ("report.md", md + "\n")):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)

@@ -142,3 +142,10 @@ def test_eval_refuses_out_inside_a_bundle_named_by_a_relative_path(tiny_bundle, 
     code, _, err = _eval(capsys, [tiny_bundle.name, "--no-latency", "--out", f"{tiny_bundle.name}/report/eval"])
     assert code == 3 and "inside the bundle" in err
     assert not (tiny_bundle / "report" / "eval").exists()
+
+
+def test_a_failed_eval_leaves_no_report_folder_behind(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "new" / "reports"
+    code, _, err = _eval(capsys, [str(tiny_bundle), "--no-latency", "--data", str(tmp_path / "missing.npz"),
+                                  "--out", str(out)])
+    assert code == 3 and not (tmp_path / "new").exists()
