@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moqe_compile.errors import BackendError, BundleError, InputError
+from moqe_compile.errors import BackendError, BundleError, ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,8 @@ def build_bundle_engines(bundle_dir: str | Path, *, max_batch: int = 64, opt_bat
     for e in b.manifest["experts"]:
         v = e["variants"].get("tensorrt")
         if v is None:
-            raise BundleError(f"expert {e['name']!r} has no tensorrt variant; build the bundle with "
+            # the bundle is sound, it was built for other backends: the request does not fit it
+            raise ConfigError(f"expert {e['name']!r} has no tensorrt variant; build the bundle with "
                               f"[backends] targets = [\"onnxruntime-cpu\", \"tensorrt\"].")
         out = b.root / f".{e['name']}.engine.partial"
         built[e["name"]] = (out, build_engine(b.root / v["path"], out, opt_batch=opt_batch, max_batch=max_batch,

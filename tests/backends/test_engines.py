@@ -54,3 +54,11 @@ def test_build_bundle_engines_records_one_engine_per_expert(bundle, fake_builder
 def test_engines_command_builds_them(bundle, fake_builder, capsys):
     assert main(["engines", str(bundle), "--trt-max-batch", "8"]) == 0
     _check_engines(bundle, "none", 8)
+
+
+def test_engines_for_a_bundle_without_tensorrt_graphs_is_a_config_error(tiny_bundle, fake_builder, capsys):
+    """The bundle is sound (not exit 4): it was built for other backends, and the message says how to build one."""
+    from moqe_compile.errors import ConfigError
+
+    assert main(["engines", str(tiny_bundle)]) == ConfigError.exit_code
+    assert "has no tensorrt variant" in capsys.readouterr().err and not fake_builder
