@@ -33,9 +33,18 @@ def choice(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> None
         raise ConfigError(f"[{section}] {key} = {value!r} is not one of {list(allowed)}.")
 
 
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take this range
+
+
+def check_seed(section: str, key: str, value: int) -> None:
+    """Raise a ConfigError unless ``value`` is a seed numpy and torch both take."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"[{section}] {key} = {value} must be a seed from 0 to {MAX_SEED}.")
+
+
 def positive(section: str, key: str, value: float, *, zero_ok: bool = False) -> None:
     """Raise a ConfigError unless ``value`` > 0 (or >= 0 with ``zero_ok``) and finite."""
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+    if (isinstance(value, float) and not math.isfinite(value)) or value < 0 or (value == 0 and not zero_ok):
         raise ConfigError(f"[{section}] {key} = {value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}.")
 
 
@@ -80,7 +89,10 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - schema bug
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where} = {value} is too large for a number.") from None
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{where} = {value!r} must be of type {tp.__name__}.")
     return value
@@ -96,10 +108,12 @@ def read_recipe_toml(path: str | Path) -> tuple[dict, Path]:
     if not p.is_file():
         raise ConfigError(f"recipe file {str(p)!r} does not exist.")
     try:
-        if p.stat().st_size > MAX_RECIPE_BYTES:
-            raise ConfigError(f"recipe file {str(p)!r} has {p.stat().st_size} bytes; a recipe has at most "
+        with open(p, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)  # bounded whatever stat says (a growing or /proc file)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise ConfigError(f"recipe file {str(p)!r} has more than {MAX_RECIPE_BYTES} bytes; a recipe has at most "
                               f"{MAX_RECIPE_BYTES}.")
-        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM some editors write is not TOML
+        data = tomllib.loads(raw.decode("utf-8-sig"))  # a BOM some editors write is not TOML
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"recipe file {str(p)!r} is not valid TOML: {e}.") from e
     except RecursionError:
@@ -180,7 +194,7 @@ class ControlsConfig:
     def __post_init__(self) -> None:
         if self.copies == 1 or self.copies < 0:
             raise ConfigError(f"[controls] copies = {self.copies} must be 0 (none) or >= 2.")
-        positive("controls", "seed", self.seed, zero_ok=True)
+        check_seed("controls", "seed", self.seed)
 
     def check_copies_of(self, experts: list) -> None:
         """``copies_of``, when set, must name one of ``experts``."""

@@ -19,7 +19,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from moqe_compile.bundle.manifest import MANIFEST, SCHEMA_VERSION, referenced_paths, safe_join, sha256_file
@@ -137,6 +141,30 @@ def with_user_permissions(directory: Path) -> None:
     os.chmod(directory, 0o777 & ~umask)
 
 
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (the two renames of a commit: stopped
+    between them, the path would hold no bundle until the next build). Main thread only."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def checked_destination(dest: str | Path, force: bool = False) -> Path:
+    """``dest`` resolved, or the BuildError the writer would raise for it, before any work."""
+    try:
+        resolved = Path(dest).resolve()
+    except (OSError, RuntimeError) as e:
+        raise BuildError(f"output {str(dest)!r} cannot be resolved: {e}.") from e
+    check_destination(resolved, force)
+    return resolved
+
+
 class BundleWriter:
     def __init__(self, dest: str | Path, force: bool = False):
         try:
@@ -212,17 +240,18 @@ class BundleWriter:
         # Re-checked: the destination may have changed during a build of many minutes.
         check_destination(self.dest, self.force)
         old = None
-        if self.dest.exists():
-            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
-            if os.path.lexists(old):  # left by an earlier commit of this process
-                shutil.rmtree(old)
-            os.replace(self.dest, old)
-        try:
-            os.replace(self.tmp, self.dest)
-        except OSError:
-            if old is not None:
-                os.replace(old, self.dest)
-            raise
-        self.tmp = None
+        with _signals_held():
+            if self.dest.exists():
+                old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
+                if os.path.lexists(old):  # left by an earlier commit of this process
+                    shutil.rmtree(old)
+                os.replace(self.dest, old)
+            try:
+                os.replace(self.tmp, self.dest)
+            except OSError:
+                if old is not None:
+                    os.replace(old, self.dest)
+                raise
+            self.tmp = None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -44,9 +44,10 @@ def cmd_build(args) -> int:
         from dataclasses import replace
 
         t = cfg.target  # replace() re-validates the section
-        if (args.cost or args.search_minutes is not None) and not (args.max_drop or t.max_drop):
-            raise ConfigError("--cost and --search-minutes shape the accuracy-budget search: give --max-drop "
-                              "(or [target] max_drop) too.")
+        budget = t.max_drop if args.max_drop is None else args.max_drop
+        if (args.cost or args.search_minutes is not None) and not budget > 0:
+            raise ConfigError("--cost and --search-minutes shape the accuracy-budget search: give a budget "
+                              "--max-drop > 0 (or [target] max_drop) too.")
         cfg.target = replace(t, max_drop=t.max_drop if args.max_drop is None else args.max_drop,
                              cost=args.cost or t.cost,
                              search_minutes=t.search_minutes if args.search_minutes is None else args.search_minutes)
@@ -55,9 +56,9 @@ def cmd_build(args) -> int:
             cfg.backends.targets.append(b)
     if args.dry_run:
         if args.output:  # the same refusal the build would give, without building
-            from moqe_compile.bundle.writer import check_destination
+            from moqe_compile.bundle.writer import checked_destination
 
-            check_destination(Path(args.output).resolve(), args.force)
+            checked_destination(args.output, args.force)
         print(f"recipe {name} (task {task.KIND}): valid; nothing written")
         if cfg.target.enabled:
             t = cfg.target

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -26,15 +27,22 @@ class Terminated(BaseException):
 
 @contextmanager
 def terminate_as_exception() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread."""
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (elsewhere the
+    block runs with the handler it found). A second SIGTERM while the first one's clean-up runs
+    is ignored: the clean-up is what the first one asked for."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
     def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def guarded(fn: Callable[[], int], prog: str) -> int:
@@ -47,7 +55,7 @@ def guarded(fn: Callable[[], int], prog: str) -> int:
         print(f"{prog}: interrupted; nothing was written.", file=sys.stderr)
         return INTERRUPTED
     except Terminated:
-        print(f"{prog}: terminated; nothing was written.", file=sys.stderr)
+        print(f"{prog}: terminated; its temporary files were removed.", file=sys.stderr)
         return TERMINATED
     except BrokenPipeError:
         # Python would print a traceback when it flushes stdout at exit: point stdout at devnull

@@ -135,13 +135,13 @@ def run_image(args) -> int:
 
 def _run_image(args) -> int:
     from moqe_compile import load
-    from moqe_compile.errors import InputError
+    from moqe_compile.errors import ConfigError, InputError
 
     _refuse_other_task(args, LM_ONLY, "image-classification")
     if args.input is None:
         raise InputError("--input is required: an image file, a directory of images or a .npy batch.")
     if args.top < 1:
-        raise InputError(f"--top {args.top} must be >= 1.")
+        raise ConfigError(f"--top {args.top} must be >= 1.")
     with load(args.bundle, backend=args.backend, verify=not args.no_verify) as rt:
         names, batch = rt.load_inputs(args.input, _input_limits(args))
         res = rt.run(batch)
@@ -218,8 +218,8 @@ def run_lm(args) -> int:
     from moqe_compile.errors import ConfigError, InputError
 
     _refuse_other_task(args, IMAGE_ONLY, "causal-lm")
-    if args.max_new_tokens < 0:  # an option value out of range: the config code, as everywhere
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
+    if args.max_new_tokens < 0:  # an option value out of range: the config code
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 0 (>= 1 without --score).")
     if not args.score and args.max_new_tokens == 0:
         raise InputError("say what to do: --score and/or --max-new-tokens N (N >= 1).")
     text = _lm_text(args)

@@ -70,10 +70,10 @@ def prepare_out(root: Path, out: str | Path | None, option: str = "--out") -> Pa
     out_dir = check_outside(root, out or default_out(root), option)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{option} {str(out_dir)!r} exists and is not a directory; choose a directory.")
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
     try:
+        existing = out_dir
+        while not existing.exists():
+            existing = existing.parent
         if not existing.is_dir():
             raise NotADirectoryError(f"{existing} is not a directory")
         with tempfile.TemporaryFile(dir=existing):

@@ -216,7 +216,18 @@ def _output_dir(bundle_root: Path, out: str | Path, overwrite: bool) -> Path:
     if overwrite and root.is_relative_to(out):
         raise InputError(f"-o {str(out)!r} holds the bundle {str(root)!r}; --force would delete it. "
                          "Choose a directory that does not contain the bundle.")
+    _refuse_existing(out, overwrite)  # before anything is copied
     return out
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise BundleError(f"{str(out)!r} is a file; choose a directory for the repository (or --force to "
+                          "replace the file).")
+    if any(out.iterdir()):
+        raise BundleError(f"{str(out)!r} exists and is not empty; pass --force to replace it.")
 
 
 def _write_models(tmp: Path, models: list, bundle) -> None:
@@ -238,11 +249,7 @@ def _write_models(tmp: Path, models: list, bundle) -> None:
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
     old = None
     if out.exists():
-        if not overwrite and not out.is_dir():
-            raise BundleError(f"{str(out)!r} is a file; choose a directory for the repository (or --force to "
-                              "replace the file).")
-        if not overwrite and any(out.iterdir()):
-            raise BundleError(f"{str(out)!r} exists and is not empty; pass --force to replace it.")
+        _refuse_existing(out, overwrite)  # again: it may have changed while the models were copied
         old = out.with_name(f".{out.name}.old")
         _remove(old)
         out.rename(old)
@@ -252,10 +259,14 @@ def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def _remove(path: Path) -> None:
+    """Best effort, as before: the new repository is in place when the old one goes."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def export_triton(bundle: str | Path, out: str | Path, opts: TritonExport | None = None,

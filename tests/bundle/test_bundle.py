@@ -133,3 +133,21 @@ def test_report_carries_expert_diversity(tiny_bundle):
     d = rep["splits"]["test"]["diversity"]
     assert set(d["pairwise_disagreement"]) == {"minmax|pct", "minmax|entropy", "pct|entropy"}
     assert d["oracle_value"] >= d["best_single_value"] and d["best_single"] in {"minmax", "pct", "entropy"}
+
+
+def test_a_signal_during_the_commit_renames_waits_until_they_are_done():
+    """Stopped between its two renames, a commit would leave the path without a bundle."""
+    import os
+    import signal
+
+    from moqe_compile.bundle.writer import _signals_held
+
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+    try:
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []  # held
+        assert got == [signal.SIGTERM]  # delivered once the block is done
+    finally:
+        signal.signal(signal.SIGTERM, previous)

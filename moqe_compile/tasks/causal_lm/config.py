@@ -15,8 +15,8 @@ from pathlib import Path
 
 from moqe_compile.errors import ConfigError
 from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, TargetConfig, build_section,
-                                 check_expert_name, check_experts, choice, positive, read_recipe_toml, resolve_path,
-                                 written_when_set)
+                                 check_expert_name, check_experts, check_seed, choice, positive, read_recipe_toml,
+                                 resolve_path, written_when_set)
 from moqe_compile.tasks.causal_lm.presets import DEFAULT_EXPERTS, LM_EXPERT_PRESETS
 
 LM_CONFIG_VERSION = 1
@@ -94,7 +94,7 @@ class LMDataConfig:
             raise ConfigError(f"[data] seq_len = {self.seq_len} is too short: use >= 8 tokens.")
         positive("data", "max_sequences", self.max_sequences, zero_ok=True)
         positive("data", "calibration_sequences", self.calibration_sequences)
-        positive("data", "seed", self.seed, zero_ok=True)
+        check_seed("data", "seed", self.seed)
 
 
 @dataclass
@@ -165,7 +165,7 @@ class LMExpertRecipe:
     def __post_init__(self) -> None:
         check_expert_name(self.name)
         positive(f"experts.{self.name}", "gptq_damp", self.gptq_damp)
-        positive(f"experts.{self.name}", "moe_seed", self.moe_seed, zero_ok=True)
+        check_seed(f"experts.{self.name}", "moe_seed", self.moe_seed)
         choice(f"experts.{self.name}", "scheme", self.scheme, SCHEMES)
         choice(f"experts.{self.name}", "weights", self.weights, WEIGHT_ALGOS)
         allowed_bits = (8,) if self.scheme == "w8a8-dynamic" else (3, 4, 8)
@@ -306,7 +306,7 @@ class LMRouterConfig:
         positive("router", "lr", self.lr)
         positive("router", "temperature", self.temperature)
         positive("router", "weight_decay", self.weight_decay, zero_ok=True)
-        positive("router", "seed", self.seed, zero_ok=True)
+        check_seed("router", "seed", self.seed)
         for n in self.prefix_choices:
             positive("router", "prefix_choices[]", n)
         if len(set(self.prefix_choices)) != len(self.prefix_choices):
@@ -347,7 +347,8 @@ class LMBuildConfig(Recipe):
         check_experts(self.experts)
         self.controls.check_copies_of(self.experts)
         self._check_copies_calibrated()
-        long = [n for n in [self.router.prefix_tokens, *self.router.prefix_choices] if n > self.data.seq_len]
+        # prefix_choices replaces prefix_tokens where set
+        long = [n for n in (self.router.prefix_choices or [self.router.prefix_tokens]) if n > self.data.seq_len]
         if long:
             raise ConfigError(f"[router] prefix_tokens / prefix_choices {long} are longer than the windows ([data] seq_len = "
                               f"{self.data.seq_len}): a router reads at most one window.")

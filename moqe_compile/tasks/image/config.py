@@ -15,7 +15,8 @@ from typing import Any
 
 from moqe_compile.errors import ConfigError
 from moqe_compile.recipe import (ControlsConfig, GateConfig, Recipe, SplitConfig, TargetConfig, check_expert_name,
-                                 check_experts, choice, positive, read_recipe_toml, resolve_path, written_when_set)
+                                 check_experts, check_seed, choice, positive, read_recipe_toml, resolve_path,
+                                 written_when_set)
 from moqe_compile.tasks.image.fashion_mnist import DOMAINS, DOMAINS_SOURCE
 from moqe_compile.tasks.image.presets import (  # noqa: F401 - importers of the presets through config keep working
     EXPERT_PRESETS,
@@ -135,7 +136,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         choice("data", "targets", self.targets, TARGETS)
         positive("data", "augmentations", self.augmentations, zero_ok=True)
-        positive("data", "seed", self.seed, zero_ok=True)
+        check_seed("data", "seed", self.seed)
         if self.augmentations > MAX_AUGMENTATIONS:  # views are held in memory: 1e9 would exhaust it
             raise ConfigError(f"[data] augmentations = {self.augmentations} is more than {MAX_AUGMENTATIONS} views "
                               "per image; add source images instead.")
@@ -379,8 +380,9 @@ class RouterConfig:
             raise ConfigError(f"[router] input_size = {self.input_size} must be divisible by 4.")
         for k in ("input_size", "epochs", "batch_size", "lr", "temperature") + (("heads", "head_dim") if self.attention else ()):
             positive("router", k, getattr(self, k))
-        for k in ("balance_weight", "usage_bias_strength", "noise_std", "cost_weight", "weight_decay", "seed"):
+        for k in ("balance_weight", "usage_bias_strength", "noise_std", "cost_weight", "weight_decay"):
             positive("router", k, getattr(self, k), zero_ok=True)
+        check_seed("router", "seed", self.seed)
         for c in self.channels:
             positive("router", "channels[]", c)
         if not 0.0 <= self.usage_bias_decay < 1.0:

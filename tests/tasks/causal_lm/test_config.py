@@ -219,11 +219,16 @@ def test_prefix_choices_are_checked_and_written_only_when_set(tmp_path):
 @pytest.mark.parametrize("section, match", [
     ({"data": {"seq_len": 64}, "router": {"prefix_tokens": 100000}}, r"prefix_tokens / prefix_choices \[100000\]"),
     ({"router": {"weight_decay": -1.0}}, "weight_decay = -1.0 must be a finite number >= 0"),
-    ({"router": {"seed": -3}}, "seed = -3 must be a finite number >= 0"),
-    ({"data": {"seed": -1}}, "seed = -1 must be a finite number >= 0"),
+    ({"router": {"seed": -3}}, "seed = -3 must be a seed from 0"),
+    ({"data": {"seed": -1}}, "seed = -1 must be a seed from 0"),
     ({"experts": [{"name": "a", "gptq_damp": -0.5}, {"name": "b"}]}, "gptq_damp = -0.5 must be a finite number > 0"),
     ({"experts": [{"name": "a", "gptq_damp": float("nan")}, {"name": "b"}]}, "gptq_damp = nan must be a finite"),
 ])
 def test_out_of_range_lm_values_are_named(section, match):
     with pytest.raises(ConfigError, match=match):
         LMBuildConfig.from_dict({"task": "causal-lm", **section})
+
+
+def test_prefix_tokens_is_ignored_where_prefix_choices_replaces_it():
+    cfg = LMBuildConfig.from_dict({"task": "causal-lm", "data": {"seq_len": 16}, "router": {"prefix_choices": [8, 16]}})
+    assert cfg.router.prefix_choices == [8, 16]

@@ -46,12 +46,14 @@ def test_unknown_top_level_table(tmp_path):
     ('[router]\nheads = 4\n', r"heads = 4 applies to the attention router.*arch 'se-resnet8' has none"),
     ('[data]\naugmentations = 1000000000\n', "augmentations = 1000000000 is more than 1000 views per image"),
     ('[data.split]\ncalibration = nan\n', r"calibration = nan must be a finite number > 0"),
-    ('[data]\nseed = -1\n', r"seed = -1 must be a finite number >= 0"),
+    ('[data]\nseed = -1\n', r"seed = -1 must be a seed from 0 to 4294967295"),
     ('[router]\nweight_decay = -0.1\n', r"weight_decay = -0.1 must be a finite number >= 0"),
     ('[router]\nlr = nan\n', r"lr = nan must be a finite number > 0"),
     ('[router]\nchannels = [0, 16, 32]\n', r"channels\[\] = 0 must be a finite number > 0"),
-    ('[controls]\nseed = -7\n', r"\[controls\] seed = -7 must be a finite number >= 0"),
+    ('[controls]\nseed = -7\n', r"\[controls\] seed = -7 must be a seed from 0"),
     ('[target]\nmax_drop = nan\n', r"max_drop = nan must be a finite number >= 0"),
+    ('[router]\nseed = 18446744073709551616\n', r"seed = 18446744073709551616 must be a seed from 0 to"),
+    ('[router]\nlr = 1' + '0' * 400 + '\n', r"lr = 10+ is too large for a number"),
 ])
 def test_bad_values_are_named(tmp_path, toml, match):
     p = tmp_path / "r.toml"
