@@ -142,7 +142,7 @@ def with_user_permissions(directory: Path) -> None:
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block is done (the two renames of a commit: stopped
     between them, the path would hold no bundle until the next build). Main thread only."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
@@ -240,7 +240,7 @@ class BundleWriter:
         # Re-checked: the destination may have changed during a build of many minutes.
         check_destination(self.dest, self.force)
         old = None
-        with _signals_held():
+        with signals_held():
             if self.dest.exists():
                 old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
                 if os.path.lexists(old):  # left by an earlier commit of this process

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 
 def cmd_export_triton(args) -> int:
+    from moqe_compile.cli.common import terminate_as_exception
     from moqe_compile.serving.triton import TritonExport, export_triton
 
     opts = TritonExport(name=args.name, prefix=args.prefix, variant=args.variant, instance_kind=args.kind,
                         instances=args.instances, max_batch_size=args.max_batch,
                         max_queue_delay_us=args.max_queue_delay_us)
-    out = export_triton(args.bundle, args.output, opts, overwrite=args.force)
+    with terminate_as_exception():  # a killed export removes its staging folder
+        out = export_triton(args.bundle, args.output, opts, overwrite=args.force)
     print(f"Triton model repository written to {out}")
     print(f"  serve it with: tritonserver --model-repository {out}")
     return 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from moqe_compile.bundle import read_bundle
 from moqe_compile.bundle.manifest import NAME_RULE, check_outside, is_safe_name, safe_join
-from moqe_compile.bundle.writer import with_user_permissions
+from moqe_compile.bundle.writer import signals_held, with_user_permissions
 from moqe_compile.errors import BackendError, BundleError, ConfigError, InputError
 
 KINDS = ("KIND_CPU", "KIND_GPU")
@@ -248,12 +248,13 @@ def _write_models(tmp: Path, models: list, bundle) -> None:
 
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
     old = None
-    if out.exists():
-        _refuse_existing(out, overwrite)  # again: it may have changed while the models were copied
-        old = out.with_name(f".{out.name}.old")
-        _remove(old)
-        out.rename(old)
-    tmp.rename(out)
+    with signals_held():  # stopped between the renames, -o would hold no repository
+        if out.exists():
+            _refuse_existing(out, overwrite)  # again: it may have changed while the models were copied
+            old = out.with_name(f".{out.name}.old")
+            _remove(old)
+            out.rename(old)
+        tmp.rename(out)
     if old is not None:
         _remove(old)
 

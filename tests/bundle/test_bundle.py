@@ -140,12 +140,12 @@ def test_a_signal_during_the_commit_renames_waits_until_they_are_done():
     import os
     import signal
 
-    from moqe_compile.bundle.writer import _signals_held
+    from moqe_compile.bundle.writer import signals_held
 
     got = []
     previous = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
     try:
-        with _signals_held():
+        with signals_held():
             os.kill(os.getpid(), signal.SIGTERM)
             assert got == []  # held
         assert got == [signal.SIGTERM]  # delivered once the block is done

@@ -387,3 +387,17 @@ def test_a_file_as_output_is_named_and_forcing_replaces_it_whole(routed_bundle, 
         export_triton(routed_bundle, f, TritonExport(name="moqe"))
     export_triton(routed_bundle, f, TritonExport(name="moqe"), overwrite=True)
     assert f.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no .afile.old left
+
+
+def test_a_terminated_export_removes_its_staging_folder(routed_bundle, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from moqe_compile.cli.main import main
+    from moqe_compile.serving import triton
+
+    monkeypatch.setattr(triton, "_write_models", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["export-triton", str(routed_bundle), "-o", str(out / "repo")]) == 143
+    assert list(out.iterdir()) == []
