@@ -14,6 +14,8 @@ Candidates, interleaved round by round on the same real photos (``evaluate/laten
   the outputs scattered back), reproduced in :func:`dispatch_before` so both run in one process;
 - ``routed:after`` / ``routed:before`` (``--routed``): the bundle with routing switched on in
   memory (its router file, the one the gate judged), the same two dispatches;
+- ``gated:unchecked``: ``gated:after`` without the input check (shape, dtype, finiteness), so
+  the difference is what refusing NaN/inf inputs costs;
 - ``router``: the router session alone, at the thread count the Runtime picks for that batch.
 
 Ratios are medians over ``--repeats`` rounds divided by the ``bare`` median; also the
@@ -121,6 +123,8 @@ def main() -> None:
         cands = {"bare": lambda: bare.run(None, {feed: x}),
                  "run_expert": lambda: after.run_expert(name, x),
                  "gated:after": lambda: after.run(x),
+                 # Runtime.run without its input check (what refusing NaN/inf inputs costs)
+                 "gated:unchecked": lambda: after._run_counted(x),
                  "gated:before": lambda: dispatch_before(before, x)}
         if "routed" in rts:
             r = rts["routed"]
