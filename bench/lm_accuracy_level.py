@@ -67,6 +67,27 @@ def add_measure_options(ap: argparse.ArgumentParser, repeats: int) -> None:
     ap.add_argument("--threads", type=int, default=0)
 
 
+def parse_measure_args(doc: str, repeats: int, extra=None) -> argparse.Namespace:
+    """The LM benches' command line: a bundle, ``extra(parser)``'s own options, the options of
+    :func:`add_measure_options` and ``--json``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("bundle")
+    if extra is not None:
+        extra(ap)
+    add_measure_options(ap, repeats=repeats)
+    add_json_option(ap)
+    return ap.parse_args()
+
+
+def timing_row(nll: dict, med: dict, k: str, fp: str, phases=("prefill", "decode", "steps")) -> dict:
+    """Perplexity of session ``k`` and, per phase, its median time and speed-up over session ``fp``."""
+    row = {"ppl": float(np.exp(nll[k].mean()))}
+    for ph in phases:
+        row[f"{ph}_ms"] = med[f"{ph}/{k}"]
+        row[f"{ph}_speedup_vs_fp"] = med[f"{ph}/{fp}"] / med[f"{ph}/{k}"]
+    return row
+
+
 def opener(bundle, threads: int = 0):
     """``open(name, graph or path)``: a DecoderSession of the bundle's decoder layout."""
     from moqe_compile.tasks.causal_lm.score import DecoderSession
@@ -135,11 +156,7 @@ def measure(bundle, sessions: dict, n_windows: int, decode_tokens: int, repeats:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundle")
-    add_measure_options(ap, repeats=3)
-    add_json_option(ap)
-    args = ap.parse_args()
+    args = parse_measure_args(__doc__, repeats=3)
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import bootstrap_ci, paired_bootstrap
@@ -153,11 +170,7 @@ def main() -> None:
             sessions[f"{name}/{tag}"] = open_(f"{name}/{tag}", with_level(g, *levels))
     _, nll, med, out = measure_and_head(b, sessions, args)
     for k in sessions:
-        row = {"ppl": float(np.exp(nll[k].mean())), "nll_ci95": list(bootstrap_ci(nll[k])),
-               "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"], "steps_ms": med[f"steps/{k}"],
-               "steps_speedup_vs_fp": med["steps/fp"] / med[f"steps/{k}"],
-               "prefill_speedup_vs_fp": med["prefill/fp"] / med[f"prefill/{k}"],
-               "decode_speedup_vs_fp": med["decode/fp"] / med[f"decode/{k}"]}
+        row = timing_row(nll, med, k, "fp") | {"nll_ci95": list(bootstrap_ci(nll[k]))}
         extra = ""
         if "/" in k and not k.endswith("/a0"):
             p = row["nll_minus_a0"] = paired_bootstrap(nll[k], nll[k.rsplit("/", 1)[0] + "/a0"])

@@ -14,7 +14,6 @@ rounds, medians). Needs the build extras (torch, transformers) and the model's f
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/ importable
-from common import add_json_option, write_json  # noqa: E402
-from lm_accuracy_level import add_measure_options, measure_and_head, opener  # noqa: E402
+from common import write_json  # noqa: E402
+from lm_accuracy_level import measure_and_head, opener, parse_measure_args, timing_row  # noqa: E402
 
 KINDS = ("sdpa", "eager", "moqe-grouped")
 
@@ -50,11 +49,7 @@ def export_both(model_cfg: dict, calib: np.ndarray, work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundle")
-    add_measure_options(ap, repeats=7)
-    add_json_option(ap)
-    args = ap.parse_args()
+    args = parse_measure_args(__doc__, repeats=7)
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import paired_bootstrap
@@ -71,11 +66,9 @@ def main() -> None:
     for k in sessions:
         graph, kind = k.split("/")
         fp, sdpa = f"fp/{kind}", f"{graph}/sdpa"
-        row = {"ppl": float(np.exp(nll[k].mean()))}
+        row = timing_row(nll, med, k, fp)
         for what in ("prefill", "decode", "steps"):
-            row |= {f"{what}_ms": med[f"{what}/{k}"],
-                    f"{what}_speedup_vs_sdpa": med[f"{what}/{sdpa}"] / med[f"{what}/{k}"],
-                    f"{what}_speedup_vs_fp": med[f"{what}/{fp}"] / med[f"{what}/{k}"]}
+            row[f"{what}_speedup_vs_sdpa"] = med[f"{what}/{sdpa}"] / med[f"{what}/{k}"]
         row["max_abs_logit_diff_vs_sdpa"] = float(np.abs(logits[k] - logits[sdpa]).max())
         if kind != "sdpa":
             row["nll_minus_sdpa"] = paired_bootstrap(nll[k], nll[sdpa])

@@ -17,7 +17,6 @@ bench/lm_accuracy_level.py's (interleaved rounds, medians; the first ``--windows
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/ importable
-from common import add_json_option, write_json  # noqa: E402
-from lm_accuracy_level import add_measure_options, measure_and_head, nbits_graphs, opener  # noqa: E402
+from common import write_json  # noqa: E402
+from lm_accuracy_level import measure_and_head, nbits_graphs, opener, parse_measure_args, timing_row  # noqa: E402
 
 
 def rewritten(graph, siblings: bool, norms: bool, float_matmuls: bool):
@@ -50,11 +49,7 @@ def variants(name: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundle")
-    add_measure_options(ap, repeats=7)
-    add_json_option(ap)
-    args = ap.parse_args()
+    args = parse_measure_args(__doc__, repeats=7)
 
     from moqe_compile.bundle import read_bundle
     from moqe_compile.evaluate.stats import paired_bootstrap
@@ -72,12 +67,9 @@ def main() -> None:
     for k in sessions:
         # like against like: a shipped-now expert against the shipped-now FP, an old one against the old FP
         fp = "fp+norms" if k.endswith("+norms") and base[k] != "fp" else "fp"
-        row = {"ppl": float(np.exp(nll[k].mean())), "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"],
-               "steps_ms": med[f"steps/{k}"], "steps_speedup_vs_fp": med[f"steps/{fp}"] / med[f"steps/{k}"],
-               "rewrites": counts[k], "fp_compared": fp,
-               "prefill_speedup_vs_fp": med[f"prefill/{fp}"] / med[f"prefill/{k}"],
-               "decode_speedup_vs_fp": med[f"decode/{fp}"] / med[f"decode/{k}"],
-               "max_abs_logit_diff_vs_bundle": float(np.abs(logits[k] - logits[base[k]]).max())}
+        row = timing_row(nll, med, k, fp) | {
+            "rewrites": counts[k], "fp_compared": fp,
+            "max_abs_logit_diff_vs_bundle": float(np.abs(logits[k] - logits[base[k]]).max())}
         if k != base[k]:
             row["nll_minus_bundle"] = paired_bootstrap(nll[k], nll[base[k]])
         out["models"][k] = row

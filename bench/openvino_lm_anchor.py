@@ -20,15 +20,14 @@ difference OpenVINO minus ONNX Runtime on the same graph, so a fast wrong answer
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path: bench/common.py importable
-from common import add_json_option, write_json  # noqa: E402
-from lm_accuracy_level import add_measure_options, measure, nbits_graphs, opener  # noqa: E402
+from common import write_json  # noqa: E402
+from lm_accuracy_level import measure, nbits_graphs, opener, parse_measure_args, timing_row  # noqa: E402
 
 
 class OpenVINODecoder:
@@ -54,12 +53,8 @@ class OpenVINODecoder:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundle")
-    ap.add_argument("--experts", nargs="*", default=None, help="expert names (default: every MatMulNBits expert)")
-    add_measure_options(ap, repeats=5)
-    add_json_option(ap)
-    args = ap.parse_args()
+    args = parse_measure_args(__doc__, repeats=5, extra=lambda ap: ap.add_argument(
+        "--experts", nargs="*", default=None, help="expert names (default: every MatMulNBits expert)"))
 
     import openvino as ov
 
@@ -88,9 +83,7 @@ def main() -> None:
     for k in sessions:
         runtime, name = k.split("/", 1)
         fp = f"{runtime}/fp"
-        row = {"ppl": float(np.exp(nll[k].mean())), "prefill_ms": med[f"prefill/{k}"], "decode_ms": med[f"decode/{k}"],
-               "prefill_speedup_vs_fp": med[f"prefill/{fp}"] / med[f"prefill/{k}"],
-               "decode_speedup_vs_fp": med[f"decode/{fp}"] / med[f"decode/{k}"]}
+        row = timing_row(nll, med, k, fp, phases=("prefill", "decode"))
         extra = ""
         if runtime == "openvino":
             p = row["nll_minus_ort"] = paired_bootstrap(nll[k], nll[f"ort/{name}"])

@@ -155,22 +155,23 @@ def signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def checked_destination(dest: str | Path, force: bool = False) -> Path:
-    """``dest`` resolved, or the BuildError the writer would raise for it, before any work."""
+def _resolved(dest: str | Path) -> Path:
     try:
-        resolved = Path(dest).resolve()
+        return Path(dest).resolve()
     except (OSError, RuntimeError) as e:
         raise BuildError(f"output {str(dest)!r} cannot be resolved: {e}.") from e
+
+
+def checked_destination(dest: str | Path, force: bool = False) -> Path:
+    """``dest`` resolved, or the BuildError the writer would raise for it, before any work."""
+    resolved = _resolved(dest)
     check_destination(resolved, force)
     return resolved
 
 
 class BundleWriter:
     def __init__(self, dest: str | Path, force: bool = False):
-        try:
-            self.dest = Path(dest).resolve()
-        except (OSError, RuntimeError) as e:
-            raise BuildError(f"output {str(dest)!r} cannot be resolved: {e}.") from e
+        self.dest = _resolved(dest)
         self.force = force
         if self.dest.parent.is_dir():
             recover(self.dest)

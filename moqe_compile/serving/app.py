@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 from moqe_compile import __version__
 from moqe_compile.errors import InputError, OverloadedError
 from moqe_compile.serving.metrics import Metrics
-from moqe_compile.serving.protocol import (DTYPES, MAX_ID_CHARS, MAX_JSON_DEPTH, OUTPUTS, ProtocolError, check_count,
+from moqe_compile.serving.protocol import (DTYPES, MAX_ID_CHARS, MAX_JSON_DEPTH, OUTPUTS, ProtocolError,
                                            decode_images, encode_infer_response, parse_infer_request)
 from moqe_compile.tasks.image.runtime import Runtime
 
@@ -412,7 +412,6 @@ def to_batch(req, rt: Runtime) -> np.ndarray:
                             f"[N, {shape[0]}, {shape[1]}, {shape[2]}].")
     if len(x) == 0:
         raise ProtocolError("inputs[0] (input).shape has batch 0: send at least one sample.")
-    check_count(_input_limits(rt), len(x), "inputs[0] (input)")  # as moqe-run caps a .npy batch
     return np.ascontiguousarray(x)
 
 

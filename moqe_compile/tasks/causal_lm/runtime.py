@@ -67,10 +67,10 @@ def max_chars(tokenizer, positions: int) -> int | None:
     use) no token covers more characters than its vocabulary entry spells, so a longer text
     cannot fit and is refused before the tokenizer spends time on it; an unknown token may stand
     for a whole word, and a normalizer may drop characters."""
-    import json
+    from tokenizers import models
 
-    spec = json.loads(tokenizer.to_str())
-    if spec.get("normalizer") or spec.get("model", {}).get("unk_token"):
+    model = tokenizer.model
+    if tokenizer.normalizer is not None or not isinstance(model, models.BPE) or model.unk_token:
         return None
     return positions * max(map(len, tokenizer.get_vocab(with_added_tokens=True)))
 
