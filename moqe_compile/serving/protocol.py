@@ -124,7 +124,7 @@ def _string_quotes(b: np.ndarray) -> np.ndarray:
     n = int(np.count_nonzero(is_bs))
     if n > MAX_BACKSLASHES:
         raise ProtocolError(f"the request body holds {n} backslashes; at most {MAX_BACKSLASHES} are read "
-                            "(numbers and base64 data need none).")
+                            "(numbers need none; base64 has one per escaped '/').")
     if n:
         bs = np.flatnonzero(is_bs)
         run_starts = bs[np.r_[True, np.diff(bs) != 1]]
